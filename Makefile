@@ -1,0 +1,31 @@
+# Two entry points: `make run` (transcribe the bundled sample with the embedded tiny.en)
+# and `make test` (the whole suite). Both set everything up first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SAMPLE ?= streamd/data/jfk.wav
+export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.cache/jax
+
+.PHONY: install system run test lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+system:
+	bash scripts/install-system-deps.sh
+
+run: system install
+	$(VENV)/bin/streamd transcribe $(SAMPLE)
+
+test: system install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check streamd models clients tests bench
+
+clean:
+	rm -rf $(VENV) .cache
