@@ -1,0 +1,236 @@
+"""models/whisper.py against transformers' PyTorch Whisper on a tiny random config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+safetensors_numpy = pytest.importorskip("safetensors.numpy")
+
+from models import whisper  # noqa: E402
+
+ATOL = 1e-4
+START, EOS = 125, 126
+
+
+@pytest.fixture(scope="session")
+def hf(tmp_path_factory: pytest.TempPathFactory):
+    """(torch model, our config, our params) for one tiny random checkpoint on disk."""
+    hf_config = transformers.WhisperConfig(
+        vocab_size=128, num_mel_bins=80, d_model=64, encoder_layers=2, decoder_layers=2,
+        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
+        decoder_ffn_dim=128, max_source_positions=1500, max_target_positions=64,
+        decoder_start_token_id=START, eos_token_id=EOS, pad_token_id=EOS, bos_token_id=EOS,
+        begin_suppress_tokens=[EOS], suppress_tokens=[1, 2],
+    )
+    torch.manual_seed(0)
+    model = transformers.WhisperForConditionalGeneration(hf_config).eval()
+    with torch.no_grad():  # init std 0.02 makes attention nearly uniform: widen the weights
+        for name, p in model.named_parameters():
+            if "layer_norm" not in name and "embed_positions" not in name:
+                p.add_(torch.randn_like(p) * 0.08)
+    folder: Path = tmp_path_factory.mktemp("whisper_tiny")
+    model.save_pretrained(folder)
+    config = whisper.WhisperConfig.from_hf_config(json.loads((folder / "config.json").read_text()))
+    tensors = safetensors_numpy.load_file(str(folder / "model.safetensors"))
+    return model, config, whisper.params_from_hf(config, tensors)
+
+
+def _torch(x) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(x, np.float32))
+
+
+def _hf_logits(model, encoder_out: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """Teacher-forced transformers logits for given encoder states [B, T, D], tokens [B, S]."""
+    with torch.no_grad():
+        out = model(
+            encoder_outputs=(_torch(encoder_out),),
+            decoder_input_ids=torch.from_numpy(np.asarray(tokens, np.int64)),
+            use_cache=False,
+        )
+    return out.logits.numpy()
+
+
+def _close(ours, ref, atol: float = ATOL) -> None:
+    ours, ref = np.asarray(ours), np.asarray(ref)
+    assert ours.shape == ref.shape
+    err = float(np.max(np.abs(ours - ref)))
+    assert err < atol, f"max abs err {err:.2e} (ref scale {float(np.max(np.abs(ref))):.2f})"
+
+
+def _tokens(rng: np.random.Generator, batch: int, length: int) -> np.ndarray:
+    toks = rng.integers(0, 120, size=(batch, length)).astype(np.int32)
+    toks[:, 0] = START
+    return toks
+
+
+def test_config_from_hf(hf) -> None:
+    _, config, _ = hf
+    assert (config.n_mels, config.vocab_size, config.d_model) == (80, 128, 64)
+    assert (config.encoder_layers, config.decoder_layers) == (2, 2)
+    assert (config.encoder_heads, config.decoder_heads, config.head_dim) == (4, 4, 16)
+    assert (config.max_source_positions, config.max_target_positions) == (1500, 64)
+    assert (config.decoder_start_token_id, config.eos_token_id, config.pad_token_id) == (
+        START, EOS, EOS,
+    )
+    assert config.suppress_tokens == (1, 2) and config.begin_suppress_tokens == (EOS,)
+    hash(config)  # static jit argument
+
+
+def test_params_tree_matches_init(hf) -> None:
+    _, config, params = hf
+    fresh = whisper.init_params(config, jax.random.PRNGKey(0))
+    shapes = jax.tree.map(lambda a: a.shape, params)
+    assert shapes == jax.tree.map(lambda a: a.shape, fresh)
+    assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(params))
+
+
+def test_params_from_hf_rejects_bad_state_dict(hf) -> None:
+    model, config, _ = hf
+    tensors = {k: v.numpy() for k, v in model.state_dict().items()}
+    del tensors["model.decoder.layers.1.fc2.bias"]
+    with pytest.raises(KeyError, match="fc2.bias"):
+        whisper.params_from_hf(config, tensors)
+
+
+def test_encoder_matches_transformers_30s(hf) -> None:
+    model, config, params = hf
+    mel = np.random.default_rng(1).normal(size=(2, 80, 3000)).astype(np.float32)
+    ours = whisper.encode(params, config, jnp.asarray(mel))
+    with torch.no_grad():
+        ref = model.model.encoder(_torch(mel)).last_hidden_state.numpy()
+    assert ours.shape == (2, 1500, 64)
+    _close(ours, ref)
+
+
+@pytest.mark.parametrize("n_frames", [1000, 999])
+def test_encoder_short_input_matches_torch_layers(hf, n_frames: int) -> None:
+    """transformers' encoder refuses T != 3000, so run its layers on sliced positions."""
+    model, config, params = hf
+    mel = np.random.default_rng(2).normal(size=(1, 80, n_frames)).astype(np.float32)
+    enc = model.model.encoder
+    with torch.no_grad():
+        x = torch.nn.functional.gelu(enc.conv1(_torch(mel)))
+        x = torch.nn.functional.gelu(enc.conv2(x)).permute(0, 2, 1)
+        x = x + enc.embed_positions.weight[: x.shape[1]]
+        for layer in enc.layers:
+            x = layer(x, None)
+        ref = enc.layer_norm(x).numpy()
+    ours = whisper.encode(params, config, jnp.asarray(mel))
+    assert ours.shape[1] == whisper.encoder_output_length(n_frames) == 500
+    _close(ours, ref)
+
+
+@pytest.fixture(scope="module")
+def encoder_states() -> np.ndarray:
+    return np.random.default_rng(3).normal(size=(2, 300, 64)).astype(np.float32)
+
+
+def test_decoder_logits_match_transformers(hf, encoder_states) -> None:
+    model, config, params = hf
+    tokens = _tokens(np.random.default_rng(4), 2, 10)
+    cache = whisper.init_cache(config, 2, 16)
+    cross = whisper.cross_kv(params, config, jnp.asarray(encoder_states), None)
+    logits, cache = whisper.prefill(params, config, cache, cross, jnp.asarray(tokens))
+    assert logits.dtype == jnp.float32
+    _close(logits, _hf_logits(model, encoder_states, tokens))
+    np.testing.assert_array_equal(cache.length, [10, 10])
+
+
+def test_incremental_equals_teacher_forced(hf, encoder_states) -> None:
+    model, config, params = hf
+    tokens = _tokens(np.random.default_rng(5), 2, 10)
+    ref = _hf_logits(model, encoder_states, tokens)
+    cache = whisper.init_cache(config, 2, 16)
+    cross = whisper.cross_kv(params, config, jnp.asarray(encoder_states), None)
+    first, cache = whisper.prefill(params, config, cache, cross, jnp.asarray(tokens[:, :4]))
+    steps = [first]
+    for i in range(4, 10):
+        step, cache = whisper.decode_step(params, config, cache, cross, jnp.asarray(tokens[:, i]))
+        steps.append(step[:, None])
+    np.testing.assert_array_equal(cache.length, [10, 10])
+    _close(jnp.concatenate(steps, axis=1), ref)
+
+
+def test_batched_rows_of_different_lengths_match_each_row_alone(hf, encoder_states) -> None:
+    """Row 0: 5-token prompt, 300 encoder frames. Row 1: 3-token prompt (padded to 5,
+    num_valid 3) and 120 real encoder frames padded to 300 and masked."""
+    model, config, params = hf
+    rng = np.random.default_rng(6)
+    seqs = [_tokens(rng, 1, 9)[0], _tokens(rng, 1, 7)[0]]
+    true_frames = [300, 120]
+    refs = [
+        _hf_logits(model, encoder_states[i : i + 1, : true_frames[i]], seqs[i][None])[0]
+        for i in range(2)
+    ]
+    enc = encoder_states.copy()
+    enc[1, 120:] = 1e3  # garbage in the padding must not leak through the mask
+    mask = np.arange(300)[None, :] < np.array(true_frames)[:, None]
+    cross = whisper.cross_kv(params, config, jnp.asarray(enc), jnp.asarray(mask))
+
+    prompt = np.full((2, 5), EOS, np.int32)
+    prompt[0], prompt[1, :3] = seqs[0][:5], seqs[1][:3]
+    cache = whisper.init_cache(config, 2, 16)
+    logits, cache = whisper.prefill(
+        params, config, cache, cross, jnp.asarray(prompt), jnp.asarray([5, 3], jnp.int32)
+    )
+    got = [[np.asarray(logits[0, :5])], [np.asarray(logits[1, :3])]]
+    np.testing.assert_array_equal(cache.length, [5, 3])
+    for k in range(4):  # row 0 feeds tokens 5..8, row 1 tokens 3..6
+        step_tokens = jnp.asarray([seqs[0][5 + k], seqs[1][3 + k]], jnp.int32)
+        step, cache = whisper.decode_step(params, config, cache, cross, step_tokens)
+        got[0].append(np.asarray(step[0:1]))
+        got[1].append(np.asarray(step[1:2]))
+    for row in range(2):
+        _close(np.concatenate(got[row]), refs[row])
+
+
+def test_cache_rows_reorder_like_beams(hf, encoder_states) -> None:
+    model, config, params = hf
+    tokens = _tokens(np.random.default_rng(7), 2, 5)
+    cross = whisper.cross_kv(params, config, jnp.asarray(encoder_states), None)
+    cache = whisper.init_cache(config, 2, 16)
+    _, cache = whisper.prefill(params, config, cache, cross, jnp.asarray(tokens[:, :4]))
+    for leaf in jax.tree.leaves(cache):
+        assert leaf.shape[0] == 2  # batch axis first everywhere
+    idx = jnp.asarray([1, 1])
+    cache = jax.tree.map(lambda x: x[idx], cache)
+    cross = jax.tree.map(lambda x: x[idx], cross)
+    step, _ = whisper.decode_step(params, config, cache, cross, jnp.asarray(tokens[[1, 1], 4]))
+    ref = _hf_logits(model, encoder_states[1:2], tokens[1:2])[0, 4]
+    _close(step[0], ref)
+    _close(step[1], ref)
+
+
+def test_step_past_cache_end_is_nan_not_silent(hf, encoder_states) -> None:
+    _, config, params = hf
+    cross = whisper.cross_kv(params, config, jnp.asarray(encoder_states[:1]), None)
+    cache = whisper.init_cache(config, 1, 4)
+    logits, cache = whisper.prefill(params, config, cache, cross, jnp.full((1, 3), START))
+    step, cache = whisper.decode_step(params, config, cache, cross, jnp.asarray([START]))
+    assert np.isfinite(np.asarray(logits)).all() and np.isfinite(np.asarray(step)).all()
+    step, cache = whisper.decode_step(params, config, cache, cross, jnp.asarray([START]))
+    assert np.isnan(np.asarray(step)).all()
+    with pytest.raises(ValueError, match="max_target_positions"):
+        whisper.init_cache(config, 1, config.max_target_positions + 1)
+
+
+def test_bfloat16_compute_stays_close(hf, encoder_states) -> None:
+    model, config, params = hf
+    bf16 = whisper.WhisperConfig(**{**config.__dict__, "dtype": "bfloat16"})
+    tokens = _tokens(np.random.default_rng(8), 1, 6)
+    cache = whisper.init_cache(bf16, 1, 8)
+    assert cache.layers[0].keys.dtype == jnp.bfloat16
+    cross = whisper.cross_kv(params, bf16, jnp.asarray(encoder_states[:1]), None)
+    logits, _ = whisper.prefill(params, bf16, cache, cross, jnp.asarray(tokens))
+    ref = _hf_logits(model, encoder_states[:1], tokens)
+    assert logits.dtype == jnp.float32
+    scale = float(np.max(np.abs(ref)))
+    assert float(np.max(np.abs(np.asarray(logits) - ref))) < 0.05 * scale
