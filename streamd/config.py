@@ -1,0 +1,293 @@
+"""One frozen, validated configuration: defaults < TOML file < STREAMD_* env < CLI flags.
+
+Every bad value fails fast with a `ConfigError` that names the key (`vad.frame_ms`).
+Environment names are `STREAMD_<SECTION>_<KEY>` (e.g. `STREAMD_SERVER_PORT`) or
+`STREAMD_<KEY>` for top-level keys (`STREAMD_NODE`); other STREAMD_* names are ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import socket
+import tomllib
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from streamd.errors import ConfigError
+
+KNOWN_PIPELINES = ("whisper", "ctc", "conformer", "two-pass")
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(key, message)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8765
+    tokens: tuple[str, ...] = ()
+    # Listening beyond loopback without tokens must be asked for explicitly.
+    allow_insecure: bool = False
+    max_sessions: int = 16
+    max_frame_bytes: int = 256 * 1024
+    send_queue: int = 64
+    shutdown_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.port <= 65535, "server.port", "must be 0..65535")
+        _check(self.max_sessions >= 1, "server.max_sessions", "must be >= 1")
+        _check(self.max_frame_bytes >= 1024, "server.max_frame_bytes", "must be >= 1024")
+        _check(self.send_queue >= 2, "server.send_queue", "must be >= 2")
+        _check(self.shutdown_timeout_s > 0, "server.shutdown_timeout_s", "must be > 0")
+        _check(all(t for t in self.tokens), "server.tokens", "tokens must be non-empty")
+        _check(
+            bool(self.tokens) or self.allow_insecure or _is_loopback(self.host),
+            "server.host",
+            f"{self.host!r} is not loopback and no tokens are configured "
+            "(set server.tokens or server.allow_insecure = true)",
+        )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class VadConfig:
+    aggressiveness: int = 2
+    frame_ms: int = 30
+    start_pad_ms: int = 300
+    end_pad_ms: int = 300
+    endpoint_silence_ms: int = 600
+    max_segment_s: float = 20.0
+    min_speech_ms: int = 250
+    # Frames quieter than this are never speech, whatever webrtcvad says.
+    energy_floor_dbfs: float = -55.0
+
+    def __post_init__(self) -> None:
+        _check(self.aggressiveness in (0, 1, 2, 3), "vad.aggressiveness", "must be 0..3")
+        _check(self.frame_ms in (10, 20, 30), "vad.frame_ms", "must be 10, 20 or 30")
+        _check(0 <= self.start_pad_ms <= 2000, "vad.start_pad_ms", "must be 0..2000")
+        _check(0 <= self.end_pad_ms <= 2000, "vad.end_pad_ms", "must be 0..2000")
+        _check(
+            self.frame_ms <= self.endpoint_silence_ms <= 10000,
+            "vad.endpoint_silence_ms",
+            "must be frame_ms..10000",
+        )
+        _check(1.0 <= self.max_segment_s <= 120.0, "vad.max_segment_s", "must be 1..120")
+        _check(0 <= self.min_speech_ms <= 5000, "vad.min_speech_ms", "must be 0..5000")
+        _check(-120 <= self.energy_floor_dbfs <= 0, "vad.energy_floor_dbfs", "must be -120..0")
+
+
+@dataclass(frozen=True)
+class RecognitionConfig:
+    pipeline: str = "whisper"
+    model: str = ""
+    partial_interval_ms: int = 400
+    batch_sizes: tuple[int, ...] = (1, 2, 4, 8)
+    engine_queue: int = 256
+    compile_cache_dir: str = ""
+
+    def __post_init__(self) -> None:
+        _check(
+            self.pipeline in KNOWN_PIPELINES,
+            "recognition.pipeline",
+            f"unknown pipeline {self.pipeline!r}; one of {', '.join(KNOWN_PIPELINES)}",
+        )
+        _check(
+            100 <= self.partial_interval_ms <= 5000,
+            "recognition.partial_interval_ms",
+            "must be 100..5000",
+        )
+        _check(
+            bool(self.batch_sizes)
+            and all(b >= 1 for b in self.batch_sizes)
+            and list(self.batch_sizes) == sorted(set(self.batch_sizes)),
+            "recognition.batch_sizes",
+            "must be increasing positive integers",
+        )
+        _check(self.engine_queue >= 1, "recognition.engine_queue", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    """Empty `host` disables MQTT."""
+
+    host: str = ""
+    port: int = 1883
+    prefix: str = "streamd"
+    username: str = ""
+    password: str = ""
+    keepalive_s: int = 30
+    outbox_size: int = 1000
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.host)
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.port <= 65535, "mqtt.port", "must be 1..65535")
+        _check(
+            bool(self.prefix) and not any(c in self.prefix for c in "#+")
+            and not self.prefix.endswith("/"),
+            "mqtt.prefix",
+            "must be a non-empty topic without wildcards or a trailing '/'",
+        )
+        _check(self.keepalive_s >= 1, "mqtt.keepalive_s", "must be >= 1")
+        _check(self.outbox_size >= 1, "mqtt.outbox_size", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class MicConfig:
+    enabled: bool = False
+    device: str = ""  # empty: the system default input
+    session: str = "mic"
+    sample_rate: int = 16000
+
+    def __post_init__(self) -> None:
+        _check(_valid_session_id(self.session), "mic.session", "letters, digits, - or _")
+        _check(8000 <= self.sample_rate <= 48000, "mic.sample_rate", "must be 8000..48000")
+
+
+def _valid_session_id(value: str) -> bool:
+    return 0 < len(value) <= 64 and all(c.isascii() and (c.isalnum() or c in "-_") for c in value)
+
+
+@dataclass(frozen=True)
+class Config:
+    node: str = field(default_factory=lambda: socket.gethostname().split(".")[0] or "streamd")
+    log_level: str = "info"
+    log_format: str = "json"
+    server: ServerConfig = field(default_factory=ServerConfig)
+    vad: VadConfig = field(default_factory=VadConfig)
+    recognition: RecognitionConfig = field(default_factory=RecognitionConfig)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    mic: MicConfig = field(default_factory=MicConfig)
+
+    def __post_init__(self) -> None:
+        _check(_valid_session_id(self.node), "node", "letters, digits, - or _ (at most 64)")
+        _check(
+            self.log_level in ("debug", "info", "warning", "error"),
+            "log_level",
+            "one of debug, info, warning, error",
+        )
+        _check(self.log_format in ("json", "text"), "log_format", "json or text")
+
+
+SECTIONS: dict[str, type] = {
+    "server": ServerConfig,
+    "vad": VadConfig,
+    "recognition": RecognitionConfig,
+    "mqtt": MqttConfig,
+    "mic": MicConfig,
+}
+
+
+def _coerce(key: str, hint: Any, value: Any) -> Any:
+    """Convert a TOML or environment value to the field's type, or fail naming the key."""
+    from_env = isinstance(value, str)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if from_env and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if from_env:
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if from_env:
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    elif typing.get_origin(hint) is tuple:
+        (item,) = {a for a in typing.get_args(hint) if a is not Ellipsis}
+        items = [v for v in value.split(",") if v.strip()] if from_env else value
+        if isinstance(items, (list, tuple)):
+            return tuple(_coerce(key, item, v.strip() if isinstance(v, str) else v) for v in items)
+    name = getattr(hint, "__name__", str(hint))
+    raise ConfigError(key, f"expected {name}, got {value!r}")
+
+
+def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(full, "unknown key")
+        if key in SECTIONS and cls is Config:
+            if not isinstance(value, Mapping):
+                raise ConfigError(full, "expected a table")
+            kwargs[key] = _build(SECTIONS[key], value, f"{key}.")
+        else:
+            kwargs[key] = _coerce(full, hints[key], value)
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """STREAMD_SERVER_PORT=9000 -> {"server": {"port": "9000"}} (strings, coerced later)."""
+    top = {f.name for f in dataclasses.fields(Config)} - set(SECTIONS)
+    out: dict[str, Any] = {}
+    for name, value in environ.items():
+        if not name.startswith("STREAMD_"):
+            continue
+        rest = name[len("STREAMD_") :].lower()
+        section, _, key = rest.partition("_")
+        if section in SECTIONS and key in {f.name for f in dataclasses.fields(SECTIONS[section])}:
+            out.setdefault(section, {})[key] = value
+        elif rest in top:
+            out[rest] = value
+    return out
+
+
+def load_config(
+    path: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build the config from a TOML file, STREAMD_* variables and CLI overrides (nested dict)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except OSError as exc:
+            raise ConfigError("--config", f"cannot read {path}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("--config", f"{path} is not valid TOML: {exc}") from exc
+    data = _merge(data, env_overrides(os.environ if environ is None else environ))
+    data = _merge(data, overrides or {})
+    return _build(Config, data, "")

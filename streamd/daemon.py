@@ -1,0 +1,290 @@
+"""`streamd serve`: startup() -> serve() -> shutdown(), with systemd notify and SIGTERM.
+
+Startup builds the pipeline, compiles every engine bucket (warm-up), binds the port and
+only then reports READY=1. On SIGTERM: STOPPING=1, stop accepting, finish segments in
+flight (finals to every publisher), flush MQTT, exit 0 within `server.shutdown_timeout_s`
+plus the MQTT flush bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+from streamd import protocol
+from streamd.config import Config, load_config
+from streamd.engine import Engine
+from streamd.errors import ConfigError, StreamdError
+from streamd.metrics import Metrics
+from streamd.notify import Notifier
+from streamd.recognizer import Pipeline, PipelineFactory, create_pipeline
+from streamd.server import Publisher, StreamServer
+from streamd.session import Session, SessionRunner
+
+log = logging.getLogger("streamd.daemon")
+
+# Test-only hook: "module:attribute" naming a PipelineFactory. Not a pipeline name users
+# can pick; it exists so daemon tests can run without a model.
+TEST_PIPELINE_ENV = "STREAMD_TEST_PIPELINE_FACTORY"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of `streamd serve`; each overrides the config file and STREAMD_* variables."""
+    parser.add_argument("--config", metavar="FILE", help="TOML config file")
+    parser.add_argument("--host", help="listen address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="listen port (default 8765)")
+    parser.add_argument("--token", action="append", metavar="TOKEN",
+                        help="accepted client token (repeatable); enables auth")
+    parser.add_argument("--max-sessions", type=int, help="concurrent session limit")
+    parser.add_argument("--node", help="daemon name in MQTT payloads and status topic")
+    parser.add_argument("--model", help="model folder or name for the pipeline")
+    parser.add_argument("--pipeline", help="whisper (default), ctc, conformer, two-pass")
+    parser.add_argument("--mqtt-host", help="MQTT broker host (enables MQTT)")
+    parser.add_argument("--mqtt-port", type=int, help="MQTT broker port (default 1883)")
+    parser.add_argument("--mqtt-prefix", help="MQTT topic prefix (default streamd)")
+    parser.add_argument("--mic", nargs="?", const="", metavar="DEVICE",
+                        help="also transcribe a microphone as session 'mic' (default device)")
+    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    parser.add_argument("--log-format", choices=("json", "text"))
+
+
+def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -> Config:
+    over: dict[str, Any] = {}
+
+    def put(section: str | None, key: str, value: Any) -> None:
+        if value is not None:
+            (over.setdefault(section, {}) if section else over)[key] = value
+
+    put("server", "host", args.host)
+    put("server", "port", args.port)
+    put("server", "tokens", args.token)
+    put("server", "max_sessions", args.max_sessions)
+    put(None, "node", args.node)
+    put("recognition", "model", args.model)
+    put("recognition", "pipeline", args.pipeline)
+    put("mqtt", "host", args.mqtt_host)
+    put("mqtt", "port", args.mqtt_port)
+    put("mqtt", "prefix", args.mqtt_prefix)
+    if args.mic is not None:
+        put("mic", "enabled", True)
+        put("mic", "device", args.mic)
+    put(None, "log_level", args.log_level)
+    put(None, "log_format", args.log_format)
+    return load_config(args.config, environ, over)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, msg, plus `extra=` fields."""
+
+    _standard = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in self._standard and value is not None:
+                out[key] = value
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def setup_logging(config: Config) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if config.log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(config.log_level.upper())
+
+
+def _test_factory() -> PipelineFactory | None:
+    spec = os.environ.get(TEST_PIPELINE_ENV)
+    if not spec:
+        return None
+    module, _, attr = spec.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+class Daemon:
+    def __init__(
+        self,
+        config: Config,
+        pipeline_factory: PipelineFactory | None = None,
+        notifier: Notifier | None = None,
+        publishers: list[Publisher] | None = None,
+    ) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.notifier = notifier or Notifier()
+        self._factory = pipeline_factory
+        self.publishers: list[Publisher] = list(publishers or [])
+        self.engine = Engine(config.recognition.batch_sizes, config.recognition.engine_queue,
+                             observe=self.metrics.observe_batch)
+        self.pipeline: Pipeline | None = None
+        self.server: StreamServer | None = None
+        self.mqtt: Any = None
+        self._mic: _MicSession | None = None
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def startup(self) -> None:
+        cfg = self.config
+        t0 = time.monotonic()
+        self.notifier.status("loading pipeline")
+        if cfg.recognition.compile_cache_dir:  # before the pipeline imports JAX
+            os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", cfg.recognition.compile_cache_dir)
+        if self._factory is not None:
+            self.pipeline = self._factory(cfg, self.engine)
+        else:
+            self.pipeline = create_pipeline(cfg.recognition.pipeline, cfg, self.engine)
+        self.notifier.status("compiling")
+        warm = await asyncio.to_thread(self.engine.warmup)  # every bucket, before READY
+        self.engine.start()
+        self.metrics.track_queue("engine", lambda: self.engine.queue_depth)
+        if cfg.mqtt.enabled:
+            from streamd.mqtt import MqttPublisher, MqttSettings
+
+            self.mqtt = MqttPublisher(MqttSettings.from_config(cfg.mqtt), cfg.node)
+            await self.mqtt.start()
+            self.publishers.append(self.mqtt)
+            self.metrics.track_queue("mqtt_outbox", lambda: self.mqtt.outbox_depth)
+        self.server = StreamServer(cfg, self.pipeline, self.metrics, self.publishers)
+        await self.server.start()
+        if cfg.mic.enabled:
+            self._mic = _MicSession(self)
+            await self._mic.start()
+            self.server.extra_sessions = lambda: 1
+        self.server.ready = True
+        self.metrics.ready.set(1)
+        log.info("ready", extra={"pipeline": self.pipeline.name, "port": self.server.port,
+                                 "warmup_s": round(warm, 3),
+                                 "startup_s": round(time.monotonic() - t0, 3)})
+        self.notifier.ready(f"serving on port {self.server.port}")
+        if self.notifier.watchdog_interval:
+            self._tasks.append(asyncio.create_task(self._watchdog(self.notifier.watchdog_interval)))
+
+    async def _watchdog(self, interval: float) -> None:
+        while True:
+            if self.engine.alive:  # a dead engine thread lets systemd restart us
+                self.notifier.watchdog()
+            await asyncio.sleep(interval)
+
+    async def serve(self) -> None:
+        await self._stop.wait()
+
+    async def shutdown(self) -> None:
+        self.notifier.stopping()
+        log.info("shutting down")
+        timeout = self.config.server.shutdown_timeout_s
+        if self.server is not None:
+            drains = [self.server.drain(timeout)]
+            if self._mic is not None:
+                drains.append(self._mic.stop(timeout))
+            finished = await asyncio.gather(*drains)
+            if not all(finished):
+                log.warning("sessions still running at the shutdown bound; finals may be lost")
+        if self.mqtt is not None:
+            await self.mqtt.stop()
+        for task in self._tasks:
+            task.cancel()
+        await self.engine.stop()
+        if self.server is not None:
+            await self.server.close()
+        self.notifier.close()
+        log.info("stopped")
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        try:
+            await self.startup()
+        except StreamdError as exc:
+            log.error("startup failed: %s", exc)
+            print(f"streamd: {exc}", file=sys.stderr)
+            await self.shutdown()
+            return 1
+        await self.serve()
+        await self.shutdown()
+        return 0
+
+
+class _MicSession:
+    """The microphone as a session that lives as long as the daemon; events go to publishers."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        cfg = daemon.config
+        assert daemon.pipeline is not None and daemon.server is not None
+        start = protocol.Start(cfg.mic.sample_rate, "pcm_f32le", 1, cfg.mic.session)
+        self.session = Session(start, cfg.vad, daemon.pipeline.name,
+                               cfg.recognition.partial_interval_ms)
+        self.runner = SessionRunner(self.session, daemon.pipeline.new_recognizer(start.session),
+                                    daemon.server.publish, daemon.metrics)
+        self.metrics = daemon.metrics
+        self.device = cfg.mic.device or None
+        self.source: Any = None
+
+    async def start(self) -> None:
+        from streamd.mic import MicSource
+
+        self.runner.start()
+        self.source = MicSource(self.device, self.session.start.sample_rate, self.on_frames)
+        await self.source.start()
+        self.metrics.sessions.labels(source="mic").inc()
+        log.info("microphone session started", extra={"session": self.session.id,
+                                                      "device": self.device})
+
+    def on_frames(self, frames: Any) -> None:
+        """Called on the event loop with mono float32 samples at the mic's rate."""
+        self.metrics.audio_seconds.inc(len(frames) / self.session.start.sample_rate)
+        self.runner.push(self.session.feed_samples(frames))
+
+    async def stop(self, timeout: float) -> bool:
+        if self.source is not None:
+            await self.source.stop()
+        self.runner.push(self.session.stop())
+        try:
+            await asyncio.wait_for(self.runner.finish(), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+
+def main(args: argparse.Namespace) -> int:
+    """Entry point of `streamd serve`; returns the exit code (2: bad config, 1: failed start)."""
+    try:
+        config = config_from_args(args)
+    except ConfigError as exc:
+        print(f"streamd: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(config)
+    try:
+        factory = _test_factory()
+    except (ImportError, AttributeError) as exc:
+        print(f"streamd: {TEST_PIPELINE_ENV}: {exc}", file=sys.stderr)
+        return 2
+    return asyncio.run(Daemon(config, factory).run())
+
+
+if __name__ == "__main__":
+    _parser = argparse.ArgumentParser(prog="streamd serve")
+    add_arguments(_parser)
+    sys.exit(main(_parser.parse_args()))

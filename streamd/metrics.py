@@ -1,0 +1,70 @@
+"""Prometheus metrics, one CollectorRegistry per daemon (tests run several in a process)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+_LATENCY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
+_RTF_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.sessions_active = Gauge("streamd_sessions_active", "Open sessions", registry=r)
+        self.sessions = Counter("streamd_sessions", "Sessions started", ["source"], registry=r)
+        self.rejected = Counter(
+            "streamd_connections_rejected", "Handshakes refused", ["reason"], registry=r
+        )
+        self.audio_seconds = Counter(
+            "streamd_audio_seconds", "Audio received, seconds at 16 kHz", registry=r
+        )
+        self.segments = Counter("streamd_segments", "Finals emitted", registry=r)
+        self.partial_latency = Histogram(
+            "streamd_partial_latency_seconds", "Audio arrival to partial event",
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.final_latency = Histogram(
+            "streamd_final_latency_seconds", "Endpoint to final event",
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.rtf = Histogram(
+            "streamd_real_time_factor", "Recognition compute seconds per audio second",
+            ["kind"], buckets=_RTF_BUCKETS, registry=r,
+        )
+        self.queue_depth = Gauge("streamd_queue_depth", "Items waiting", ["queue"], registry=r)
+        self.drops = Counter("streamd_drops", "Items dropped or coalesced", ["reason"], registry=r)
+        self.errors = Counter("streamd_errors", "Error events sent", ["code"], registry=r)
+        self.reconnects = Counter("streamd_mqtt_reconnects", "MQTT reconnections", registry=r)
+        self.engine_batches = Histogram(
+            "streamd_engine_batch_fill", "Requests per engine batch", ["kind"],
+            buckets=(1, 2, 4, 8, 16, 32, 64), registry=r,
+        )
+        self.engine_seconds = Histogram(
+            "streamd_engine_batch_seconds", "Engine batch run time", ["kind"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.ready = Gauge("streamd_ready", "1 once warm-up finished", registry=r)
+
+    def observe_recognition(
+        self, kind: str, latency_s: float, compute_s: float, audio_s: float
+    ) -> None:
+        (self.partial_latency if kind == "partial" else self.final_latency).observe(latency_s)
+        if kind == "final":
+            self.segments.inc()
+        if audio_s > 0:
+            self.rtf.labels(kind=kind).observe(compute_s / audio_s)
+
+    def observe_batch(self, kind: str, real: int, bucket: int, seconds: float) -> None:
+        self.engine_batches.labels(kind=kind).observe(real)
+        self.engine_seconds.labels(kind=kind).observe(seconds)
+
+    def track_queue(self, name: str, depth: Callable[[], float]) -> None:
+        """Sample a queue's depth at scrape time."""
+        self.queue_depth.labels(queue=name).set_function(depth)
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,175 @@
+"""The wire contract (protocol version 1): parsing client messages, building events.
+
+Pure functions and small dataclasses; no I/O. See docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from streamd.errors import BadRequest, Unsupported
+
+PROTOCOL_VERSION = 1
+TARGET_RATE = 16000
+ENCODINGS = {"pcm_s16le": np.dtype("<i2"), "pcm_f32le": np.dtype("<f4")}
+MIN_RATE, MAX_RATE = 8000, 48000
+MAX_CHANNELS = 8
+_SESSION_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_START_FIELDS = {"type", "sample_rate", "encoding", "channels", "session", "pipeline", "partials"}
+
+
+@dataclass(frozen=True)
+class Start:
+    sample_rate: int
+    encoding: str
+    channels: int
+    session: str
+    pipeline: str | None = None
+    partials: bool = True
+
+    @property
+    def frame_bytes(self) -> int:
+        """Bytes of one interleaved sample frame (all channels)."""
+        return ENCODINGS[self.encoding].itemsize * self.channels
+
+
+@dataclass(frozen=True)
+class Stop:
+    pass
+
+
+def new_session_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def valid_session_id(value: object) -> bool:
+    return isinstance(value, str) and _SESSION_RE.match(value) is not None
+
+
+def _int_field(msg: dict[str, Any], key: str, default: int | None = None) -> int:
+    value = msg.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadRequest(f"start.{key} must be an integer")
+    return value
+
+
+def parse_control(text: str) -> Start | Stop:
+    """Parse one client text message.
+
+    Raises BadRequest (not JSON, not an object, unknown type, bad field) or
+    Unsupported (encoding, rate, channel count outside what the daemon offers).
+    """
+    try:
+        msg = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"control message is not JSON: {exc.msg}") from None
+    if not isinstance(msg, dict):
+        raise BadRequest("control message must be a JSON object")
+    kind = msg.get("type")
+    if kind == "stop":
+        return Stop()
+    if kind != "start":
+        raise BadRequest(f"unknown message type {kind!r}; expected 'start' or 'stop'")
+    rate = _int_field(msg, "sample_rate")
+    channels = _int_field(msg, "channels", 1)
+    encoding = msg.get("encoding", "pcm_s16le")
+    if not isinstance(encoding, str):
+        raise BadRequest("start.encoding must be a string")
+    if encoding not in ENCODINGS:
+        raise Unsupported(f"encoding {encoding!r} not supported; use {', '.join(ENCODINGS)}")
+    if not MIN_RATE <= rate <= MAX_RATE:
+        raise Unsupported(f"sample_rate {rate} outside {MIN_RATE}..{MAX_RATE}")
+    if not 1 <= channels <= MAX_CHANNELS:
+        raise Unsupported(f"channels {channels} outside 1..{MAX_CHANNELS}")
+    session = msg.get("session")
+    if session is None:
+        session = new_session_id()
+    elif not valid_session_id(session):
+        raise BadRequest("start.session: letters, digits, '-', '_', at most 64")
+    pipeline = msg.get("pipeline")
+    if pipeline is not None and not isinstance(pipeline, str):
+        raise BadRequest("start.pipeline must be a string")
+    partials = msg.get("partials", True)
+    if not isinstance(partials, bool):
+        raise BadRequest("start.partials must be true or false")
+    return Start(rate, encoding, channels, session, pipeline, partials)
+
+
+def decode_audio(data: bytes, start: Start) -> np.ndarray:
+    """Binary frame -> mono float32 samples in [-1, 1] at the client's rate. Shape [N].
+
+    Raises BadRequest for a byte count that is not whole sample frames, or NaN/inf.
+    """
+    if len(data) % start.frame_bytes:
+        raise BadRequest(
+            f"audio frame of {len(data)} bytes is not a multiple of {start.frame_bytes} "
+            f"({start.encoding}, {start.channels} channel(s))"
+        )
+    samples = np.frombuffer(data, dtype=ENCODINGS[start.encoding])
+    if start.encoding == "pcm_s16le":
+        audio = samples.astype(np.float32) / 32768.0
+    else:
+        audio = samples.astype(np.float32)
+        if not np.isfinite(audio).all():
+            raise BadRequest("audio contains NaN or infinite samples")
+    if start.channels > 1:
+        audio = audio.reshape(-1, start.channels).mean(axis=1)
+    return np.clip(audio, -1.0, 1.0)
+
+
+# Server -> client events. Plain dicts: they go to JSON and MQTT unchanged.
+
+
+def _t(seconds: float) -> float:
+    return round(float(seconds), 3)
+
+
+def ready_event(session: str, pipeline: str) -> dict[str, Any]:
+    return {"type": "ready", "session": session, "pipeline": pipeline,
+            "sample_rate": TARGET_RATE, "protocol": PROTOCOL_VERSION}
+
+
+def speech_start_event(session: str, segment: int, start: float) -> dict[str, Any]:
+    return {"type": "speech_start", "session": session, "segment": segment, "start": _t(start)}
+
+
+def partial_event(
+    session: str, segment: int, start: float, end: float, text: str, stable: str | None = None
+) -> dict[str, Any]:
+    event = {"type": "partial", "session": session, "segment": segment,
+             "start": _t(start), "end": _t(end), "text": text}
+    if stable is not None:
+        event["stable"] = stable
+    return event
+
+
+def final_event(
+    session: str, segment: int, start: float, end: float, text: str,
+    words: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    event = {"type": "final", "session": session, "segment": segment,
+             "start": _t(start), "end": _t(end), "text": text}
+    if words:
+        event["words"] = words
+    return event
+
+
+def error_event(code: str, message: str, session: str | None = None) -> dict[str, Any]:
+    event: dict[str, Any] = {"type": "error", "code": code, "message": message}
+    if session is not None:
+        event["session"] = session
+    return event
+
+
+def done_event(session: str, segments: int) -> dict[str, Any]:
+    return {"type": "done", "session": session, "segments": segments}
+
+
+def encode_event(event: dict[str, Any]) -> str:
+    return json.dumps(event, separators=(",", ":"), ensure_ascii=False)

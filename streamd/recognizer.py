@@ -1,0 +1,105 @@
+"""The interface a recognition pipeline implements, and the registry of pipelines by name.
+
+A `Pipeline` is created once per daemon (it owns params and registers its batch kinds
+with the shared `Engine`); it hands each session a `SegmentRecognizer`, which turns the
+16 kHz audio of the growing segment into partial hypotheses and, at the endpoint, a final.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from streamd.config import KNOWN_PIPELINES, Config
+from streamd.engine import Engine
+from streamd.errors import Unsupported
+
+
+@dataclass(frozen=True)
+class Word:
+    word: str
+    start: float  # seconds of stream audio
+    end: float
+    confidence: float = 1.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"word": self.word, "start": round(self.start, 3), "end": round(self.end, 3),
+                "confidence": round(self.confidence, 4)}
+
+
+@dataclass(frozen=True)
+class Hypothesis:
+    text: str
+    stable: str = ""  # prefix of `text` that will not change any more (partials)
+    words: tuple[Word, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class SegmentInfo:
+    """Where the audio handed to a recognizer sits in the session's stream."""
+
+    session: str
+    index: int
+    start: float  # seconds since the session's first sample
+    end: float
+
+
+class SegmentRecognizer(Protocol):
+    """Per-session recognizer. Calls for one session never overlap."""
+
+    async def partial(self, audio_16k: np.ndarray, segment: SegmentInfo) -> Hypothesis | None:
+        """Audio of the segment so far ([N] float32). None: nothing new to say."""
+        ...
+
+    async def final(self, audio_16k: np.ndarray, segment: SegmentInfo) -> Hypothesis:
+        """Whole segment audio; called exactly once per segment, after its partials."""
+        ...
+
+    def close(self) -> None:
+        """The session ended; free per-session state."""
+        ...
+
+
+class Pipeline(Protocol):
+    name: str
+
+    def new_recognizer(self, session: str) -> SegmentRecognizer: ...
+
+
+PipelineFactory = Callable[[Config, Engine], Pipeline]
+
+_REGISTRY: dict[str, PipelineFactory] = {}
+
+
+def register_pipeline(name: str, factory: PipelineFactory) -> None:
+    """Model packages call this when their pipeline exists (name from KNOWN_PIPELINES)."""
+    _REGISTRY[name] = factory
+
+
+def available_pipelines() -> tuple[str, ...]:
+    return tuple(sorted(_REGISTRY))
+
+
+def create_pipeline(name: str, config: Config, engine: Engine) -> Pipeline:
+    """Build a pipeline by name: registered, or `streamd.pipelines.<name>.create`.
+
+    Known names without an implementation yet raise `Unsupported`.
+    """
+    factory = _REGISTRY.get(name)
+    if factory is None and name in KNOWN_PIPELINES:
+        # Model pipelines live in streamd/pipelines/<name>.py and expose `create`.
+        module = f"streamd.pipelines.{name.replace('-', '_')}"
+        try:
+            factory = importlib.import_module(module).create
+        except ModuleNotFoundError as exc:
+            if exc.name not in (module, "streamd.pipelines"):
+                raise
+    if factory is None:
+        if name in KNOWN_PIPELINES:
+            raise Unsupported(f"pipeline {name!r} is not available in this build yet")
+        raise Unsupported(f"unknown pipeline {name!r}")
+    return factory(config, engine)

@@ -1,0 +1,367 @@
+"""WebSocket server at /v1/stream plus /healthz, /metrics and the static page, one port.
+
+The handler only moves bytes and events: a receive loop feeding the sans-I/O Session,
+and a send loop draining a bounded queue to the socket (sibling tasks). Partials are
+dropped when the client reads too slowly; finals wait. Auth (401), the session limit
+and draining (503) are decided in `process_request`, before the upgrade.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import mimetypes
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import parse_qs, urlsplit
+
+from websockets.asyncio.server import Server as WsServer
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request as HttpRequest
+from websockets.http11 import Response
+
+from streamd import protocol
+from streamd.config import Config
+from streamd.errors import BadRequest, StreamdError, Unsupported
+from streamd.metrics import Metrics
+from streamd.recognizer import Pipeline
+from streamd.session import Session, SessionRunner
+
+log = logging.getLogger("streamd.server")
+STREAM_PATH = "/v1/stream"
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+PUBLISHED = ("partial", "final")  # event types that go to publishers (MQTT)
+
+
+class Publisher(Protocol):
+    async def publish(self, event: dict[str, Any]) -> None: ...
+
+
+def _response(status: int, body: bytes | str, content_type: str, **headers: str) -> Response:
+    data = body.encode() if isinstance(body, str) else body
+    h = Headers({"Content-Type": content_type, "Content-Length": str(len(data))})
+    for key, value in headers.items():
+        h[key.replace("_", "-")] = value
+    phrase = {200: "OK", 401: "Unauthorized", 404: "Not Found", 503: "Service Unavailable"}
+    return Response(status, phrase.get(status, ""), h, data)
+
+
+def _json_response(status: int, obj: dict[str, Any], **headers: str) -> Response:
+    return _response(status, json.dumps(obj) + "\n", "application/json", **headers)
+
+
+class StreamServer:
+    """Lifecycle: `await start()`; `ready = True` after warm-up; `drain()`; `close()`."""
+
+    def __init__(
+        self,
+        config: Config,
+        pipeline: Pipeline,
+        metrics: Metrics,
+        publishers: list[Publisher] | None = None,
+        static_dir: Path = STATIC_DIR,
+    ) -> None:
+        self.config = config
+        self.pipeline = pipeline
+        self.metrics = metrics
+        self.publishers = list(publishers or [])
+        self.static_dir = static_dir
+        self.ready = False
+        self.draining = False
+        self._drain_event = asyncio.Event()
+        self._active: dict[str, _Connection] = {}
+        self._ws: WsServer | None = None
+        self.extra_sessions: Callable[[], int] = lambda: 0  # e.g. the mic session
+
+    @property
+    def port(self) -> int:
+        assert self._ws is not None
+        return self._ws.sockets[0].getsockname()[1]
+
+    @property
+    def session_count(self) -> int:
+        return len(self._active) + self.extra_sessions()
+
+    async def start(self) -> None:
+        cfg = self.config.server
+        self._ws = await serve(
+            self._handle,
+            cfg.host,
+            cfg.port,
+            process_request=self._process_request,
+            # Frames above the contract limit get an error event; far above, websockets
+            # closes with 1009 before buffering them.
+            max_size=4 * cfg.max_frame_bytes,
+            server_header="streamd",
+        )
+        log.info("listening", extra={"host": cfg.host, "port": self.port})
+
+    async def publish(self, event: dict[str, Any]) -> None:
+        """Send a partial/final to every publisher; a failing publisher never breaks a session."""
+        if event.get("type") not in PUBLISHED:
+            return
+        for pub in self.publishers:
+            try:
+                await pub.publish(event)
+            except Exception:
+                log.exception("publisher %s failed", type(pub).__name__)
+
+    async def drain(self, timeout: float) -> bool:
+        """Stop accepting; finish every session's segments in flight. True if all finished."""
+        self.draining = True
+        if self._ws is not None:
+            self._ws.server.close()  # listening socket only; open connections go on
+        self._drain_event.set()
+        tasks = [c.task for c in self._active.values() if c.task is not None]
+        if not tasks:
+            return True
+        _, pending = await asyncio.wait(tasks, timeout=timeout)
+        return not pending
+
+    async def close(self) -> None:
+        if self._ws is not None:
+            self._ws.close()
+            await self._ws.wait_closed()
+            self._ws = None
+
+    # HTTP side, before any upgrade.
+
+    def _authorized(self, request: HttpRequest, query: dict[str, list[str]]) -> bool:
+        tokens = self.config.server.tokens
+        if not tokens:
+            return True
+        offered: list[str] = list(query.get("token", []))
+        auth = request.headers.get("Authorization", "")
+        if auth[:7].lower() == "bearer ":
+            offered.append(auth[7:].strip())
+        return any(hmac.compare_digest(o.encode(), t.encode()) for o in offered for t in tokens)
+
+    def _process_request(
+        self, connection: ServerConnection, request: HttpRequest
+    ) -> Response | None:
+        url = urlsplit(request.path)
+        path = url.path
+        if path == STREAM_PATH:
+            if not self._authorized(request, parse_qs(url.query)):
+                self.metrics.rejected.labels(reason="unauthorized").inc()
+                return _json_response(
+                    401, protocol.error_event("unauthorized", "missing or wrong token"),
+                    WWW_Authenticate="Bearer",
+                )
+            if not self.ready or self.draining:
+                self.metrics.rejected.labels(reason="not_ready").inc()
+                return _json_response(
+                    503, protocol.error_event("overloaded", "not accepting sessions"),
+                    Retry_After="5",
+                )
+            if self.session_count >= self.config.server.max_sessions:
+                self.metrics.rejected.labels(reason="session_limit").inc()
+                return _json_response(
+                    503, protocol.error_event("overloaded", "session limit reached"),
+                    Retry_After="1",
+                )
+            return None
+        if path == "/healthz":
+            state = "draining" if self.draining else "ok" if self.ready else "starting"
+            body = {"status": state, "node": self.config.node, "sessions": self.session_count,
+                    "pipeline": self.pipeline.name}
+            return _json_response(200 if state == "ok" else 503, body)
+        if path == "/metrics":
+            data, content_type = self.metrics.render()
+            return _response(200, data, content_type)
+        return self._static(path)
+
+    def _static(self, path: str) -> Response:
+        name = "index.html" if path in ("/", "") else path.lstrip("/")
+        root = self.static_dir.resolve()
+        target = (root / name).resolve()
+        if root not in target.parents or not target.is_file():
+            return _response(404, "not found\n", "text/plain; charset=utf-8")
+        ctype = mimetypes.guess_type(target.name)[0] or "application/octet-stream"
+        if ctype.startswith("text/") or ctype.endswith("javascript"):
+            ctype += "; charset=utf-8"
+        return _response(200, target.read_bytes(), ctype, Cache_Control="no-cache")
+
+    # WebSocket side.
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        conn = _Connection(self, ws)
+        conn.task = asyncio.current_task()
+        await conn.run()
+
+
+class _Connection:
+    """One client connection: receive loop + send loop; cleanup in `finally`."""
+
+    def __init__(self, server: StreamServer, ws: ServerConnection) -> None:
+        self.server = server
+        self.ws = ws
+        self.cfg = server.config
+        self.metrics = server.metrics
+        self.session: Session | None = None
+        self.runner: SessionRunner | None = None
+        self.task: asyncio.Task | None = None
+        self.gone = False  # client vanished: keep publishing, stop sending
+        self._out: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(self.cfg.server.send_queue)
+        self._close_code = 1000
+        self._close_reason = ""
+
+    async def run(self) -> None:
+        sender = asyncio.create_task(self._send_loop())
+        receiver = asyncio.create_task(self._receive_loop())
+        drain = asyncio.create_task(self.server._drain_event.wait())
+        try:
+            await asyncio.wait([receiver, drain], return_when=asyncio.FIRST_COMPLETED)
+            if not receiver.done():  # daemon shutting down: finish what was heard
+                receiver.cancel()
+                self._close_code, self._close_reason = 1001, "server shutting down"
+            await asyncio.gather(receiver, return_exceptions=True)
+            if receiver.done() and not receiver.cancelled() and receiver.exception():
+                exc = receiver.exception()
+                log.error("session handler failed", exc_info=exc)
+                await self._error("internal", "internal error", close=1011)
+            await self._finish()
+            await self._out.put(None)  # sender closes the socket after the last event
+            await sender
+        finally:
+            drain.cancel()
+            receiver.cancel()
+            sender.cancel()
+            if self.runner is not None:
+                self.runner.cancel()
+            if self.session is not None:
+                self.server._active.pop(self.session.id, None)
+                self.metrics.sessions_active.dec()
+                log.info("session closed", extra={"session": self.session.id})
+
+    async def _finish(self) -> None:
+        """Stop the session (if any): finals of speech in flight, then `done`."""
+        if self.runner is None or self.session is None:
+            return
+        self.runner.push(self.session.stop())
+        await self.runner.finish()
+        await self._emit(self.session.done())
+
+    async def _receive_loop(self) -> None:
+        try:
+            async for message in self.ws:
+                if isinstance(message, str):
+                    if await self._control(message):
+                        return
+                else:
+                    await self._audio(message)
+        except ConnectionClosed:
+            pass
+        except _EndStream:
+            return
+        # The client went away (or closed): its finals still go to the publishers.
+        if self.ws.state.name != "OPEN":
+            self.gone = True
+
+    async def _control(self, text: str) -> bool:
+        """Handle a text message; True when the stream ends (stop or fatal error)."""
+        try:
+            msg = protocol.parse_control(text)
+        except Unsupported as exc:
+            if self.session is None:  # a start we cannot serve: the stream cannot go on
+                await self._error(exc.code, str(exc), close=1008)
+                return True
+            await self._error(exc.code, str(exc))
+            return False
+        except BadRequest as exc:
+            await self._error(exc.code, str(exc))
+            return False
+        if isinstance(msg, protocol.Stop):
+            if self.session is None:
+                await self._error("bad_request", "stop before start")
+                return False
+            return True
+        if self.session is not None:
+            await self._error("bad_request", "session already started")
+            return False
+        return await self._start(msg)
+
+    async def _start(self, start: protocol.Start) -> bool:
+        name = self.server.pipeline.name
+        if start.pipeline is not None and start.pipeline != name:
+            message = f"pipeline {start.pipeline!r} is not served here (this daemon: {name})"
+            await self._error("unsupported", message, close=1008)
+            return True
+        if start.session in self.server._active:
+            message = f"session {start.session!r} is already open"
+            await self._error("bad_request", message, close=1008)
+            return True
+        if self.server.session_count >= self.cfg.server.max_sessions:  # raced past the check
+            await self._error("overloaded", "session limit reached", close=1013)
+            return True
+        self.session = Session(start, self.cfg.vad, name, self.cfg.recognition.partial_interval_ms)
+        self.server._active[start.session] = self
+        self.metrics.sessions_active.inc()
+        self.metrics.sessions.labels(source="websocket").inc()
+        recognizer = self.server.pipeline.new_recognizer(start.session)
+        self.runner = SessionRunner(self.session, recognizer, self._emit, self.metrics)
+        self.runner.start()
+        log.info("session started", extra={
+            "session": start.session, "sample_rate": start.sample_rate,
+            "encoding": start.encoding, "channels": start.channels})
+        await self._emit(self.session.ready())
+        return False
+
+    async def _audio(self, data: bytes) -> None:
+        limit = self.cfg.server.max_frame_bytes
+        if len(data) > limit:
+            message = f"audio frame of {len(data)} bytes over the limit of {limit}"
+            await self._error("bad_request", message, close=1008)
+            raise _EndStream
+        if self.session is None or self.runner is None:
+            await self._error("bad_request", "audio before start")
+            return
+        try:
+            outputs = self.session.feed(data)
+        except StreamdError as exc:
+            await self._error(exc.code, str(exc))
+            return
+        self.metrics.audio_seconds.inc(len(data) / self.session.start.frame_bytes
+                                       / self.session.start.sample_rate)
+        self.runner.push(outputs)
+
+    async def _error(self, code: str, message: str, close: int | None = None) -> None:
+        self.metrics.errors.labels(code=code).inc()
+        session = self.session.id if self.session is not None else None
+        log.info("client error", extra={"code": code, "detail": message, "session": session})
+        await self._emit(protocol.error_event(code, message, session))
+        if close is not None:
+            self._close_code, self._close_reason = close, code
+
+    async def _emit(self, event: dict[str, Any]) -> None:
+        await self.server.publish(event)
+        if self.gone:
+            return
+        if event["type"] == "partial" and self._out.full():
+            self.metrics.drops.labels(reason="partial_slow_client").inc()
+            return
+        await self._out.put(event)
+
+    async def _send_loop(self) -> None:
+        while True:
+            event = await self._out.get()
+            if event is None:
+                break
+            if self.gone:
+                continue  # keep draining so producers never block on a dead client
+            try:
+                await self.ws.send(protocol.encode_event(event))
+            except ConnectionClosed:
+                self.gone = True
+        if not self.gone:
+            await self.ws.close(self._close_code, self._close_reason)
+
+
+class _EndStream(Exception):
+    """Raised inside the receive loop when the stream cannot go on."""
+

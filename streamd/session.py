@@ -1,0 +1,245 @@
+"""A session: audio bytes in -> resample -> VAD -> recognizer requests -> events out.
+
+`Session` is sans-I/O: `feed()` / `stop()` return outputs (event dicts to emit, and
+`Request`s for the recognizer); the driver hands recognizer results back with
+`resolve()`. `SessionRunner` is that driver for asyncio: one ordered queue per session
+where partials are coalesced (only the newest partial of a segment is worth computing)
+and finals are never dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import soxr
+
+from streamd import protocol
+from streamd.config import VadConfig
+from streamd.errors import StreamdError
+from streamd.metrics import Metrics
+from streamd.recognizer import Hypothesis, SegmentInfo, SegmentRecognizer
+from streamd.vad import RATE, SegmentEnded, SpeechStarted, VadSegmenter
+
+log = logging.getLogger("streamd.session")
+
+
+@dataclass
+class Request:
+    kind: Literal["partial", "final"]
+    segment: SegmentInfo
+    audio: np.ndarray  # [N] float32 at 16 kHz
+    created: float = field(default_factory=time.monotonic)  # for latency metrics
+
+
+Output = dict[str, Any] | Request
+
+
+class Session:
+    """State machine of one stream. Not thread-safe; one driver calls it."""
+
+    def __init__(
+        self,
+        start: protocol.Start,
+        vad: VadConfig,
+        pipeline: str,
+        partial_interval_ms: int = 400,
+    ) -> None:
+        self.start = start
+        self.id = start.session
+        self.pipeline = pipeline
+        self.segmenter = VadSegmenter(vad)
+        self._resampler = (
+            None if start.sample_rate == RATE
+            else soxr.ResampleStream(start.sample_rate, RATE, 1, dtype="float32")
+        )
+        self._partial_every = RATE * partial_interval_ms // 1000
+        self._last_partial = 0  # segment length (samples) at the last partial request
+        self.samples_in = 0  # 16 kHz samples produced so far
+        self.segments = 0  # finals requested
+        self.stopped = False
+
+    def ready(self) -> dict[str, Any]:
+        return protocol.ready_event(self.id, self.pipeline)
+
+    def feed(self, data: bytes) -> list[Output]:
+        """One binary frame in the client's encoding. Raises BadRequest; state stays intact."""
+        return self.feed_samples(protocol.decode_audio(data, self.start))
+
+    def feed_samples(self, audio: np.ndarray) -> list[Output]:
+        """Mono float32 samples at the session's declared rate."""
+        if self.stopped:
+            return []
+        if self._resampler is not None:
+            audio = self._resampler.resample_chunk(audio)
+        return self._accept(audio)
+
+    def stop(self) -> list[Output]:
+        """End of audio: flush the resampler and the segment in flight."""
+        if self.stopped:
+            return []
+        outputs: list[Output] = []
+        if self._resampler is not None:
+            tail = self._resampler.resample_chunk(np.zeros(0, np.float32), last=True)
+            outputs += self._accept(tail)
+        self.stopped = True
+        outputs += self._vad_outputs(self.segmenter.flush())
+        return outputs
+
+    def done(self) -> dict[str, Any]:
+        return protocol.done_event(self.id, self.segments)
+
+    def resolve(self, request: Request, hyp: Hypothesis | None) -> dict[str, Any] | None:
+        """A recognizer result -> the event to emit (None: nothing to say)."""
+        seg = request.segment
+        if request.kind == "final":
+            text = hyp.text if hyp is not None else ""
+            words = [w.to_json() for w in hyp.words] if hyp is not None else None
+            return protocol.final_event(self.id, seg.index, seg.start, seg.end, text.strip(), words)
+        if hyp is None or not self.start.partials:
+            return None
+        return protocol.partial_event(
+            self.id, seg.index, seg.start, seg.end, hyp.text.strip(), hyp.stable.strip() or None
+        )
+
+    def _accept(self, audio: np.ndarray) -> list[Output]:
+        self.samples_in += len(audio)
+        outputs = self._vad_outputs(self.segmenter.accept(audio))
+        seg = self.segmenter
+        if seg.active and self.start.partials:
+            length = seg.position - seg.segment_start
+            if length - self._last_partial >= self._partial_every:
+                self._last_partial = length
+                info = SegmentInfo(
+                    self.id, seg.segment, seg.segment_start / RATE, seg.position / RATE
+                )
+                outputs.append(Request("partial", info, seg.active_audio()))
+        return outputs
+
+    def _vad_outputs(self, events: list) -> list[Output]:
+        outputs: list[Output] = []
+        for event in events:
+            if isinstance(event, SpeechStarted):
+                self._last_partial = 0
+                start = event.start / RATE
+                outputs.append(protocol.speech_start_event(self.id, event.segment, start))
+            elif isinstance(event, SegmentEnded):
+                self.segments += 1
+                info = SegmentInfo(self.id, event.segment, event.start / RATE, event.end / RATE)
+                outputs.append(Request("final", info, event.audio))
+        return outputs
+
+
+Emit = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class SessionRunner:
+    """Drives a Session's outputs in order: events emitted, recognizer requests awaited.
+
+    `push()` is synchronous (callable from the receive loop); a single worker task runs
+    requests one at a time, so calls to the recognizer never overlap for a session.
+    """
+
+    def __init__(
+        self,
+        session: Session,
+        recognizer: SegmentRecognizer,
+        emit: Emit,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.session = session
+        self.recognizer = recognizer
+        self._emit = emit
+        self._metrics = metrics
+        self._items: deque[Output] = deque()
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"session-{self.session.id}")
+
+    @property
+    def pending(self) -> int:
+        return len(self._items)
+
+    def push(self, outputs: list[Output]) -> None:
+        for out in outputs:
+            if isinstance(out, Request):
+                seg = out.segment.index
+                stale = [
+                    o for o in self._items
+                    if isinstance(o, Request) and o.kind == "partial" and o.segment.index == seg
+                ]
+                for o in stale:  # coalesce: a newer partial or the final supersedes them
+                    self._items.remove(o)
+                    self._count_drop("partial_coalesced")
+            self._items.append(out)
+        if outputs:
+            self._wake.set()
+
+    async def finish(self) -> None:
+        """Process everything pushed so far, then stop. The caller pushes stop() first."""
+        self._closing = True
+        self._wake.set()
+        if self._task is not None:
+            await asyncio.shield(self._task)
+
+    def cancel(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                while not self._items:
+                    if self._closing:
+                        return
+                    self._wake.clear()
+                    await self._wake.wait()
+                out = self._items.popleft()
+                if isinstance(out, Request):
+                    event = await self._recognize(out)
+                    if event is not None:
+                        await self._emit(event)
+                else:
+                    await self._emit(out)
+        finally:
+            self.recognizer.close()
+
+    async def _recognize(self, req: Request) -> dict[str, Any] | None:
+        t0 = time.monotonic()
+        try:
+            if req.kind == "partial":
+                hyp = await self.recognizer.partial(req.audio, req.segment)
+            else:
+                hyp = await self.recognizer.final(req.audio, req.segment)
+        except StreamdError as exc:
+            return self._failed(req, exc.code, str(exc))
+        except Exception as exc:  # pipeline bug: report it, keep the session alive
+            log.exception("recognizer %s failed in session %s", req.kind, self.session.id)
+            message = f"{req.kind} recognition failed: {type(exc).__name__}"
+            return self._failed(req, "internal", message)
+        now = time.monotonic()
+        if self._metrics is not None:
+            audio_s = len(req.audio) / RATE
+            self._metrics.observe_recognition(req.kind, now - req.created, now - t0, audio_s)
+        return self.session.resolve(req, hyp)
+
+    def _failed(self, req: Request, code: str, message: str) -> dict[str, Any] | None:
+        if self._metrics is not None:
+            self._metrics.errors.labels(code=code).inc()
+        if req.kind == "partial":
+            return None  # a missed partial is harmless; the final still comes
+        message = f"segment {req.segment.index}: {message}"
+        return protocol.error_event(code, message, self.session.id)
+
+    def _count_drop(self, reason: str) -> None:
+        if self._metrics is not None:
+            self._metrics.drops.labels(reason=reason).inc()

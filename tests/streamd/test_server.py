@@ -1,0 +1,443 @@
+"""The WebSocket server and HTTP endpoints, through real sockets on a free port.
+
+The recognizer is a test double (not a user pipeline): its text is the duration of the
+audio it was given, computed through the real Engine, so finals are checkable exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import pytest
+import soundfile as sf
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import connect
+
+from streamd.config import Config, load_config
+from streamd.daemon import Daemon
+from streamd.engine import Engine
+from streamd.recognizer import Hypothesis, SegmentInfo
+
+# --- test double pipeline -----------------------------------------------------------
+
+
+class _DurationRecognizer:
+    def __init__(self, engine: Engine, delay: float) -> None:
+        self.engine = engine
+        self.delay = delay
+
+    async def partial(self, audio: np.ndarray, segment: SegmentInfo) -> Hypothesis | None:
+        seconds = await self.engine.submit("duration", audio)
+        return Hypothesis(f"{seconds:.2f}", stable="")
+
+    async def final(self, audio: np.ndarray, segment: SegmentInfo) -> Hypothesis:
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        seconds = await self.engine.submit("duration", audio)
+        return Hypothesis(f"{seconds:.2f}")
+
+    def close(self) -> None:
+        pass
+
+
+class DurationPipeline:
+    """Reports each segment's duration in seconds as its text."""
+
+    name = "test-duration"
+
+    def __init__(self, config: Config, engine: Engine, delay: float = 0.0) -> None:
+        self.engine = engine
+        self.delay = delay
+        self.batch_sizes_seen: list[int] = []
+        engine.add_kind("duration", self._batch, np.zeros(0, np.float32))
+
+    def _batch(self, items: list[np.ndarray]) -> list[float]:
+        self.batch_sizes_seen.append(len(items))
+        return [len(a) / 16000 for a in items]
+
+    def new_recognizer(self, session: str) -> _DurationRecognizer:
+        return _DurationRecognizer(self.engine, self.delay)
+
+
+def make_test_pipeline(config: Config, engine: Engine) -> DurationPipeline:
+    """Factory for the daemon's test hook (STREAMD_TEST_PIPELINE_FACTORY)."""
+    return DurationPipeline(config, engine)
+
+
+def make_slow_test_pipeline(config: Config, engine: Engine) -> DurationPipeline:
+    """Finals take 1 s: a SIGTERM during a segment must still wait for its final."""
+    return DurationPipeline(config, engine, delay=1.0)
+
+
+class MemoryPublisher:
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+
+    async def publish(self, event: dict[str, Any]) -> None:
+        self.events.append(dict(event))
+
+
+# --- helpers ------------------------------------------------------------------------
+
+
+@contextmanager
+def running_daemon(config: Config, publisher: MemoryPublisher | None = None) -> Iterator[Daemon]:
+    """A Daemon on its own event loop thread; always shut down on exit."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    daemon = Daemon(config, make_test_pipeline, publishers=[publisher] if publisher else None)
+    asyncio.run_coroutine_threadsafe(daemon.startup(), loop).result(60)
+    try:
+        yield daemon
+    finally:
+        asyncio.run_coroutine_threadsafe(daemon.shutdown(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
+
+
+def speech(shared_audio_dir, name: str = "librispeech_61-70968-0002.wav") -> np.ndarray:
+    """An utterance with 0.5 s of silence before and 1 s after (so the endpoint fires)."""
+    audio, rate = sf.read(shared_audio_dir / name, dtype="float32")
+    assert rate == 16000
+    return np.concatenate([np.zeros(8000, np.float32), audio, np.zeros(16000, np.float32)])
+
+
+def s16(audio: np.ndarray) -> bytes:
+    return (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
+
+
+def start_msg(**fields: Any) -> str:
+    return json.dumps({"type": "start", "sample_rate": 16000, "encoding": "pcm_s16le",
+                       "channels": 1, **fields})
+
+
+def recv_event(ws, timeout: float = 10.0) -> dict[str, Any]:
+    return json.loads(ws.recv(timeout=timeout))
+
+
+def stream_session(
+    url: str, data: bytes, chunk: int = 6400, pace: float = 0.0, **start: Any
+) -> list[dict]:
+    """Run a whole healthy session; return every event up to `done`.
+
+    `pace` sleeps between chunks, so partials are not all coalesced into one.
+    """
+    with connect(url) as ws:
+        ws.send(start_msg(**start))
+        for i in range(0, len(data), chunk):
+            ws.send(data[i : i + chunk])
+            time.sleep(pace)
+        ws.send(json.dumps({"type": "stop"}))
+        events = []
+        while True:
+            event = recv_event(ws)
+            events.append(event)
+            if event["type"] == "done":
+                break
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=5)
+        assert closed.value.rcvd.code == 1000
+    return events
+
+
+def check_segments(events: list[dict]) -> list[dict]:
+    """Contract invariants; returns the finals."""
+    finals = [e for e in events if e["type"] == "final"]
+    starts = [e for e in events if e["type"] == "speech_start"]
+    assert [f["segment"] for f in finals] == list(range(len(finals)))
+    assert [s["segment"] for s in starts] == list(range(len(finals)))
+    for f in finals:
+        # Double's text is the duration of the audio the recognizer got.
+        assert float(f["text"]) == pytest.approx(f["end"] - f["start"], abs=0.011)
+    done = events[-1]
+    assert done == {"type": "done", "session": events[0]["session"], "segments": len(finals)}
+    return finals
+
+
+def test_config(**over: Any) -> Config:
+    base = {"server": {"port": 0, "max_sessions": 4}, "node": "testnode"}
+    for key, value in over.items():
+        base.setdefault(key, {}).update(value) if isinstance(value, dict) else base.update(
+            {key: value})
+    return load_config(environ={}, overrides=base)
+
+
+test_config.__test__ = False  # a helper, not a test
+
+
+@pytest.fixture(scope="module")
+def publisher() -> MemoryPublisher:
+    return MemoryPublisher()
+
+
+@pytest.fixture(scope="module")
+def daemon(publisher: MemoryPublisher) -> Iterator[Daemon]:
+    with running_daemon(test_config(server={"max_frame_bytes": 65536}), publisher) as d:
+        yield d
+
+
+@pytest.fixture(scope="module")
+def url(daemon: Daemon) -> str:
+    return f"ws://127.0.0.1:{daemon.server.port}/v1/stream"
+
+
+def http_get(daemon: Daemon, path: str) -> tuple[int, dict[str, str], bytes]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{daemon.server.port}{path}", timeout=5) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
+
+
+# --- tests --------------------------------------------------------------------------
+
+
+def test_healthy_session_events(url: str, shared_audio_dir, publisher: MemoryPublisher) -> None:
+    audio = speech(shared_audio_dir)
+    events = stream_session(url, s16(audio), chunk=3200, pace=0.02, session="healthy-1")
+    assert events[0] == {"type": "ready", "session": "healthy-1", "pipeline": "test-duration",
+                         "sample_rate": 16000, "protocol": 1}
+    finals = check_segments(events)
+    assert len(finals) == 1
+    # The utterance sits at 0.5..3.47 s; padding keeps the segment near it.
+    assert 0.1 <= finals[0]["start"] <= 0.8 and 3.2 <= finals[0]["end"] <= 3.9
+    partials = [e for e in events if e["type"] == "partial"]
+    assert len(partials) >= 3  # one per 400 ms of a ~3 s segment, some may be coalesced
+    assert events.index(partials[-1]) < events.index(finals[0])
+    for p in partials:
+        assert p["segment"] == 0 and float(p["text"]) == pytest.approx(p["end"] - p["start"],
+                                                                       abs=0.011)
+    # Finals and partials also went to the publisher, unchanged.
+    published = [e for e in publisher.events if e.get("session") == "healthy-1"]
+    assert finals[0] in published
+    assert {e["type"] for e in published} == {"partial", "final"}
+
+
+@pytest.mark.parametrize("rate,encoding,channels", [(8000, "pcm_s16le", 1),
+                                                    (44100, "pcm_f32le", 2)])
+def test_resampled_input_matches(url, shared_audio_dir, rate, encoding, channels) -> None:
+    import soxr
+
+    audio = speech(shared_audio_dir)
+    ref = check_segments(stream_session(url, s16(audio)))
+    resampled = soxr.resample(audio, 16000, rate).astype(np.float32)
+    inter = np.repeat(resampled[:, None], channels, axis=1).reshape(-1)
+    data = s16(inter) if encoding == "pcm_s16le" else inter.astype("<f4").tobytes()
+    got = check_segments(stream_session(url, data, sample_rate=rate, encoding=encoding,
+                                        channels=channels, chunk=4000 * channels))
+    assert len(got) == len(ref)
+    for a, b in zip(got, ref, strict=True):
+        assert abs(a["start"] - b["start"]) <= 0.1 and abs(a["end"] - b["end"]) <= 0.1
+
+
+BAD_INPUTS = [
+    ("not json", ["{nope"], "bad_request", None),
+    ("unknown type", [json.dumps({"type": "pause"})], "bad_request", None),
+    ("audio before start", [b"\0\0" * 160], "bad_request", None),
+    ("odd byte count", [start_msg(), b"\0" * 321], "bad_request", None),
+    ("nan samples", [start_msg(encoding="pcm_f32le"),
+                     np.array([0.0, np.nan, 0.1], "<f4").tobytes()], "bad_request", None),
+    ("inf samples", [start_msg(encoding="pcm_f32le"),
+                     np.array([np.inf] * 4, "<f4").tobytes()], "bad_request", None),
+    ("unsupported encoding", [start_msg(encoding="mp3")], "unsupported", 1008),
+    ("unsupported rate", [start_msg(sample_rate=96000)], "unsupported", 1008),
+    ("unsupported pipeline", [start_msg(pipeline="ctc")], "unsupported", 1008),
+    ("frame over limit", [start_msg(), b"\0\0" * 40000], "bad_request", 1008),
+    ("second start", [start_msg(), start_msg()], "bad_request", None),
+    ("bad session id", [start_msg(session="a b")], "bad_request", None),
+]
+
+
+def test_bad_inputs_leave_other_sessions_alone(url, daemon, shared_audio_dir) -> None:
+    audio = s16(speech(shared_audio_dir))
+    half = len(audio) // 2 & ~1
+    with connect(url) as healthy:
+        healthy.send(start_msg(session="bystander"))
+        assert recv_event(healthy)["type"] == "ready"
+        for i in range(0, half, 32000):
+            healthy.send(audio[i : min(i + 32000, half)])
+        for name, messages, code, close_code in BAD_INPUTS:
+            with connect(url) as bad:
+                for m in messages:
+                    bad.send(m)
+                events = []
+                while True:
+                    event = recv_event(bad)
+                    if event["type"] == "error":
+                        break
+                    events.append(event)
+                assert event["code"] == code, name
+                assert event["message"], name
+                if close_code is not None:  # the stream cannot go on
+                    with pytest.raises(ConnectionClosed) as closed:
+                        while True:
+                            bad.recv(timeout=5)
+                    assert closed.value.rcvd.code == close_code, name
+                else:  # the connection is still usable: start (if needed), stop, done
+                    ready = [e for e in events if e["type"] == "ready"]
+                    if not ready:
+                        bad.send(start_msg())
+                        ready = [recv_event(bad)]
+                        assert ready[0]["type"] == "ready", name
+                    bad.send(json.dumps({"type": "stop"}))
+                    assert recv_event(bad) == {"type": "done", "session": ready[0]["session"],
+                                               "segments": 0}, name
+                    with pytest.raises(ConnectionClosed) as closed:
+                        bad.recv(timeout=5)
+                    assert closed.value.rcvd.code == 1000, name
+        for i in range(half, len(audio), 32000):
+            healthy.send(audio[i : i + 32000])
+        healthy.send(json.dumps({"type": "stop"}))
+        events = [{"type": "ready", "session": "bystander"}]
+        while events[-1]["type"] != "done":
+            events.append(recv_event(healthy))
+    assert len(check_segments(events)) == 1
+    assert not [e for e in events if e["type"] == "error"]
+
+
+def test_token_auth_and_session_limit(shared_audio_dir) -> None:
+    cfg = test_config(server={"tokens": ["s3cret"], "max_sessions": 2})
+    with running_daemon(cfg) as d:
+        base = f"ws://127.0.0.1:{d.server.port}/v1/stream"
+        for kwargs in ({}, {"additional_headers": {"Authorization": "Bearer wrong"}}):
+            with pytest.raises(InvalidStatus) as refused:
+                connect(base, **kwargs)
+            assert refused.value.response.status_code == 401
+            assert json.loads(refused.value.response.body)["code"] == "unauthorized"
+        with pytest.raises(InvalidStatus) as refused:
+            connect(base + "?token=wrong")
+        assert refused.value.response.status_code == 401
+        with (
+            connect(base, additional_headers={"Authorization": "Bearer s3cret"}) as a,
+            connect(base + "?token=s3cret") as b,
+        ):
+            for i, ws in enumerate((a, b)):
+                ws.send(start_msg(session=f"held-{i}"))
+                assert recv_event(ws)["type"] == "ready"
+            with pytest.raises(InvalidStatus) as full:
+                connect(base + "?token=s3cret")
+            assert full.value.response.status_code == 503
+            assert json.loads(full.value.response.body)["code"] == "overloaded"
+        # Slots free up once sessions end.
+        deadline = time.monotonic() + 5
+        while d.server.session_count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        events = stream_session(base + "?token=s3cret", s16(speech(shared_audio_dir)))
+        assert len(check_segments(events)) == 1
+
+
+def test_remote_listen_needs_token() -> None:
+    from streamd.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="server.host"):
+        test_config(server={"host": "0.0.0.0"})
+
+
+def test_healthz_and_metrics(url, daemon, shared_audio_dir) -> None:
+    status, headers, body = http_get(daemon, "/healthz")
+    assert status == 200 and headers["Content-Type"] == "application/json"
+    health = json.loads(body)
+    assert health["status"] == "ok" and health["node"] == "testnode"
+    stream_session(url, s16(speech(shared_audio_dir)))
+    status, headers, body = http_get(daemon, "/metrics")
+    assert status == 200 and headers["Content-Type"].startswith("text/plain")
+    text = body.decode()
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    assert values["streamd_ready"] == 1
+    assert values["streamd_sessions_active"] == 0
+    assert values['streamd_sessions_total{source="websocket"}'] >= 1
+    assert values["streamd_audio_seconds_total"] >= 4.4
+    assert values["streamd_final_latency_seconds_count"] >= 1
+    assert values["streamd_partial_latency_seconds_count"] >= 1
+    assert values['streamd_real_time_factor_count{kind="final"}'] >= 1
+    assert 'streamd_queue_depth{queue="engine"}' in values
+    assert values['streamd_engine_batch_fill_count{kind="duration"}'] >= 2
+    assert "streamd_drops_total" in text and "streamd_mqtt_reconnects_total" in text
+    status, _, _ = http_get(daemon, "/nope")
+    assert status == 404
+
+
+def test_static_page_served(daemon) -> None:
+    from streamd.server import STATIC_DIR
+
+    if not (STATIC_DIR / "index.html").is_file():
+        pytest.skip("streamd/static/index.html not present yet")
+    status, headers, body = http_get(daemon, "/")
+    assert status == 200 and headers["Content-Type"].startswith("text/html")
+    assert body == (STATIC_DIR / "index.html").read_bytes()
+    status, _, _ = http_get(daemon, "/../pyproject.toml")
+    assert status == 404
+
+
+def test_vanished_client_still_publishes_final(url, daemon, publisher, shared_audio_dir) -> None:
+    audio = speech(shared_audio_dir)
+    mid = s16(audio[: 16000 * 2])  # 2 s: the utterance is still going
+    with connect(url) as ws:
+        ws.send(start_msg(session="vanisher"))
+        assert recv_event(ws)["type"] == "ready"
+        ws.send(mid)
+        assert recv_event(ws)["type"] == "speech_start"
+    # gone without a stop
+    deadline = time.monotonic() + 10
+    finals = []
+    while not finals and time.monotonic() < deadline:
+        finals = [e for e in publisher.events
+                  if e.get("session") == "vanisher" and e["type"] == "final"]
+        time.sleep(0.05)
+    assert len(finals) == 1
+    assert finals[0]["end"] <= 2.0 + 1e-6
+    assert float(finals[0]["text"]) == pytest.approx(finals[0]["end"] - finals[0]["start"],
+                                                     abs=0.011)
+
+
+def test_silence_and_noise_give_no_final(url) -> None:
+    rng = np.random.default_rng(0)
+    noise = (rng.standard_normal(16000 * 3) * 1e-4).astype(np.float32)  # -80 dBFS
+    events = stream_session(url, s16(np.concatenate([np.zeros(16000), noise])))
+    assert [e["type"] for e in events] == ["ready", "done"]
+    assert events[-1]["segments"] == 0
+
+
+def test_engine_batches_concurrent_sessions(url, daemon, shared_audio_dir) -> None:
+    audio = s16(speech(shared_audio_dir))
+    pipeline = daemon.pipeline
+    pipeline.batch_sizes_seen.clear()
+    results: list[list[dict]] = []
+
+    def run(i: int) -> None:
+        results.append(stream_session(url, audio, chunk=32000, session=f"conc-{i}"))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(results) == 4
+    for events in results:
+        assert len(check_segments(events)) == 1
+    # Only compiled bucket sizes ever reach the batch function.
+    assert set(pipeline.batch_sizes_seen) <= set(daemon.engine.batch_sizes)
+
+
+def test_default_whisper_pipeline_refused_clearly() -> None:
+    from streamd.errors import Unsupported
+
+    cfg = test_config()
+    daemon = Daemon(cfg)
+    with pytest.raises(Unsupported, match="whisper"):
+        asyncio.run(daemon.startup())
