@@ -1,0 +1,451 @@
+"""MQTT publisher: contract events out to a broker, surviving broker outages.
+
+Topics under `prefix` (default `streamd`), payload = the event's JSON plus `node`,
+`seq` and `ts`:
+
+| event          | topic                           | QoS | retained | broker away         |
+| -------------- | ------------------------------- | --- | -------- | ------------------- |
+| `partial`      | `<prefix>/<session>/partial`    | 0   | no       | dropped, counted    |
+| `final`        | `<prefix>/<session>/final`      | 1   | no       | kept in the outbox  |
+| `speech_start` | `<prefix>/<session>/speech_start` | 1 | no       | kept in the outbox  |
+| `done`         | `<prefix>/<session>/done`       | 1   | no       | kept in the outbox  |
+| other `T`      | `<prefix>/<session>/T`          | 1   | no       | kept in the outbox  |
+| status         | `<prefix>/status/<node>`        | 1   | yes      | last will: offline  |
+
+Overflow policy (style point 8): partials are coalesced per session (a newer partial
+replaces one not yet sent) and dropped while the broker is unreachable, each counted in
+`dropped_partials`; every other event waits in one bounded, ordered outbox and
+`publish` blocks (back-pressure) while the outbox is full. Outbox
+entries leave only when the broker acknowledges them (PUBACK), so delivery is
+at-least-once: after a connection drops, unacknowledged entries are sent again, in
+order; a retry carries the same `seq` and `ts`, so subscribers can de-duplicate on
+(`session`, `seq`). `seq` counts every event of a session, including dropped partials
+(a gap means a dropped partial); the counter restarts after the session's `done`.
+`ts` is the Unix time at which `publish` accepted the event.
+
+Connection handling follows aiomqtt's reconnection recipe: aiomqtt 2.x clients are
+not reusable across connections, so every attempt builds a new `aiomqtt.Client`, with
+a last will that marks the node offline; failed attempts back off exponentially with
+jitter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.metadata
+import json
+import logging
+import random
+import secrets
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import aiomqtt
+
+from streamd.errors import BadRequest, ConfigError
+
+log = logging.getLogger("streamd.mqtt")
+
+_PARTIAL = "partial"
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("streamd")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+@dataclass(frozen=True)
+class MqttSettings:
+    """Broker connection and publication policy.
+
+    `tls_insecure` skips the server hostname check only (paho's meaning); the
+    certificate is still verified against `tls_ca_file` (or the system CAs).
+    """
+
+    host: str
+    port: int = 1883
+    prefix: str = "streamd"
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+    tls_ca_file: str | None = None
+    tls_insecure: bool = False
+    client_id: str | None = None  # None: "streamd-<node>-<random>", fixed per publisher
+    keepalive: int = 30
+    outbox_max: int = 1000
+    inflight_max: int = 16  # QoS 1 messages awaiting PUBACK at once (paho allows 20)
+    ack_timeout_s: float = 10.0  # connect / PUBACK wait; past it the link counts as dead
+    reconnect_min_s: float = 0.5
+    reconnect_max_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        checks = [
+            (bool(self.host), "host", "must not be empty"),
+            (1 <= self.port <= 65535, "port", "must be 1..65535"),
+            (bool(self.prefix) and _topic_free(self.prefix, allow_slash=True)
+             and not self.prefix.endswith("/"), "prefix",
+             "a non-empty topic without wildcards or a trailing '/'"),
+            (self.keepalive >= 1, "keepalive", "must be >= 1"),
+            (self.outbox_max >= 1, "outbox_max", "must be >= 1"),
+            (1 <= self.inflight_max <= 20, "inflight_max", "must be 1..20"),
+            (self.ack_timeout_s > 0, "ack_timeout_s", "must be > 0"),
+            (0 < self.reconnect_min_s <= self.reconnect_max_s, "reconnect_min_s",
+             "must be > 0 and <= reconnect_max_s"),
+            (not self.tls_ca_file or self.tls, "tls_ca_file", "needs tls = true"),
+        ]
+        for ok, key, message in checks:
+            if not ok:
+                raise ConfigError(f"mqtt.{key}", message)
+
+    @classmethod
+    def from_config(cls, cfg: Any, **overrides: Any) -> MqttSettings:
+        """From `streamd.config.MqttConfig` (empty strings there mean "not set")."""
+        fields = {
+            "host": cfg.host,
+            "port": cfg.port,
+            "prefix": cfg.prefix,
+            "username": cfg.username or None,
+            "password": cfg.password or None,
+            "keepalive": cfg.keepalive_s,
+            "outbox_max": cfg.outbox_size,
+        }
+        for name in ("tls", "tls_ca_file", "tls_insecure", "client_id"):
+            if getattr(cfg, name, None):
+                fields[name] = getattr(cfg, name)
+        return cls(**{**fields, **overrides})
+
+
+def _topic_free(text: str, *, allow_slash: bool = False) -> bool:
+    bad = "+#\0" if allow_slash else "+#/\0"
+    return not any(c in text for c in bad)
+
+
+def _encode(payload: dict) -> bytes:
+    def default(obj: Any) -> Any:
+        if hasattr(obj, "item"):  # numpy scalars from the recognizer
+            return obj.item()
+        raise TypeError(f"cannot encode {type(obj).__name__} in an MQTT event")
+
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False,
+                      default=default).encode()
+
+
+@dataclass
+class _Entry:
+    topic: str
+    payload: bytes
+    acked: bool = False
+
+
+class MqttPublisher:
+    """Publishes contract events for one daemon node; see the module docstring.
+
+    Counters for metrics: `reconnects` (connections made after the first),
+    `connect_failures`, `dropped_partials`, `published` (acknowledged outbox entries)
+    and the `outbox_depth` property.
+    """
+
+    def __init__(self, settings: MqttSettings, node: str) -> None:
+        if not node or not _topic_free(node):
+            raise ConfigError("node", "must be non-empty without '/', '+' or '#'")
+        self.settings = settings
+        self.node = node
+        self.version = _version()
+        self.client_id = settings.client_id or f"streamd-{node}-{secrets.token_hex(4)}"
+        self.status_topic = f"{settings.prefix}/status/{node}"
+        self.reconnects = 0
+        self.connect_failures = 0
+        self.dropped_partials = 0
+        self.published = 0
+        self._outbox: deque[_Entry] = deque()
+        self._space = asyncio.Condition()  # notified when outbox entries leave
+        self._wake = asyncio.Event()  # set when the sender has something new to do
+        self._seq: dict[str, int] = {}
+        self._client: aiomqtt.Client | None = None
+        self._connected = asyncio.Event()
+        # Latest unsent partial per session, in publication order; coalescing bounds it
+        # by the number of live sessions. Each remembers how many outbox entries were
+        # published before it, so the sender puts both on the wire in publication order.
+        self._partials: dict[str, tuple[str, bytes, int]] = {}
+        self._enqueued = 0  # outbox entries ever appended
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._closed = False
+        self._dropped_logged = False
+
+    # --- state for metrics and callers -------------------------------------------------
+    @property
+    def outbox_depth(self) -> int:
+        return len(self._outbox)
+
+    @property
+    def connected(self) -> bool:
+        return self._client is not None
+
+    async def wait_connected(self, timeout: float | None = None) -> bool:
+        """True once connected (online status published), False after `timeout` s."""
+        try:
+            await asyncio.wait_for(self._connected.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    # --- lifecycle ---------------------------------------------------------------------
+    async def start(self) -> None:
+        """Start the background connection loop; returns at once."""
+        if self._task is not None:
+            raise RuntimeError("MqttPublisher.start() called twice")
+        self._task = asyncio.create_task(self._run(), name=f"mqtt-{self.node}")
+
+    async def stop(self, timeout: float = 5.0) -> int:
+        """Flush the outbox (up to `timeout` s), publish the retained offline status and
+        disconnect. Returns how many outbox entries could not be delivered."""
+        self._stopping = True
+        self._wake.set()
+        task = self._task
+        if task is not None:
+            if self._outbox or self.connected:
+                # The loop ends by itself once the outbox is flushed and goodbye said.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(task), timeout)
+            task.cancel()  # no-op when it has finished
+            await asyncio.gather(task, return_exceptions=True)
+        self._closed = True
+        async with self._space:
+            self._space.notify_all()  # publishers blocked on a full outbox now fail
+        left = len(self._outbox)
+        if left:
+            log.error("mqtt stopped with %d undelivered events in the outbox", left)
+        return left
+
+    # --- publishing --------------------------------------------------------------------
+    async def publish(self, event: dict) -> None:
+        """Publish one contract event (`type` and `session` required).
+
+        A partial returns at once (sent or dropped); any other event returns once it is
+        in the outbox, waiting while the outbox is full.
+        """
+        etype, session = event.get("type"), event.get("session")
+        if not (isinstance(etype, str) and etype and _topic_free(etype)
+                and isinstance(session, str) and session and _topic_free(session)):
+            raise BadRequest(f"event needs topic-safe 'type' and 'session': {event!r:.200}")
+        if self._closed or self._stopping:
+            raise RuntimeError("MqttPublisher is stopped")
+        topic = f"{self.settings.prefix}/{session}/{etype}"
+        if etype == _PARTIAL:
+            payload = _encode(self._stamp(event, session))
+            if self._client is None:
+                self._drop_partial("broker unreachable")
+            elif self._partials.pop(session, None) is not None:
+                self.dropped_partials += 1  # coalesced: a newer one replaces it
+                log.debug("mqtt partial of %s coalesced", session)
+            if self._client is not None:
+                self._partials[session] = (topic, payload, self._enqueued)
+                self._wake.set()
+            return
+        async with self._space:
+            # Back-pressure: wait for room (FIFO among waiters keeps their order).
+            await self._space.wait_for(
+                lambda: self._closed or len(self._outbox) < self.settings.outbox_max)
+            if self._closed:
+                raise RuntimeError("MqttPublisher stopped while waiting for outbox room")
+            self._outbox.append(_Entry(topic, _encode(self._stamp(event, session))))
+            self._enqueued += 1
+        if etype == "done":
+            self._seq.pop(session, None)  # the session is over; keep the map bounded
+        self._wake.set()
+
+    def _stamp(self, event: dict, session: str) -> dict:
+        seq = self._seq.get(session, 0)
+        self._seq[session] = seq + 1
+        return {**event, "node": self.node, "seq": seq, "ts": time.time()}
+
+    def _drop_partial(self, why: str, count: int = 1) -> None:
+        self.dropped_partials += count
+        # One warning per outage; the rest at debug, the total on reconnect.
+        level = logging.DEBUG if self._dropped_logged else logging.WARNING
+        self._dropped_logged = True
+        log.log(level, "mqtt partial dropped (%s); %d dropped so far", why,
+                self.dropped_partials)
+
+    # --- connection loop ---------------------------------------------------------------
+    def _payload(self, state: str, **extra: Any) -> bytes:
+        return _encode({"state": state, "node": self.node, "version": self.version, **extra})
+
+    def _new_client(self) -> aiomqtt.Client:
+        s = self.settings
+        tls = aiomqtt.TLSParameters(ca_certs=s.tls_ca_file) if s.tls else None
+        client = aiomqtt.Client(
+            s.host,
+            s.port,
+            username=s.username,
+            password=s.password,
+            identifier=self.client_id,
+            keepalive=s.keepalive,
+            timeout=s.ack_timeout_s,
+            tls_params=tls,
+            tls_insecure=s.tls_insecure if s.tls else None,
+            max_inflight_messages=s.inflight_max,
+            will=aiomqtt.Will(self.status_topic, self._payload("offline", reason="lost"),
+                              qos=1, retain=True),
+        )
+        # A full window is normal here; aiomqtt warns above this many pending calls.
+        client.pending_calls_threshold = s.inflight_max + 4
+        return client
+
+    async def _run(self) -> None:
+        failures = 0  # consecutive failed attempts: the back-off exponent
+        ever_connected = False
+        while True:
+            up = False
+            try:
+                async with self._new_client() as client:
+                    up = True
+                    if ever_connected:
+                        self.reconnects += 1
+                    ever_connected, failures = True, 0
+                    await client.publish(self.status_topic,
+                                         self._payload("online", ts=time.time()),
+                                         qos=1, retain=True)
+                    self._client = client
+                    self._connected.set()
+                    log.info("mqtt connected to %s:%d as %s", self.settings.host,
+                             self.settings.port, self.client_id)
+                    if self._dropped_logged:
+                        log.info("mqtt: %d partials dropped so far", self.dropped_partials)
+                        self._dropped_logged = False
+                    try:
+                        await self._serve(client)
+                    except asyncio.CancelledError:
+                        # stop() gave up flushing. Our clean DISCONNECT (in __aexit__)
+                        # stops the broker from sending the will, so say it ourselves.
+                        with contextlib.suppress(Exception):
+                            await asyncio.wait_for(self._say_offline(client), 1.0)
+                        raise
+                    # Only a stop with an empty outbox gets here.
+                    await self._say_offline(client)
+                    return
+            except Exception as exc:  # noqa: BLE001 - the loop must outlive any one link
+                self.connect_failures += not up
+                log.log(logging.WARNING if isinstance(exc, aiomqtt.MqttError) else logging.ERROR,
+                        "mqtt %s %s:%d: %r",
+                        "connection lost to" if up else "cannot connect to",
+                        self.settings.host, self.settings.port, exc,
+                        exc_info=not isinstance(exc, aiomqtt.MqttError))
+            finally:
+                self._client = None
+                self._connected.clear()
+                if self._partials:
+                    self._drop_partial("connection closed", len(self._partials))
+                    self._partials.clear()
+            if self._stopping and not self._outbox:
+                return
+            await asyncio.sleep(self._backoff(failures))
+            failures += 1
+
+    async def _say_offline(self, client: aiomqtt.Client) -> None:
+        self._client = None  # no new partials for this link
+        await client.publish(self.status_topic,
+                             self._payload("offline", reason="shutdown", ts=time.time(),
+                                           undelivered=len(self._outbox)),
+                             qos=1, retain=True)
+
+    def _backoff(self, failures: int) -> float:
+        # Exponential, capped, with "equal jitter" so that many daemons that lost the
+        # same broker do not come back in lock-step.
+        cap = min(self.settings.reconnect_max_s, self.settings.reconnect_min_s * 2**failures)
+        return cap / 2 + random.uniform(0, cap / 2)
+
+    async def _serve(self, client: aiomqtt.Client) -> None:
+        """Run the outbox sender until stop() drained it; raise MqttError on link loss."""
+        tasks = [asyncio.create_task(self._watch(client)),
+                 send := asyncio.create_task(self._send(client))]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()  # the watcher's MqttError, or a bug
+            assert send in done, "only the outbox sender ends without an error"
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    @staticmethod
+    async def _watch(client: aiomqtt.Client) -> None:
+        # We subscribe to nothing: the message iterator is aiomqtt's public way to learn
+        # that the connection dropped (it raises MqttError), even while we are idle.
+        async for _ in client.messages:
+            pass
+
+    async def _send(self, client: aiomqtt.Client) -> None:
+        """Put outbox entries and partials on the wire in publication order.
+
+        At most `inflight_max` outbox entries await their PUBACK and as many partials
+        their write. Outbox entries before `cursor` were sent on this connection (or
+        acknowledged on an earlier one); acknowledged entries leave from the head only.
+        Returns once stop() was asked and everything is out; raises MqttError when the
+        link fails (unacknowledged entries then go again on the next connection).
+        """
+        cursor = 0
+        finals: dict[asyncio.Task[None], _Entry] = {}
+        partials: set[asyncio.Task[None]] = set()
+        wake: asyncio.Task[bool] | None = None
+        try:
+            while True:
+                self._wake.clear()
+                while True:
+                    nxt = self.published + cursor  # absolute index of the next entry
+                    if self._partials:
+                        session = next(iter(self._partials))
+                        topic, payload, before = self._partials[session]
+                        if before <= nxt:  # published before entry `nxt`: goes first
+                            if len(partials) >= self.settings.inflight_max:
+                                break  # socket backed up: newer partials coalesce
+                            del self._partials[session]
+                            # Tasks start in creation order, so paho queues in order.
+                            partials.add(asyncio.create_task(
+                                client.publish(topic, payload, qos=0)))
+                            continue
+                    if cursor < len(self._outbox) and len(finals) < self.settings.inflight_max:
+                        entry = self._outbox[cursor]
+                        cursor += 1
+                        if not entry.acked:
+                            finals[asyncio.create_task(
+                                client.publish(entry.topic, entry.payload, qos=1))] = entry
+                        continue
+                    break
+                if self._stopping and not (self._outbox or self._partials or partials):
+                    return
+                if wake is None or wake.done():
+                    wake = asyncio.create_task(self._wake.wait())
+                done, _ = await asyncio.wait({wake, *finals, *partials},
+                                             return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    if task in partials:
+                        partials.discard(task)
+                        if task.exception() is not None:
+                            self._drop_partial(repr(task.exception()))
+                            task.result()  # the link is gone
+                    elif task in finals:
+                        entry = finals.pop(task)
+                        task.result()  # MqttError: the link is gone, retry on the next
+                        entry.acked = True
+                popped = 0
+                while self._outbox and self._outbox[0].acked:
+                    self._outbox.popleft()
+                    popped += 1
+                if popped:
+                    cursor -= popped
+                    self.published += popped
+                    async with self._space:
+                        self._space.notify_all()
+        finally:
+            pending = [*finals, *partials, *([wake] if wake else [])]
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)

@@ -1,0 +1,17 @@
+"""Test helpers that run real services (a mosquitto broker, a user-space PulseAudio).
+
+Each helper is a context manager that always cleans up (no leaked processes), plus a
+pytest fixture built on it. With `tests/` on sys.path (pytest puts it there for
+`tests/conftest.py`) they import as `helpers.mosquitto` and `helpers.pulse`.
+"""
+
+from __future__ import annotations
+
+import socket
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (the kernel picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
