@@ -166,6 +166,10 @@ class Daemon:
             await self.mqtt.start()
             self.publishers.append(self.mqtt)
             self.metrics.track_queue("mqtt_outbox", lambda: self.mqtt.outbox_depth)
+            self.metrics.track_counter("streamd_mqtt_reconnects", "MQTT reconnections",
+                                       lambda: self.mqtt.reconnects)
+            self.metrics.track_counter("streamd_mqtt_dropped_partials", "MQTT partials dropped",
+                                       lambda: self.mqtt.dropped_partials)
         self.server = StreamServer(cfg, self.pipeline, self.metrics, self.publishers)
         await self.server.start()
         if cfg.mic.enabled:

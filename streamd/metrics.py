@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 _RTF_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0)
@@ -38,7 +40,11 @@ class Metrics:
         self.queue_depth = Gauge("streamd_queue_depth", "Items waiting", ["queue"], registry=r)
         self.drops = Counter("streamd_drops", "Items dropped or coalesced", ["reason"], registry=r)
         self.errors = Counter("streamd_errors", "Error events sent", ["code"], registry=r)
-        self.reconnects = Counter("streamd_mqtt_reconnects", "MQTT reconnections", registry=r)
+        # Counters owned by other components (the MQTT publisher), read at scrape time.
+        self._external = _ExternalCounters()
+        r.register(self._external)
+        self.track_counter("streamd_mqtt_reconnects", "MQTT reconnections", lambda: 0)
+        self.track_counter("streamd_mqtt_dropped_partials", "MQTT partials dropped", lambda: 0)
         self.engine_batches = Histogram(
             "streamd_engine_batch_fill", "Requests per engine batch", ["kind"],
             buckets=(1, 2, 4, 8, 16, 32, 64), registry=r,
@@ -66,5 +72,18 @@ class Metrics:
         """Sample a queue's depth at scrape time."""
         self.queue_depth.labels(queue=name).set_function(depth)
 
+    def track_counter(self, name: str, doc: str, value: Callable[[], float]) -> None:
+        """Expose a counter kept elsewhere (e.g. `MqttPublisher.reconnects`)."""
+        self._external.counters[name] = (doc, value)
+
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _ExternalCounters(Collector):
+    def __init__(self) -> None:
+        self.counters: dict[str, tuple[str, Callable[[], float]]] = {}
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        for name, (doc, value) in self.counters.items():
+            yield CounterMetricFamily(name, doc, value=float(value()))
