@@ -1,0 +1,92 @@
+"""Config: defaults, precedence file < env < CLI, and fail-fast errors naming the key."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from streamd.config import Config, load_config
+from streamd.daemon import add_arguments, config_from_args
+from streamd.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def cli(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_defaults_and_example_file_agree() -> None:
+    default = load_config(environ={})
+    example = load_config(REPO / "streamd.example.toml", environ={})
+    assert example == default
+    assert default.server.host == "127.0.0.1" and default.server.port == 8765
+    assert default.recognition.pipeline == "whisper" and not default.mqtt.enabled
+    with pytest.raises(AttributeError):
+        default.server.port = 1  # type: ignore[misc]  # frozen
+
+
+def test_precedence_file_env_cli(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('node = "filenode"\n[server]\nport = 9001\nmax_sessions = 3\n'
+                    '[mqtt]\nhost = "broker"\n[vad]\naggressiveness = 1\n')
+    env = {"STREAMD_SERVER_PORT": "9002", "STREAMD_VAD_AGGRESSIVENESS": "3",
+           "STREAMD_RECOGNITION_BATCH_SIZES": "1,2,16", "STREAMD_MQTT_PORT": "1884",
+           "STREAMD_SHARED_AUDIO": "/ignored", "STREAMD_NODE": "envnode"}
+    cfg = config_from_args(cli("--config", str(path), "--port", "9003", "--mqtt-prefix", "x/y",
+                               "--token", "a", "--token", "b", "--mic", "--pipeline", "ctc"),
+                           env)
+    assert cfg.server.port == 9003  # CLI beats env beats file
+    assert cfg.server.max_sessions == 3  # file only
+    assert cfg.vad.aggressiveness == 3  # env beats file
+    assert cfg.node == "envnode"
+    assert cfg.recognition.batch_sizes == (1, 2, 16)
+    assert cfg.mqtt.host == "broker" and cfg.mqtt.port == 1884 and cfg.mqtt.prefix == "x/y"
+    assert cfg.server.tokens == ("a", "b")
+    assert cfg.mic.enabled and cfg.mic.device == ""
+    assert cfg.recognition.pipeline == "ctc"
+    named = config_from_args(cli("--mic", "hw:1", "--node", "n2"), {})
+    assert named.mic.device == "hw:1" and named.node == "n2"
+
+
+@pytest.mark.parametrize("toml,env,key", [
+    ("[vad]\naggressiveness = 4\n", {}, "vad.aggressiveness"),
+    ("[vad]\nframe_ms = 25\n", {}, "vad.frame_ms"),
+    ("[server]\nport = \"eighty\"\n", {}, "server.port"),
+    ("[server]\nprot = 1\n", {}, "server.prot"),
+    ("[serve]\nport = 1\n", {}, "serve"),
+    ("server = 3\n", {}, "server"),
+    ("[server]\nhost = \"0.0.0.0\"\n", {}, "server.host"),
+    ("[recognition]\npipeline = \"magic\"\n", {}, "recognition.pipeline"),
+    ("[recognition]\nbatch_sizes = [4, 2]\n", {}, "recognition.batch_sizes"),
+    ("[mqtt]\nprefix = \"a/#\"\n", {}, "mqtt.prefix"),
+    ("node = \"has space\"\n", {}, "node"),
+    ("", {"STREAMD_SERVER_MAX_SESSIONS": "lots"}, "server.max_sessions"),
+    ("", {"STREAMD_MIC_ENABLED": "maybe"}, "mic.enabled"),
+    ("[server\n", {}, "--config"),
+])
+def test_bad_values_name_the_key(tmp_path: Path, toml: str, env: dict, key: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env)
+    assert info.value.key == key
+    assert repr(key) in str(info.value)
+
+
+def test_remote_host_allowed_with_token_or_explicit_opt_in() -> None:
+    assert load_config(environ={}, overrides={"server": {"host": "0.0.0.0",
+                                                         "tokens": ["t"]}}).server.tokens
+    assert load_config(environ={}, overrides={"server": {"host": "::",
+                                                         "allow_insecure": True}})
+    with pytest.raises(ConfigError, match="--config"):
+        load_config("/nonexistent/streamd.toml", {})
+
+
+def test_config_is_one_frozen_object() -> None:
+    cfg = Config()
+    assert hash(cfg.server) == hash(Config().server)

@@ -1,0 +1,171 @@
+"""Engine: batching across callers, fixed buckets, off-loop execution, no recompiles."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+from streamd.engine import Engine
+from streamd.errors import InternalError, Overloaded
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_results_match_requests_and_buckets_are_fixed() -> None:
+    seen: list[list[int]] = []
+    gate = threading.Event()
+
+    def square(items: list[int]) -> list[int]:
+        gate.wait(5)  # hold the first batch so the rest queue up behind it
+        seen.append(list(items))
+        return [x * x for x in items]
+
+    async def main() -> list[int]:
+        engine = Engine(batch_sizes=(1, 2, 4), max_queue=64)
+        engine.add_kind("square", square, pad=-1)
+        engine.start()
+        tasks = [asyncio.create_task(engine.submit("square", i)) for i in range(11)]
+        await asyncio.sleep(0.05)
+        gate.set()
+        out = await asyncio.gather(*tasks)
+        await engine.stop()
+        return out
+
+    assert run(main()) == [i * i for i in range(11)]
+    assert all(len(b) in (1, 2, 4) for b in seen)
+    real = [x for b in seen for x in b if x != -1]
+    assert sorted(real) == list(range(11))
+    # Requests from many callers shared batches: fewer calls than requests.
+    assert len(seen) < 11 and max(len(b) for b in seen) == 4
+    # Padding fills buckets with the kind's empty item only.
+    assert all(x == -1 for b in seen for x in b[sum(v != -1 for v in b):])
+
+
+def test_kinds_are_batched_separately_and_in_order() -> None:
+    calls: list[tuple[str, list[int]]] = []
+    gate = threading.Event()
+
+    def make(name: str):
+        def fn(items: list[int]) -> list[str]:
+            gate.wait(5)
+            calls.append((name, items))
+            return [f"{name}{x}" for x in items]
+        return fn
+
+    async def main() -> list[str]:
+        engine = Engine(batch_sizes=(1, 2, 4, 8))
+        engine.add_kind("a", make("a"), 0)
+        engine.add_kind("b", make("b"), 0)
+        engine.start()
+        tasks = [asyncio.create_task(engine.submit("ab"[i % 2], i + 1)) for i in range(6)]
+        await asyncio.sleep(0.05)
+        gate.set()
+        out = await asyncio.gather(*tasks)
+        await engine.stop()
+        return out
+
+    assert run(main()) == [f"{'ab'[i % 2]}{i + 1}" for i in range(6)]
+    for name, items in calls:
+        assert all(x == 0 or "ab"[(x - 1) % 2] == name for x in items)
+
+
+def test_runs_off_the_event_loop_thread() -> None:
+    threads: list[int] = []
+
+    def fn(items: list[int]) -> list[int]:
+        threads.append(threading.get_ident())
+        return items
+
+    async def main() -> int:
+        engine = Engine(batch_sizes=(1,))
+        engine.add_kind("id", fn, 0)
+        engine.start()
+        assert await engine.submit("id", 5) == 5
+        await engine.stop()
+        return threading.get_ident()
+
+    loop_thread = run(main())
+    assert threads and all(t != loop_thread for t in threads)
+
+
+def test_errors_reach_every_request_and_engine_survives() -> None:
+    def fn(items: list[int]) -> list[int]:
+        if 13 in items:
+            raise ValueError("bad luck")
+        return items
+
+    async def main() -> None:
+        engine = Engine(batch_sizes=(1, 2))
+        engine.add_kind("k", fn, 0)
+        engine.start()
+        with pytest.raises(InternalError, match="k batch failed: ValueError"):
+            await engine.submit("k", 13)
+        assert await engine.submit("k", 7) == 7
+        with pytest.raises(InternalError, match="unknown engine kind"):
+            await engine.submit("nope", 1)
+        await engine.stop()
+        with pytest.raises(InternalError, match="not running"):
+            await engine.submit("k", 1)
+
+    run(main())
+
+
+def test_full_queue_is_overloaded() -> None:
+    gate = threading.Event()
+
+    def fn(items: list[int]) -> list[int]:
+        gate.wait(5)
+        return items
+
+    async def main() -> None:
+        engine = Engine(batch_sizes=(1,), max_queue=2)
+        engine.add_kind("k", fn, 0)
+        engine.start()
+        first = asyncio.create_task(engine.submit("k", 1))
+        await asyncio.sleep(0.05)  # the worker holds request 1
+        queued = [asyncio.create_task(engine.submit("k", i)) for i in (2, 3)]
+        await asyncio.sleep(0.01)
+        with pytest.raises(Overloaded):
+            await engine.submit("k", 4)
+        gate.set()
+        assert await asyncio.gather(first, *queued) == [1, 2, 3]
+        await engine.stop()
+
+    run(main())
+
+
+def test_warmup_compiles_every_bucket_and_nothing_recompiles() -> None:
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    traces: list[tuple[int, ...]] = []
+
+    @jax.jit
+    def step(x):
+        traces.append(x.shape)  # runs only while tracing, i.e. on a (re)compile
+        return jnp.tanh(x).sum(axis=1)
+
+    def batch(items: list[np.ndarray]) -> list[float]:
+        return [float(v) for v in np.asarray(step(jnp.asarray(np.stack(items))))]
+
+    pad = np.zeros(16, np.float32)
+
+    async def main() -> None:
+        engine = Engine(batch_sizes=(1, 2, 4))
+        engine.add_kind("step", batch, pad)
+        await asyncio.to_thread(engine.warmup)
+        assert sorted(s[0] for s in traces) == [1, 2, 4]
+        engine.start()
+        rng = np.random.default_rng(0)
+        for n in (1, 3, 4, 2, 5, 7):  # ragged request counts
+            xs = [rng.standard_normal(16).astype(np.float32) for _ in range(n)]
+            got = await asyncio.gather(*(engine.submit("step", x) for x in xs))
+            np.testing.assert_allclose(got, [np.tanh(x).sum() for x in xs], rtol=1e-5)
+        await engine.stop()
+
+    run(main())
+    assert len(traces) == 3  # only the warm-up compiles

@@ -1,0 +1,185 @@
+"""Sans-I/O Session driven without sockets, and the SessionRunner's ordering policy."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+import soundfile as sf
+import soxr
+
+from streamd.config import VadConfig
+from streamd.errors import BadRequest
+from streamd.protocol import Start
+from streamd.recognizer import Hypothesis, SegmentInfo
+from streamd.session import Request, Session, SessionRunner
+
+
+def utterance(shared_audio_dir) -> np.ndarray:
+    audio, _ = sf.read(shared_audio_dir / "librispeech_61-70968-0002.wav", dtype="float32")
+    gap = np.zeros(16000, np.float32)
+    return np.concatenate([gap, audio, gap, audio, gap])  # two utterances, 1 s apart
+
+
+def feed_all(session: Session, data: bytes, chunk: int) -> list:
+    outputs = []
+    for i in range(0, len(data), chunk):
+        outputs += session.feed(data[i : i + chunk])
+    return outputs + session.stop()
+
+
+def new_session(rate: int = 16000, encoding: str = "pcm_s16le", channels: int = 1,
+                partials: bool = True) -> Session:
+    start = Start(rate, encoding, channels, "s1", None, partials)
+    return Session(start, VadConfig(), "test", partial_interval_ms=400)
+
+
+def encode(audio: np.ndarray, rate: int, encoding: str, channels: int) -> bytes:
+    if rate != 16000:
+        audio = soxr.resample(audio, 16000, rate).astype(np.float32)
+    audio = np.repeat(audio[:, None], channels, axis=1).reshape(-1)
+    if encoding == "pcm_s16le":
+        return (audio * 32767).astype("<i2").tobytes()
+    return audio.astype("<f4").tobytes()
+
+
+def finals(outputs: list) -> list[Request]:
+    return [o for o in outputs if isinstance(o, Request) and o.kind == "final"]
+
+
+def test_outputs_in_order(shared_audio_dir) -> None:
+    session = new_session()
+    outputs = feed_all(session, encode(utterance(shared_audio_dir), 16000, "pcm_s16le", 1), 3200)
+    kinds = [o["type"] if isinstance(o, dict) else o.kind for o in outputs]
+    # speech_start, partial requests, final; twice.
+    assert kinds[0] == "speech_start" and kinds.count("final") == 2
+    second = kinds.index("speech_start", 1)
+    assert kinds[second - 1] == "final" and kinds[-1] == "final"
+    for k in kinds[1 : second - 1] + kinds[second + 1 : -1]:
+        assert k == "partial"
+    reqs = [o for o in outputs if isinstance(o, Request)]
+    for r in reqs:
+        seg = r.segment
+        assert len(r.audio) == round((seg.end - seg.start) * 16000)
+    parts = [r for r in reqs if r.kind == "partial" and r.segment.index == 0]
+    assert len(parts) >= 5  # ~3 s of speech, one per 400 ms
+    gaps = np.diff([round(p.segment.end * 16000) for p in parts])
+    assert (gaps >= 6400).all()
+    f0, f1 = finals(outputs)
+    assert f0.segment.index == 0 and f1.segment.index == 1
+    assert 0.6 <= f0.segment.start <= 1.0 and 3.8 <= f0.segment.end <= 4.4
+    assert f1.segment.start - f0.segment.start == pytest.approx(3.97, abs=0.05)  # same audio
+    assert session.segments == 2 and session.done()["segments"] == 2
+
+
+@pytest.mark.parametrize("rate,encoding,channels", [(8000, "pcm_s16le", 1),
+                                                    (22050, "pcm_f32le", 1),
+                                                    (48000, "pcm_s16le", 2)])
+def test_resampling_keeps_the_timeline(shared_audio_dir, rate, encoding, channels) -> None:
+    audio = utterance(shared_audio_dir)
+    ref = finals(feed_all(new_session(), encode(audio, 16000, "pcm_s16le", 1), 3200))
+    session = new_session(rate, encoding, channels)
+    frame = session.start.frame_bytes
+    got = finals(feed_all(session, encode(audio, rate, encoding, channels), 997 * frame))
+    assert len(got) == len(ref) == 2
+    for a, b in zip(got, ref, strict=True):
+        assert abs(a.segment.start - b.segment.start) <= 0.07
+        assert abs(a.segment.end - b.segment.end) <= 0.07
+    # The resampler's output length tracks the input (no drift, nothing lost at stop).
+    assert abs(session.samples_in - len(audio)) <= 16
+
+
+def test_bad_frames_raise_and_leave_state_intact(shared_audio_dir) -> None:
+    session = new_session(encoding="pcm_f32le")
+    audio = utterance(shared_audio_dir).astype("<f4").tobytes()
+    out = session.feed(audio[: 16000 * 4 * 2])
+    with pytest.raises(BadRequest, match="multiple of 4"):
+        session.feed(b"\0" * 6)
+    with pytest.raises(BadRequest, match="NaN"):
+        session.feed(np.array([np.nan, 0], "<f4").tobytes())
+    out += session.feed(audio[16000 * 4 * 2 :]) + session.stop()
+    clean = new_session(encoding="pcm_f32le")
+    ref = clean.feed(audio[: 16000 * 4 * 2]) + clean.feed(audio[16000 * 4 * 2 :]) + clean.stop()
+    assert [f.segment for f in finals(out)] == [f.segment for f in finals(ref)]
+    assert session.feed(b"\0\0\0\0") == [] and session.stop() == []  # after stop: inert
+
+
+def test_no_partials_when_disabled(shared_audio_dir) -> None:
+    session = new_session(partials=False)
+    outputs = feed_all(session, encode(utterance(shared_audio_dir), 16000, "pcm_s16le", 1), 3200)
+    assert all(not isinstance(o, Request) or o.kind == "final" for o in outputs)
+
+
+def test_resolve_builds_contract_events() -> None:
+    session = new_session()
+    seg = SegmentInfo("s1", 3, 1.23456, 2.5)
+    final = session.resolve(Request("final", seg, np.zeros(10, np.float32)),
+                            Hypothesis(" hello world ", words=()))
+    assert final == {"type": "final", "session": "s1", "segment": 3, "start": 1.235,
+                     "end": 2.5, "text": "hello world"}
+    partial = session.resolve(Request("partial", seg, np.zeros(10, np.float32)),
+                              Hypothesis("hello wor", stable="hello"))
+    assert partial["type"] == "partial" and partial["stable"] == "hello"
+    assert session.resolve(Request("partial", seg, np.zeros(1, np.float32)), None) is None
+
+
+class _SlowRecognizer:
+    """Records calls; partials are slow, so later ones queue up behind them."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int, int]] = []
+        self.closed = False
+
+    async def partial(self, audio: np.ndarray, segment: SegmentInfo) -> Hypothesis | None:
+        self.calls.append(("partial", segment.index, len(audio)))
+        await asyncio.sleep(0.05)
+        return Hypothesis(f"p{len(audio)}")
+
+    async def final(self, audio: np.ndarray, segment: SegmentInfo) -> Hypothesis:
+        self.calls.append(("final", segment.index, len(audio)))
+        if segment.index == 1:
+            raise RuntimeError("model exploded")
+        return Hypothesis(f"f{len(audio)}")
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_runner_coalesces_partials_never_drops_finals(shared_audio_dir) -> None:
+    from streamd.metrics import Metrics
+
+    audio = encode(np.concatenate([utterance(shared_audio_dir)] * 2), 16000, "pcm_s16le", 1)
+    session = new_session()
+    recognizer = _SlowRecognizer()
+    metrics = Metrics()
+    emitted: list[dict] = []
+
+    async def emit(event: dict) -> None:
+        emitted.append(event)
+
+    async def main() -> None:
+        runner = SessionRunner(session, recognizer, emit, metrics)
+        runner.start()
+        for i in range(0, len(audio), 3200):  # all at once: the runner falls behind
+            runner.push(session.feed(audio[i : i + 3200]))
+        runner.push(session.stop())
+        await runner.finish()
+
+    asyncio.run(main())
+    assert recognizer.closed
+    finals_ = [e for e in emitted if e["type"] == "final"]
+    errors = [e for e in emitted if e["type"] == "error"]
+    # Four segments: one final each, except segment 1 whose recognizer failed -> an error.
+    assert [f["segment"] for f in finals_] == [0, 2, 3]
+    assert len(errors) == 1 and errors[0]["code"] == "internal"
+    assert "segment 1" in errors[0]["message"]
+    for f in finals_:
+        assert f["text"] == f"f{round((f['end'] - f['start']) * 16000)}"
+    # Partials were coalesced: far fewer recognizer calls than requests made.
+    assert sum(c[0] == "partial" for c in recognizer.calls) <= 4
+    assert metrics.drops.labels(reason="partial_coalesced")._value.get() >= 10
+    # Order: every event of segment k comes after segment k-1's final or error.
+    order = [(e.get("segment"), e["type"]) for e in emitted]
+    seg_seq = [s for s, _ in order if s is not None]
+    assert seg_seq == sorted(seg_seq)
