@@ -100,6 +100,9 @@ class StreamServer:
             server_header="streamd",
         )
         log.info("listening", extra={"host": cfg.host, "port": self.port})
+        self.metrics.track_queue(
+            "sessions", lambda: sum(c.runner.pending for c in self._active.values() if c.runner)
+        )
 
     async def publish(self, event: dict[str, Any]) -> None:
         """Send a partial/final to every publisher; a failing publisher never breaks a session."""
@@ -209,6 +212,7 @@ class _Connection:
         self.gone = False  # client vanished: keep publishing, stop sending
         self._out: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(self.cfg.server.send_queue)
         self._close_code = 1000
+        self._dropped = False  # logged the first dropped partial
         self._close_reason = ""
 
     async def run(self) -> None:
@@ -329,6 +333,8 @@ class _Connection:
         self.metrics.audio_seconds.inc(len(data) / self.session.start.frame_bytes
                                        / self.session.start.sample_rate)
         self.runner.push(outputs)
+        # Recognition behind: stop reading, so TCP flow control slows the client.
+        await self.runner.wait_room()
 
     async def _error(self, code: str, message: str, close: int | None = None) -> None:
         self.metrics.errors.labels(code=code).inc()
@@ -344,6 +350,10 @@ class _Connection:
             return
         if event["type"] == "partial" and self._out.full():
             self.metrics.drops.labels(reason="partial_slow_client").inc()
+            if not self._dropped:
+                self._dropped = True
+                log.warning("client reads too slowly: dropping partials",
+                            extra={"session": self.session.id if self.session else None})
             return
         await self._out.put(event)
 

@@ -152,8 +152,12 @@ class SessionRunner:
         recognizer: SegmentRecognizer,
         emit: Emit,
         metrics: Metrics | None = None,
+        max_pending: int = 64,
     ) -> None:
         self.session = session
+        self.max_pending = max_pending
+        self._room = asyncio.Event()
+        self._room.set()
         self.recognizer = recognizer
         self._emit = emit
         self._metrics = metrics
@@ -183,6 +187,13 @@ class SessionRunner:
             self._items.append(out)
         if outputs:
             self._wake.set()
+        if len(self._items) >= self.max_pending:
+            self._room.clear()
+
+    async def wait_room(self) -> None:
+        """Back-pressure for sources that can wait (a socket): returns once the backlog
+        (finals and events; partials are coalesced) is under `max_pending`."""
+        await self._room.wait()
 
     async def finish(self) -> None:
         """Process everything pushed so far, then stop. The caller pushes stop() first."""
@@ -204,6 +215,8 @@ class SessionRunner:
                     self._wake.clear()
                     await self._wake.wait()
                 out = self._items.popleft()
+                if len(self._items) < self.max_pending:
+                    self._room.set()
                 if isinstance(out, Request):
                     event = await self._recognize(out)
                     if event is not None:

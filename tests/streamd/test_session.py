@@ -183,3 +183,41 @@ def test_runner_coalesces_partials_never_drops_finals(shared_audio_dir) -> None:
     order = [(e.get("segment"), e["type"]) for e in emitted]
     seg_seq = [s for s, _ in order if s is not None]
     assert seg_seq == sorted(seg_seq)
+
+
+def test_runner_back_pressure_on_backlog() -> None:
+    class Gated:
+        def __init__(self) -> None:
+            self.gate = asyncio.Event()
+
+        async def partial(self, audio, segment):
+            return None
+
+        async def final(self, audio, segment):
+            await self.gate.wait()
+            return Hypothesis("x")
+
+        def close(self) -> None:
+            pass
+
+    async def main() -> list[dict]:
+        emitted: list[dict] = []
+
+        async def emit(event: dict) -> None:
+            emitted.append(event)
+
+        rec = Gated()
+        runner = SessionRunner(new_session(), rec, emit, max_pending=3)
+        runner.start()
+        reqs = [Request("final", SegmentInfo("s1", i, i, i + 0.5), np.zeros(8000, np.float32))
+                for i in range(5)]
+        runner.push(reqs)
+        with pytest.raises(TimeoutError):  # backlog full: a socket reader would pause here
+            await asyncio.wait_for(runner.wait_room(), 0.1)
+        rec.gate.set()
+        await asyncio.wait_for(runner.wait_room(), 2)
+        await runner.finish()
+        return emitted
+
+    emitted = asyncio.run(main())
+    assert [e["segment"] for e in emitted] == [0, 1, 2, 3, 4]
