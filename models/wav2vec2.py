@@ -1,0 +1,704 @@
+"""wav2vec2 CTC encoder in JAX, offline and streaming (wav2vec2-conformer reuses the parts).
+
+Both Hugging Face layouts: `feat_extract_norm="group"` with post-LN transformer layers
+(base models) and `"layer"` with pre-LN "stable layer norm" layers (large models). The
+model is a pure function of a nested-dict `params` pytree and a static, hashable config.
+
+Public API
+- `Wav2Vec2Config.from_hf_config(dict)`, `Wav2Vec2Config.tiny()` (tests).
+- `load(folder) -> (config, params, vocab_files_dir)`: either family, by `model_type`.
+- `params_from_state_dict(config, tensors)`: PyTorch state-dict names -> params.
+- `forward(params, config, audio [B, N], mask [B, N] | None) -> logits [B, T, V]`
+  (jitted; `config` static), `num_frames(config, num_samples)`.
+- Streaming: `StreamConfig`, `init_state(config, batch, stream) -> StreamState`,
+  `encode_chunk(params, state, chunk [B, chunk_samples], num_valid [B] | None)
+  -> (ChunkOutput(logits [B, chunk_frames, V], mask [B, chunk_frames]), state)`,
+  `pending_chunks(state)`, `stack_states`, `unstack_state`.
+
+Streaming scheme (all shapes static; one compile per (chunk size, batch size, config)):
+- Feature extractor: each conv keeps its last `K - S` inputs, and a delay line of
+  `fe_delay` raw samples aligns chunk boundaries with frame boundaries, so streamed
+  features equal offline features exactly. Group norm (base layout) normalizes over the
+  whole utterance offline; streaming uses running per-channel statistics over the audio
+  seen so far, which is NOT exact (the divergence is measured by the tests).
+- Encoder: each call appends `chunk_frames` new frames and runs the layers on a window of
+  `chunk_frames + right_frames` frames; the first `chunk_frames` are emitted and their
+  keys/values (and conformer conv inputs) are cached for `left_frames` frames of left
+  context. The `right_frames` look-ahead frames are recomputed next call.
+- Latency: emitted frame g needs audio up to frame g + right_frames + 1, i.e.
+  chunk + (right_frames + 1) * 20 ms. The positional convolution (kernel 128) is exact
+  only with right_frames >= 63 (1.26 s of look-ahead); with less, its missing right
+  context is read as zeros. Attention is bidirectional offline, so streaming equals
+  offline only when left and right context cover the utterance.
+- End of a segment: pass `num_valid < chunk_samples` for the last audio, then call
+  `encode_chunk` with `num_valid = 0` `pending_chunks(state)` more times; outputs whose
+  mask is False are not frames of the utterance. Start the next segment from
+  `init_state` (or overwrite that slot of a stacked state).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+Params = dict[str, Any]
+_NEG = -1e30  # finite "minus infinity": a query with every key masked stays finite
+
+_ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+    "swish": jax.nn.silu,
+    "silu": jax.nn.silu,
+    "tanh": jnp.tanh,
+}
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclasses.dataclass(frozen=True)
+class Wav2Vec2Config:
+    """Sizes and layout of a wav2vec2 CTC model; defaults are wav2vec2-base-960h."""
+
+    vocab_size: int = 32
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-5
+    feat_extract_norm: str = "group"  # "group" (base) or "layer" (large)
+    feat_extract_activation: str = "gelu"
+    conv_dim: tuple[int, ...] = (512,) * 7
+    conv_stride: tuple[int, ...] = (5, 2, 2, 2, 2, 2, 2)
+    conv_kernel: tuple[int, ...] = (10, 3, 3, 3, 3, 2, 2)
+    conv_bias: bool = False
+    num_conv_pos_embeddings: int = 128
+    num_conv_pos_embedding_groups: int = 16
+    do_stable_layer_norm: bool = False  # pre-LN layers + final LN (large models)
+    add_adapter: bool = False
+    adapter_kernel_size: int = 3
+    adapter_stride: int = 2
+    num_adapter_layers: int = 3
+    output_hidden_size: int = 768
+    adapter_attn_dim: int | None = None
+    pad_token_id: int = 0
+    model_type: str = "wav2vec2"
+
+    @classmethod
+    def from_hf_config(cls, hf: dict) -> Wav2Vec2Config:
+        """From a Hugging Face `config.json` dict (unknown keys are ignored)."""
+        kwargs = {}
+        for field in dataclasses.fields(cls):
+            if field.name in hf and hf[field.name] is not None:
+                value = hf[field.name]
+                kwargs[field.name] = tuple(value) if isinstance(value, list) else value
+        if hf.get("output_hidden_size") is None:
+            kwargs["output_hidden_size"] = kwargs.get("hidden_size", cls.hidden_size)
+        if "adapter_attn_dim" in hf:
+            kwargs["adapter_attn_dim"] = hf["adapter_attn_dim"]
+        return cls(**kwargs)
+
+    @classmethod
+    def tiny(cls, **overrides: Any) -> Wav2Vec2Config:
+        """A few-thousand-parameter config with the real conv strides, for tests."""
+        base = dict(
+            vocab_size=12, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=48, conv_dim=(16,) * 7, num_conv_pos_embeddings=16,
+            num_conv_pos_embedding_groups=4, output_hidden_size=32,
+        )
+        base.update(overrides)
+        return cls(**base)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def total_stride(self) -> int:
+        """Audio samples per encoder frame (320 = 20 ms at 16 kHz)."""
+        return math.prod(self.conv_stride)
+
+    @property
+    def receptive_field(self) -> int:
+        """Audio samples seen by one encoder frame (400)."""
+        field, step = 1, 1
+        for k, s in zip(self.conv_kernel, self.conv_stride, strict=True):
+            field += (k - 1) * step
+            step *= s
+        return field
+
+    @property
+    def fe_delay_frames(self) -> int:
+        """Frames of the streamed feature extractor that precede offline frame 0."""
+        return -(-(self.receptive_field - self.total_stride) // self.total_stride)
+
+    @property
+    def fe_delay(self) -> int:
+        """Raw samples held back so that the conv tails line up with offline frames."""
+        return self.fe_delay_frames * self.total_stride - (
+            self.receptive_field - self.total_stride)
+
+    @property
+    def is_conformer(self) -> bool:
+        return self.model_type == "wav2vec2-conformer"
+
+    @property
+    def pos_conv_left(self) -> int:
+        """Left context frames of the positional conv (0: none, as in the conformer)."""
+        return 0 if self.is_conformer else self.num_conv_pos_embeddings // 2
+
+    @property
+    def pos_conv_right(self) -> int:
+        """Right context frames the positional conv needs to be exact (63 for K=128)."""
+        k = self.num_conv_pos_embeddings
+        return 0 if self.is_conformer else k - 1 - k // 2
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamConfig:
+    """Static streaming shape: chunk, attention left context and look-ahead, in frames.
+
+    Defaults: 320 ms chunks, 5.12 s of left context, 320 ms of look-ahead.
+    """
+
+    chunk_frames: int = 16
+    left_frames: int = 256
+    right_frames: int = 16
+
+
+def num_frames(config: Wav2Vec2Config, num_samples: np.ndarray | int) -> np.ndarray:
+    """Encoder frames for `num_samples` of audio (the conv output-length formula)."""
+    n = np.asarray(num_samples)
+    for k, s in zip(config.conv_kernel, config.conv_stride, strict=True):
+        n = np.maximum((n - k) // s + 1, 0)
+    return n
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _weight_normed(t: dict[str, np.ndarray], name: str) -> np.ndarray:
+    """Folds weight norm (dim=2, either spelling) of a conv into a plain weight."""
+    spellings = [(f"{name}.weight_g", f"{name}.weight_v"),
+                 (f"{name}.parametrizations.weight.original0",
+                  f"{name}.parametrizations.weight.original1")]
+    for g_name, v_name in spellings:
+        if g_name in t:
+            g, v = t[g_name], t[v_name]
+            norm = np.sqrt(np.sum(v.astype(np.float64) ** 2, axis=(0, 1), keepdims=True))
+            return (g * v / norm).astype(np.float32)
+    return t[f"{name}.weight"]
+
+
+def _dense_p(t: dict[str, np.ndarray], name: str, bias: bool = True) -> Params:
+    p = {"w": t[f"{name}.weight"].T}
+    if bias:
+        p["b"] = t[f"{name}.bias"]
+    return p
+
+
+def _norm_p(t: dict[str, np.ndarray], name: str) -> Params:
+    return {"scale": t[f"{name}.weight"], "bias": t[f"{name}.bias"]}
+
+
+def _conv_w(w: np.ndarray) -> np.ndarray:
+    """PyTorch Conv1d weight [O, I/groups, K] -> [K, I/groups, O]."""
+    return np.transpose(w, (2, 1, 0))
+
+
+def _prefix(tensors: dict[str, np.ndarray], candidates: tuple[str, ...]) -> str:
+    for prefix in candidates:
+        if any(k.startswith(prefix + ".") for k in tensors):
+            return prefix + "."
+    return ""
+
+
+def params_from_state_dict(config: Wav2Vec2Config, tensors: dict[str, np.ndarray]) -> Params:
+    """Maps a (Conformer)ForCTC PyTorch state dict to our params (numpy leaves)."""
+    base = _prefix(tensors, ("wav2vec2", "wav2vec2_conformer"))
+    t = {k[len(base):]: np.asarray(v, np.float32) for k, v in tensors.items()
+         if k.startswith(base)}
+    fe = []
+    for i in range(len(config.conv_dim)):
+        name = f"feature_extractor.conv_layers.{i}"
+        layer = {"w": _conv_w(t[f"{name}.conv.weight"])}
+        if config.conv_bias:
+            layer["b"] = t[f"{name}.conv.bias"]
+        if config.feat_extract_norm == "layer" or i == 0:
+            layer["norm"] = _norm_p(t, f"{name}.layer_norm")
+        fe.append(layer)
+    params: Params = {
+        "fe": fe,
+        "proj": {"norm": _norm_p(t, "feature_projection.layer_norm"),
+                 **_dense_p(t, "feature_projection.projection")},
+        "enc_norm": _norm_p(t, "encoder.layer_norm"),
+    }
+    if config.is_conformer:
+        from models import wav2vec2_conformer
+
+        params["layers"] = [wav2vec2_conformer.layer_params(config, t, f"encoder.layers.{i}")
+                            for i in range(config.num_hidden_layers)]
+    else:
+        params["pos_conv"] = {"w": _conv_w(_weight_normed(t, "encoder.pos_conv_embed.conv")),
+                              "b": t["encoder.pos_conv_embed.conv.bias"]}
+        params["layers"] = [_layer_params(config, t, f"encoder.layers.{i}")
+                            for i in range(config.num_hidden_layers)]
+    if config.add_adapter:
+        adapter: Params = {"layers": [
+            {"w": _conv_w(t[f"adapter.layers.{i}.conv.weight"]),
+             "b": t[f"adapter.layers.{i}.conv.bias"]}
+            for i in range(config.num_adapter_layers)]}
+        if config.output_hidden_size != config.hidden_size:
+            adapter["proj"] = _dense_p(t, "adapter.proj")
+            adapter["proj_norm"] = _norm_p(t, "adapter.proj_layer_norm")
+        params["adapter"] = adapter
+    params["head"] = _dense_p(tensors, "lm_head")
+    return jax.tree.map(lambda a: np.asarray(a, np.float32), params)
+
+
+def _layer_params(config: Wav2Vec2Config, t: dict[str, np.ndarray], name: str) -> Params:
+    layer = {
+        "q": _dense_p(t, f"{name}.attention.q_proj"),
+        "k": _dense_p(t, f"{name}.attention.k_proj"),
+        "v": _dense_p(t, f"{name}.attention.v_proj"),
+        "o": _dense_p(t, f"{name}.attention.out_proj"),
+        "attn_norm": _norm_p(t, f"{name}.layer_norm"),
+        "ff_in": _dense_p(t, f"{name}.feed_forward.intermediate_dense"),
+        "ff_out": _dense_p(t, f"{name}.feed_forward.output_dense"),
+        "ff_norm": _norm_p(t, f"{name}.final_layer_norm"),
+    }
+    if config.do_stable_layer_norm and config.adapter_attn_dim is not None:
+        layer["adapter"] = {"norm": _norm_p(t, f"{name}.adapter_layer.norm"),
+                            "l1": _dense_p(t, f"{name}.adapter_layer.linear_1"),
+                            "l2": _dense_p(t, f"{name}.adapter_layer.linear_2")}
+    return layer
+
+
+def load(folder: str | Path) -> tuple[Wav2Vec2Config, Params, Path]:
+    """Loads a Hugging Face wav2vec2 / wav2vec2-conformer CTC folder.
+
+    Returns `(config, params, vocab_files_dir)`; params are device arrays, and the vocabulary
+    files (vocab.json, tokenizer_config.json) are read from `vocab_files_dir` by the caller.
+    Raises `models.checkpoint.ModelLoadError` for unreadable folders or unknown types.
+    """
+    from models.checkpoint import ModelLoadError, read_hf_folder
+
+    hf, tensors = read_hf_folder(folder)
+    model_type = hf.get("model_type")
+    if model_type == "wav2vec2":
+        config = Wav2Vec2Config.from_hf_config(hf)
+    elif model_type == "wav2vec2-conformer":
+        from models.wav2vec2_conformer import Wav2Vec2ConformerConfig
+
+        config = Wav2Vec2ConformerConfig.from_hf_config(hf)
+    else:
+        raise ModelLoadError(f"{folder}: model_type {model_type!r} is not a wav2vec2 CTC model")
+    if "lm_head.weight" not in tensors:
+        raise ModelLoadError(f"{folder}: no lm_head.weight; not a CTC checkpoint")
+    try:
+        params = params_from_state_dict(config, tensors)
+    except KeyError as exc:
+        raise ModelLoadError(f"{folder}: weight {exc} missing for this config") from exc
+    return config, jax.tree.map(jnp.asarray, params), Path(folder)
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+def dense(p: Params, x: jax.Array) -> jax.Array:
+    y = x @ p["w"]
+    return y + p["b"] if "b" in p else y
+
+
+def layer_norm(p: Params, x: jax.Array, eps: float = 1e-5) -> jax.Array:
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + eps) * p["scale"] + p["bias"]
+
+
+def conv1d(x: jax.Array, w: jax.Array, stride: int = 1, padding: tuple[int, int] = (0, 0),
+           groups: int = 1) -> jax.Array:
+    """x [B, T, Cin], w [K, Cin/groups, Cout] -> [B, T', Cout]."""
+    return jax.lax.conv_general_dilated(
+        x, w, (stride,), [padding], dimension_numbers=("NWC", "WIO", "NWC"),
+        feature_group_count=groups)
+
+
+def activation(name: str):
+    return _ACTIVATIONS[name]
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array,
+           bias: jax.Array | None = None) -> jax.Array:
+    """q [B, Tq, H, Dh], k/v [B, Tk, H, Dh], key_mask [B, Tk] -> [B, Tq, H * Dh]."""
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (q.shape[-1] ** -0.5)
+    if bias is not None:
+        scores = scores + bias
+    scores = jnp.where(key_mask[:, None, None, :], scores, _NEG)
+    out = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v)
+    return out.reshape(*out.shape[:2], -1)
+
+
+def heads(x: jax.Array, num_heads: int) -> jax.Array:
+    return x.reshape(*x.shape[:2], num_heads, -1)
+
+
+def feed_forward(p_in: Params, p_out: Params, x: jax.Array, act: str) -> jax.Array:
+    return dense(p_out, activation(act)(dense(p_in, x)))
+
+
+def _encoder_layer(p: Params, config: Wav2Vec2Config, x: jax.Array, cache_k: jax.Array,
+                   cache_v: jax.Array, key_mask: jax.Array
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One transformer layer on x [B, T, D] attending to [cache (L) ; x (T)].
+
+    Returns (x_out, k, v) with this layer's keys/values of x [B, T, H, Dh] for the cache.
+    """
+    eps, h = config.layer_norm_eps, config.num_attention_heads
+    a_in = layer_norm(p["attn_norm"], x, eps) if config.do_stable_layer_norm else x
+    q = heads(dense(p["q"], a_in), h)
+    k = heads(dense(p["k"], a_in), h)
+    v = heads(dense(p["v"], a_in), h)
+    attn = dense(p["o"], attend(q, jnp.concatenate([cache_k, k], 1),
+                                jnp.concatenate([cache_v, v], 1), key_mask))
+    act = config.hidden_act
+    if config.do_stable_layer_norm:  # pre-LN ("stable layer norm")
+        x = x + attn
+        x = x + feed_forward(p["ff_in"], p["ff_out"], layer_norm(p["ff_norm"], x, eps), act)
+        if "adapter" in p:
+            a = p["adapter"]
+            x = x + dense(a["l2"], jax.nn.relu(dense(a["l1"], layer_norm(a["norm"], x))))
+    else:  # post-LN
+        x = layer_norm(p["attn_norm"], x + attn, eps)
+        x = layer_norm(p["ff_norm"], x + feed_forward(p["ff_in"], p["ff_out"], x, act), eps)
+    return x, k, v
+
+
+def _fe_norm_act(p: Params, config: Wav2Vec2Config, i: int, x: jax.Array) -> jax.Array:
+    """Per-frame part after conv i: layer norm (layer layout) and activation."""
+    if config.feat_extract_norm == "layer":
+        x = layer_norm(p["norm"], x)
+    return activation(config.feat_extract_activation)(x)
+
+
+def _conv_fe(p: Params, config: Wav2Vec2Config, i: int, x: jax.Array) -> jax.Array:
+    y = conv1d(x, p["w"], config.conv_stride[i])
+    return y + p["b"] if "b" in p else y
+
+
+def features(params: Params, config: Wav2Vec2Config, audio: jax.Array) -> jax.Array:
+    """Offline conv feature extractor: audio [B, N] -> [B, T, conv_dim[-1]]."""
+    x = audio[..., None]
+    for i, p in enumerate(params["fe"]):
+        x = _conv_fe(p, config, i, x)
+        if i == 0 and config.feat_extract_norm == "group":
+            # one group per channel, statistics over the whole time axis
+            mean = x.mean(1, keepdims=True)
+            var = jnp.square(x - mean).mean(1, keepdims=True)
+            x = (x - mean) * jax.lax.rsqrt(var + 1e-5) * p["norm"]["scale"] + p["norm"]["bias"]
+        x = _fe_norm_act(p, config, i, x)
+    return x
+
+
+def project(params: Params, config: Wav2Vec2Config, feats: jax.Array) -> jax.Array:
+    p = params["proj"]
+    return dense(p, layer_norm(p["norm"], feats, config.layer_norm_eps))
+
+
+def pos_conv(params: Params, config: Wav2Vec2Config, x: jax.Array,
+             padding: tuple[int, int]) -> jax.Array:
+    """Weight-normed grouped positional conv + activation; output has T_in + sum(padding)
+    - K + 1 frames (padding (K//2, K-1-K//2) gives torch's "same" conv with one frame dropped).
+    """
+    p = params["pos_conv"]
+    y = conv1d(x, p["w"], padding=padding, groups=config.num_conv_pos_embedding_groups)
+    return activation(config.feat_extract_activation)(y + p["b"])
+
+
+def adapter(params: Params, config: Wav2Vec2Config, x: jax.Array) -> jax.Array:
+    """Optional adapter (offline only): [B, T, D] -> [B, T', output_hidden_size]."""
+    p = params["adapter"]
+    if "proj" in p:
+        x = layer_norm(p["proj_norm"], dense(p["proj"], x))
+    for layer in p["layers"]:
+        x = conv1d(x, layer["w"], config.adapter_stride, (1, 1)) + layer["b"]
+        x = jax.nn.glu(x, axis=-1)
+    return x
+
+
+def _encode_offline(params: Params, config: Wav2Vec2Config, x: jax.Array,
+                    frame_mask: jax.Array) -> jax.Array:
+    x = jnp.where(frame_mask[..., None], x, 0.0)
+    k = config.num_conv_pos_embeddings
+    x = x + pos_conv(params, config, x, (k // 2, k - 1 - k // 2))
+    if not config.do_stable_layer_norm:
+        x = layer_norm(params["enc_norm"], x, config.layer_norm_eps)
+    b, h, dh = x.shape[0], config.num_attention_heads, config.head_dim
+    empty = jnp.zeros((b, 0, h, dh), x.dtype)
+    for p in params["layers"]:
+        x, _, _ = _encoder_layer(p, config, x, empty, empty, frame_mask)
+    if config.do_stable_layer_norm:
+        x = layer_norm(params["enc_norm"], x, config.layer_norm_eps)
+    return x
+
+
+def frame_mask_from_audio_mask(config: Wav2Vec2Config, mask: jax.Array | None,
+                               num_samples: int, batch: int) -> jax.Array:
+    """Right-padded audio mask [B, N] -> frame mask [B, T] (as transformers computes it)."""
+    t = int(num_frames(config, num_samples))
+    if mask is None:
+        return jnp.ones((batch, t), bool)
+    n = mask.astype(jnp.int32).sum(-1)
+    for k, s in zip(config.conv_kernel, config.conv_stride, strict=True):
+        n = (n - k) // s + 1
+    return jnp.arange(t)[None, :] < n[:, None]
+
+
+def _forward(params: Params, config: Wav2Vec2Config, audio: jax.Array,
+             mask: jax.Array | None = None) -> jax.Array:
+    frame_mask = frame_mask_from_audio_mask(config, mask, audio.shape[1], audio.shape[0])
+    x = project(params, config, features(params, config, audio))
+    if config.is_conformer:
+        from models import wav2vec2_conformer
+
+        x = wav2vec2_conformer.encode_offline(params, config, x, frame_mask)
+    else:
+        x = _encode_offline(params, config, x, frame_mask)
+    if config.add_adapter:
+        x = adapter(params, config, x)
+    return dense(params["head"], x)
+
+
+forward = jax.jit(_forward, static_argnums=1)
+forward.__doc__ = """Offline CTC logits: audio [B, N] float32 (normalized as the HF feature
+extractor does), mask [B, N] (1 = real sample, right padding) or None -> logits [B, T, V].
+Frames past a row's length are padding (see `num_frames`). Jitted; `config` static."""
+
+
+# ----------------------------------------------------------------------------- streaming
+
+
+@struct.dataclass
+class FeatureState:
+    """Streaming feature extractor: exact conv tails plus running group-norm statistics."""
+
+    carry: jax.Array  # [B, fe_delay] raw samples held back to align frames
+    tails: tuple[jax.Array, ...]  # per conv: its last K - S inputs [B, K - S, C_in]
+    norm_count: jax.Array  # [B] valid first-conv outputs seen (group layout)
+    norm_mean: jax.Array  # [B, conv_dim[0]] running mean of first-conv outputs
+    norm_m2: jax.Array  # [B, conv_dim[0]] running sum of squared deviations
+
+
+@struct.dataclass
+class LayerState:
+    """One encoder layer's left context: keys/values of the last `left_frames` emitted
+    frames, and (conformer) the depthwise-conv input of the last K-1)/2 emitted frames."""
+
+    k: jax.Array  # [B, left_frames, H, Dh]
+    v: jax.Array  # [B, left_frames, H, Dh]
+    conv_tail: jax.Array | None  # [B, (K_dw - 1) // 2, D] or None
+
+
+@struct.dataclass
+class StreamState:
+    """Everything a stream carries between chunks; batch axis first on every array."""
+
+    features: FeatureState
+    frames: jax.Array  # [B, pos_conv_left + right_frames, D] projected frames not yet final
+    layers: tuple[LayerState, ...]
+    step: jax.Array  # [B] int32: chunks consumed
+    num_samples: jax.Array  # [B] int32: real samples received in this segment
+    ended: jax.Array  # [B] bool: a short chunk was seen; later audio is ignored
+    config: Wav2Vec2Config = struct.field(pytree_node=False)
+    stream: StreamConfig = struct.field(pytree_node=False)
+
+
+@struct.dataclass
+class ChunkOutput:
+    logits: jax.Array  # [B, chunk_frames, V]
+    mask: jax.Array  # [B, chunk_frames] bool: True where the frame belongs to the utterance
+
+
+def init_state(config: Wav2Vec2Config, batch: int,
+               stream: StreamConfig = StreamConfig()) -> StreamState:
+    """Fresh state for `batch` streams (each at the start of a segment)."""
+    if config.add_adapter:
+        raise NotImplementedError("streaming with add_adapter=True is not supported")
+    f32 = jnp.float32
+    tails = []
+    c_in = 1
+    for k, s, c in zip(config.conv_kernel, config.conv_stride, config.conv_dim, strict=True):
+        tails.append(jnp.zeros((batch, k - s, c_in), f32))
+        c_in = c
+    feats = FeatureState(
+        carry=jnp.zeros((batch, config.fe_delay), f32), tails=tuple(tails),
+        norm_count=jnp.zeros((batch,), f32), norm_mean=jnp.zeros((batch, config.conv_dim[0]), f32),
+        norm_m2=jnp.zeros((batch, config.conv_dim[0]), f32))
+    h, dh, d = config.num_attention_heads, config.head_dim, config.hidden_size
+    conv_tail = None
+    if config.is_conformer:
+        conv_tail = (config.conv_depthwise_kernel_size - 1) // 2
+    layers = tuple(
+        LayerState(k=jnp.zeros((batch, stream.left_frames, h, dh), f32),
+                   v=jnp.zeros((batch, stream.left_frames, h, dh), f32),
+                   conv_tail=None if conv_tail is None else jnp.zeros((batch, conv_tail, d), f32))
+        for _ in range(config.num_hidden_layers))
+    return StreamState(
+        features=feats,
+        frames=jnp.zeros((batch, config.pos_conv_left + stream.right_frames, d), f32),
+        layers=layers, step=jnp.zeros((batch,), jnp.int32),
+        num_samples=jnp.zeros((batch,), jnp.int32), ended=jnp.zeros((batch,), bool),
+        config=config, stream=stream)
+
+
+def frame_valid(config: Wav2Vec2Config, index: jax.Array, num_samples: jax.Array) -> jax.Array:
+    """Offline frame `index` [B, T] exists for a stream of `num_samples` [B] real samples."""
+    end = index * config.total_stride + config.receptive_field
+    return (index >= 0) & (end <= num_samples[:, None])
+
+
+def _stream_features(params: Params, config: Wav2Vec2Config, fs: FeatureState,
+                     chunk: jax.Array, step: jax.Array, num_samples: jax.Array
+                     ) -> tuple[jax.Array, FeatureState]:
+    """chunk [B, S * C] -> the next C frames of conv features [B, C, conv_dim[-1]]."""
+    x = jnp.concatenate([fs.carry, chunk], 1)
+    carry = x[:, x.shape[1] - config.fe_delay:]
+    x = x[:, : chunk.shape[1], None]
+    tails, count, mean, m2 = [], fs.norm_count, fs.norm_mean, fs.norm_m2
+    for i, p in enumerate(params["fe"]):
+        k, s = config.conv_kernel[i], config.conv_stride[i]
+        x = jnp.concatenate([fs.tails[i], x], 1)
+        tails.append(x[:, x.shape[1] - (k - s):])
+        x = _conv_fe(p, config, i, x)
+        if i == 0 and config.feat_extract_norm == "group":
+            # Running statistics over the valid first-conv outputs so far (Chan's merge):
+            # offline normalizes over the whole utterance, which a stream cannot know.
+            n_out = x.shape[1]
+            offset = (k - s + config.fe_delay) // s  # stream output j' is offline j' - offset
+            j = step[:, None] * n_out + jnp.arange(n_out)[None, :] - offset
+            valid = ((j >= 0) & (j * s + k <= num_samples[:, None]))[..., None]
+            n_b = valid.sum(1).astype(jnp.float32)
+            mean_b = jnp.where(valid, x, 0.0).sum(1) / jnp.maximum(n_b, 1.0)[:, None]
+            m2_b = jnp.where(valid, jnp.square(x - mean_b[:, None]), 0.0).sum(1)
+            total = count + n_b
+            delta = mean_b - mean
+            w = (n_b / jnp.maximum(total, 1.0))[:, None]
+            mean = mean + delta * w
+            m2 = m2 + m2_b + jnp.square(delta) * (count[:, None] * w)
+            count = total
+            var = m2 / jnp.maximum(count, 1.0)[:, None]
+            x = (x - mean[:, None]) * jax.lax.rsqrt(var[:, None] + 1e-5)
+            x = x * p["norm"]["scale"] + p["norm"]["bias"]
+        x = _fe_norm_act(p, config, i, x)
+    return x, FeatureState(carry=carry, tails=tuple(tails), norm_count=count,
+                           norm_mean=mean, norm_m2=m2)
+
+
+def _push(cache: jax.Array, new: jax.Array) -> jax.Array:
+    """Shifts `new` [B, n, ...] into a fixed-size cache [B, L, ...] (oldest frames drop)."""
+    size = cache.shape[1]
+    if size == 0:
+        return cache
+    return jnp.concatenate([cache, new], 1)[:, -size:]
+
+
+def _encoder_window(params: Params, config: Wav2Vec2Config, stream: StreamConfig,
+                    x: jax.Array, frames: jax.Array, layers: tuple[LayerState, ...],
+                    index: jax.Array, num_samples: jax.Array
+                    ) -> tuple[jax.Array, tuple[LayerState, ...]]:
+    """wav2vec2 encoder over the window x [B, C + R, D] (after positional conv input
+    `frames` [B, P + C + R, D]); `index` [B, L + C + R] offline frame of each key."""
+    c, r = stream.chunk_frames, stream.right_frames
+    x = x + pos_conv(params, config, frames, (0, config.pos_conv_right))[:, -(c + r):]
+    if not config.do_stable_layer_norm:
+        x = layer_norm(params["enc_norm"], x, config.layer_norm_eps)
+    key_mask = frame_valid(config, index, num_samples)
+    new_layers = []
+    for p, ls in zip(params["layers"], layers, strict=True):
+        x, k, v = _encoder_layer(p, config, x, ls.k, ls.v, key_mask)
+        new_layers.append(LayerState(k=_push(ls.k, k[:, :c]), v=_push(ls.v, v[:, :c]),
+                                     conv_tail=None))
+    if config.do_stable_layer_norm:
+        x = layer_norm(params["enc_norm"], x, config.layer_norm_eps)
+    return x, tuple(new_layers)
+
+
+def _encode_chunk(params: Params, state: StreamState, chunk: jax.Array,
+                  num_valid: jax.Array | None = None) -> tuple[ChunkOutput, StreamState]:
+    config, stream = state.config, state.stream
+    c, r, left = stream.chunk_frames, stream.right_frames, stream.left_frames
+    n = chunk.shape[1]
+    if n != c * config.total_stride:
+        raise ValueError(f"chunk has {n} samples; this state takes {c * config.total_stride}")
+    if num_valid is None:
+        num_valid = jnp.full((chunk.shape[0],), n, jnp.int32)
+    num_valid = jnp.where(state.ended, 0, jnp.clip(num_valid, 0, n)).astype(jnp.int32)
+    chunk = jnp.where(jnp.arange(n)[None, :] < num_valid[:, None], chunk, 0.0)
+    num_samples = state.num_samples + num_valid
+    ended = state.ended | (num_valid < n)
+
+    feats, fstate = _stream_features(params, config, state.features, chunk, state.step,
+                                     num_samples)
+    # offline index of the new frames, then of the window [E, E + C + R) and its keys
+    new_index = state.step[:, None] * c + jnp.arange(c)[None, :] - config.fe_delay_frames
+    h = project(params, config, feats)
+    h = jnp.where(frame_valid(config, new_index, num_samples)[..., None], h, 0.0)
+    frames = jnp.concatenate([state.frames, h], 1)
+    start = state.step * c - config.fe_delay_frames - r  # E
+    key_index = start[:, None] + jnp.arange(-left, c + r)[None, :]
+    x = frames[:, -(c + r):]
+    if config.is_conformer:
+        from models import wav2vec2_conformer
+
+        x, layers = wav2vec2_conformer.encoder_window(
+            params, config, stream, x, state.layers, key_index, num_samples)
+    else:
+        x, layers = _encoder_window(params, config, stream, x, frames, state.layers,
+                                    key_index, num_samples)
+    logits = dense(params["head"], x[:, :c])
+    out_mask = frame_valid(config, key_index[:, left:left + c], num_samples)
+    new_state = StreamState(
+        features=fstate, frames=frames[:, c:], layers=layers, step=state.step + 1,
+        num_samples=num_samples, ended=ended, config=config, stream=stream)
+    return ChunkOutput(logits=logits, mask=out_mask), new_state
+
+
+encode_chunk = jax.jit(_encode_chunk, donate_argnums=1)
+encode_chunk.__doc__ = """One streaming step (jitted, state donated: do not reuse it).
+
+chunk [B, chunk_frames * 320] float32 of new audio; num_valid [B] int32 real samples in
+it (None: all). Returns (ChunkOutput(logits [B, chunk_frames, V], mask [B, chunk_frames]),
+new state). The logits are offline frames [E, E + chunk_frames) with
+E = step * chunk_frames - fe_delay_frames - right_frames: the first calls emit only
+masked frames while the look-ahead fills. One compile per (chunk size, batch, config)."""
+
+
+def pending_chunks(state: StreamState) -> np.ndarray:
+    """Calls with `num_valid = 0` still needed per stream to emit its last frame [B]."""
+    config, stream = state.config, state.stream
+    ns = np.asarray(state.num_samples)
+    step = np.asarray(state.step)
+    last = (ns - config.receptive_field) // config.total_stride  # -1 if no frame yet
+    next_start = step * stream.chunk_frames - config.fe_delay_frames - stream.right_frames
+    need = last + 1 - next_start
+    return np.maximum(-(-need // stream.chunk_frames), 0)
+
+
+def stack_states(states: list[StreamState]) -> StreamState:
+    """Joins batch-1 (or any) states along the batch axis."""
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs, 0), *states)
+
+
+def unstack_state(state: StreamState) -> list[StreamState]:
+    """Splits a batched state into batch-1 states."""
+    batch = state.step.shape[0]
+    return [jax.tree.map(lambda a, i=i: a[i:i + 1], state) for i in range(batch)]

@@ -1,0 +1,230 @@
+"""wav2vec2-conformer CTC encoder in JAX: conformer blocks on the wav2vec2 front end.
+
+The feature extractor, feature projection, CTC head, loading, offline `forward` and
+streaming driver (`init_state`, `encode_chunk`, ...) are those of `models.wav2vec2`
+(they dispatch here on `config.model_type`); this module holds the conformer parts:
+position embeddings ("rotary", "relative" Transformer-XL style, or None), blocks with
+two half-step feed-forwards, self-attention, the convolution module (pointwise + GLU,
+depthwise conv, batch norm with running stats, swish, pointwise) and the final norm.
+
+As in transformers, the encoder's positional conv weights exist in checkpoints but are
+not used, so the conformer needs no positional-conv look-ahead. In streaming, each
+block's depthwise conv keeps the GLU output of the last (K - 1) / 2 emitted frames; its
+right context comes from the look-ahead frames (zeros past them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models.wav2vec2 import (
+    LayerState,
+    Params,
+    StreamConfig,
+    Wav2Vec2Config,
+    _dense_p,
+    _norm_p,
+    _push,
+    activation,
+    attend,
+    conv1d,
+    dense,
+    feed_forward,
+    frame_valid,
+    heads,
+    layer_norm,
+)
+from models.wav2vec2 import encode_chunk as encode_chunk  # noqa: F401
+from models.wav2vec2 import forward as forward  # noqa: F401  (re-export: same entry points)
+from models.wav2vec2 import init_state as init_state  # noqa: F401
+from models.wav2vec2 import load as load  # noqa: F401
+
+
+@dataclasses.dataclass(frozen=True)
+class Wav2Vec2ConformerConfig(Wav2Vec2Config):
+    """wav2vec2 config plus the conformer fields; defaults follow transformers."""
+
+    position_embeddings_type: str | None = "relative"  # "rotary", "relative" or None
+    rotary_embedding_base: int = 10000
+    max_source_positions: int = 5000
+    conv_depthwise_kernel_size: int = 31
+    model_type: str = "wav2vec2-conformer"
+
+    @classmethod
+    def from_hf_config(cls, hf: dict) -> Wav2Vec2ConformerConfig:
+        config = super().from_hf_config(hf)
+        # None is a real choice here ("no position embeddings"), not "use the default"
+        return dataclasses.replace(
+            config, model_type="wav2vec2-conformer",
+            position_embeddings_type=hf.get("position_embeddings_type", "relative"))
+
+    @classmethod
+    def tiny(cls, **overrides: Any) -> Wav2Vec2ConformerConfig:
+        base = dict(conv_depthwise_kernel_size=7, hidden_act="swish")
+        base.update(overrides)
+        return super().tiny(**base)
+
+
+def layer_params(config: Wav2Vec2Config, t: dict[str, np.ndarray], name: str) -> Params:
+    """One conformer block's PyTorch weights (prefix `name`) -> params."""
+    cm = f"{name}.conv_module"
+    p = {
+        "ffn1_norm": _norm_p(t, f"{name}.ffn1_layer_norm"),
+        "ffn1_in": _dense_p(t, f"{name}.ffn1.intermediate_dense"),
+        "ffn1_out": _dense_p(t, f"{name}.ffn1.output_dense"),
+        "attn_norm": _norm_p(t, f"{name}.self_attn_layer_norm"),
+        "q": _dense_p(t, f"{name}.self_attn.linear_q"),
+        "k": _dense_p(t, f"{name}.self_attn.linear_k"),
+        "v": _dense_p(t, f"{name}.self_attn.linear_v"),
+        "o": _dense_p(t, f"{name}.self_attn.linear_out"),
+        "conv": {
+            "norm": _norm_p(t, f"{cm}.layer_norm"),
+            "pw1": {"w": t[f"{cm}.pointwise_conv1.weight"][:, :, 0].T},
+            "dw": np.transpose(t[f"{cm}.depthwise_conv.weight"], (2, 1, 0)),  # [K, 1, D]
+            "bn": {"scale": t[f"{cm}.batch_norm.weight"], "bias": t[f"{cm}.batch_norm.bias"],
+                   "mean": t[f"{cm}.batch_norm.running_mean"],
+                   "var": t[f"{cm}.batch_norm.running_var"]},
+            "pw2": {"w": t[f"{cm}.pointwise_conv2.weight"][:, :, 0].T},
+        },
+        "ffn2_norm": _norm_p(t, f"{name}.ffn2_layer_norm"),
+        "ffn2_in": _dense_p(t, f"{name}.ffn2.intermediate_dense"),
+        "ffn2_out": _dense_p(t, f"{name}.ffn2.output_dense"),
+        "final_norm": _norm_p(t, f"{name}.final_layer_norm"),
+    }
+    if config.position_embeddings_type == "relative":
+        p["pos"] = {"w": t[f"{name}.self_attn.linear_pos.weight"].T,
+                    "u": t[f"{name}.self_attn.pos_bias_u"],
+                    "v": t[f"{name}.self_attn.pos_bias_v"]}
+    return p
+
+
+# ----------------------------------------------------------------------------- positions
+
+
+def _rotate(config: Wav2Vec2Config, x: jax.Array, positions: jax.Array) -> jax.Array:
+    """Rotary embedding of x [B, T, D] at absolute frame `positions` [B, T], applied per
+    head to the block input (before the q/k projections, as transformers does)."""
+    dh = config.head_dim
+    inv_freq = 1.0 / (np.float32(config.rotary_embedding_base)
+                      ** (np.arange(0, dh, 2).astype(np.float32) / np.float32(dh)))
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+    emb = jnp.concatenate([freqs, freqs], -1)[:, :, None, :]  # [B, T, 1, Dh]
+    xh = heads(x, config.num_attention_heads)
+    half = dh // 2
+    rotated = jnp.concatenate([-xh[..., half:], xh[..., :half]], -1)
+    return (xh * jnp.cos(emb) + rotated * jnp.sin(emb)).reshape(x.shape)
+
+
+def _relative_table(d_model: int, rel: np.ndarray) -> np.ndarray:
+    """Sinusoid of relative distance (query - key) [N] -> [N, D] (sin even, cos odd)."""
+    div = np.exp(np.arange(0, d_model, 2).astype(np.float32)
+                 * np.float32(-(math.log(10000.0) / d_model)))
+    angle = rel.astype(np.float32)[:, None] * div[None, :]
+    table = np.zeros((len(rel), d_model), np.float32)
+    table[:, 0::2] = np.sin(angle)
+    table[:, 1::2] = np.cos(angle)
+    return table
+
+
+def _relative_bias(p: Params, config: Wav2Vec2Config, q: jax.Array, q_pos: np.ndarray,
+                   k_pos: np.ndarray) -> jax.Array:
+    """Transformer-XL position term ((q + bias_v) . W_pos pe(i - j)) * scale -> [B, H, Tq, Tk].
+
+    Slot positions are static (only distances matter), so the gather index is a constant.
+    """
+    rel = q_pos[:, None] - k_pos[None, :]
+    lo = int(rel.min())
+    values = np.arange(lo, int(rel.max()) + 1)
+    pos = heads(jnp.asarray(_relative_table(config.hidden_size, values))[None] @ p["w"],
+                config.num_attention_heads)[0]  # [N, H, Dh]
+    scores = jnp.einsum("bqhd,nhd->bhqn", q + p["v"], pos)
+    scores = scores[:, :, np.arange(len(q_pos))[:, None], rel - lo]
+    return scores * (config.head_dim ** -0.5)
+
+
+# ----------------------------------------------------------------------------- block
+
+
+def _conv_module(p: Params, config: Wav2Vec2Config, x: jax.Array, tail: jax.Array,
+                 mask: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """Convolution module on x [B, T, D] with left context `tail` [B, P, D] (zeros offline)
+    and zeros on the right. Returns (output [B, T, D], GLU output [B, T, D] for the tail)."""
+    glu = jax.nn.glu(dense(p["pw1"], layer_norm(p["norm"], x)), axis=-1)
+    if mask is not None:  # streaming: frames outside the utterance read as zero padding
+        glu = jnp.where(mask[..., None], glu, 0.0)
+    pad = (config.conv_depthwise_kernel_size - 1) // 2
+    y = conv1d(jnp.concatenate([tail, glu], 1), p["dw"], padding=(0, pad),
+               groups=config.hidden_size)
+    bn = p["bn"]
+    y = (y - bn["mean"]) * jax.lax.rsqrt(bn["var"] + 1e-5) * bn["scale"] + bn["bias"]
+    return dense(p["pw2"], activation(config.hidden_act)(y)), glu
+
+
+def _block(p: Params, config: Wav2Vec2Config, x: jax.Array, ls: LayerState,
+           key_mask: jax.Array, positions: jax.Array, q_pos: np.ndarray, k_pos: np.ndarray,
+           conv_mask: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """One conformer block on x [B, T, D] attending to [cached keys ; x].
+
+    Returns (x_out, k, v, glu) for the caches. positions [B, T]: absolute frame (rotary);
+    q_pos/k_pos: static slot positions of queries/keys (relative).
+    """
+    act, h = config.hidden_act, config.num_attention_heads
+    x = x + 0.5 * feed_forward(p["ffn1_in"], p["ffn1_out"], layer_norm(p["ffn1_norm"], x), act)
+    a = layer_norm(p["attn_norm"], x)
+    qk_in = _rotate(config, a, positions) if config.position_embeddings_type == "rotary" else a
+    q = heads(dense(p["q"], qk_in), h)
+    k = heads(dense(p["k"], qk_in), h)
+    v = heads(dense(p["v"], a), h)
+    bias = None
+    if config.position_embeddings_type == "relative":
+        bias = _relative_bias(p["pos"], config, q, q_pos, k_pos)
+        q = q + p["pos"]["u"]
+    attn = attend(q, jnp.concatenate([ls.k, k], 1), jnp.concatenate([ls.v, v], 1),
+                  key_mask, bias)
+    x = x + dense(p["o"], attn)
+    conv, glu = _conv_module(p["conv"], config, x, ls.conv_tail, conv_mask)
+    x = x + conv
+    x = x + 0.5 * feed_forward(p["ffn2_in"], p["ffn2_out"], layer_norm(p["ffn2_norm"], x), act)
+    return layer_norm(p["final_norm"], x), k, v, glu
+
+
+def encode_offline(params: Params, config: Wav2Vec2Config, x: jax.Array,
+                   frame_mask: jax.Array) -> jax.Array:
+    """Conformer encoder on projected features x [B, T, D] with frame_mask [B, T]."""
+    b, t, d = x.shape
+    x = jnp.where(frame_mask[..., None], x, 0.0)
+    hh, dh = config.num_attention_heads, config.head_dim
+    pad = (config.conv_depthwise_kernel_size - 1) // 2
+    empty = LayerState(k=jnp.zeros((b, 0, hh, dh)), v=jnp.zeros((b, 0, hh, dh)),
+                       conv_tail=jnp.zeros((b, pad, d)))
+    positions = jnp.broadcast_to(jnp.arange(t)[None], (b, t))
+    slots = np.arange(t)
+    for p in params["layers"]:
+        # transformers does not mask padded frames in the conv module; neither do we
+        x, _, _, _ = _block(p, config, x, empty, frame_mask, positions, slots, slots, None)
+    return layer_norm(params["enc_norm"], x, config.layer_norm_eps)
+
+
+def encoder_window(params: Params, config: Wav2Vec2Config, stream: StreamConfig,
+                   x: jax.Array, layers: tuple[LayerState, ...], key_index: jax.Array,
+                   num_samples: jax.Array) -> tuple[jax.Array, tuple[LayerState, ...]]:
+    """Streaming conformer encoder over the window x [B, C + R, D]; `key_index`
+    [B, L + C + R] is the offline frame of every key slot (cache, then window)."""
+    c, left = stream.chunk_frames, stream.left_frames
+    key_mask = frame_valid(config, key_index, num_samples)
+    win_mask = key_mask[:, left:]
+    positions = key_index[:, left:]
+    k_pos = np.arange(key_index.shape[1])
+    q_pos = k_pos[left:]
+    new_layers = []
+    for p, ls in zip(params["layers"], layers, strict=True):
+        x, k, v, glu = _block(p, config, x, ls, key_mask, positions, q_pos, k_pos, win_mask)
+        new_layers.append(LayerState(k=_push(ls.k, k[:, :c]), v=_push(ls.v, v[:, :c]),
+                                     conv_tail=_push(ls.conv_tail, glu[:, :c])))
+    return layer_norm(params["enc_norm"], x, config.layer_norm_eps), tuple(new_layers)
