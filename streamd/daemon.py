@@ -252,6 +252,8 @@ class _MicSession:
         self.runner.start()
         self.source = MicSource(self.device, self.session.start.sample_rate, self.on_frames)
         await self.source.start()
+        self.metrics.track_counter("streamd_mic_dropped_blocks", "Mic blocks dropped",
+                                   lambda: getattr(self.source, "dropped_blocks", 0))
         self.metrics.sessions.labels(source="mic").inc()
         log.info("microphone session started", extra={"session": self.session.id,
                                                       "device": self.device})

@@ -441,3 +441,51 @@ def test_default_whisper_pipeline_refused_clearly() -> None:
     daemon = Daemon(cfg)
     with pytest.raises(Unsupported, match="whisper"):
         asyncio.run(daemon.startup())
+
+
+class FakeMic:
+    """Stands in for streamd.mic.MicSource (PortAudio is tested with the mic module):
+    plays given audio through `on_frames` in 20 ms blocks on the event loop."""
+
+    audio = np.zeros(0, np.float32)
+
+    def __init__(self, device, sample_rate, on_frames) -> None:
+        self.device, self.sample_rate, self.on_frames = device, sample_rate, on_frames
+        self.task: asyncio.Task | None = None
+        self.dropped_blocks = 0
+
+    async def start(self) -> None:
+        async def play() -> None:
+            for i in range(0, len(self.audio), 320):
+                self.on_frames(self.audio[i : i + 320])
+                await asyncio.sleep(0)
+        self.task = asyncio.create_task(play())
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            await self.task
+
+
+def test_mic_session_publishes_and_finishes_on_shutdown(monkeypatch, shared_audio_dir) -> None:
+    import streamd.mic
+
+    one = speech(shared_audio_dir)
+    # A whole utterance (endpointed), then a second one cut off mid-sentence.
+    FakeMic.audio = np.concatenate([one, one[: 16000 * 2]])
+    monkeypatch.setattr(streamd.mic, "MicSource", FakeMic)
+    publisher = MemoryPublisher()
+    cfg = test_config(mic={"enabled": True, "device": "3"})
+    with running_daemon(cfg, publisher) as d:
+        assert d._mic.source.device == "3" and d._mic.source.sample_rate == 16000
+        status, _, body = http_get(d, "/healthz")
+        assert json.loads(body)["sessions"] == 1
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not any(
+                e["type"] == "final" for e in publisher.events):
+            time.sleep(0.02)
+    finals = [e for e in publisher.events if e["type"] == "final"]
+    assert [f["session"] for f in finals] == ["mic", "mic"]
+    assert [f["segment"] for f in finals] == [0, 1]
+    assert finals[1]["end"] <= len(FakeMic.audio) / 16000 + 1e-6
+    for f in finals:
+        assert float(f["text"]) == pytest.approx(f["end"] - f["start"], abs=0.011)
