@@ -37,6 +37,23 @@ from . import free_port
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 
 
+def _make_certs(folder: Path, host: str) -> tuple[Path, Path, Path]:
+    """A throw-away CA and a server certificate for `host` (an IP: subjectAltName)."""
+    ca_key, ca, key, csr, cert, ext = (folder / n for n in (
+        "ca.key", "ca.crt", "server.key", "server.csr", "server.crt", "san.ext"))
+    ext.write_text(f"subjectAltName=IP:{host}\n")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    for cmd in (
+        ["req", "-x509", *ec, "-days", "2", "-subj", "/CN=streamd-test-ca",
+         "-keyout", ca_key, "-out", ca],
+        ["req", "-new", *ec, "-subj", f"/CN={host}", "-keyout", key, "-out", csr],
+        ["x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
+         "-days", "2", "-extfile", ext, "-out", cert],
+    ):
+        subprocess.run(["openssl", *map(str, cmd)], check=True, capture_output=True)
+    return ca, cert, key
+
+
 class Mosquitto:
     """One broker process at a time, restartable on the same port."""
 
@@ -46,6 +63,8 @@ class Mosquitto:
         port: int | None = None,
         *,
         persistence: bool = False,
+        tls: bool = False,
+        users: dict[str, str] | None = None,
         extra_config: tuple[str, ...] = (),
     ) -> None:
         self.host = "127.0.0.1"
@@ -54,9 +73,11 @@ class Mosquitto:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path = self.workdir / "mosquitto.conf"
         self.log_path = self.workdir / "mosquitto.log"
+        self.ca_file: Path | None = None  # with tls: the CA that signed the broker's cert
+        self.users = dict(users or {})
         lines = [
             f"listener {self.port} {self.host}",
-            "allow_anonymous true",
+            f"allow_anonymous {'false' if self.users else 'true'}",
             # Started as root, mosquitto would switch to user `mosquitto`, which cannot
             # write our private folder; naming the current user keeps it as is.
             f"user {pwd.getpwuid(os.getuid()).pw_name}",
@@ -73,6 +94,16 @@ class Mosquitto:
             ]
         else:
             lines.append("persistence false")
+        if tls:
+            self.ca_file, cert, key = _make_certs(self.workdir, self.host)
+            lines += [f"cafile {self.ca_file}", f"certfile {cert}", f"keyfile {key}"]
+        if self.users:
+            passwd = self.workdir / "passwd"
+            passwd.touch(mode=0o600)
+            for name, password in self.users.items():
+                subprocess.run(["mosquitto_passwd", "-b", str(passwd), name, password],
+                               check=True, capture_output=True)
+            lines.append(f"password_file {passwd}")
         self.config_path.write_text("\n".join([*lines, *extra_config]) + "\n")
         self._proc: subprocess.Popen[bytes] | None = None
         self._log = None
@@ -168,6 +199,7 @@ class Subscriber:
             ...
             await sub.wait_for(lambda msgs: len(msgs) >= 3)
 
+    It uses the broker's CA and its first user when the broker has them.
     With `persistent=True` it uses a fixed client id and clean_session=False, so a broker
     with persistence queues what arrives while this client is away (broker restarts).
     `messages` holds aiomqtt `Message`s in arrival order, duplicates included.
@@ -192,10 +224,14 @@ class Subscriber:
         aiomqtt = self._aiomqtt
         while True:
             try:
+                user = next(iter(self.broker.users.items()), (None, None))
+                tls = (aiomqtt.TLSParameters(ca_certs=str(self.broker.ca_file))
+                       if self.broker.ca_file else None)
                 async with aiomqtt.Client(self.broker.host, self.broker.port,
                                           identifier=self.client_id,
                                           clean_session=not self.persistent,
-                                          timeout=5) as client:
+                                          username=user[0], password=user[1],
+                                          tls_params=tls, timeout=5) as client:
                     await client.subscribe([(t, 1) for t in self.topics])
                     self.connects += 1
                     self._subscribed.set()

@@ -342,6 +342,38 @@ def test_unacknowledged_finals_are_sent_again(tmp_path: Path) -> None:
         broker.stop(kill=True)
 
 
+def test_tls_and_password(tmp_path: Path) -> None:
+    broker = Mosquitto(tmp_path, tls=True, users={"streamd": "s3cret"})
+
+    async def main() -> None:
+        async with Subscriber(broker, ["streamd/tls/final"]) as sub:
+            wrong = MqttPublisher(_settings(broker, tls=True, tls_ca_file=str(broker.ca_file),
+                                            username="streamd", password="wrong"), "bad")
+            await wrong.start()
+            await wrong.publish(_final("tls", 0))
+            assert not await wrong.wait_connected(0.5)
+            assert wrong.connect_failures >= 1 and wrong.outbox_depth == 1
+            assert await wrong.stop(0.2) == 1
+
+            no_ca = MqttPublisher(_settings(broker, tls=True, username="streamd",
+                                            password="s3cret"), "no-ca")
+            await no_ca.start()  # the system CAs do not know our test CA
+            assert not await no_ca.wait_connected(0.5)
+            await no_ca.stop(0.2)
+
+            pub = MqttPublisher(_settings(broker, tls=True, tls_ca_file=str(broker.ca_file),
+                                          username="streamd", password="s3cret"), "good")
+            await pub.start()
+            assert await pub.wait_connected(10)
+            await pub.publish(_final("tls", 0))
+            await sub.wait_for(lambda m: len(m) >= 1)
+            assert await pub.stop(5) == 0
+        assert sub.payloads("streamd/tls/final")[0]["node"] == "good"
+
+    with broker:
+        asyncio.run(main())
+
+
 def test_reconnect_backoff_grows_with_jitter() -> None:
     pub = MqttPublisher(MqttSettings(host="x", reconnect_min_s=0.5, reconnect_max_s=8), "n")
     for failures, cap in [(0, 0.5), (1, 1.0), (3, 4.0), (10, 8.0)]:
