@@ -176,6 +176,7 @@ class Daemon:
             self._mic = _MicSession(self)
             await self._mic.start()
             self.server.extra_sessions = lambda: 1
+            self.server.reserved_ids.add(cfg.mic.session)
         self.server.ready = True
         self.metrics.ready.set(1)
         log.info("ready", extra={"pipeline": self.pipeline.name, "port": self.server.port,
@@ -209,7 +210,10 @@ class Daemon:
             await self.mqtt.stop()
         for task in self._tasks:
             task.cancel()
-        await self.engine.stop()
+        try:
+            await asyncio.wait_for(self.engine.stop(), timeout)
+        except TimeoutError:  # a hung device call: exit anyway (the thread is a daemon)
+            log.error("engine did not stop within %.0f s", timeout)
         if self.server is not None:
             await self.server.close()
         self.notifier.close()

@@ -56,7 +56,10 @@ class Engine:
         self.batch_sizes = tuple(sorted(batch_sizes))
         self.max_batch = self.batch_sizes[-1]
         self._kinds: dict[str, BatchKind] = {}
-        self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
+        # Unbounded underneath so the stop marker always fits; submit() enforces max_queue.
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.max_queue = max_queue
+        self._exit: tuple[asyncio.AbstractEventLoop, asyncio.Future] | None = None
         self._thread: threading.Thread | None = None
         # observe(kind, real, bucket, seconds): metrics hook, called on the worker thread.
         self._observe = observe
@@ -108,21 +111,31 @@ class Engine:
             raise InternalError("engine is not running")
         loop = asyncio.get_running_loop()
         request = _Request(kind, item, loop.create_future(), loop, time.perf_counter())
-        try:
-            self._queue.put_nowait(request)
-        except queue.Full:
-            raise Overloaded("engine queue is full") from None
+        if self._queue.qsize() >= self.max_queue:
+            raise Overloaded("engine queue is full")
+        self._queue.put(request)
         return await request.future
 
     async def stop(self) -> None:
-        """Finish queued requests, then end the worker thread."""
+        """Finish queued requests, then end the worker thread (awaitable with a timeout)."""
         if self._thread is None:
             return
-        self._queue.put(_STOP)
-        await asyncio.to_thread(self._thread.join)
+        if self._thread.is_alive():
+            loop = asyncio.get_running_loop()
+            self._exit = (loop, loop.create_future())
+            self._queue.put(_STOP)
+            await self._exit[1]
         self._thread = None
 
     def _worker(self) -> None:
+        try:
+            self._serve()
+        finally:
+            if self._exit is not None:
+                loop, future = self._exit
+                loop.call_soon_threadsafe(_resolve, future, None, None)
+
+    def _serve(self) -> None:
         held: deque[_Request] = deque()  # drained but of another kind than the batch run
         stopping = False
         while True:

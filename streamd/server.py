@@ -77,6 +77,7 @@ class StreamServer:
         self._active: dict[str, _Connection] = {}
         self._ws: WsServer | None = None
         self.extra_sessions: Callable[[], int] = lambda: 0  # e.g. the mic session
+        self.reserved_ids: set[str] = set()  # session ids clients may not take ("mic")
 
     @property
     def port(self) -> int:
@@ -296,7 +297,7 @@ class _Connection:
             message = f"pipeline {start.pipeline!r} is not served here (this daemon: {name})"
             await self._error("unsupported", message, close=1008)
             return True
-        if start.session in self.server._active:
+        if start.session in self.server._active or start.session in self.server.reserved_ids:
             message = f"session {start.session!r} is already open"
             await self._error("bad_request", message, close=1008)
             return True

@@ -479,6 +479,10 @@ def test_mic_session_publishes_and_finishes_on_shutdown(monkeypatch, shared_audi
         assert d._mic.source.device == "3" and d._mic.source.sample_rate == 16000
         status, _, body = http_get(d, "/healthz")
         assert json.loads(body)["sessions"] == 1
+        with connect(f"ws://127.0.0.1:{d.server.port}/v1/stream") as ws:
+            ws.send(start_msg(session="mic"))  # the mic's id is taken
+            event = recv_event(ws)
+            assert event["code"] == "bad_request" and "already open" in event["message"]
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and not any(
                 e["type"] == "final" for e in publisher.events):
