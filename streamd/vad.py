@@ -70,6 +70,7 @@ class VadSegmenter:
         self._next_index = 0
         self._ring: deque[_Frame] = deque(maxlen=max(self._pad_frames, 1))
         self._frames: list[_Frame] = []  # candidate or active segment, pre-roll included
+        self._voiced = 0  # voiced frames in self._frames
         self._state: Literal["idle", "candidate", "active"] = "idle"
         self._segment = 0
 
@@ -135,14 +136,16 @@ class VadSegmenter:
                     self._ring.append(frame)
                 return []
             self._frames = [*self._ring, frame]
+            # A dropped candidate's frames may sit in the ring, voiced ones included.
+            self._voiced = sum(f.voiced for f in self._frames)
             self._ring.clear()
             self._state = "candidate"
         else:
             self._frames.append(frame)
-        voiced = sum(f.voiced for f in self._frames)
+            self._voiced += frame.voiced
         silence = self._silence_run()
         if self._state == "candidate":
-            if voiced >= self._min_frames:
+            if self._voiced >= self._min_frames:
                 self._state = "active"
                 return [SpeechStarted(self._segment, self.segment_start)]
             if silence >= self._endpoint_frames:  # too little speech: noise, forget it
@@ -196,5 +199,6 @@ class VadSegmenter:
         # Speech continues: the remainder is the next segment, already confirmed.
         self._ring.clear()
         self._frames = rest
+        self._voiced = sum(f.voiced for f in rest)
         self._state = "active"
         return [ended, SpeechStarted(self._segment, self.segment_start)]
