@@ -1,0 +1,281 @@
+// streamd browser client: microphone -> AudioWorklet (16 kHz s16le) -> WebSocket
+// /v1/stream; partials and finals from the daemon -> the page. Speaks only the public
+// protocol (version 1). No build step, no external files: everything is served by the
+// daemon next to this file.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const MAX_PENDING_CHUNKS = 100; // 10 s of audio may wait for `ready`; older chunks drop
+const MAX_BUFFERED_BYTES = 1 << 20; // socket backlog beyond this: drop audio, say so
+
+// Read-only view of the session for people and tests (Runtime.evaluate).
+const state = {
+  status: "idle", // idle | starting | running | stopping | done | error
+  session: null,
+  finals: [],
+  partial: "",
+  errors: [],
+  droppedChunks: 0,
+  sentBytes: 0,
+};
+window.streamd = state;
+
+let ws = null;
+let audio = null; // {ctx, stream, node}
+let opened = false;
+let ready = false;
+let finished = false;
+let stopSent = false;
+let pending = [];
+
+function token() {
+  return new URLSearchParams(location.search).get("token");
+}
+
+function streamUrl() {
+  const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+  const t = token();
+  return `${scheme}//${location.host}/v1/stream` + (t ? `?token=${encodeURIComponent(t)}` : "");
+}
+
+function formatTime(seconds) {
+  const centis = Math.round(Math.max(0, seconds) * 100);
+  const minutes = Math.floor(centis / 6000);
+  const rest = ((centis % 6000) / 100).toFixed(2).padStart(5, "0");
+  return `${minutes}:${rest}`;
+}
+
+function setStatus(status, text) {
+  state.status = status;
+  $("status").textContent = text;
+  const button = $("toggle");
+  button.dataset.state = status === "running" ? "running" : "idle";
+  button.textContent = status === "running" || status === "stopping" ? "Stop" : "Start";
+  button.disabled = status === "starting" || status === "stopping";
+}
+
+function showError(text) {
+  state.errors.push(text);
+  const box = $("error");
+  box.textContent = text;
+  box.hidden = false;
+}
+
+function clearError() {
+  $("error").hidden = true;
+  $("error").textContent = "";
+}
+
+function setLevel(rms) {
+  const db = rms > 0 ? 20 * Math.log10(rms) : -60;
+  const clamped = Math.max(-60, Math.min(0, db));
+  $("level-bar").style.width = `${((clamped + 60) / 60) * 100}%`;
+  $("level").setAttribute("aria-valuenow", clamped.toFixed(0));
+}
+
+function addFinal(event) {
+  state.finals.push(event);
+  const item = document.createElement("li");
+  const time = document.createElement("span");
+  time.className = "time";
+  time.textContent = `${formatTime(event.start)} – ${formatTime(event.end)}`;
+  const text = document.createElement("span");
+  text.className = "text";
+  text.textContent = (event.text || "").trim();
+  item.append(time, text);
+  $("transcript").append(item);
+  setPartial("");
+  item.scrollIntoView({ block: "nearest" });
+}
+
+function setPartial(text) {
+  state.partial = text;
+  $("partial").textContent = text;
+}
+
+const ERROR_TEXT = {
+  unauthorized: "Refused: the daemon needs a valid token (open this page as /?token=YOUR_TOKEN).",
+  overloaded: "The daemon is busy (too many streams). Try again later.",
+  bad_request: "The daemon rejected the stream",
+  unsupported: "The daemon does not support this stream",
+  internal: "The daemon failed",
+};
+
+function onEvent(event) {
+  switch (event.type) {
+    case "ready":
+      ready = true;
+      state.session = event.session;
+      setStatus("running", `Listening — session ${event.session}, ${event.pipeline}`);
+      for (const chunk of pending) sendAudio(chunk);
+      pending = [];
+      break;
+    case "partial":
+      setPartial(event.text || "");
+      break;
+    case "final":
+      addFinal(event);
+      break;
+    case "error":
+      showError(`${ERROR_TEXT[event.code] || "Error"}: ${event.message || event.code}`);
+      break;
+    case "done":
+      finished = true;
+      setStatus("done", `Stopped — ${event.segments} segment(s).`);
+      break;
+    default:
+      break; // newer event types: ignore, as the protocol allows
+  }
+}
+
+function sendAudio(buffer) {
+  if (ws.bufferedAmount > MAX_BUFFERED_BYTES) {
+    state.droppedChunks += 1; // network slower than real time: keep the page live
+    if (state.droppedChunks === 1) showError("The connection is too slow: some audio was dropped.");
+    return;
+  }
+  ws.send(buffer);
+  state.sentBytes += buffer.byteLength;
+}
+
+function sendStop() {
+  if (ws && ws.readyState === WebSocket.OPEN && !stopSent && !finished) {
+    stopSent = true;
+    ws.send(JSON.stringify({ type: "stop" }));
+  }
+}
+
+function onAudio(msg) {
+  setLevel(msg.rms);
+  if (!ws || finished || stopSent) return;
+  if (msg.pcm.byteLength) {
+    // Until `ready` (or while the socket still opens) audio waits, bounded.
+    if (ready && ws.readyState === WebSocket.OPEN) sendAudio(msg.pcm);
+    else if (pending.push(msg.pcm) > MAX_PENDING_CHUNKS) pending.shift();
+  }
+  if (msg.last) sendStop();
+}
+
+async function openMicrophone() {
+  if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
+    throw new Error("This browser blocks the microphone here: open the page over https or on localhost.");
+  }
+  let stream;
+  try {
+    stream = await navigator.mediaDevices.getUserMedia({
+      audio: { channelCount: 1, echoCancellation: false, noiseSuppression: false, autoGainControl: false },
+    });
+  } catch (err) {
+    const why = {
+      NotAllowedError: "Microphone permission was denied. Allow the microphone for this page and press Start again.",
+      SecurityError: "Microphone permission was denied. Allow the microphone for this page and press Start again.",
+      NotFoundError: "No microphone was found.",
+      OverconstrainedError: "No microphone was found.",
+      NotReadableError: "The microphone could not be opened (is another program using it?).",
+    }[err.name];
+    throw new Error(why || `Could not open the microphone: ${err.name}: ${err.message}`);
+  }
+  const ctx = new AudioContext();
+  await ctx.audioWorklet.addModule("worklet.js");
+  const node = new AudioWorkletNode(ctx, "pcm16k", {
+    numberOfInputs: 1,
+    numberOfOutputs: 1, // connected to the (silent) output so the graph pulls it
+    processorOptions: { targetRate: 16000, chunkMs: 100 },
+  });
+  node.port.onmessage = (e) => onAudio(e.data);
+  ctx.createMediaStreamSource(stream).connect(node);
+  node.connect(ctx.destination); // the node writes no output: silence
+  await ctx.resume();
+  return { ctx, stream, node };
+}
+
+function closeMicrophone() {
+  if (!audio) return;
+  const { ctx, stream, node } = audio;
+  audio = null;
+  node.port.onmessage = null;
+  for (const track of stream.getTracks()) track.stop();
+  ctx.close();
+  setLevel(0);
+}
+
+// The browser hides the HTTP status of a refused WebSocket handshake; ask the same URL
+// over plain HTTP to tell a refusal (401/503) from a daemon that is not there.
+async function explainRefusal() {
+  try {
+    const r = await fetch(streamUrl().replace(/^ws/, "http"), { cache: "no-store" });
+    if (r.status === 401) return ERROR_TEXT.unauthorized;
+    if (r.status === 503) return "The daemon refused the stream: it is busy or shutting down. Try again later.";
+    return `Could not open the stream (HTTP ${r.status} from the daemon).`;
+  } catch {
+    return "The daemon is not reachable (is streamd running?).";
+  }
+}
+
+function connect() {
+  opened = ready = finished = stopSent = false;
+  pending = [];
+  ws = new WebSocket(streamUrl());
+  ws.binaryType = "arraybuffer";
+  ws.onopen = () => {
+    opened = true;
+    ws.send(JSON.stringify({ type: "start", sample_rate: 16000, encoding: "pcm_s16le", channels: 1 }));
+  };
+  ws.onmessage = (e) => {
+    if (typeof e.data !== "string") return;
+    try {
+      onEvent(JSON.parse(e.data));
+    } catch (err) {
+      console.warn("bad message from the daemon", err);
+    }
+  };
+  ws.onclose = async (e) => {
+    const wasOpened = opened;
+    ws = null;
+    closeMicrophone();
+    if (finished) return;
+    if (!wasOpened) {
+      showError(await explainRefusal());
+    } else if (state.errors.length === 0 || e.code !== 1000) {
+      const why = e.reason ? `: ${e.reason}` : "";
+      showError(`Disconnected from the daemon (code ${e.code}${why}).`);
+    }
+    setStatus("error", "Not connected.");
+  };
+}
+
+async function start() {
+  clearError();
+  setPartial("");
+  state.errors = [];
+  setStatus("starting", "Opening the microphone…");
+  try {
+    audio = await openMicrophone();
+  } catch (err) {
+    closeMicrophone();
+    showError(err.message);
+    setStatus("error", "Microphone unavailable.");
+    return;
+  }
+  setStatus("starting", "Connecting…");
+  connect();
+}
+
+function stop() {
+  setStatus("stopping", "Finishing the last words…");
+  if (audio) {
+    // The worklet posts what it still holds with last=true; onAudio then sends stop.
+    audio.node.port.postMessage({ type: "flush" });
+    setTimeout(() => {
+      closeMicrophone();
+      sendStop(); // in case the flush never came back
+    }, 500);
+  } else {
+    sendStop();
+  }
+}
+
+$("toggle").addEventListener("click", () => {
+  if (state.status === "running") stop();
+  else if (state.status !== "starting" && state.status !== "stopping") start();
+});
