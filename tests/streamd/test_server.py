@@ -213,7 +213,7 @@ def test_healthy_session_events(url: str, shared_audio_dir, publisher: MemoryPub
     # The utterance sits at 0.5..3.47 s; padding keeps the segment near it.
     assert 0.1 <= finals[0]["start"] <= 0.8 and 3.2 <= finals[0]["end"] <= 3.9
     partials = [e for e in events if e["type"] == "partial"]
-    assert len(partials) >= 3  # one per 400 ms of a ~3 s segment, some may be coalesced
+    assert len(partials) >= 2  # one per 400 ms of a ~3 s segment; late ones are coalesced
     assert events.index(partials[-1]) < events.index(finals[0])
     for p in partials:
         assert p["segment"] == 0 and float(p["text"]) == pytest.approx(p["end"] - p["start"],
