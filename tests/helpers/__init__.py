@@ -2,12 +2,20 @@
 
 Each helper is a context manager that always cleans up (no leaked processes), plus a
 pytest fixture built on it. With `tests/` on sys.path (pytest puts it there for
-`tests/conftest.py`) they import as `helpers.mosquitto` and `helpers.pulse`.
+`tests/conftest.py`) they import as `helpers.mosquitto` and `helpers.pulse`; to get the
+fixtures (`mosquitto`, `pulse`) in a test module, write
+`pytest_plugins = ["helpers.mosquitto"]` there (or list both in tests/conftest.py).
 """
 
 from __future__ import annotations
 
 import socket
+
+import pytest
+
+# Test modules import these helpers and also load them as plugins (for the fixtures):
+# rewrite their asserts from the first import on, as pytest does for plugins.
+pytest.register_assert_rewrite(f"{__name__}.mosquitto", f"{__name__}.pulse")
 
 
 def free_port(host: str = "127.0.0.1") -> int:

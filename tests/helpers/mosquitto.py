@@ -5,13 +5,17 @@
         broker.stop(kill=True)                 # SIGKILL: clients see the socket drop
         broker.start()                         # same port, same config
 
+Options: `tls=True` (a throw-away CA signs the broker's certificate; `broker.ca_file`),
+`users={"name": "password"}` (anonymous access then refused); `pause()`/`resume()`
+(SIGSTOP/SIGCONT: a hung broker with its connections still open).
+
 `Subscriber` (async context manager) collects what a test client receives and
 reconnects by itself when the broker restarts.
 
 `persistence=True` keeps subscriptions and queued QoS 1 messages of persistent
 (clean_session=False) subscribers across a restart: saved on every change and on a
-graceful stop. The fixture `mosquitto` gives a started broker per test; import it into a
-test module or list this module in `pytest_plugins`.
+graceful stop. The fixture `mosquitto` gives a started broker per test: put
+`pytest_plugins = ["helpers.mosquitto"]` in the test module.
 """
 
 from __future__ import annotations

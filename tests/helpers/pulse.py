@@ -8,7 +8,7 @@ PortAudio (through ALSA's pulse plugin) then sees a real capture device named `p
 
 Everything is torn down in `stop()`/`__exit__` (feeder thread, server by its pid), and
 the environment of this process is restored. As root pulseaudio only warns. The
-fixture `pulse` gives a started server per test.
+fixture `pulse` gives a started server per test (`pytest_plugins = ["helpers.pulse"]`).
 """
 
 from __future__ import annotations

@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from helpers.pulse import PulseAudio, pulse  # noqa: F401 - fixture
+from helpers.pulse import PulseAudio
 
 from streamd.mic import MicError, MicSource, list_input_devices
 
+pytest_plugins = ["helpers.pulse"]  # the `pulse` fixture
 pytestmark = pytest.mark.timeout(60)
 
 FRAME_S = 0.01  # envelope frames of 10 ms
@@ -59,7 +60,7 @@ async def _capture(mic: MicSource, seconds: float) -> np.ndarray:
     return np.concatenate(blocks)
 
 
-def test_list_input_devices_shows_pulse(pulse: PulseAudio) -> None:  # noqa: F811
+def test_list_input_devices_shows_pulse(pulse: PulseAudio) -> None:
     devices = list_input_devices()
     names = [d["name"] for d in devices]
     assert "pulse" in names, names
@@ -68,7 +69,7 @@ def test_list_input_devices_shows_pulse(pulse: PulseAudio) -> None:  # noqa: F81
     assert isinstance(dev["index"], int) and dev["hostapi"] == "ALSA"
 
 
-def test_capture_is_the_played_speech(pulse: PulseAudio, jfk) -> None:  # noqa: F811
+def test_capture_is_the_played_speech(pulse: PulseAudio, jfk) -> None:
     path, reference = jfk
     feeder = pulse.play(path)
     mic = MicSource("pulse", 16000, block_ms=20)
@@ -91,7 +92,7 @@ def test_capture_is_the_played_speech(pulse: PulseAudio, jfk) -> None:  # noqa: 
     assert best > 0.99, f"waveform correlation {best:.4f}"
 
 
-def test_other_rate_and_on_frames_callback(pulse: PulseAudio, jfk) -> None:  # noqa: F811
+def test_other_rate_and_on_frames_callback(pulse: PulseAudio, jfk) -> None:
     path, reference = jfk
     pulse.play(path)
     got: list[np.ndarray] = []
@@ -112,7 +113,7 @@ def test_other_rate_and_on_frames_callback(pulse: PulseAudio, jfk) -> None:  # n
 
 
 def test_resamples_when_the_device_refuses_the_rate(
-        pulse: PulseAudio, jfk, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+        pulse: PulseAudio, jfk, monkeypatch: pytest.MonkeyPatch) -> None:
     import sounddevice as sd
 
     real_check = sd.check_input_settings
@@ -132,7 +133,7 @@ def test_resamples_when_the_device_refuses_the_rate(
     assert r > 0.9, f"envelope correlation {r:.3f}"
 
 
-def test_slow_consumer_drops_blocks_and_never_blocks_portaudio(pulse: PulseAudio) -> None:  # noqa: F811
+def test_slow_consumer_drops_blocks_and_never_blocks_portaudio(pulse: PulseAudio) -> None:
     pulse.play(np.zeros(16000 * 5, np.int16))
 
     async def main() -> tuple[MicSource, int]:
@@ -149,7 +150,7 @@ def test_slow_consumer_drops_blocks_and_never_blocks_portaudio(pulse: PulseAudio
     assert mic.overflows == 0  # PortAudio never waited on us
 
 
-def test_unknown_device_names_the_available_ones(pulse: PulseAudio) -> None:  # noqa: F811
+def test_unknown_device_names_the_available_ones(pulse: PulseAudio) -> None:
     async def main() -> None:
         await MicSource("no-such-mic", 16000).start()
 

@@ -12,11 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers.mosquitto import Mosquitto, Subscriber, mosquitto  # noqa: F401 - fixture
+from helpers.mosquitto import Mosquitto, Subscriber
 
 from streamd.errors import BadRequest, ConfigError
 from streamd.mqtt import MqttPublisher, MqttSettings
 
+pytest_plugins = ["helpers.mosquitto"]  # the `mosquitto` fixture
 pytestmark = pytest.mark.timeout(60)
 
 FAST = {"reconnect_min_s": 0.05, "reconnect_max_s": 0.2, "ack_timeout_s": 5.0}
@@ -69,7 +70,7 @@ def test_settings_validation() -> None:
         MqttPublisher(MqttSettings(host="x"), "a/b")
 
 
-def test_events_topics_fields_and_order(mosquitto: Mosquitto) -> None:  # noqa: F811
+def test_events_topics_fields_and_order(mosquitto: Mosquitto) -> None:
     async def main() -> None:
         async with Subscriber(mosquitto, ["streamd/#"]) as sub:
             pub = MqttPublisher(_settings(mosquitto), "node1")
@@ -115,7 +116,7 @@ def test_events_topics_fields_and_order(mosquitto: Mosquitto) -> None:  # noqa: 
     asyncio.run(main())
 
 
-def test_partials_are_coalesced_per_session(mosquitto: Mosquitto) -> None:  # noqa: F811
+def test_partials_are_coalesced_per_session(mosquitto: Mosquitto) -> None:
     async def main() -> None:
         async with Subscriber(mosquitto, ["streamd/+/partial", "streamd/+/final"]) as sub:
             pub = MqttPublisher(_settings(mosquitto), "node6")
@@ -136,7 +137,7 @@ def test_partials_are_coalesced_per_session(mosquitto: Mosquitto) -> None:  # no
     asyncio.run(main())
 
 
-def test_stop_flushes_then_offline_status(mosquitto: Mosquitto) -> None:  # noqa: F811
+def test_stop_flushes_then_offline_status(mosquitto: Mosquitto) -> None:
     async def main() -> None:
         async with Subscriber(mosquitto, ["streamd/+/final"]) as sub:
             pub = MqttPublisher(_settings(mosquitto), "node2")
@@ -157,7 +158,7 @@ def test_stop_flushes_then_offline_status(mosquitto: Mosquitto) -> None:  # noqa
     asyncio.run(main())
 
 
-def test_stop_gives_up_on_a_hung_broker_in_time(mosquitto: Mosquitto) -> None:  # noqa: F811
+def test_stop_gives_up_on_a_hung_broker_in_time(mosquitto: Mosquitto) -> None:
     async def main() -> None:
         pub = MqttPublisher(_settings(mosquitto), "node7")
         await pub.start()
@@ -192,7 +193,7 @@ _CHILD = textwrap.dedent("""
 """)
 
 
-def test_last_will_marks_killed_daemon_offline(mosquitto: Mosquitto, tmp_path: Path) -> None:  # noqa: F811
+def test_last_will_marks_killed_daemon_offline(mosquitto: Mosquitto, tmp_path: Path) -> None:
     script = tmp_path / "child.py"
     script.write_text(_CHILD)
     child = subprocess.Popen([sys.executable, str(script), str(mosquitto.port)],
