@@ -27,7 +27,7 @@ from websockets.http11 import Response
 
 from streamd import protocol
 from streamd.config import Config
-from streamd.errors import BadRequest, StreamdError, Unsupported
+from streamd.errors import BadRequest, InternalError, StreamdError, Unsupported
 from streamd.metrics import Metrics
 from streamd.recognizer import Pipeline
 from streamd.session import Session, SessionRunner
@@ -90,16 +90,19 @@ class StreamServer:
 
     async def start(self) -> None:
         cfg = self.config.server
-        self._ws = await serve(
-            self._handle,
-            cfg.host,
-            cfg.port,
-            process_request=self._process_request,
-            # Frames above the contract limit get an error event; far above, websockets
-            # closes with 1009 before buffering them.
-            max_size=4 * cfg.max_frame_bytes,
-            server_header="streamd",
-        )
+        try:
+            self._ws = await serve(
+                self._handle,
+                cfg.host,
+                cfg.port,
+                process_request=self._process_request,
+                # Frames above the contract limit get an error event; far above,
+                # websockets closes with 1009 before buffering them.
+                max_size=4 * cfg.max_frame_bytes,
+                server_header="streamd",
+            )
+        except OSError as exc:
+            raise InternalError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror}") from exc
         log.info("listening", extra={"host": cfg.host, "port": self.port})
         self.metrics.track_queue(
             "sessions", lambda: sum(c.runner.pending for c in self._active.values() if c.runner)

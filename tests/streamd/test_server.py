@@ -493,3 +493,24 @@ def test_mic_session_publishes_and_finishes_on_shutdown(monkeypatch, shared_audi
     assert finals[1]["end"] <= len(FakeMic.audio) / 16000 + 1e-6
     for f in finals:
         assert float(f["text"]) == pytest.approx(f["end"] - f["start"], abs=0.011)
+
+
+def test_port_in_use_fails_clearly() -> None:
+    import socket
+
+    from streamd.errors import InternalError
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        cfg = test_config(server={"port": taken.getsockname()[1]})
+
+        async def main() -> None:
+            daemon = Daemon(cfg, make_test_pipeline)
+            try:
+                with pytest.raises(InternalError, match="cannot listen on 127.0.0.1"):
+                    await daemon.startup()
+            finally:
+                await daemon.shutdown()
+
+        asyncio.run(main())
