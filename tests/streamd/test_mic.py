@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import time
 from pathlib import Path
@@ -163,3 +164,16 @@ def test_missing_portaudio_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setitem(sys.modules, "sounddevice", None)  # import now fails
     with pytest.raises(MicError, match="PortAudio"):
         list_input_devices()
+
+
+def test_pulse_helper_cleans_up(tmp_path: Path) -> None:
+    before = os.environ.get("PULSE_SERVER")
+    server = PulseAudio(tmp_path)
+    with server:
+        proc = server._proc
+        assert proc is not None and os.environ["PULSE_SERVER"] == server.server
+        feeder = server.play(np.zeros(1600, np.int16))
+        assert feeder.finished.wait(5)
+    assert proc.poll() is not None  # stopped and reaped
+    assert os.environ.get("PULSE_SERVER") == before
+    assert not server.runtime_dir.exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -382,3 +383,23 @@ def test_reconnect_backoff_grows_with_jitter() -> None:
         assert cap / 2 <= min(delays) and max(delays) <= cap
         assert max(delays) - min(delays) > cap / 4  # jittered, not constant
 
+
+def test_mosquitto_helper_restarts_on_its_port_and_leaves_nothing(tmp_path: Path) -> None:
+    broker = Mosquitto(tmp_path)
+    with broker:
+        pid = broker._proc.pid
+        broker.restart(kill=True)
+        assert broker.running and broker._proc.pid != pid
+        with socket.create_connection((broker.host, broker.port), timeout=1):
+            pass
+        pid = broker._proc.pid
+    assert not broker.running
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # reaped, not a zombie or a leak
+    with pytest.raises(OSError):
+        socket.create_connection((broker.host, broker.port), timeout=1)
+
+    bad = Mosquitto(tmp_path, extra_config=("no_such_option 1",))
+    with pytest.raises(RuntimeError, match="mosquitto exited"):
+        bad.start()
+    assert not bad.running
