@@ -1,0 +1,71 @@
+"""The `streamd` command: `transcribe` files, `serve` the daemon, list `devices`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _add_transcribe(subparsers) -> None:
+    p = subparsers.add_parser(
+        "transcribe",
+        help="transcribe audio files (WAV/FLAC, any rate and channel count)",
+        description="Transcribe audio files offline and print the text per file.",
+    )
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("--model", default=None,
+                   help="model name (tiny.en, the embedded default) or a model folder "
+                        "(Hugging Face or CTranslate2 Whisper)")
+    p.add_argument("--beam-size", type=int, default=1, help="beam width (1 = greedy)")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object per line per file: file, text, duration_s, elapsed_s")
+    p.add_argument("--stream", action="store_true",
+                   help="CTC models: run the chunked streaming path and print partials")
+    p.add_argument("--chunk-ms", type=int, default=320, help="streaming chunk size (--stream)")
+    p.add_argument("--encoder-window", choices=("bucketed", "padded"), default=None,
+                   help="Whisper: encode audio in length buckets or always pad to 30 s")
+    p.set_defaults(run=lambda args: __import__("streamd.transcribe").transcribe.main(args))
+
+
+def _add_serve(subparsers) -> None:
+    from streamd import daemon
+
+    p = subparsers.add_parser("serve", help="run the streaming recognition daemon")
+    daemon.add_arguments(p)
+    p.set_defaults(run=daemon.main)
+
+
+def _add_devices(subparsers) -> None:
+    p = subparsers.add_parser("devices", help="list audio input devices")
+    p.set_defaults(run=_run_devices)
+
+
+def _run_devices(args: argparse.Namespace) -> int:
+    from streamd.mic import list_input_devices
+
+    devices = list_input_devices()
+    if not devices:
+        print("no audio input devices found", file=sys.stderr)
+        return 1
+    for dev in devices:
+        print(f"{dev['index']:3d}  {dev['name']}  "
+              f"({dev['channels']} ch, {dev['default_samplerate']:.0f} Hz)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="streamd", description=__doc__)
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_transcribe(subparsers)
+    _add_serve(subparsers)
+    _add_devices(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
