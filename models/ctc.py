@@ -218,7 +218,7 @@ class Hypothesis:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Spans:
+class TokenSpans:
     """Tokens of a frame path with their frame spans `[start, end)` and summed frame
     probabilities (None when the path came without probabilities)."""
 
@@ -229,13 +229,13 @@ class _Spans:
 
 
 def _extend_spans(
-    spans: _Spans,
+    spans: TokenSpans,
     path: np.ndarray,
     probs: np.ndarray | None,
     first_frame: int,
     prev_id: int,
     blank_id: int,
-) -> _Spans:
+) -> TokenSpans:
     """Add the runs of `path` [T] (frame ids; `probs` [T] the chosen ids' probabilities)
     to `spans`; a run that continues `prev_id` (the frame before) extends the last token."""
     if path.size == 0:
@@ -260,13 +260,16 @@ def _extend_spans(
         ends.append(first_frame + int(e))
         if prob_sums is not None:
             prob_sums.append(float(sums[r]))
-    return _Spans(
+    return TokenSpans(
         tuple(tokens), tuple(starts), tuple(ends), None if prob_sums is None else tuple(prob_sums)
     )
 
 
 def word_timestamps(
-    spans: _Spans, vocab: CTCVocab, frame_stride: float = FRAME_STRIDE_S, time_offset: float = 0.0
+    spans: TokenSpans,
+    vocab: CTCVocab,
+    frame_stride: float = FRAME_STRIDE_S,
+    time_offset: float = 0.0,
 ) -> list[dict[str, Any]]:
     """Words between delimiter tokens: start = first frame of the first token, end = last
     frame of the last token + 1, in seconds (`frame * frame_stride + time_offset`)."""
@@ -317,7 +320,7 @@ class GreedyState:
 
     frames: int = 0
     prev_id: int = -1
-    spans: _Spans = _Spans()
+    spans: TokenSpans = TokenSpans()
     log_prob: float | None = 0.0
 
 
@@ -381,6 +384,18 @@ def greedy_decode_batch(
     ]
 
 
+def greedy_step_batch(
+    states: Sequence[GreedyState],
+    logits: np.ndarray,
+    vocab: CTCVocab,
+    lengths: Sequence[int] | np.ndarray | None = None,
+) -> list[GreedyState]:
+    """`greedy_step` for B streams sharing one chunk `[B, T, V]`; frames at or past
+    `lengths[b]` are padding."""
+    lengths = _lengths(logits, lengths)
+    return [greedy_step(s, logits[b, : lengths[b]], vocab) for b, s in enumerate(states)]
+
+
 def _lengths(x: np.ndarray, lengths: Sequence[int] | np.ndarray | None) -> np.ndarray:
     if lengths is None:
         return np.full(x.shape[0], x.shape[1], dtype=np.int64)
@@ -429,6 +444,34 @@ def beam_init(batch: int, beam_width: int = 8, keep_history: bool = True) -> Bea
         parent=np.full((batch, beam_width), _HASH_EMPTY, dtype=np.uint64),
         frames=np.zeros(batch, dtype=np.int64),
         history=() if keep_history else None,
+    )
+
+
+def beam_reset(state: BeamState, rows: Sequence[int] | np.ndarray) -> BeamState:
+    """Start new segments in streams `rows` (a slot freed and reused): empty prefix, frame
+    count 0, their kept log-probs dropped."""
+    rows = np.asarray(rows, dtype=np.int64)
+
+    def reset(a: np.ndarray, value: Any) -> np.ndarray:
+        a = a.copy()
+        a[rows] = value
+        return a
+
+    empty = np.full(state.log_pb.shape[1], _NEG_INF)
+    empty[0] = 0.0
+    history = state.history
+    if history is not None:
+        history = tuple((lp, reset(n, 0)) for lp, n in history)
+    return BeamState(
+        log_pb=reset(state.log_pb, empty),
+        log_pnb=reset(state.log_pnb, _NEG_INF),
+        tokens=reset(state.tokens, 0),
+        length=reset(state.length, 0),
+        last=reset(state.last, -1),
+        hash=reset(state.hash, _HASH_EMPTY),
+        parent=reset(state.parent, _HASH_EMPTY),
+        frames=reset(state.frames, 0),
+        history=history,
     )
 
 
@@ -548,33 +591,42 @@ def beam_results(
     vocab: CTCVocab,
     words: bool = False,
     frame_stride: float = FRAME_STRIDE_S,
-    time_offset: float = 0.0,
+    time_offset: float | Sequence[float] = 0.0,
+    top: int | None = None,
 ) -> list[list[Hypothesis]]:
-    """Per stream, the non-empty beams best first (`[0]` is the current best / final).
-    `words=True` aligns each hypothesis on the kept log-probs (cost O(frames × tokens),
-    so ask for it at a segment's end rather than on every partial)."""
+    """Per stream, the non-empty beams best first (`[0]` is the current best / final;
+    `top` caps how many, e.g. 1 for partials). `words=True` gives each stream's best
+    hypothesis its words by aligning it on the kept log-probs (O(frames × tokens): ask at
+    a segment's end, not on every partial). `time_offset`: seconds of frame 0, one value
+    or one per stream."""
     total = np.logaddexp(state.log_pb, state.log_pnb)
+    offsets = np.broadcast_to(np.asarray(time_offset, dtype=np.float64), total.shape[:1])
     out = []
     for b in range(total.shape[0]):
-        history = _stream_history(state, b) if words else None
         hyps = []
-        for k in np.argsort(-total[b], kind="stable"):
+        for k in np.argsort(-total[b], kind="stable")[:top]:
             if total[b, k] == _NEG_INF:
                 continue
-            tokens = tuple(int(i) for i in state.tokens[b, k, : state.length[b, k]])
-            word_list: list[dict[str, Any]] = []
-            if history is not None:
-                spans = align(history, tokens, vocab.blank_id)
-                word_list = word_timestamps(spans, vocab, frame_stride, time_offset)
-            hyps.append(Hypothesis(vocab.decode(tokens), tokens, float(total[b, k]), word_list))
+            tokens = tuple(state.tokens[b, k, : state.length[b, k]].tolist())
+            hyps.append(Hypothesis(vocab.decode(tokens), tokens, float(total[b, k])))
         out.append(hyps)
+    if words and state.history is not None:
+        # Align every stream's best labelling on its kept log-probs in one batched pass.
+        streams = [b for b, hyps in enumerate(out) if hyps]
+        spans = align_batch(
+            [_stream_history(state.history, b) for b in streams],
+            [out[b][0].tokens for b in streams],
+            vocab.blank_id,
+        )
+        for b, span in zip(streams, spans, strict=True):
+            word_list = word_timestamps(span, vocab, frame_stride, float(offsets[b]))
+            out[b][0] = dataclasses.replace(out[b][0], words=word_list)
     return out
 
 
-def _stream_history(state: BeamState, b: int) -> np.ndarray | None:
-    if state.history is None:
-        return None
-    chunks = [lp[b, : n[b]] for lp, n in state.history]
+def _stream_history(history: tuple[tuple[np.ndarray, np.ndarray], ...], b: int) -> np.ndarray:
+    """Stream b's kept log-probs `[frames, V]`."""
+    chunks = [lp[b, : n[b]] for lp, n in history]
     return np.concatenate(chunks) if chunks else np.zeros((0, 1), np.float32)
 
 
@@ -611,38 +663,94 @@ def prefix_beam_search_batch(
 # ----------------------------------------------------------------------------- alignment
 
 
-def align(log_probs: np.ndarray, tokens: Sequence[int], blank_id: int) -> _Spans:
+def align(log_probs: np.ndarray, tokens: Sequence[int], blank_id: int) -> TokenSpans:
     """Best CTC path (Viterbi) for the labelling `tokens` over log-probs `[T, V]`, as token
     spans with their frames' summed probabilities. Used for beam-search timestamps."""
-    log_probs = np.asarray(log_probs, dtype=np.float64)
-    steps = log_probs.shape[0]
-    labels = np.full(2 * len(tokens) + 1, blank_id, dtype=np.int64)
-    labels[1::2] = np.asarray(tokens, dtype=np.int64)
-    n = labels.size
+    return align_batch([log_probs], [tokens], blank_id)[0]
+
+
+def align_batch(
+    log_probs: Sequence[np.ndarray], labellings: Sequence[Sequence[int]], blank_id: int
+) -> list[TokenSpans]:
+    """`align` for B streams: log-probs `[T_b, V]` and a labelling per stream."""
+    out: list[TokenSpans | None] = []
+    for lp, tokens in zip(log_probs, labellings, strict=True):
+        # The argmax path is the best of all paths; when it spells the labelling (the
+        # usual case on peaky CTC output) it is that labelling's best path.
+        lp = np.asarray(lp, dtype=np.float64)
+        path = lp.argmax(axis=-1)
+        probs = np.exp(lp[np.arange(len(lp)), path])
+        spans = _extend_spans(TokenSpans(), path, probs, 0, -1, blank_id)
+        out.append(spans if spans.tokens == tuple(tokens) else None)
+    rest = [b for b, spans in enumerate(out) if spans is None]
+    if rest:
+        found = _viterbi_batch(
+            [log_probs[b] for b in rest], [labellings[b] for b in rest], blank_id
+        )
+        for b, spans in zip(rest, found, strict=True):
+            out[b] = spans
+    return out  # type: ignore[return-value]  # every slot is filled
+
+
+def _viterbi_batch(
+    log_probs: Sequence[np.ndarray], labellings: Sequence[Sequence[int]], blank_id: int
+) -> list[TokenSpans]:
+    """Best paths padded to `[B, max T, max S]`: each frame is one vectorized update for
+    all streams."""
+    lengths = [len(lp) for lp in log_probs]
+    labels = [np.full(2 * len(tok) + 1, blank_id, dtype=np.int64) for tok in labellings]
+    for lab, tok in zip(labels, labellings, strict=True):
+        lab[1::2] = np.asarray(tok, dtype=np.int64)
+    batch, steps, n = len(labels), max(lengths, default=0), max(map(len, labels), default=1)
     if steps == 0:
-        return _Spans()
-    emit = log_probs[:, labels]  # [T, S]
-    # A state can come from itself, the one before, or skip a blank between two
-    # different tokens.
-    skip = np.zeros(n, dtype=bool)
-    skip[3::2] = labels[3::2] != labels[1:-2:2]
-    score = np.full(n, _NEG_INF)
-    score[:2] = emit[0, :2]
-    back = np.zeros((steps, n), dtype=np.int8)  # 0 stay, 1 from s-1, 2 from s-2
+        return [TokenSpans() for _ in labels]
+    emit = np.full((steps, batch, n), _NEG_INF)  # padded states and frames never win
+    # A state comes from itself, the state before, or (skipping a blank) two before when
+    # that blank separates different tokens.
+    skip_penalty = np.full((batch, n), _NEG_INF)
+    for b, (lp, lab) in enumerate(zip(log_probs, labels, strict=True)):
+        emit[: lengths[b], b, : lab.size] = np.asarray(lp, dtype=np.float64)[:, lab]
+        skip_penalty[b, 3 : lab.size : 2] = np.where(lab[3::2] != lab[1:-2:2], 0.0, _NEG_INF)
+    from1 = np.zeros((steps, batch, n), dtype=bool)  # best predecessor is s - 1
+    from2 = np.zeros((steps, batch, n), dtype=bool)  # best predecessor is s - 2
+    score = np.full((batch, n), _NEG_INF)
+    score[:, :2] = emit[0, :, :2]
+    shifted = np.full((batch, n + 2), _NEG_INF)  # shifted[:, 2 + s] = score[:, s]
+    best, two_back = np.empty((batch, n)), np.empty((batch, n))
+    active = np.asarray(lengths)[None, :, None] > np.arange(steps)[:, None, None]  # [T, B, 1]
+    shortest = min(lengths)
     for t in range(1, steps):
-        options = np.full((3, n), _NEG_INF)
-        options[0] = score
-        options[1, 1:] = score[:-1]
-        options[2, 2:] = np.where(skip[2:], score[:-2], _NEG_INF)
-        back[t] = options.argmax(axis=0)
-        score = options.max(axis=0) + emit[t]
-    end = n - 1 if n == 1 or score[n - 1] >= score[n - 2] else n - 2
-    if score[end] == _NEG_INF:
-        raise ValueError(f"{len(tokens)} tokens cannot be aligned to {steps} frames")
-    states = np.empty(steps, dtype=np.int64)
+        shifted[:, 2:] = score
+        np.add(shifted[:, :-2], skip_penalty, out=two_back)
+        np.greater(shifted[:, 1:-1], score, out=from1[t])
+        np.maximum(score, shifted[:, 1:-1], out=best)
+        np.greater(two_back, best, out=from2[t])
+        np.maximum(best, two_back, out=best)
+        best += emit[t]
+        if t < shortest:
+            score, best = best, score
+        else:
+            np.copyto(score, best, where=active[t])  # finished streams keep their score
+    # Paths end in the last token or the blank after it; walk back from there.
+    sizes = np.array([lab.size for lab in labels])
+    rows = np.arange(batch)
+    last_two = np.stack([score[rows, sizes - 1], score[rows, np.maximum(sizes - 2, 0)]])
+    end = np.where((sizes == 1) | (last_two[0] >= last_two[1]), sizes - 1, sizes - 2)
+    final = score[rows, end]
+    states = np.zeros((steps, batch), dtype=np.int64)
     for t in range(steps - 1, -1, -1):
+        walking = active[t, :, 0]
         states[t] = end
-        end -= back[t, end]
-    path = labels[states]
-    probs = np.exp(log_probs[np.arange(steps), path])
-    return _extend_spans(_Spans(), path, probs, 0, -1, blank_id)
+        step = np.where(from2[t, rows, end], 2, np.where(from1[t, rows, end], 1, 0))
+        end = np.where(walking, end - step, end)
+    out = []
+    for b, lab in enumerate(labels):
+        if lengths[b] == 0:
+            out.append(TokenSpans())
+            continue
+        if final[b] == _NEG_INF:
+            raise ValueError(f"{lab.size // 2} tokens cannot be aligned to {lengths[b]} frames")
+        path = lab[states[: lengths[b], b]]
+        probs = np.exp(np.asarray(log_probs[b], dtype=np.float64)[np.arange(lengths[b]), path])
+        out.append(_extend_spans(TokenSpans(), path, probs, 0, -1, blank_id))
+    return out

@@ -16,13 +16,16 @@ from models.ctc import (
     CTCVocab,
     GreedyState,
     align,
+    align_batch,
     beam_init,
+    beam_reset,
     beam_results,
     beam_step,
     greedy_decode,
     greedy_decode_batch,
     greedy_result,
     greedy_step,
+    greedy_step_batch,
     prefix_beam_search,
     prefix_beam_search_batch,
 )
@@ -215,6 +218,11 @@ def test_greedy_batch_with_lengths(small_vocab):
     for b, n in enumerate(lengths):
         _assert_same(hyps[b], greedy_decode(logits[b, :n], small_vocab))
     assert hyps[2].text == "" and hyps[2].words == []
+    # streamed in two padded chunks: the second chunk's padding is skipped per stream
+    states = greedy_step_batch([GreedyState()] * 3, logits[:, :20], small_vocab, [20, 17, 0])
+    states = greedy_step_batch(states, logits[:, 20:], small_vocab, [20, 0, 0])
+    for b in range(3):
+        _assert_same(greedy_result(states[b], small_vocab), hyps[b])
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -273,16 +281,29 @@ def test_word_timestamps_constructed():
         assert ours == pytest.approx(want, abs=1e-6)  # beam keeps float32 log-probs
 
 
-@pytest.mark.parametrize("shape", [(6, 4), (5, 5)])
-def test_align_is_best_path_of_labelling(shape):
-    rng = np.random.default_rng(shape[1])
-    lp = _log_softmax(rng.normal(size=shape) * 2)
-    total, best_path = _brute_force(lp)
-    for label in sorted(total, key=total.get, reverse=True)[:15]:
+def test_align_is_best_path_of_labelling():
+    """Viterbi alignment equals the brute-force best path of each labelling; the batched
+    form handles streams of different lengths and labellings at once."""
+    rng = np.random.default_rng(4)
+    cases = []  # (log-probs, labelling, brute-force best path)
+    for steps, size in [(6, 4), (5, 5), (3, 4), (1, 3)]:
+        lp = _log_softmax(rng.normal(size=(steps, size)) * 2)
+        total, best_path = _brute_force(lp)
+        ranked = sorted(total, key=total.get, reverse=True)
+        repeats = [k for k in ranked if any(x == y for x, y in itertools.pairwise(k))]  # "AA"
+        for label in ranked[:12] + repeats[:4]:
+            cases.append((lp, label, best_path[label]))
+    for lp, label, path in cases:
         spans = align(lp, label, blank_id=0)
-        want = _runs(best_path[label])
-        assert list(zip(spans.tokens, spans.starts, spans.ends, strict=True)) == want
-        assert spans.prob_sums == pytest.approx([np.exp(lp[s:e, tok]).sum() for tok, s, e in want])
+        assert list(zip(spans.tokens, spans.starts, spans.ends, strict=True)) == _runs(path)
+        assert spans.prob_sums == pytest.approx(
+            [np.exp(lp[s:e, tok]).sum() for tok, s, e in _runs(path)]
+        )
+    batched = align_batch([c[0] for c in cases], [c[1] for c in cases], blank_id=0)
+    for (_, _, path), spans in zip(cases, batched, strict=True):
+        assert list(zip(spans.tokens, spans.starts, spans.ends, strict=True)) == _runs(path)
+    with pytest.raises(ValueError, match="cannot be aligned"):
+        align(cases[-1][0], (1, 1), blank_id=0)  # "AA" needs 3 frames, there is 1
 
 
 # ----------------------------------------------------------------------------- beam search
@@ -398,6 +419,7 @@ def test_beam_batch_with_padding_equals_single(small_vocab):
         single = prefix_beam_search(logits[b, :n], small_vocab, beam_width=5)
         assert [h.tokens for h in batch[b]] == [h.tokens for h in single]
         assert [h.score for h in batch[b]] == pytest.approx([h.score for h in single])
+        _assert_same(batch[b][0], single[0])  # words aligned in one batched pass
     assert batch[3][0].tokens == () and batch[3][0].score == 0.0
 
 
@@ -412,3 +434,18 @@ def test_beam_long_prefixes_grow_capacity(small_vocab):
     greedy = greedy_decode(logits, small_vocab)
     assert len(greedy.tokens) > 16 and state.tokens.shape[2] >= len(greedy.tokens)
     assert hyps[0][0].tokens == hyps[1][0].tokens == greedy.tokens
+
+
+def test_beam_reset_starts_a_new_segment_in_one_slot(small_vocab):
+    rng = np.random.default_rng(13)
+    first = rng.normal(size=(2, 40, small_vocab.size)) * 2.5
+    second = rng.normal(size=(2, 24, small_vocab.size)) * 2.5
+    state = beam_step(beam_init(2, 5), first, small_vocab)
+    state = beam_reset(state, [1])
+    state = beam_step(state, second, small_vocab)
+    got = beam_results(state, small_vocab, words=True, time_offset=[0.0, 2.0])
+    kept = prefix_beam_search(np.concatenate([first[0], second[0]]), small_vocab, 5)
+    fresh = prefix_beam_search(second[1], small_vocab, 5, time_offset=2.0)
+    _assert_same(got[0][0], kept[0])
+    _assert_same(got[1][0], fresh[0])
+    assert state.frames.tolist() == [64, 24]
