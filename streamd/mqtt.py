@@ -3,25 +3,31 @@
 Topics under `prefix` (default `streamd`), payload = the event's JSON plus `node`,
 `seq` and `ts`:
 
-| event          | topic                           | QoS | retained | broker away         |
-| -------------- | ------------------------------- | --- | -------- | ------------------- |
-| `partial`      | `<prefix>/<session>/partial`    | 0   | no       | dropped, counted    |
-| `final`        | `<prefix>/<session>/final`      | 1   | no       | kept in the outbox  |
-| `speech_start` | `<prefix>/<session>/speech_start` | 1 | no       | kept in the outbox  |
-| `done`         | `<prefix>/<session>/done`       | 1   | no       | kept in the outbox  |
-| other `T`      | `<prefix>/<session>/T`          | 1   | no       | kept in the outbox  |
-| status         | `<prefix>/status/<node>`        | 1   | yes      | last will: offline  |
+| event          | topic                             | QoS | retained | broker away        |
+| -------------- | --------------------------------- | --- | -------- | ------------------ |
+| `partial`      | `<prefix>/<session>/partial`      | 0   | no       | dropped, counted   |
+| `final`        | `<prefix>/<session>/final`        | 1   | no       | kept in the outbox |
+| `speech_start` | `<prefix>/<session>/speech_start` | 1   | no       | kept in the outbox |
+| `done`         | `<prefix>/<session>/done`         | 1   | no       | kept in the outbox |
+| any other `T`  | `<prefix>/<session>/T`            | 1   | no       | kept in the outbox |
+| status         | `<prefix>/status/<node>`          | 1   | yes      | will: offline      |
 
-Overflow policy (style point 8): partials are coalesced per session (a newer partial
-replaces one not yet sent) and dropped while the broker is unreachable, each counted in
-`dropped_partials`; every other event waits in one bounded, ordered outbox and
-`publish` blocks (back-pressure) while the outbox is full. Outbox
-entries leave only when the broker acknowledges them (PUBACK), so delivery is
-at-least-once: after a connection drops, unacknowledged entries are sent again, in
-order; a retry carries the same `seq` and `ts`, so subscribers can de-duplicate on
-(`session`, `seq`). `seq` counts every event of a session, including dropped partials
-(a gap means a dropped partial); the counter restarts after the session's `done`.
-`ts` is the Unix time at which `publish` accepted the event.
+Status payloads: `{"state": "online", "node", "version", "ts"}` on every connect;
+`{"state": "offline", "node", "version", "reason": "shutdown", "ts", "undelivered"}`
+from stop(); the last will `{"state": "offline", "node", "version", "reason": "lost"}`.
+
+Overflow policy (style point 8): every non-partial event waits in one bounded, ordered
+outbox, and `publish` blocks (back-pressure) while it is full. Entries leave only when
+the broker acknowledges them (PUBACK), so delivery is at-least-once: after a connection
+drops, unacknowledged entries go again, in order, with the same `seq` and `ts`, so
+subscribers can de-duplicate on (`session`, `seq`). Partials are coalesced per session
+(a newer one replaces one not yet sent) and dropped while the broker is unreachable,
+each counted in `dropped_partials`. Partials and outbox entries reach the wire in
+publication order, so a partial never overtakes the final published before it.
+
+`seq` counts every event of a session, dropped partials included (a gap is a dropped
+partial); it restarts after the session's `done` (or once 4096 more recently active
+sessions pushed it out). `ts` is the Unix time at which `publish` accepted the event.
 
 Connection handling follows aiomqtt's reconnection recipe: aiomqtt 2.x clients are
 not reusable across connections, so every attempt builds a new `aiomqtt.Client`, with
@@ -50,6 +56,7 @@ from streamd.errors import BadRequest, ConfigError
 log = logging.getLogger("streamd.mqtt")
 
 _PARTIAL = "partial"
+_SEQ_SESSIONS_MAX = 4096  # per-session counters kept; the least recently used go first
 
 
 def _version() -> str:
@@ -261,8 +268,10 @@ class MqttPublisher:
         self._wake.set()
 
     def _stamp(self, event: dict, session: str) -> dict:
-        seq = self._seq.get(session, 0)
-        self._seq[session] = seq + 1
+        seq = self._seq.pop(session, 0)
+        self._seq[session] = seq + 1  # re-inserted: the dict stays in LRU order
+        if len(self._seq) > _SEQ_SESSIONS_MAX:
+            del self._seq[next(iter(self._seq))]  # sessions that ended without `done`
         return {**event, "node": self.node, "seq": seq, "ts": time.time()}
 
     def _drop_partial(self, why: str, count: int = 1) -> None:

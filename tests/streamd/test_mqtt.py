@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from helpers.mosquitto import Mosquitto, Subscriber
 
+from streamd.config import MqttConfig
 from streamd.errors import BadRequest, ConfigError
 from streamd.mqtt import MqttPublisher, MqttSettings
 
@@ -69,6 +70,12 @@ def test_settings_validation() -> None:
         MqttSettings(host="x", reconnect_min_s=5, reconnect_max_s=1)
     with pytest.raises(ConfigError, match="node"):
         MqttPublisher(MqttSettings(host="x"), "a/b")
+    cfg = MqttConfig(host="broker", port=8883, prefix="site/asr", username="", password="",
+                     keepalive_s=7, outbox_size=12)
+    settings = MqttSettings.from_config(cfg, tls=True)
+    assert (settings.host, settings.port, settings.prefix) == ("broker", 8883, "site/asr")
+    assert settings.username is None and settings.password is None
+    assert (settings.keepalive, settings.outbox_max, settings.tls) == (7, 12, True)
 
 
 def test_events_topics_fields_and_order(mosquitto: Mosquitto) -> None:
