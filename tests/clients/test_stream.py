@@ -1,0 +1,387 @@
+"""`streamd-stream` as a subprocess (its console script) against a real `streamd serve`.
+
+The daemon runs as a subprocess on a free port. Structure tests use the daemon's test
+recognizer (`STREAMD_TEST_PIPELINE_FACTORY`, the double of tests/streamd/test_server.py:
+a final's text is the length of the audio it was given), so what the client prints is
+checked against the reference segment spans of the shared stream recording, not against
+itself. The word checks need the real Whisper pipeline and skip, saying so, until the
+build has one.
+
+`run_daemon` lives here and test_listen.py / test_browser.py import it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import pty
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import soxr
+from helpers import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+TEST_FACTORY = "test_server:make_test_pipeline"
+TOKEN = "client-test-token"
+FINAL_RE = re.compile(r"^\[(\d+):(\d\d\.\d\d) - (\d+):(\d\d\.\d\d)\] (.*)$")
+PAD_S = 0.75  # VAD start/end padding plus frame rounding around a reference span
+
+
+
+def _has_whisper() -> bool:
+    try:
+        return importlib.util.find_spec("streamd.pipelines.whisper") is not None
+    except ModuleNotFoundError:  # no streamd.pipelines package at all
+        return False
+
+
+HAS_WHISPER = _has_whisper()
+NO_WHISPER = (
+    "needs the real recognizer: streamd/pipelines/whisper.py (the default `whisper` "
+    "pipeline of `streamd serve`) is not in this build yet"
+)
+
+
+def script(name: str) -> str:
+    path = BIN / name
+    if not path.exists():
+        pytest.skip(f"console script {name} missing: run `pip install -e . --no-deps`")
+    return str(path)
+
+
+# --- a real daemon process ----------------------------------------------------------
+
+
+@dataclass
+class DaemonProcess:
+    proc: subprocess.Popen[bytes]
+    port: int
+    token: str | None
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/v1/stream"
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def run_daemon(
+    workdir: Path,
+    *args: str,
+    test_pipeline: bool = True,
+    token: str | None = TOKEN,
+    startup_timeout: float = 90.0,
+) -> Iterator[DaemonProcess]:
+    """`streamd serve` on a free port, up once /healthz says ok; always killed after."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMD_")}
+    env["JAX_PLATFORMS"] = env.get("JAX_PLATFORMS", "cpu")
+    if test_pipeline:
+        env["STREAMD_TEST_PIPELINE_FACTORY"] = TEST_FACTORY
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests" / "streamd")])
+    cmd = [script("streamd"), "serve", "--port", str(port), "--node", "clients-test",
+           "--log-format", "text", *args]
+    if token:
+        cmd += ["--token", token]
+    log_path = workdir / f"streamd-{port}.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                cwd=workdir, start_new_session=True)
+    daemon = DaemonProcess(proc, port, token, log_path)
+    try:
+        deadline = time.monotonic() + startup_timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"streamd serve exited ({proc.returncode}):\n"
+                                   f"{daemon.log_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{daemon.http}/healthz", timeout=1) as r:
+                    if json.load(r).get("status") == "ok":
+                        break
+            except (OSError, ValueError):
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"streamd not ready in {startup_timeout} s:\n"
+                                   f"{daemon.log_text()[-3000:]}")
+            time.sleep(0.1)
+        yield daemon
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+
+
+# --- parsing what the client prints -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Final:
+    start: float
+    end: float
+    text: str
+
+
+def parse_finals(stdout: str) -> list[Final]:
+    """Every `[m:ss.cc - m:ss.cc] text` line; anything else on stdout is a defect."""
+    finals = []
+    for line in stdout.splitlines():
+        m = FINAL_RE.match(line)
+        assert m, f"unexpected output line {line!r}"
+        start = int(m[1]) * 60 + float(m[2])
+        end = int(m[3]) * 60 + float(m[4])
+        finals.append(Final(start, end, m[5]))
+    return finals
+
+
+def check_against_reference(finals: list[Final], spans: list[tuple[float, float]]) -> None:
+    """Finals are ordered, disjoint, each inside a reference utterance (plus padding),
+    every utterance is heard, and each final's text (the test recognizer's length of the
+    audio it got) matches its printed times."""
+    assert finals, "no finals printed"
+    for a, b in zip(finals, finals[1:], strict=False):
+        assert a.end <= b.start + 0.011, f"finals overlap or out of order: {a} {b}"
+    for f in finals:
+        assert f.end > f.start
+        assert any(s - PAD_S <= f.start and f.end <= e + PAD_S for s, e in spans), (
+            f"final {f} is not inside any reference utterance {spans}")
+        assert abs(float(f.text) - (f.end - f.start)) <= 0.021, f
+    for s, e in spans:
+        heard = sum(max(0.0, min(e, f.end) - max(s, f.start)) for f in finals)
+        assert heard >= 0.8 * (e - s), f"utterance {s:.2f}-{e:.2f} s mostly missed: {finals}"
+
+
+@pytest.fixture(scope="module")
+def stream_entry(shared_manifest: list[dict]) -> dict:
+    return next(e for e in shared_manifest if e.get("segments"))
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
+    with run_daemon(tmp_path_factory.mktemp("daemon"), "--max-sessions", "4") as d:
+        yield d
+
+
+def run_client(daemon: DaemonProcess, *args: str, token: str | None = TOKEN,
+               timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    cmd = [script("streamd-stream"), "--url", daemon.url, *args]
+    if token:
+        cmd += ["--token", token]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env={k: v for k, v in os.environ.items() if k != "STREAMD_TOKEN"})
+
+
+def padded_utterance(entry: dict, lead: float = 0.5, tail: float = 1.5) -> np.ndarray:
+    audio, rate = sf.read(entry["path"], dtype="float32")
+    assert rate == 16000
+    return np.concatenate([np.zeros(int(lead * rate), np.float32), audio,
+                           np.zeros(int(tail * rate), np.float32)])
+
+
+# --- structure, against the daemon's test recognizer ---------------------------------
+
+
+def test_file_finals_follow_the_reference_segments(daemon: DaemonProcess, stream_entry: dict):
+    out = run_client(daemon, "--speed", "0", str(stream_entry["path"]))
+    assert out.returncode == 0, out.stderr
+    assert "\r" not in out.stdout  # no live line when stdout is not a terminal
+    spans = [(s["start_s"], s["end_s"]) for s in stream_entry["segments"]]
+    check_against_reference(parse_finals(out.stdout), spans)
+
+
+def test_json_prints_the_events_unchanged_and_in_order(daemon: DaemonProcess,
+                                                        stream_entry: dict):
+    out = run_client(daemon, "--json", "--speed", "0", "--session", "json-check",
+                     str(stream_entry["path"]))
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    events = [json.loads(line) for line in lines]
+    # Unchanged: the daemon's own compact encoding, not a re-serialization of ours.
+    assert all(line == json.dumps(e, separators=(",", ":"), ensure_ascii=False)
+               for line, e in zip(lines, events, strict=True))
+    assert events[0]["type"] == "ready" and events[0]["session"] == "json-check"
+    assert events[0]["protocol"] == 1
+    assert events[-1] == {"type": "done", "session": "json-check",
+                          "segments": sum(e["type"] == "final" for e in events)}
+    finals = [e for e in events if e["type"] == "final"]
+    assert [f["segment"] for f in finals] == list(range(len(finals)))
+    started: set[int] = set()
+    for e in events[1:-1]:
+        assert e["session"] == "json-check"
+        if e["type"] == "speech_start":
+            started.add(e["segment"])
+        elif e["type"] in ("partial", "final"):
+            assert e["segment"] in started, f"{e} before its speech_start"
+    assert any(e["type"] == "partial" for e in events)
+    spans = [(s["start_s"], s["end_s"]) for s in stream_entry["segments"]]
+    check_against_reference([Final(f["start"], f["end"], f["text"]) for f in finals], spans)
+
+
+@pytest.mark.parametrize("rate,channels", [(44100, 2), (8000, 1), (96000, 1)])
+def test_other_rates_and_channels(daemon: DaemonProcess, shared_manifest: list[dict],
+                                  tmp_path: Path, rate: int, channels: int):
+    """44.1 kHz stereo and 8 kHz go out at their own rate (the daemon resamples);
+    96 kHz is outside the protocol's range and is resampled to 16 kHz by the client."""
+    entry = next(e for e in shared_manifest if e["audio"].startswith("librispeech_61"))
+    audio = soxr.resample(padded_utterance(entry), 16000, rate)
+    path = tmp_path / f"utt_{rate}.flac"
+    sf.write(path, np.stack([audio] * channels, axis=1) if channels > 1 else audio, rate)
+    out = run_client(daemon, "--speed", "0", str(path))
+    assert out.returncode == 0, out.stderr
+    check_against_reference(parse_finals(out.stdout), [(0.5, 0.5 + entry["duration_s"])])
+
+
+def test_ctrl_c_sends_stop_and_prints_the_last_final(daemon: DaemonProcess,
+                                                     stream_entry: dict):
+    """Interrupted inside the first utterance (real-time pace): the speech heard so far
+    still comes back as a final, and the client exits 0 after `done`."""
+    proc = subprocess.Popen(
+        [script("streamd-stream"), "--url", daemon.url, "--token", TOKEN,
+         str(stream_entry["path"])],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(4.0)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr
+    assert "stopping" in stderr
+    finals = parse_finals(stdout)
+    assert finals, stderr
+    first = stream_entry["segments"][0]
+    assert first["start_s"] - PAD_S <= finals[0].start
+    # Audio stopped after ~4 s (pacing starts a little after the process does).
+    assert 2.0 < finals[-1].end < 5.5, finals
+    assert abs(float(finals[-1].text) - (finals[-1].end - finals[-1].start)) <= 0.021
+
+
+def test_live_partial_line_on_a_terminal(daemon: DaemonProcess, shared_manifest: list[dict],
+                                         tmp_path: Path):
+    """On a TTY the partial is rewritten in place (CR + erase line); finals end lines."""
+    entry = next(e for e in shared_manifest if e["audio"].startswith("librispeech_2412"))
+    path = tmp_path / "utt.wav"
+    sf.write(path, padded_utterance(entry), 16000)
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [script("streamd-stream"), "--url", daemon.url, "--token", TOKEN, "--speed", "4",
+         str(path)], stdout=slave, stderr=subprocess.PIPE)
+    os.close(slave)
+    chunks = []
+    try:
+        while True:
+            try:
+                data = os.read(master, 4096)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+        proc.wait(30)
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, proc.stderr.read() if proc.stderr else ""
+    text = b"".join(chunks).decode()
+    assert "\r\x1b[2K" in text  # the live line was drawn and cleared
+    lines = [line.split("\r\x1b[2K")[-1] for line in text.replace("\r\n", "\n").split("\n")]
+    finals = parse_finals("\n".join(line for line in lines if line.strip()))
+    check_against_reference(finals, [(0.5, 0.5 + entry["duration_s"])])
+
+
+# --- refusals and failures: clear message, non-zero exit ------------------------------
+
+
+def test_wrong_token_is_refused_with_401(daemon: DaemonProcess, stream_entry: dict):
+    out = run_client(daemon, "--speed", "0", str(stream_entry["path"]), token="wrong")
+    assert out.returncode == 1
+    assert "HTTP 401" in out.stderr and "token" in out.stderr
+    assert out.stdout == ""
+
+
+def test_session_limit_is_refused_with_503(tmp_path: Path, stream_entry: dict):
+    from websockets.sync.client import connect
+
+    with run_daemon(tmp_path, "--max-sessions", "1") as d:
+        with connect(d.url, additional_headers={"Authorization": f"Bearer {TOKEN}"}) as ws:
+            ws.send(json.dumps({"type": "start", "sample_rate": 16000,
+                                "encoding": "pcm_s16le", "channels": 1}))
+            assert json.loads(ws.recv(10))["type"] == "ready"  # the one slot is taken
+            out = run_client(d, "--speed", "0", str(stream_entry["path"]))
+    assert out.returncode == 1
+    assert "HTTP 503" in out.stderr and "busy" in out.stderr
+
+
+def test_error_event_exits_non_zero(daemon: DaemonProcess, stream_entry: dict):
+    out = run_client(daemon, "--pipeline", "no-such-pipeline", str(stream_entry["path"]))
+    assert out.returncode == 1
+    assert "daemon error (unsupported)" in out.stderr
+
+
+def test_unreachable_daemon(stream_entry: dict):
+    port = free_port()  # nothing listens there
+    out = subprocess.run(
+        [script("streamd-stream"), "--url", f"ws://127.0.0.1:{port}/v1/stream",
+         str(stream_entry["path"])], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 3
+    assert "cannot reach the daemon" in out.stderr
+
+
+def test_unreadable_file(daemon: DaemonProcess, tmp_path: Path):
+    bad = tmp_path / "not-audio.wav"
+    bad.write_text("hello")
+    out = run_client(daemon, str(bad))
+    assert out.returncode == 2
+    assert "cannot read" in out.stderr
+
+
+# --- the real recognizer --------------------------------------------------------------
+
+
+def normalize(text: str) -> str:
+    from whisper_normalizer.english import EnglishTextNormalizer
+
+    return EnglishTextNormalizer()(text)
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_WHISPER, reason=NO_WHISPER)
+def test_real_words_from_the_stream_recording(tmp_path: Path, stream_entry: dict):
+    import jiwer
+
+    with run_daemon(tmp_path, test_pipeline=False, startup_timeout=600) as d:
+        out = run_client(d, "--speed", "0", str(stream_entry["path"]), timeout=600)
+    assert out.returncode == 0, out.stderr
+    finals = parse_finals(out.stdout)
+    hypothesis = normalize(" ".join(f.text for f in finals))
+    assert "ask not what your country can do for you" in hypothesis
+    wer = jiwer.wer(normalize(stream_entry["text"]), hypothesis)
+    print(f"stream recording WER {wer:.3f} over {len(finals)} finals")
+    assert wer <= 0.3, (wer, hypothesis)
