@@ -93,13 +93,13 @@ def test_capture_is_the_played_speech(pulse: PulseAudio, jfk) -> None:
     assert best > 0.99, f"waveform correlation {best:.4f}"
 
 
-def test_other_rate_and_on_frames_callback(pulse: PulseAudio, jfk) -> None:
+def test_other_rate_int16_and_on_frames_callback(pulse: PulseAudio, jfk) -> None:
     path, reference = jfk
     pulse.play(path)
     got: list[np.ndarray] = []
 
     async def main() -> None:
-        mic = MicSource("pulse", 48000, got.append, block_ms=20)
+        mic = MicSource("pulse", 48000, got.append, block_ms=20, dtype="int16")
         await mic.start()
         while sum(map(len, got)) < 1.5 * 48000:
             await asyncio.sleep(0.05)
@@ -109,8 +109,12 @@ def test_other_rate_and_on_frames_callback(pulse: PulseAudio, jfk) -> None:
     asyncio.run(main())
     assert {len(b) for b in got[1:-1]} == {960}  # 20 ms blocks at 48 kHz
     captured = np.concatenate(got)
-    _, r = _align(captured, 48000, reference)
+    assert captured.dtype == np.float32  # int16 from PortAudio, scaled to [-1, 1)
+    lag, r = _align(captured, 48000, reference)
     assert r > 0.9, f"envelope correlation {r:.3f}"
+    start = lag * int(16000 * FRAME_S)
+    ref_rms = np.sqrt(np.mean(reference[start:start + len(captured) // 3] ** 2))
+    assert 0.8 < np.sqrt(np.mean(captured**2)) / ref_rms < 1.25  # same level
 
 
 def test_resamples_when_the_device_refuses_the_rate(

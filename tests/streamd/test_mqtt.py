@@ -177,7 +177,7 @@ def test_stop_gives_up_on_a_hung_broker_in_time(mosquitto: Mosquitto) -> None:
                 await pub.publish(_final("hung", k))
             t = time.monotonic()
             assert await pub.stop(1.0) == 3  # never acknowledged: reported, not hidden
-            assert time.monotonic() - t < 4
+            assert time.monotonic() - t < 6  # 1 s flush + 1 s goodbye, with slack
         finally:
             mosquitto.resume()
         status = await _status(mosquitto, "node7", "offline")
@@ -226,7 +226,10 @@ def test_partials_dropped_finals_kept_while_broker_away(tmp_path: Path) -> None:
     async def main() -> None:
         pub = MqttPublisher(_settings(broker), "node3")
         await pub.start()
-        await asyncio.sleep(0.3)  # a few failed attempts
+        for _ in range(100):  # wait for a failed attempt
+            if pub.connect_failures:
+                break
+            await asyncio.sleep(0.05)
         assert not pub.connected and pub.connect_failures >= 1
         for k in range(5):
             await pub.publish({"type": "partial", "session": "p", "segment": 0,
