@@ -7,6 +7,7 @@ Subscribes to `<prefix>/<session>/final` (QoS 1) and, with --partials,
 `<prefix>/<session>/partial` (QoS 0); `--session` defaults to every session (`+`).
 Finals print as `session [m:ss.cc - m:ss.cc] text`, partials as the same line with
 `~` after the session; `--json` prints the payloads exactly as published, one per line.
+Events the daemon re-sends after a reconnect (same node, session and `seq`) print once.
 With `--status` the daemon's online/offline status messages are printed too.
 
 Broker restarts and network failures are survived: the client reconnects with a
@@ -28,6 +29,7 @@ import logging
 import os
 import ssl
 import sys
+from collections import OrderedDict
 from typing import Any, TextIO
 
 from clients import format_span
@@ -35,6 +37,7 @@ from clients import format_span
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
 # CONNACK codes that retrying cannot fix: bad credentials, not authorized (3.1.1 and 5).
 AUTH_REFUSALS = {4, 5, 134, 135}
+SEEN_MAX = 10000  # (node, session, seq) keys remembered for de-duplication
 
 
 class Printer:
@@ -43,22 +46,42 @@ class Printer:
     def __init__(self, out: TextIO, as_json: bool) -> None:
         self.out, self.as_json = out, as_json
         self.finals = 0
+        self.duplicates = 0
+        self._seen: OrderedDict[tuple[str, str, int], None] = OrderedDict()
+
+    def _duplicate(self, event: dict[str, Any]) -> bool:
+        """The daemon re-sends unacknowledged events after a reconnect with the same
+        (session, seq); print each once. Bounded memory: oldest keys are forgotten."""
+        seq = event.get("seq")
+        if not isinstance(seq, int):
+            return False
+        key = (str(event.get("node", "")), str(event.get("session", "")), seq)
+        if key in self._seen:
+            self.duplicates += 1
+            return True
+        self._seen[key] = None
+        if len(self._seen) > SEEN_MAX:
+            self._seen.popitem(last=False)
+        return False
 
     def message(self, topic: str, payload: bytes) -> None:
         parts = topic.split("/")
         kind = parts[-1]
         is_status = len(parts) >= 2 and parts[-2] == "status"
         text = payload.decode("utf-8", "replace")
+        try:
+            event: dict[str, Any] = json.loads(text)
+        except ValueError:
+            print(f"streamd-listen: not JSON on {topic}: {text[:80]!r}", file=sys.stderr)
+            return
+        if not isinstance(event, dict) or (not is_status and self._duplicate(event)):
+            return
         if self.as_json:
             self.out.write(text.replace("\n", " ") + "\n")
         else:
-            try:
-                event: dict[str, Any] = json.loads(text)
-            except ValueError:
-                print(f"streamd-listen: not JSON on {topic}: {text[:80]!r}", file=sys.stderr)
-                return
             if is_status:
-                line = f"status {parts[-1]}: {event.get('state', '?')}"
+                why = f" ({event['reason']})" if event.get("reason") else ""
+                line = f"status {parts[-1]}: {event.get('state', '?')}{why}"
             else:
                 session = event.get("session", parts[-2] if len(parts) >= 2 else "?")
                 mark = " ~" if kind == "partial" else ""
