@@ -68,6 +68,23 @@ def test_list_input_devices_shows_pulse(pulse: PulseAudio) -> None:
     dev = devices[names.index("pulse")]
     assert dev["channels"] >= 1 and dev["default_samplerate"] > 0
     assert isinstance(dev["index"], int) and dev["hostapi"] == "ALSA"
+    assert sum(d["default"] for d in devices) == 1
+
+    async def one_block_from_default() -> tuple[np.ndarray, int]:
+        pulse.play(np.zeros(16000 * 2, np.int16))
+        mic = MicSource(None, 16000)  # the system default input (pulse's virtmic)
+        await mic.start()
+        try:
+            block = await asyncio.wait_for(mic.read(), 5)
+        finally:
+            await mic.stop()
+        assert block is not None
+        _ = [b async for b in mic]  # what was queued, then the end of the stream
+        assert await mic.read() is None
+        return block
+
+    samples, rate = asyncio.run(one_block_from_default())
+    assert rate == 16000 and samples.shape == (320,)
 
 
 def test_capture_is_the_played_speech(pulse: PulseAudio, jfk) -> None:
