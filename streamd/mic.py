@@ -78,7 +78,7 @@ class MicSource:
     `device`: index, name (or unique part of it, as sounddevice matches), a string of
     digits for an index, or None for the default input. `sample_rate`: the rate handed
     out; None takes the device's default. `queue_max`: blocks buffered for a slow
-    consumer (50 x 20 ms = 1 s) before blocks are dropped.
+    consumer (50 x 20 ms = 1 s) before blocks are dropped. One capture per object.
     """
 
     def __init__(
@@ -188,7 +188,7 @@ class MicSource:
             tail = self._resampler.resample_chunk(np.zeros((0, 1), np.float32), last=True)
             if len(tail):
                 self._put(tail[:, 0].astype(np.float32))
-        self._queue.put_nowait(None)
+        self._put_marker(None)
         if self._pump is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._pump
@@ -214,7 +214,14 @@ class MicSource:
     def _on_lost(self) -> None:
         if not self._stopping:
             log.error("mic stream ended unexpectedly (device gone?)")
-            self._queue.put_nowait(MicError("the input device stopped delivering audio"))
+            self._put_marker(MicError("the input device stopped delivering audio"))
+
+    def _put_marker(self, item: BaseException | None) -> None:
+        """End or error markers always get in: the oldest block makes room if needed."""
+        if self._queue.full():
+            self._queue.get_nowait()
+            self.dropped_blocks += 1
+        self._queue.put_nowait(item)
 
     def _on_block(self, block: np.ndarray) -> None:
         if block.dtype == np.int16:
@@ -257,5 +264,7 @@ class MicSource:
         try:
             async for samples, _ in self:
                 self.on_frames(samples)
+        except MicError as exc:
+            log.error("microphone stopped: %s", exc)
         except Exception:  # noqa: BLE001 - a consumer bug must be seen, not lost in a task
             log.exception("mic consumer failed; capture continues without it")

@@ -172,6 +172,26 @@ def test_slow_consumer_drops_blocks_and_never_blocks_portaudio(pulse: PulseAudio
     assert mic.overflows == 0  # PortAudio never waited on us
 
 
+def test_lost_device_is_an_error_for_the_reader(pulse: PulseAudio) -> None:
+    pulse.play(np.zeros(16000 * 5, np.int16))
+
+    async def main() -> None:
+        mic = MicSource("pulse", 16000)
+        await mic.start()
+        try:
+            for _ in range(5):
+                assert await asyncio.wait_for(mic.read(), 5) is not None
+            assert pulse._proc is not None
+            pulse._proc.kill()  # the sound server (our "device") dies mid-capture
+            with pytest.raises(MicError, match="stopped delivering"):
+                while await asyncio.wait_for(mic.read(), 5) is not None:
+                    pass
+        finally:
+            await mic.stop()
+
+    asyncio.run(main())
+
+
 def test_unknown_device_names_the_available_ones(pulse: PulseAudio) -> None:
     async def main() -> None:
         await MicSource("no-such-mic", 16000).start()
