@@ -193,7 +193,8 @@ def _select_language(vocab: dict, lang: str | None, vocab_file: Path) -> dict[st
         )
     if lang not in vocab:
         raise ModelLoadError(
-            f"{vocab_file}: language {lang!r} not found; it has {', '.join(sorted(vocab))}"
+            f"{vocab_file}: language {lang!r} not found; it has {len(vocab)}: "
+            f"{', '.join(sorted(vocab)[:20])}{', ...' if len(vocab) > 20 else ''}"
         )
     return vocab[lang]
 
@@ -460,8 +461,9 @@ def beam_reset(state: BeamState, rows: Sequence[int] | np.ndarray) -> BeamState:
     empty = np.full(state.log_pb.shape[1], _NEG_INF)
     empty[0] = 0.0
     history = state.history
-    if history is not None:
+    if history is not None:  # chunks no live segment uses any more are dropped
         history = tuple((lp, reset(n, 0)) for lp, n in history)
+        history = tuple((lp, n) for lp, n in history if n.any())
     return BeamState(
         log_pb=reset(state.log_pb, empty),
         log_pnb=reset(state.log_pnb, _NEG_INF),

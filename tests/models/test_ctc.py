@@ -353,14 +353,33 @@ def _textbook_beam(log_probs: np.ndarray, width: int) -> dict[tuple[int, ...], f
     return {k: float(np.logaddexp(*v)) for k, v in beams.items() if np.logaddexp(*v) > -np.inf}
 
 
-@pytest.mark.parametrize("width", [1, 2, 4, 8])
-def test_beam_search_equals_textbook_on_longer_input(small_vocab, width):
-    rng = np.random.default_rng(width)
-    logits = rng.normal(size=(30, small_vocab.size)) * 2.5
+@pytest.mark.parametrize("width,size", [(1, 6), (2, 6), (4, 6), (8, 6), (2, 14), (4, 14)])
+def test_beam_search_equals_textbook_on_longer_input(width, size):
+    """With 14 tokens only the top width+1 of each frame extend a beam: still exact."""
+    vocab = CTCVocab.from_dict({"<pad>": 0, "|": 1} | {chr(65 + i): i + 2 for i in range(size - 2)})
+    rng = np.random.default_rng(width * size)
+    logits = rng.normal(size=(30, size)) * 2.5
     want = _textbook_beam(_log_softmax(logits), width)
-    hyps = prefix_beam_search(logits, small_vocab, beam_width=width, token_min_logp=None)
+    hyps = prefix_beam_search(logits, vocab, beam_width=width, token_min_logp=None)
     assert {h.tokens: h.score for h in hyps} == pytest.approx(want, abs=1e-9)
     assert hyps[0].tokens == max(want, key=want.get)
+
+
+def test_beam_search_equals_textbook_on_many_small_problems():
+    """Narrow beams over small vocabularies, where extending by only the top `width`
+    tokens of a frame would differ from the textbook search (it does for some of these)."""
+    for seed in [*range(60), 111, 307, 339, 368]:  # the last four need top width+1
+        rng = np.random.default_rng(seed)
+        size, width, steps = (
+            int(rng.integers(4, 8)),
+            int(rng.integers(1, 3)),
+            int(rng.integers(3, 10)),
+        )
+        vocab = CTCVocab.from_dict({"<pad>": 0} | {chr(65 + i): i + 1 for i in range(size - 1)})
+        logits = rng.normal(size=(steps, size)) * rng.uniform(0.5, 4)
+        want = _textbook_beam(_log_softmax(logits), width)
+        hyps = prefix_beam_search(logits, vocab, beam_width=width, token_min_logp=None)
+        assert {h.tokens: h.score for h in hyps} == pytest.approx(want, abs=1e-9), seed
 
 
 def test_beam_scores_bounded_by_torch_ctc_loss(small_vocab):
@@ -449,3 +468,6 @@ def test_beam_reset_starts_a_new_segment_in_one_slot(small_vocab):
     _assert_same(got[0][0], kept[0])
     _assert_same(got[1][0], fresh[0])
     assert state.frames.tolist() == [64, 24]
+    # once every slot has restarted, the old chunks' log-probs are released
+    assert len(beam_reset(beam_reset(state, [0]), [1]).history) == 0
+    assert len(beam_reset(state, [0]).history) == 1
