@@ -54,6 +54,7 @@ class Chromium:
         *,
         fake_audio: Path | None = None,
         loop_audio: bool = False,
+        grant_microphone: bool = True,
         window: tuple[int, int] = (1000, 700),
         extra_args: tuple[str, ...] = (),
     ) -> None:
@@ -65,7 +66,8 @@ class Chromium:
             "--headless",
             "--no-sandbox",
             "--disable-gpu",
-            "--use-fake-ui-for-media-stream",  # grants the microphone without a prompt
+            # Answer the microphone prompt: grant (fake UI) or deny.
+            "--use-fake-ui-for-media-stream" if grant_microphone else "--deny-permission-prompts",
             "--use-fake-device-for-media-stream",
             "--autoplay-policy=no-user-gesture-required",
             *QUIET_FLAGS,

@@ -1,0 +1,188 @@
+"""The browser page in real headless Chromium, against a real `streamd serve`.
+
+Chromium's fake microphone plays a shared recording once; the page captures it through
+its AudioWorklet (down-sampled to 16 kHz s16le) and streams it to the daemon. With the
+daemon's test recognizer (a final's text is the length of the 16 kHz audio it got) the
+finals prove the page's audio arrives at the right rate and covers the utterance; the
+word check needs the real Whisper pipeline and skips, saying so, until it exists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import soxr
+from helpers.chromium import Chromium, DevTools
+from test_stream import (
+    HAS_WHISPER,
+    NO_WHISPER,
+    TOKEN,
+    Final,
+    check_against_reference,
+    normalize,
+    padded_utterance,
+    run_daemon,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+CLICK = "document.getElementById('toggle').click()"
+STATE = "window.streamd"
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory):
+    with run_daemon(tmp_path_factory.mktemp("daemon")) as d:
+        yield d
+
+
+@pytest.fixture(scope="module")
+def utterance(shared_manifest: list[dict], tmp_path_factory: pytest.TempPathFactory):
+    """LibriSpeech utterance between silences, at 48 kHz like a real sound card."""
+    entry = next(e for e in shared_manifest if e["audio"].startswith("librispeech_2412"))
+    path = tmp_path_factory.mktemp("audio") / "utterance_48k.wav"
+    sf.write(path, soxr.resample(padded_utterance(entry, 0.5, 2.0), 16000, 48000), 48000,
+             subtype="PCM_16")
+    return path, entry["duration_s"]
+
+
+async def capture_session(url: str, audio: Path, workdir: Path, listen_s: float,
+                          screenshot: Path | None = None) -> dict:
+    """Open the page, press Start, let the fake mic play, press Stop, wait for `done`.
+
+    Returns the page's state plus what the DOM showed and the loudest meter reading.
+    """
+    with Chromium(workdir, fake_audio=audio) as browser:
+        async with DevTools.connect(browser.page_ws_url()) as page:
+            await page.navigate(url)
+            await page.evaluate(CLICK, gesture=True)
+            await page.wait_for(f"{STATE}.status === 'running'", timeout=30)
+            loudest = -60.0
+            loop = asyncio.get_running_loop()
+            until = loop.time() + listen_s
+            while loop.time() < until:
+                level = await page.evaluate(
+                    "Number(document.getElementById('level').getAttribute('aria-valuenow'))")
+                loudest = max(loudest, float(level))
+                await asyncio.sleep(0.25)
+            await page.evaluate(CLICK, gesture=True)
+            await page.wait_for(f"{STATE}.status === 'done' || {STATE}.status === 'error'",
+                                timeout=60)
+            state = await page.evaluate(f"JSON.parse(JSON.stringify({STATE}))")
+            state["rows"] = await page.evaluate(
+                "[...document.querySelectorAll('#transcript li')].map(li => li.innerText)")
+            state["loudest"] = loudest
+            state["console"] = list(page.console)
+            if screenshot is not None:
+                screenshot.parent.mkdir(parents=True, exist_ok=True)
+                screenshot.write_bytes(await page.screenshot())
+    return state
+
+
+def test_page_is_served_by_the_daemon(daemon):
+    with urllib.request.urlopen(f"{daemon.http}/") as r:
+        html = r.read().decode()
+    assert '<script src="app.js"' in html and 'id="toggle"' in html
+    for name, kind in (("app.js", "javascript"), ("worklet.js", "javascript"),
+                       ("style.css", "text/css")):
+        with urllib.request.urlopen(f"{daemon.http}/{name}") as r:
+            assert kind in r.headers["Content-Type"]
+            body = r.read().decode()
+        assert "http://" not in body and "https://" not in body  # offline: no CDN
+
+
+def test_fake_microphone_is_transcribed(daemon, utterance, tmp_path):
+    path, duration = utterance
+    shot = tmp_path / "page.png"
+    state = asyncio.run(capture_session(f"{daemon.http}/?token={TOKEN}", path, tmp_path,
+                                        listen_s=duration + 3.0, screenshot=shot))
+    assert state["status"] == "done", state
+    assert state["errors"] == [] and not [c for c in state["console"] if "exception" in c]
+    finals = state["finals"]
+    assert finals, state
+    assert [f["segment"] for f in finals] == list(range(len(finals)))
+    for f in finals:
+        # The test recognizer's text is the length of the 16 kHz audio the daemon got:
+        # it matches the times only if the page really sent 16 kHz samples.
+        assert abs(float(f["text"]) - (f["end"] - f["start"])) <= 0.021, f
+    heard = sum(f["end"] - f["start"] for f in finals)
+    print("page finals:", [(f["start"], f["end"], f["text"]) for f in finals], "heard", heard)
+    # The utterance plus VAD padding, minus pauses inside it: a wrong rate would be 3x off.
+    assert 0.8 * duration <= heard <= duration + 1.5, (heard, duration, finals)
+    # Stream time 0 is the start of capture, and the file starts there with 0.5 s of
+    # silence: the finals sit on the utterance's reference span (within VAD padding).
+    check_against_reference([Final(f["start"], f["end"], f["text"]) for f in finals],
+                            [(0.5, 0.5 + duration)])
+    assert len(state["rows"]) == len(finals)
+    assert all("–" in row and f["text"] in row for row, f in zip(state["rows"], finals,
+                                                                   strict=True))
+    assert state["loudest"] > -30  # the level meter moved with the speech
+    assert shot.stat().st_size > 10_000
+
+
+def test_wrong_token_is_explained(daemon, utterance, tmp_path):
+    async def run() -> dict:
+        with Chromium(tmp_path, fake_audio=utterance[0]) as browser:
+            async with DevTools.connect(browser.page_ws_url()) as page:
+                await page.navigate(f"{daemon.http}/?token=wrong")
+                await page.evaluate(CLICK, gesture=True)
+                await page.wait_for(f"{STATE}.errors.length > 0", timeout=30)
+                return {"state": await page.evaluate(f"JSON.parse(JSON.stringify({STATE}))"),
+                        "shown": await page.evaluate("document.getElementById('error').innerText")}
+
+    result = asyncio.run(run())
+    assert "Refused" in result["shown"] and "token" in result["shown"]
+    assert result["state"]["status"] == "error" and result["state"]["finals"] == []
+
+
+def test_denied_microphone_is_explained(daemon, tmp_path):
+    async def run() -> str:
+        with Chromium(tmp_path, grant_microphone=False) as browser:
+            async with DevTools.connect(browser.page_ws_url()) as page:
+                await page.navigate(f"{daemon.http}/?token={TOKEN}")
+                await page.evaluate(CLICK, gesture=True)
+                await page.wait_for(f"{STATE}.errors.length > 0", timeout=30)
+                return str(await page.evaluate("document.getElementById('error').innerText"))
+
+    assert "permission was denied" in asyncio.run(run())
+
+
+def test_daemon_going_away_is_explained(utterance, tmp_path):
+    async def run(daemon) -> str:
+        with Chromium(tmp_path, fake_audio=utterance[0]) as browser:
+            async with DevTools.connect(browser.page_ws_url()) as page:
+                await page.navigate(f"{daemon.http}/?token={TOKEN}")
+                await page.evaluate(CLICK, gesture=True)
+                await page.wait_for(f"{STATE}.status === 'running'", timeout=30)
+                os.killpg(daemon.proc.pid, signal.SIGKILL)  # gone without a goodbye
+                await page.wait_for(f"{STATE}.errors.length > 0", timeout=30)
+                return str(await page.evaluate("document.getElementById('error').innerText"))
+
+    with run_daemon(tmp_path) as daemon:
+        shown = asyncio.run(run(daemon))
+    assert "Disconnected from the daemon" in shown
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_WHISPER, reason=NO_WHISPER)
+def test_real_words_in_the_page(shared_manifest, tmp_path):
+    """The JFK recording through the fake mic and the real pipeline; saves the README's
+    screenshot (docs/screenshot.png)."""
+    entry = next(e for e in shared_manifest if e["audio"].startswith("jfk"))
+    audio, rate = sf.read(entry["path"], dtype="float32")
+    wav = tmp_path / "jfk_48k.wav"
+    padded = np.concatenate([np.zeros(8000, np.float32), audio, np.zeros(32000, np.float32)])
+    sf.write(wav, soxr.resample(padded, rate, 48000), 48000, subtype="PCM_16")
+    with run_daemon(tmp_path, test_pipeline=False, startup_timeout=600) as daemon:
+        state = asyncio.run(capture_session(
+            f"{daemon.http}/?token={TOKEN}", wav, tmp_path, listen_s=entry["duration_s"] + 3,
+            screenshot=REPO / "docs" / "screenshot.png"))
+    text = normalize(" ".join(f["text"] for f in state["finals"]))
+    assert "ask not what your country can do for you" in text, state
