@@ -378,6 +378,7 @@ def greedy_decode_batch(
     time_offset: float = 0.0,
 ) -> list[Hypothesis]:
     """`logits` [B, T, V] with valid frame counts `lengths` [B] (default all T)."""
+    logits = np.asarray(logits)  # one host copy when handed a device array
     lengths = _lengths(logits, lengths)
     return [
         greedy_decode(logits[b, : lengths[b]], vocab, frame_stride, time_offset)
@@ -393,6 +394,7 @@ def greedy_step_batch(
 ) -> list[GreedyState]:
     """`greedy_step` for B streams sharing one chunk `[B, T, V]`; frames at or past
     `lengths[b]` are padding."""
+    logits = np.asarray(logits)
     lengths = _lengths(logits, lengths)
     return [greedy_step(s, logits[b, : lengths[b]], vocab) for b, s in enumerate(states)]
 
@@ -675,23 +677,24 @@ def align_batch(
     log_probs: Sequence[np.ndarray], labellings: Sequence[Sequence[int]], blank_id: int
 ) -> list[TokenSpans]:
     """`align` for B streams: log-probs `[T_b, V]` and a labelling per stream."""
-    out: list[TokenSpans | None] = []
-    for lp, tokens in zip(log_probs, labellings, strict=True):
+    out: list[TokenSpans] = []
+    rest: list[int] = []  # streams that need the Viterbi search
+    for b, (lp, tokens) in enumerate(zip(log_probs, labellings, strict=True)):
         # The argmax path is the best of all paths; when it spells the labelling (the
         # usual case on peaky CTC output) it is that labelling's best path.
         lp = np.asarray(lp, dtype=np.float64)
         path = lp.argmax(axis=-1)
         probs = np.exp(lp[np.arange(len(lp)), path])
-        spans = _extend_spans(TokenSpans(), path, probs, 0, -1, blank_id)
-        out.append(spans if spans.tokens == tuple(tokens) else None)
-    rest = [b for b, spans in enumerate(out) if spans is None]
+        out.append(_extend_spans(TokenSpans(), path, probs, 0, -1, blank_id))
+        if out[b].tokens != tuple(tokens):
+            rest.append(b)
     if rest:
         found = _viterbi_batch(
             [log_probs[b] for b in rest], [labellings[b] for b in rest], blank_id
         )
         for b, spans in zip(rest, found, strict=True):
             out[b] = spans
-    return out  # type: ignore[return-value]  # every slot is filled
+    return out
 
 
 def _viterbi_batch(
