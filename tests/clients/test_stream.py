@@ -385,3 +385,41 @@ def test_real_words_from_the_stream_recording(tmp_path: Path, stream_entry: dict
     wer = jiwer.wer(normalize(stream_entry["text"]), hypothesis)
     print(f"stream recording WER {wer:.3f} over {len(finals)} finals")
     assert wer <= 0.3, (wer, hypothesis)
+
+
+def test_microphone_through_pulseaudio(daemon: DaemonProcess, shared_manifest: list[dict],
+                                       tmp_path: Path):
+    """`--mic pulse`: real PortAudio capture from a PulseAudio pipe source fed with the
+    utterance at real-time pace; Ctrl+C ends it and the finals come back."""
+    from helpers.pulse import PulseAudio
+
+    entry = next(e for e in shared_manifest if e["audio"].startswith("librispeech_61"))
+    samples = (padded_utterance(entry, 0.5, 1.5) * 32767).astype(np.int16)
+    out_path = tmp_path / "mic.out"
+    with PulseAudio(tmp_path) as pa, open(out_path, "w") as out:
+        proc = subprocess.Popen(
+            [script("streamd-stream"), "--url", daemon.url, "--token", TOKEN, "--json",
+             "--mic", "pulse"], stdout=out, stderr=subprocess.PIPE, text=True, env=pa.env)
+        try:
+            deadline = time.monotonic() + 30
+            while '"ready"' not in out_path.read_text():
+                assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+                assert time.monotonic() < deadline, "no ready event"
+                time.sleep(0.05)
+            feeder = pa.play(samples)
+            assert feeder.finished.wait(30)
+            time.sleep(1.0)
+            proc.send_signal(signal.SIGINT)
+            _, stderr = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 0, stderr
+    events = [json.loads(line) for line in out_path.read_text().splitlines()]
+    assert events[0]["type"] == "ready" and events[-1]["type"] == "done"
+    finals = [Final(e["start"], e["end"], e["text"]) for e in events if e["type"] == "final"]
+    assert finals, events
+    for f in finals:
+        assert abs(float(f.text) - (f.end - f.start)) <= 0.021, f
+    heard = sum(f.end - f.start for f in finals)
+    assert 0.8 * entry["duration_s"] <= heard <= entry["duration_s"] + 1.5, (heard, finals)
