@@ -256,29 +256,38 @@ def test_other_rates_and_channels(daemon: DaemonProcess, shared_manifest: list[d
 
 
 def test_ctrl_c_sends_stop_and_prints_the_last_final(daemon: DaemonProcess,
-                                                     stream_entry: dict):
+                                                     stream_entry: dict, tmp_path: Path):
     """Interrupted inside the first utterance (real-time pace): the speech heard so far
     still comes back as a final, and the client exits 0 after `done`."""
-    proc = subprocess.Popen(
-        [script("streamd-stream"), "--url", daemon.url, "--token", TOKEN,
-         str(stream_entry["path"])],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out_path = tmp_path / "events.jsonl"
+    with open(out_path, "w") as out:
+        proc = subprocess.Popen(
+            [script("streamd-stream"), "--url", daemon.url, "--token", TOKEN, "--json",
+             str(stream_entry["path"])], stdout=out, stderr=subprocess.PIPE, text=True)
     try:
-        time.sleep(4.0)
+        # Interrupt 1.5 s after the daemon heard speech start, whatever the machine load.
+        deadline = time.monotonic() + 30
+        while '"speech_start"' not in out_path.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, "no speech_start"
+            time.sleep(0.05)
+        time.sleep(1.5)
         proc.send_signal(signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=30)
+        _, stderr = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, stderr
     assert "stopping" in stderr
-    finals = parse_finals(stdout)
-    assert finals, stderr
+    events = [json.loads(line) for line in out_path.read_text().splitlines()]
+    assert events[-1]["type"] == "done"
+    finals = [e for e in events if e["type"] == "final"]
+    assert len(finals) == 1 == events[-1]["segments"], events
+    (final,) = finals
     first = stream_entry["segments"][0]
-    assert first["start_s"] - PAD_S <= finals[0].start
-    # Audio stopped after ~4 s (pacing starts a little after the process does).
-    assert 2.0 < finals[-1].end < 5.5, finals
-    assert abs(float(finals[-1].text) - (finals[-1].end - finals[-1].start)) <= 0.021
+    assert first["start_s"] - PAD_S <= final["start"]
+    # Cut short: more than the 1.5 s heard, well before the utterance's own end.
+    assert final["start"] + 1.0 < final["end"] < first["end_s"] - 3.0, final
+    assert abs(float(final["text"]) - (final["end"] - final["start"])) <= 0.021
 
 
 def test_live_partial_line_on_a_terminal(daemon: DaemonProcess, shared_manifest: list[dict],
