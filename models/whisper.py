@@ -460,13 +460,17 @@ decode_step = jax.jit(_decode_step, static_argnames="config", donate_argnames="c
 
 def init_params(config: WhisperConfig, key: jax.Array) -> Params:
     """Random parameters with the same tree as `params_from_hf` (for tests and benchmarks)."""
-    k_enc, k_dec = jax.random.split(key)
-    mel = jnp.zeros((1, config.n_mels, 4), jnp.float32)
-    enc = Encoder(config).init(k_enc, mel)["params"]
-    dec = Decoder(config).init(
-        k_dec, jnp.zeros((1, 2), jnp.int32), jnp.zeros((1, 2, config.d_model)), method="init_all"
-    )["params"]
-    return {"encoder": enc, "decoder": dec}
+
+    @jax.jit  # one compiled init instead of hundreds of eager ops
+    def init(key: jax.Array) -> Params:
+        k_enc, k_dec = jax.random.split(key)
+        mel = jnp.zeros((1, config.n_mels, 4), jnp.float32)
+        enc = Encoder(config).init(k_enc, mel)["params"]
+        tokens, states = jnp.zeros((1, 2), jnp.int32), jnp.zeros((1, 2, config.d_model))
+        dec = Decoder(config).init(k_dec, tokens, states, method="init_all")["params"]
+        return {"encoder": enc, "decoder": dec}
+
+    return init(key)
 
 
 # --------------------------------------------------------------------------- conversion

