@@ -586,7 +586,7 @@ def _stream_features(params: Params, config: Wav2Vec2Config, fs: FeatureState,
             offset = (k - s + config.fe_delay) // s  # stream output j' is offline j' - offset
             j = step[:, None] * n_out + jnp.arange(n_out)[None, :] - offset
             valid = ((j >= 0) & (j * s + k <= num_samples[:, None]))[..., None]
-            n_b = valid.sum(1).astype(jnp.float32)
+            n_b = valid[..., 0].sum(1).astype(jnp.float32)
             mean_b = jnp.where(valid, x, 0.0).sum(1) / jnp.maximum(n_b, 1.0)[:, None]
             m2_b = jnp.where(valid, jnp.square(x - mean_b[:, None]), 0.0).sum(1)
             total = count + n_b
