@@ -216,6 +216,27 @@ def test_cache_rows_reorder_like_beams(hf, encoder_states) -> None:
     _close(step[1], ref)
 
 
+def test_slot_reset_by_length_zero(hf, encoder_states) -> None:
+    """An engine reuses a row by setting its length to 0 (stale entries are masked) while
+    the other row goes on; num_valid 0 leaves a row untouched."""
+    model, config, params = hf
+    rng = np.random.default_rng(9)
+    old, new, other = _tokens(rng, 1, 4)[0], _tokens(rng, 1, 5)[0], _tokens(rng, 1, 5)[0]
+    cross = whisper.cross_kv(params, config, jnp.asarray(encoder_states), None)
+    cache = whisper.init_cache(config, 2, 16)
+    _, cache = whisper.prefill(params, config, cache, cross, jnp.asarray([old, other[:4]]))
+    cache = cache.replace(length=cache.length.at[0].set(0))
+    logits, cache = whisper.prefill(
+        params, config, cache, cross, jnp.asarray([new[:4], other[:4]]),
+        jnp.asarray([4, 0], jnp.int32),
+    )
+    np.testing.assert_array_equal(cache.length, [4, 4])
+    step, cache = whisper.decode_step(params, config, cache, cross, jnp.asarray([new[4], other[4]]))
+    got0 = np.concatenate([logits[0], step[:1]])
+    _close(got0, _hf_logits(model, encoder_states[:1], new[None])[0])
+    _close(step[1], _hf_logits(model, encoder_states[1:], other[None])[0, 4])
+
+
 def test_step_past_cache_end_is_nan_not_silent(hf, encoder_states) -> None:
     _, config, params = hf
     cross = whisper.cross_kv(params, config, jnp.asarray(encoder_states[:1]), None)
@@ -232,6 +253,11 @@ def test_step_past_cache_end_is_nan_not_silent(hf, encoder_states) -> None:
 def test_bfloat16_compute_stays_close(hf, encoder_states) -> None:
     model, config, params = hf
     bf16 = whisper.WhisperConfig(**{**config.__dict__, "dtype": "bfloat16"})
+    mel = np.random.default_rng(10).normal(size=(1, 80, 200)).astype(np.float32)
+    enc = whisper.encode(params, bf16, jnp.asarray(mel))
+    assert enc.dtype == jnp.bfloat16
+    full = np.asarray(whisper.encode(params, config, jnp.asarray(mel)))
+    assert float(np.max(np.abs(np.asarray(enc, np.float32) - full))) < 0.05 * np.abs(full).max()
     tokens = _tokens(np.random.default_rng(8), 1, 6)
     cache = whisper.init_cache(bf16, 1, 8)
     assert cache.layers[0].keys.dtype == jnp.bfloat16
