@@ -1,0 +1,84 @@
+"""`streamd transcribe`: offline recognition of audio files, one result per file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+import numpy as np
+
+from models.checkpoint import ModelLoadError
+from streamd.audio import SAMPLE_RATE, AudioError, read_audio
+
+log = logging.getLogger(__name__)
+
+
+class FileTranscriber(Protocol):
+    """What every model family offers the CLI: 16 kHz mono float32 in, text out."""
+
+    def transcribe(self, audio: np.ndarray) -> str: ...
+
+    def warmup(self) -> None: ...
+
+
+def load_transcriber(args: argparse.Namespace) -> FileTranscriber:
+    """The transcriber for `--model` (default: the embedded tiny.en Whisper)."""
+    from models import registry
+
+    folder = registry.resolve_model(args.model)
+    family = registry.model_family(folder)
+    if family == "whisper":
+        from models.whisper_asr import WhisperTranscriber
+
+        window = args.encoder_window or "bucketed"
+        model = registry.load_whisper(args.model)
+        return WhisperTranscriber(model, beam_size=args.beam_size, encoder_window=window)
+    loader = _FAMILY_LOADERS.get(family)
+    if loader is None:
+        raise ModelLoadError(f"{folder}: the {family} family cannot transcribe yet")
+    return loader(folder, args)
+
+
+# Non-Whisper families, filled in as they land: family -> (folder, args) -> transcriber.
+_FAMILY_LOADERS: dict[str, Callable[..., FileTranscriber]] = {}
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        started = time.perf_counter()
+        transcriber = load_transcriber(args)
+        print(f"loading model: {time.perf_counter() - started:.1f} s", file=sys.stderr)
+        started = time.perf_counter()
+        transcriber.warmup()
+        print(f"compiling: {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    except ModelLoadError as exc:
+        print(f"streamd transcribe: {exc}", file=sys.stderr)
+        return 2
+    failures = 0
+    for path in args.files:
+        try:
+            audio = read_audio(path)
+        except AudioError as exc:
+            failures += 1
+            print(f"streamd transcribe: {exc}", file=sys.stderr)
+            continue
+        started = time.perf_counter()
+        text = transcriber.transcribe(audio)
+        elapsed = time.perf_counter() - started
+        if args.json:
+            record = {
+                "file": str(path),
+                "text": text,
+                "duration_s": round(len(audio) / SAMPLE_RATE, 3),
+                "elapsed_s": round(elapsed, 4),
+            }
+            print(json.dumps(record, ensure_ascii=False), flush=True)
+        else:
+            print(f"{path}: {text}" if len(args.files) > 1 else text, flush=True)
+    return 1 if failures else 0
