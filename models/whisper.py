@@ -16,9 +16,14 @@ cache is donated: do not reuse a cache after passing it in. Compute dtype comes 
 `config.dtype` ("float32" default; "bfloat16"/"float16" for accelerators); softmax
 and logits are always float32.
 
-Cache bound: a row whose `length + num_valid` exceeds the cache's `max_len` cannot be
-stored (`dynamic_update_slice` would clamp and overwrite earlier entries), so its logits
-are returned as NaN from then on. Callers stop decoding at the cache length.
+Caches: every leaf is batch-first (beam reorder = `jax.tree.map(lambda x: x[idx], c)`);
+keys are stored [B, H, Dh, L] and values [B, H, L, Dh] (see `LayerKV`). A row (slot) is
+reused by setting its `length` to 0: stale entries are masked, never read. Rows that
+should not advance in a batched call pass `num_valid` 0.
+
+Cache bound: a row whose `length + S` exceeds the cache's `max_len` cannot be stored
+(`dynamic_update_slice` would clamp and overwrite earlier entries), so its logits are
+returned as NaN from then on. Callers stop decoding at the cache length.
 """
 
 from __future__ import annotations

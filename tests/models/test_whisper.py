@@ -88,6 +88,8 @@ def test_config_from_hf(hf) -> None:
         START, EOS, EOS,
     )
     assert config.suppress_tokens == (1, 2) and config.begin_suppress_tokens == (EOS,)
+    preset = whisper.WhisperConfig.tiny_test(suppress_tokens=(1, 2), begin_suppress_tokens=(EOS,))
+    assert config == preset
     hash(config)  # static jit argument
 
 
