@@ -101,6 +101,10 @@ class ForceTokens:
         return jnp.where((t < len(self.ids)) & others, -jnp.inf, logits)
 
 
+# (prefill logits [B, P, V], prompt int32 [B, P], prompt_len int32 [B]) -> any pytree
+Probe = Callable[[jax.Array, jax.Array, jax.Array], Any]
+
+
 @struct.dataclass
 class SearchResult:
     """Best hypothesis per input.
@@ -148,7 +152,7 @@ def _prefill(decoder, params, cross, prompt, prompt_len, probe):
     token [B, V], the cache and the probe's output on the full prompt logits."""
     cache = decoder.init_cache(prompt.shape[0])
     logits, cache = decoder.step(params, cache, cross, prompt, prompt_len)
-    probed = probe(logits, prompt_len) if probe is not None else None
+    probed = probe(logits, prompt, prompt_len) if probe is not None else None
     last = jnp.take_along_axis(logits, (prompt_len - 1)[:, None, None], axis=1)[:, 0]
     return last, cache, probed
 
@@ -229,13 +233,14 @@ def greedy_search(
     temperature: float = 0.0,
     key: jax.Array | None = None,
     renormalize: bool = True,
-    probe: Callable[[jax.Array, jax.Array], Any] | None = None,
+    probe: Probe | None = None,
 ) -> SearchResult:
     """Greedy decoding (temperature 0) or sampling (temperature > 0, needs `key`).
 
     cross: the model's per-input encoder state, batch-first [B, ...]; prompt: int32
     [B, P] (rows shorter than P padded, lengths in `prompt_len` [B]); probe: optional
-    `(prefill logits [B, P, V], prompt_len) -> pytree`, e.g. a no-speech probability.
+    hashable `(prefill logits [B, P, V], prompt, prompt_len) -> pytree` run inside the
+    jit on the prompt's logits, e.g. Whisper's no-speech probability.
     Stops at the end token `eot` in every row or after `max_new_tokens`.
     """
     prompt = jnp.asarray(prompt, jnp.int32)
@@ -350,7 +355,7 @@ def beam_search(
     filters: Sequence[LogitFilter] = (),
     length_penalty: float = 1.0,
     renormalize: bool = True,
-    probe: Callable[[jax.Array, jax.Array], Any] | None = None,
+    probe: Probe | None = None,
 ) -> SearchResult:
     """Beam search with `beams` hypotheses per input (runs batch x beams decoder rows).
 

