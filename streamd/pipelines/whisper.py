@@ -1,0 +1,356 @@
+"""The `whisper` pipeline: partials while a segment grows, one final at its endpoint.
+
+Per request the segment audio so far is zero-padded to the smallest of a few static
+length buckets (default 2, 4, 6, 9, 14, 21 s), turned into log-mel, encoded, and
+decoded greedily after a prompt `SOT <|notimestamps|> + committed tokens` that the
+decoder pre-fills into its fixed-size KV cache. LocalAgreement-2 over words decides the
+committed (stable) prefix; the final re-decodes the whole segment with that prefix
+forced, so it always starts with what partials called stable and only decodes the tail.
+
+Device work: one engine kind per length bucket (`whisper/<seconds>s`); each batch runs
+one jitted call (`recognize_batch`: mel, encoder, cross K/V, prefill, token loop).
+Every (bucket, batch size) shape this pipeline can issue is compiled by the engine's
+warm-up; rows the engine padded in are dropped again before the call, and long buckets
+use only small batch sizes (cost on CPU grows with rows anyway, and warm-up stays short).
+
+No-speech guard (as openai/whisper): a segment whose `<|nospeech|>` probability is over
+0.6 and whose average log-probability is under -1 gives an empty final and no partials.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from models import whisper
+from models.decoding import (
+    SearchResult,
+    SuppressAtBegin,
+    SuppressTokens,
+    beam_search,
+    greedy_search,
+)
+from models.mel import SAMPLE_RATE, log_mel
+from models.whisper_decoding import NoSpeechProbe, WhisperDecoder, compression_ratio
+from streamd.config import Config
+from streamd.engine import Engine
+from streamd.errors import ConfigError
+from streamd.pipelines.stabilize import LocalAgreement
+from streamd.recognizer import Hypothesis, SegmentInfo, register_pipeline
+
+log = logging.getLogger("streamd.pipelines.whisper")
+
+DEFAULT_BUCKETS_S = (2.0, 4.0, 6.0, 9.0, 14.0, 21.0, 30.0)
+# Rows x seconds of audio per device call; bounds the batch sizes of long buckets.
+ROW_SECONDS_PER_CALL = 32.0
+# Silence kept after the audio inside a bucket: Whisper tends to loop on a window whose
+# speech runs to its very end, so a request moves up a bucket rather than fill one.
+TAIL_MARGIN_S = 0.3
+NO_SPEECH_THRESHOLD = 0.6
+COMPRESSION_RATIO_THRESHOLD = 2.4
+LOGPROB_THRESHOLD = -1.0
+
+
+# --------------------------------------------------------------------------- device side
+
+
+@dataclasses.dataclass(frozen=True)
+class BucketSpec:
+    """Everything static about one compiled call (hashable: a jit static argument)."""
+
+    config: whisper.WhisperConfig
+    samples: int  # audio samples of this bucket
+    prompt_width: int  # SOT sequence + room for committed tokens
+    max_new_tokens: int
+    eot: int
+    filters: tuple[Any, ...]
+    probe: NoSpeechProbe
+    beams: int = 1
+
+    @property
+    def seconds(self) -> float:
+        return self.samples / SAMPLE_RATE
+
+
+@functools.partial(jax.jit, static_argnames="spec")
+def recognize_batch(
+    params: Any, audio: jax.Array, prompt: jax.Array, prompt_len: jax.Array, spec: BucketSpec
+) -> SearchResult:
+    """audio float32 [B, spec.samples] (zero-padded), prompt int32 [B, P], prompt_len [B]
+    -> SearchResult (tokens [B, T] after the prompt; probe = no-speech probability [B]).
+
+    One compile per (spec, B). The encoder sees the whole padded bucket (as Whisper sees
+    its zero-padded 30 s window), so no encoder mask is needed.
+    """
+    cfg = spec.config
+    enc = whisper.encode(params, cfg, log_mel(audio, cfg.n_mels))
+    cross = whisper.cross_kv(params, cfg, enc, None)
+    decoder = WhisperDecoder(cfg, spec.prompt_width + spec.max_new_tokens)
+    common = dict(eot=spec.eot, max_new_tokens=spec.max_new_tokens, prompt_len=prompt_len,
+                  filters=spec.filters, probe=spec.probe)
+    if spec.beams > 1:
+        return beam_search(decoder, params, cross, prompt, beams=spec.beams, **common)
+    return greedy_search(decoder, params, cross, prompt, **common)
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One request to the engine: segment audio [N] float32 and the tokens to force."""
+
+    audio: np.ndarray
+    prefix: tuple[int, ...] = ()
+
+
+PAD = Job(np.zeros(0, np.float32))  # the engine's empty slot
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoded:
+    tokens: tuple[int, ...]  # generated tokens after the prompt, end token excluded
+    avg_logprob: float  # over the generated tokens, end token included (openai's measure)
+    no_speech_prob: float
+
+    @property
+    def silent(self) -> bool:
+        return self.no_speech_prob > NO_SPEECH_THRESHOLD and self.avg_logprob < LOGPROB_THRESHOLD
+
+
+# --------------------------------------------------------------------------- pipeline
+
+
+def bucket_ladder(
+    max_segment_s: float, buckets_s: Sequence[float] = DEFAULT_BUCKETS_S
+) -> tuple[float, ...]:
+    """Buckets up to the first that holds a whole segment (VAD cap, tail margin), <= 30 s."""
+    need = min(max_segment_s + TAIL_MARGIN_S + 0.1, 30.0)
+    out = []
+    for b in sorted(buckets_s):
+        out.append(b)
+        if b >= need:
+            break
+    if out[-1] < need:
+        out.append(30.0)
+    return tuple(out)
+
+
+class WhisperPipeline:
+    """Owns the params and registers one engine kind per bucket (and per beam final)."""
+
+    name = "whisper"
+
+    def __init__(
+        self,
+        engine: Engine,
+        model: Any,  # models.registry.WhisperModel: config, params, tokenizer
+        *,
+        buckets_s: Sequence[float] = DEFAULT_BUCKETS_S,
+        max_segment_s: float = 20.0,
+        beam_size: int = 1,
+        tokens_per_second: float = 5.0,
+    ) -> None:
+        self.engine = engine
+        self.config: whisper.WhisperConfig = model.config
+        self.params = model.params
+        self.tokenizer = model.tokenizer
+        tok = self.tokenizer
+        self.sot_sequence = tuple(tok.sot_sequence(timestamps=False))
+        self.eot = tok.eot
+        specials = {tok.sot, tok.sot_prev, tok.sot_lm, tok.no_speech, tok.translate,
+                    tok.transcribe, tok.no_timestamps, *tok.languages.values()}
+        timestamps = range(tok.timestamp_begin, self.config.vocab_size)
+        suppress = tuple(sorted(set(self.config.suppress_tokens) | specials | set(timestamps)))
+        # Not the end token at the start: with a committed prefix, ending is legitimate.
+        begin = tuple(t for t in self.config.begin_suppress_tokens if t != self.eot)
+        filters = (SuppressTokens(suppress), SuppressAtBegin(begin))
+        probe = NoSpeechProbe(tok.sot, tok.no_speech)
+        self.specs: list[BucketSpec] = []
+        self.beam_specs: list[BucketSpec] = []
+        self._piece: dict[int, str] = {}
+        max_len = self.config.max_target_positions
+        for seconds in bucket_ladder(max_segment_s, buckets_s):
+            # Token budgets scale with the audio: caps runaway loops, keeps prefill small.
+            new = min(int(seconds * tokens_per_second) + 10, max_len // 2)
+            width = min(len(self.sot_sequence) + int(seconds * tokens_per_second * 0.8) + 4,
+                        max_len - new)
+            spec = BucketSpec(self.config, int(seconds * SAMPLE_RATE), width, new, self.eot,
+                              filters, probe)
+            self.specs.append(spec)
+            engine.add_kind(self.kind(spec), functools.partial(self._run, spec), PAD)
+            if beam_size > 1:
+                beam = dataclasses.replace(spec, beams=beam_size)
+                self.beam_specs.append(beam)
+                engine.add_kind(self.kind(beam), functools.partial(self._run, beam), PAD)
+
+    @staticmethod
+    def kind(spec: BucketSpec) -> str:
+        suffix = f"/beam{spec.beams}" if spec.beams > 1 else ""
+        return f"whisper/{spec.seconds:g}s{suffix}"
+
+    def spec_for(self, n_samples: int, final: bool = False) -> BucketSpec:
+        """The smallest bucket holding n samples plus the tail margin (else the largest)."""
+        specs = self.beam_specs if final and self.beam_specs else self.specs
+        need = n_samples + int(TAIL_MARGIN_S * SAMPLE_RATE)
+        return next((s for s in specs if s.samples >= need), specs[-1])
+
+    def prefix_room(self, n_samples: int) -> int:
+        """Committed tokens that fit the prompt of this audio's bucket (and of every later,
+        longer request of the same segment, as buckets only grow)."""
+        return self.spec_for(n_samples).prompt_width - len(self.sot_sequence)
+
+    def batch_sizes(self, spec: BucketSpec) -> tuple[int, ...]:
+        cap = max(1, int(ROW_SECONDS_PER_CALL // spec.seconds))
+        sizes = tuple(b for b in self.engine.batch_sizes if b <= cap)
+        return sizes or self.engine.batch_sizes[:1]
+
+    def compiled_shapes(self) -> int:
+        """Compiles of `recognize_batch` so far (all pipelines in the process)."""
+        return recognize_batch._cache_size()
+
+    def new_recognizer(self, session: str) -> WhisperRecognizer:
+        return WhisperRecognizer(self)
+
+    async def recognize(self, audio: np.ndarray, prefix: tuple[int, ...] = (),
+                        final: bool = False) -> Decoded:
+        spec = self.spec_for(len(audio), final)
+        if len(audio) > spec.samples:
+            log.warning("segment of %.1f s cut to the %.0f s bucket", len(audio) / SAMPLE_RATE,
+                        spec.seconds)
+        return await self.engine.submit(self.kind(spec), Job(audio, prefix))
+
+    # -- worker thread
+
+    def _run(self, spec: BucketSpec, items: list[Job]) -> list[Decoded | None]:
+        """Engine batch function: drops the engine's empty slots and runs the real rows in
+        calls of this bucket's batch sizes. All-empty (warm-up) compiles the shape."""
+        sizes = self.batch_sizes(spec)
+        out: list[Decoded | None] = [None] * len(items)
+        real = [i for i, job in enumerate(items) if job is not PAD]
+        if not real:
+            if len(items) in sizes:
+                self._call(spec, [PAD] * len(items))
+            return out
+        for start in range(0, len(real), sizes[-1]):
+            rows = real[start : start + sizes[-1]]
+            size = next(b for b in sizes if b >= len(rows))
+            jobs = [items[i] for i in rows] + [PAD] * (size - len(rows))
+            for i, result in zip(rows, self._call(spec, jobs), strict=False):
+                out[i] = result
+        return out
+
+    def _call(self, spec: BucketSpec, jobs: list[Job]) -> list[Decoded]:
+        batch = len(jobs)
+        audio = np.zeros((batch, spec.samples), np.float32)
+        prompt = np.full((batch, spec.prompt_width), self.eot, np.int32)
+        prompt_len = np.zeros(batch, np.int32)
+        for row, job in enumerate(jobs):
+            clip = job.audio[: spec.samples]
+            audio[row, : len(clip)] = clip
+            tokens = (self.sot_sequence + job.prefix)[: spec.prompt_width]
+            prompt[row, : len(tokens)] = tokens
+            prompt_len[row] = len(tokens)
+        res = jax.device_get(recognize_batch(self.params, audio, prompt, prompt_len, spec))
+        decoded = []
+        for row in range(batch):
+            n = int(res.lengths[row])
+            decoded.append(Decoded(
+                tokens=tuple(int(t) for t in res.tokens[row, :n]),
+                avg_logprob=float(res.sum_logprobs[row]) / (n + 1),
+                no_speech_prob=float(res.probe[row]),
+            ))
+        return decoded
+
+    # -- text
+
+    def piece(self, token: int) -> str:
+        if token not in self._piece:
+            self._piece[token] = self.tokenizer.decode([token])
+        return self._piece[token]
+
+    def words(self, tokens: Sequence[int]) -> list[tuple[int, ...]]:
+        """Groups tokens into words: a word starts at a token that begins with a space."""
+        groups: list[list[int]] = []
+        for t in tokens:
+            if not groups or self.piece(t).startswith(" "):
+                groups.append([t])
+            else:
+                groups[-1].append(t)
+        return [tuple(g) for g in groups]
+
+    def text(self, tokens: Sequence[int]) -> str:
+        return self.tokenizer.decode(tokens)
+
+
+class WhisperRecognizer:
+    """Per session: LocalAgreement-2 state of the segment in flight."""
+
+    def __init__(self, pipeline: WhisperPipeline) -> None:
+        self.pipeline = pipeline
+        self.policy: LocalAgreement[tuple[int, ...]] = LocalAgreement(2)
+        self._segment: int | None = None
+        self._last_text: str | None = None
+
+    def _enter(self, segment: int) -> None:
+        if segment != self._segment:
+            self.policy.reset()
+            self._segment = segment
+            self._last_text = None
+
+    def _prefix(self) -> tuple[int, ...]:
+        return tuple(t for word in self.policy.committed for t in word)
+
+    async def partial(self, audio_16k: np.ndarray, segment: SegmentInfo) -> Hypothesis | None:
+        self._enter(segment.index)
+        p = self.pipeline
+        committed = self.policy.committed
+        prefix = self._prefix()
+        result = await p.recognize(audio_16k, prefix)
+        if result.silent and not prefix:
+            return None
+        if compression_ratio(p.text(result.tokens)) > COMPRESSION_RATIO_THRESHOLD:
+            return None  # a repetition loop: say nothing rather than commit to it
+        # Generated words are grouped on their own, so committed units never regroup.
+        hyp = list(committed) + p.words(result.tokens)
+        room, units, used = p.prefix_room(len(audio_16k)), 0, 0
+        for word in hyp:  # the most words whose tokens fit the decoder's prompt room
+            if used + len(word) > room:
+                break
+            used, units = used + len(word), units + 1
+        stable = self.policy.update(hyp, max_units=units)
+        text = p.text([t for w in hyp for t in w])
+        if text == self._last_text:
+            return None  # nothing new to say
+        self._last_text = text
+        return Hypothesis(text, stable=p.text([t for w in stable for t in w]))
+
+    async def final(self, audio_16k: np.ndarray, segment: SegmentInfo) -> Hypothesis:
+        prefix = self._prefix() if segment.index == self._segment else ()
+        self._segment, self._last_text = None, None
+        self.policy.reset()
+        result = await self.pipeline.recognize(audio_16k, prefix, final=True)
+        if result.silent and not prefix:
+            return Hypothesis("")  # not speech: the session reports an empty final
+        return Hypothesis(self.pipeline.text(prefix + result.tokens))
+
+    def close(self) -> None:
+        self.policy.reset()
+
+
+def create(config: Config, engine: Engine) -> WhisperPipeline:
+    """Factory for `streamd serve`: loads `recognition.model` (default tiny.en)."""
+    from models.checkpoint import ModelLoadError
+    from models.registry import load_whisper
+
+    try:
+        model = load_whisper(config.recognition.model or None)
+    except ModelLoadError as exc:
+        raise ConfigError("recognition.model", str(exc)) from exc
+    return WhisperPipeline(engine, model, max_segment_s=config.vad.max_segment_s)
+
+
+register_pipeline("whisper", create)
