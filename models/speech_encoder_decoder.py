@@ -1,0 +1,224 @@
+"""Speech encoder-decoder (transformers' `SpeechEncoderDecoderModel`) in JAX.
+
+A wav2vec2 or wav2vec2-conformer encoder (models/wav2vec2*.py, encoder part only: conv
+features, projection, transformer or conformer layers, optional adapter), an optional
+linear `enc_to_dec_proj` when the encoder's width differs from the decoder's, and a text
+decoder with cross-attention (models/text_decoders.py: BART, mBART or GPT-2), searched by
+the shared engine in models/decoding.py.
+
+Public API
+- `SpeechEncoderDecoderConfig.from_hf_config(dict)`; `params_from_hf(config, tensors)`.
+- `encode(params, config, audio [B, N], mask [B, N] | None) -> (hidden [B, T, D_dec],
+  frame_mask [B, T])` (jitted; one compile per (B, N)).
+- `cross_kv(params, config, hidden, mask) -> CrossCache`; `decoder(config, max_len)`.
+- `load(folder) -> SpeechEncoderDecoder`;
+  `transcribe(model, audio_16k, beam_size=1) -> str`; `generate(...) -> list[int]`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models import text_decoders, wav2vec2, wav2vec2_conformer
+from models.checkpoint import ModelLoadError, read_hf_folder
+from models.decoding import beam_search, greedy_search
+from models.text_decoders import TextDecoder, TextDecoderConfig
+
+Params = dict[str, Any]
+SUPPORTED_ENCODERS = ("wav2vec2", "wav2vec2-conformer")
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeechEncoderDecoderConfig:
+    """Encoder and decoder configs plus the special ids generation uses."""
+
+    encoder: wav2vec2.Wav2Vec2Config
+    decoder: TextDecoderConfig
+    project: bool  # an enc_to_dec_proj Linear(encoder width, decoder width) exists
+    decoder_start_token_id: int
+    eos_token_id: int
+    pad_token_id: int | None = None
+
+    @classmethod
+    def from_hf_config(cls, hf: Mapping[str, Any]) -> SpeechEncoderDecoderConfig:
+        """From a `speech-encoder-decoder` config.json dict. ValueError names an
+        unsupported encoder or decoder type and the supported ones."""
+        enc_hf, dec_hf = hf.get("encoder") or {}, hf.get("decoder") or {}
+        enc_type = enc_hf.get("model_type")
+        if enc_type == "wav2vec2":
+            enc = wav2vec2.Wav2Vec2Config.from_hf_config(enc_hf)
+        elif enc_type == "wav2vec2-conformer":
+            enc = wav2vec2_conformer.Wav2Vec2ConformerConfig.from_hf_config(enc_hf)
+        else:
+            raise ValueError(f"unsupported encoder model_type {enc_type!r}; supported: "
+                             f"{', '.join(SUPPORTED_ENCODERS)}")
+        dec = TextDecoderConfig.from_hf_config(dec_hf)
+        enc_width = enc.output_hidden_size  # transformers compares this, not hidden_size
+
+        def pick(key: str) -> Any:
+            value = hf.get(key)
+            value = dec_hf.get(key) if value is None else value
+            return value[0] if isinstance(value, (list, tuple)) else value
+
+        start, eos = pick("decoder_start_token_id"), pick("eos_token_id")
+        if start is None or eos is None:
+            raise ValueError("config.json needs decoder_start_token_id and eos_token_id")
+        project = enc_width != dec.d_model and dec_hf.get("cross_attention_hidden_size") is None
+        return cls(encoder=enc, decoder=dec, project=project, decoder_start_token_id=start,
+                   eos_token_id=eos, pad_token_id=pick("pad_token_id"))
+
+
+# --------------------------------------------------------------------------- encoder
+
+
+def _encode(params: Params, config: SpeechEncoderDecoderConfig, audio: jax.Array,
+            mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """audio float [B, N] (normalized as the wav2vec2 feature extractor does), mask
+    [B, N] | None -> (encoder states projected to the decoder width [B, T, D], frame mask
+    bool [B, T])."""
+    c, p = config.encoder, params["encoder"]
+    frame_mask = wav2vec2.frame_mask_from_audio_mask(c, mask, audio.shape[1], audio.shape[0])
+    x = wav2vec2.project(p, c, wav2vec2.features(p, c, audio))
+    if c.is_conformer:
+        x = wav2vec2_conformer.encode_offline(p, c, x, frame_mask)
+    else:
+        x = wav2vec2._encode_offline(p, c, x, frame_mask)  # the encoder without its CTC head
+    if c.add_adapter:
+        x = wav2vec2.adapter(p, c, x)
+        frame_mask = _adapter_mask(c, frame_mask, x.shape[1])
+    if config.project:
+        x = wav2vec2.dense(params["enc_to_dec"], x)
+    return x, frame_mask
+
+
+def _adapter_mask(c: wav2vec2.Wav2Vec2Config, frame_mask: jax.Array, t: int) -> jax.Array:
+    n = frame_mask.sum(-1)
+    for _ in range(c.num_adapter_layers):  # each adapter conv: kernel k, stride s, padding 1
+        n = (n + 2 - c.adapter_kernel_size) // c.adapter_stride + 1
+    return jnp.arange(t)[None, :] < n[:, None]
+
+
+encode = jax.jit(_encode, static_argnames="config")
+
+
+def cross_kv(params: Params, config: SpeechEncoderDecoderConfig, hidden: jax.Array,
+             mask: jax.Array | None = None) -> Any:
+    """Cross-attention keys/values of every decoder layer (a `CrossCache`)."""
+    return text_decoders.cross_kv(params["decoder"], config.decoder, hidden, mask)
+
+
+def decoder(config: SpeechEncoderDecoderConfig, max_len: int) -> TextDecoder:
+    """The `IncrementalDecoder` for `models.decoding` searches (params: the whole model's)."""
+    return TextDecoder(config.decoder, max_len)
+
+
+# --------------------------------------------------------------------------- conversion
+
+
+def params_from_hf(config: SpeechEncoderDecoderConfig,
+                   tensors: Mapping[str, np.ndarray]) -> Params:
+    """Params from a `SpeechEncoderDecoderModel` state dict (`encoder.*`, `decoder.*`,
+    `enc_to_dec_proj.*`). KeyError names a missing tensor."""
+    enc_t = {k.removeprefix("encoder."): np.asarray(v) for k, v in tensors.items()
+             if k.startswith("encoder.")}
+    # wav2vec2's converter reads a CTC head; the encoder has none, so give it a stand-in
+    # and drop it again.
+    width = config.encoder.output_hidden_size if config.encoder.add_adapter \
+        else config.encoder.hidden_size
+    enc_t.setdefault("lm_head.weight", np.zeros((1, width), np.float32))
+    enc_t.setdefault("lm_head.bias", np.zeros((1,), np.float32))
+    enc = wav2vec2.params_from_state_dict(config.encoder, enc_t)
+    enc.pop("head")
+    params: Params = {
+        "encoder": enc,
+        "decoder": text_decoders.params_from_hf(config.decoder, tensors, prefix="decoder."),
+    }
+    if config.project:
+        if "enc_to_dec_proj.weight" not in tensors:
+            raise KeyError("enc_to_dec_proj.weight")
+        params["enc_to_dec"] = {"w": np.asarray(tensors["enc_to_dec_proj.weight"], np.float32).T,
+                                "b": np.asarray(tensors["enc_to_dec_proj.bias"], np.float32)}
+    return params
+
+
+# --------------------------------------------------------------------------- recognizer
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeechEncoderDecoder:
+    """A loaded speech encoder-decoder: sizes, params, input normalization, tokenizer."""
+
+    config: SpeechEncoderDecoderConfig
+    params: Params
+    do_normalize: bool = True  # zero-mean unit-variance audio, as the feature extractor
+    tokenizer: Any = None  # tokenizers.Tokenizer from the decoder's tokenizer.json
+    folder: Path | None = None
+
+
+def load(folder: str | Path) -> SpeechEncoderDecoder:
+    """Loads a Hugging Face `speech-encoder-decoder` folder (config.json, weights, optional
+    preprocessor_config.json and tokenizer.json). ModelLoadError names what is wrong,
+    including an unsupported encoder or decoder type."""
+    folder = Path(folder)
+    hf, tensors = read_hf_folder(folder)
+    if hf.get("model_type") != "speech-encoder-decoder":
+        raise ModelLoadError(
+            f"{folder}: model_type {hf.get('model_type')!r}, not speech-encoder-decoder")
+    try:
+        config = SpeechEncoderDecoderConfig.from_hf_config(hf)
+        params = params_from_hf(config, tensors)
+    except (KeyError, ValueError) as exc:
+        raise ModelLoadError(f"{folder}: {exc}") from exc
+    pre = folder / "preprocessor_config.json"
+    do_normalize = json.loads(pre.read_text()).get("do_normalize", True) if pre.is_file() \
+        else True
+    tokenizer = None
+    if (folder / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    return SpeechEncoderDecoder(config, jax.tree.map(jnp.asarray, params), do_normalize,
+                                tokenizer, folder)
+
+
+def normalize(audio: np.ndarray) -> np.ndarray:
+    """Wav2Vec2FeatureExtractor's zero-mean, unit-variance normalization."""
+    audio = np.asarray(audio, np.float32)
+    return ((audio - audio.mean()) / np.sqrt(audio.var() + 1e-7)).astype(np.float32)
+
+
+def generate(model: SpeechEncoderDecoder, audio_16k: np.ndarray, beam_size: int = 1,
+             max_new_tokens: int | None = None) -> list[int]:
+    """Token ids (end token excluded) for one utterance of 16 kHz float audio. Each audio
+    length compiles the encoder once (group-norm and conformer encoders are not exact
+    under padding, so there are no buckets)."""
+    c = model.config
+    audio = normalize(audio_16k) if model.do_normalize else np.asarray(audio_16k, np.float32)
+    hidden, mask = encode(model.params, c, jnp.asarray(audio[None]))
+    cross = cross_kv(model.params, c, hidden, mask)
+    steps = min(c.decoder.max_positions - 1, 256) if max_new_tokens is None else max_new_tokens
+    dec = decoder(c, 1 + steps)
+    prompt = jnp.asarray([[c.decoder_start_token_id]], jnp.int32)
+    kw = dict(eot=c.eos_token_id, max_new_tokens=steps, renormalize=False)
+    if beam_size > 1:
+        res = beam_search(dec, model.params, cross, prompt, beams=beam_size, **kw)
+    else:
+        res = greedy_search(dec, model.params, cross, prompt, **kw)
+    return [int(t) for t in np.asarray(res.tokens[0])[: int(res.lengths[0])]]
+
+
+def transcribe(model: SpeechEncoderDecoder, audio_16k: np.ndarray, beam_size: int = 1,
+               max_new_tokens: int | None = None) -> str:
+    """Text of one utterance of 16 kHz float audio (greedy, or beam search)."""
+    if model.tokenizer is None:
+        raise ModelLoadError(f"{model.folder}: no tokenizer.json (the decoder's tokenizer)")
+    ids = generate(model, audio_16k, beam_size, max_new_tokens)
+    return model.tokenizer.decode(ids, skip_special_tokens=True).strip()

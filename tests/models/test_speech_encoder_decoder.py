@@ -1,0 +1,184 @@
+"""models/speech_encoder_decoder.py against transformers' SpeechEncoderDecoderModel on tiny
+random checkpoints (wav2vec2 + BART with a projection, wav2vec2 + GPT-2, conformer + mBART)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+sf = pytest.importorskip("soundfile")
+tokenizers = pytest.importorskip("tokenizers")
+
+from models import decoding  # noqa: E402
+from models import speech_encoder_decoder as sed  # noqa: E402
+from models.checkpoint import ModelLoadError  # noqa: E402
+
+ATOL = 1e-4
+VOCAB, START, EOS, PAD = 64, 0, 2, 1
+
+
+def _encoder(kind: str):
+    common = dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+        conv_dim=(16,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
+        vocab_size=12,
+    )  # fmt: skip
+    if kind == "wav2vec2":
+        return transformers.Wav2Vec2Config(**common)
+    return transformers.Wav2Vec2ConformerConfig(
+        **common, conv_depthwise_kernel_size=7, hidden_act="swish",
+        position_embeddings_type="rotary")
+
+
+def _decoder(kind: str):
+    if kind == "gpt2":
+        return transformers.GPT2Config(
+            vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+            add_cross_attention=True, is_decoder=True, bos_token_id=START, eos_token_id=EOS,
+            pad_token_id=PAD)
+    # encoder_layers = decoder_layers: transformers sizes its cache by num_hidden_layers,
+    # which BART reads from encoder_layers.
+    cls = transformers.BartConfig if kind == "bart" else transformers.MBartConfig
+    return cls(
+        vocab_size=VOCAB, d_model=24, decoder_layers=2, decoder_attention_heads=4,
+        decoder_ffn_dim=48, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=48,
+        max_position_embeddings=64, is_decoder=True, add_cross_attention=True,
+        scale_embedding=kind == "mbart", bos_token_id=START, eos_token_id=EOS,
+        pad_token_id=PAD, forced_eos_token_id=None,
+    )  # fmt: skip
+
+
+CASES = {"w2v2-bart": ("wav2vec2", "bart"), "w2v2-gpt2": ("wav2vec2", "gpt2"),
+         "conformer-mbart": ("wav2vec2-conformer", "mbart")}
+
+
+@pytest.fixture(scope="session", params=list(CASES))
+def hf(request, tmp_path_factory: pytest.TempPathFactory):
+    """(case, torch model, our loaded model, folder) for one tiny checkpoint on disk."""
+    enc_kind, dec_kind = CASES[request.param]
+    config = transformers.SpeechEncoderDecoderConfig.from_encoder_decoder_configs(
+        _encoder(enc_kind), _decoder(dec_kind))
+    config.decoder_start_token_id, config.eos_token_id, config.pad_token_id = START, EOS, PAD
+    torch.manual_seed(0)
+    model = transformers.SpeechEncoderDecoderModel(config=config).eval()
+    with torch.no_grad():  # widen the decoder's tiny init so attention is not uniform
+        for name, p in model.named_parameters():
+            if name.startswith("decoder.") and "norm" not in name and "ln_" not in name:
+                p.add_(torch.randn_like(p) * 0.15)
+    folder: Path = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(folder)
+    # A word-level tokenizer.json: "w0" ... "w63", with the special ids named.
+    vocab = {f"w{i}": i for i in range(VOCAB)}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="w3"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.decoder = tokenizers.decoders.WordPiece(prefix="##")
+    tok.add_special_tokens([tokenizers.AddedToken(f"w{i}", special=True) for i in (0, 1, 2)])
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "preprocessor_config.json").write_text(json.dumps({"do_normalize": True}))
+    ours = sed.load(folder)
+    assert ours.config.project == (dec_kind != "gpt2")
+    return request.param, model, ours, folder
+
+
+@pytest.fixture(scope="session")
+def audio(shared_manifest: list[dict]) -> np.ndarray:
+    entry = min(shared_manifest, key=lambda e: e["duration_s"])
+    samples, rate = sf.read(entry["path"], dtype="float32")
+    assert rate == 16000
+    return samples[16000:32000]  # 1 s of speech
+
+
+def _encode(ours, audio: np.ndarray):
+    x = sed.normalize(audio)[None]
+    hidden, mask = sed.encode(ours.params, ours.config, jnp.asarray(x))
+    return hidden, mask, sed.cross_kv(ours.params, ours.config, hidden, mask)
+
+
+def test_logits_match_transformers(hf, audio: np.ndarray) -> None:
+    _, model, ours, _ = hf
+    tokens = np.array([[START, 5, 17, 40, 3, 9, 33, 12]], np.int64)
+    with torch.no_grad():
+        out = model(input_values=torch.from_numpy(sed.normalize(audio)[None]),
+                    decoder_input_ids=torch.from_numpy(tokens))
+        ref_hidden = model.encoder(torch.from_numpy(sed.normalize(audio)[None]))[0]
+        if hasattr(model, "enc_to_dec_proj"):
+            ref_hidden = model.enc_to_dec_proj(ref_hidden)
+    hidden, _, cross = _encode(ours, audio)
+    np.testing.assert_allclose(np.asarray(hidden), ref_hidden.numpy(), atol=ATOL)
+    dec = sed.decoder(ours.config, 16)
+    logits, _ = dec.step(ours.params, dec.init_cache(1), cross, jnp.asarray(tokens, jnp.int32),
+                         jnp.asarray([tokens.shape[1]], jnp.int32))
+    np.testing.assert_allclose(np.asarray(logits), out.logits.numpy(), atol=ATOL)
+
+
+def test_incremental_equals_teacher_forced(hf, audio: np.ndarray) -> None:
+    _, _, ours, _ = hf
+    _, _, cross = _encode(ours, audio)
+    tokens = jnp.asarray([[START, 5, 17, 40, 3, 9, 33, 12]], jnp.int32)
+    dec = sed.decoder(ours.config, 10)
+    full, _ = dec.step(ours.params, dec.init_cache(1), cross, tokens, jnp.asarray([8]))
+    logits, cache = dec.step(ours.params, dec.init_cache(1), cross, tokens[:, :2],
+                             jnp.asarray([2]))
+    steps = [logits]
+    for i in range(2, 8):
+        logits, cache = dec.step(ours.params, cache, cross, tokens[:, i:i + 1], jnp.asarray([1]))
+        steps.append(logits)
+    np.testing.assert_allclose(np.concatenate([np.asarray(s) for s in steps], 1),
+                               np.asarray(full), atol=1e-5)
+
+
+def test_greedy_generation_matches_transformers(hf, audio: np.ndarray) -> None:
+    name, model, ours, _ = hf
+    max_new = 16
+    with torch.no_grad():
+        ref = model.generate(
+            input_values=torch.from_numpy(sed.normalize(audio)[None]), max_new_tokens=max_new,
+            do_sample=False, num_beams=1, decoder_start_token_id=START, eos_token_id=EOS,
+            pad_token_id=PAD, forced_eos_token_id=None, forced_bos_token_id=None,
+        )[0].numpy()  # fmt: skip
+    ref = [int(t) for t in ref[1:]]
+    if EOS in ref:
+        ref = ref[: ref.index(EOS)]
+    assert len(ref) > 3, name  # real steps, not an immediate end token
+    assert sed.generate(ours, audio, max_new_tokens=max_new) == ref
+    # transcribe: the same ids through the decoder's tokenizer.json
+    tok = tokenizers.Tokenizer.from_file(str(hf[3] / "tokenizer.json"))
+    text = sed.transcribe(ours, audio, max_new_tokens=max_new)
+    assert text == tok.decode(ref, skip_special_tokens=True).strip()
+    assert text  # the generated words are not all specials
+
+
+def test_beam_search_shares_the_engine(hf, audio: np.ndarray) -> None:
+    _, _, ours, _ = hf
+    _, _, cross = _encode(ours, audio)
+    dec = sed.decoder(ours.config, 13)
+    prompt = jnp.asarray([[START]], jnp.int32)
+    kw = dict(eot=EOS, max_new_tokens=12, renormalize=False)
+    greedy = decoding.greedy_search(dec, ours.params, cross, prompt, **kw)
+    beam1 = decoding.beam_search(dec, ours.params, cross, prompt, beams=1, **kw)
+    np.testing.assert_array_equal(np.asarray(beam1.tokens), np.asarray(greedy.tokens))
+    ids = sed.generate(ours, audio, beam_size=3, max_new_tokens=12)
+    assert all(0 <= t < VOCAB and t != EOS for t in ids)
+
+
+def test_unsupported_decoder_is_named(tmp_path: Path) -> None:
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    config = {
+        "model_type": "speech-encoder-decoder", "decoder_start_token_id": 0, "eos_token_id": 2,
+        "encoder": {"model_type": "wav2vec2", "hidden_size": 32},
+        "decoder": {"model_type": "bert", "vocab_size": 10},
+    }  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    safetensors_numpy.save_file({"x": np.zeros(1, np.float32)}, tmp_path / "model.safetensors")
+    with pytest.raises(ModelLoadError, match=r"'bert'.*bart, mbart, gpt2"):
+        sed.load(tmp_path)
+    config["encoder"]["model_type"] = "hubert"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match=r"'hubert'.*wav2vec2, wav2vec2-conformer"):
+        sed.load(tmp_path)
