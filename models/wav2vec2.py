@@ -103,8 +103,6 @@ class Wav2Vec2Config:
                 kwargs[field.name] = tuple(value) if isinstance(value, list) else value
         if hf.get("output_hidden_size") is None:
             kwargs["output_hidden_size"] = kwargs.get("hidden_size", cls.hidden_size)
-        if "adapter_attn_dim" in hf:
-            kwargs["adapter_attn_dim"] = hf["adapter_attn_dim"]
         return cls(**kwargs)
 
     @classmethod
@@ -501,7 +499,7 @@ class FeatureState:
 @struct.dataclass
 class LayerState:
     """One encoder layer's left context: keys/values of the last `left_frames` emitted
-    frames, and (conformer) the depthwise-conv input of the last K-1)/2 emitted frames."""
+    frames, and (conformer) the depthwise-conv input of the last (K - 1) / 2 emitted frames."""
 
     k: jax.Array  # [B, left_frames, H, Dh]
     v: jax.Array  # [B, left_frames, H, Dh]

@@ -124,8 +124,11 @@ def test_bounded_context_divergence(loaded, name, shared_manifest):
     assert rate == 16_000
     audio = (audio - audio.mean()) / (audio.std() + 1e-7)  # as the HF feature extractor does
     ref = offline(params, config, audio)
+    streams = [StreamConfig(16, 32, 4), StreamConfig(16, 256, 64)]
+    if name not in EXACT:  # full context: what is left is group norm's running statistics
+        streams.append(StreamConfig(16, 192, 192))
     rows = []
-    for stream in (StreamConfig(16, 32, 4), StreamConfig(16, 64, 16), StreamConfig(16, 256, 64)):
+    for stream in streams:
         got = run_stream(params, config, stream, audio[None], [len(audio)])[0]
         assert got.shape == ref.shape
         diff = np.abs(got - ref)
@@ -139,7 +142,7 @@ def test_bounded_context_divergence(loaded, name, shared_manifest):
               f"{stream.right_frames}: max |diff| {worst:.4f} mean {mean:.4f} "
               f"argmax agreement {agree:.3f}")
     if name in EXACT:  # only the context bound differs here: more context, closer
-        assert rows[-1][1] <= rows[0][1]
+        assert rows[-1][2] < rows[0][2]
 
 
 def test_batched_streams_equal_single_streams(loaded):
