@@ -1,0 +1,180 @@
+"""The whisper pipeline on a tiny random Whisper, against transformers in PyTorch.
+
+The model is a random `WhisperForConditionalGeneration` saved with `save_pretrained`;
+it shares tiny.en's vocabulary size so the real tokenizer applies. The reference decode
+is the transformers forward pass with a plain greedy loop written here (suppression as
+the pipeline documents it), on features from transformers' `WhisperFeatureExtractor`
+padded to the bucket length.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from models.checkpoint import read_hf_folder  # noqa: E402
+from models.registry import WhisperModel, resolve_model  # noqa: E402
+from models.tokenizer import WhisperTokenizer  # noqa: E402
+from models.whisper import WhisperConfig, params_from_hf  # noqa: E402
+from streamd.engine import Engine  # noqa: E402
+from streamd.pipelines.whisper import PAD, Job, WhisperPipeline, bucket_ladder  # noqa: E402
+from streamd.recognizer import SegmentInfo  # noqa: E402
+
+RATE = 16000
+HF_KW = dict(
+    vocab_size=51864, num_mel_bins=80, d_model=64, encoder_layers=2, decoder_layers=2,
+    encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
+    decoder_ffn_dim=128, max_source_positions=100, max_target_positions=64,
+    decoder_start_token_id=50257, eos_token_id=50256, pad_token_id=50256, bos_token_id=50256,
+    suppress_tokens=[1, 2, 7, 8, 9], begin_suppress_tokens=[220, 50256],
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> WhisperTokenizer:
+    try:
+        folder = resolve_model("tiny.en")
+    except Exception as exc:  # the embedded model package is missing
+        pytest.skip(f"tiny.en tokenizer not available: {exc}")
+    return WhisperTokenizer.from_file(folder)
+
+
+@pytest.fixture(scope="module")
+def hf_models(tmp_path_factory) -> dict[float, object]:
+    """Reference models per bucket: the 2 s one as saved, the 1 s one the same weights
+    with the first 50 encoder positions (transformers wants inputs of exactly its size)."""
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-whisper")
+    model = transformers.WhisperForConditionalGeneration(transformers.WhisperConfig(**HF_KW))
+    model.save_pretrained(folder)
+    short = transformers.WhisperForConditionalGeneration(
+        transformers.WhisperConfig(**{**HF_KW, "max_source_positions": 50}))
+    state = model.state_dict()
+    key = "model.encoder.embed_positions.weight"
+    state[key] = state[key][:50]
+    short.load_state_dict(state)
+    return {"folder": folder, 2.0: model.eval(), 1.0: short.eval()}
+
+
+@pytest.fixture(scope="module")
+def model(hf_models, tokenizer) -> WhisperModel:
+    hf_config, tensors = read_hf_folder(hf_models["folder"])
+    config = WhisperConfig.from_hf_config(hf_config)
+    params = params_from_hf(config, tensors)
+    return WhisperModel(config, params, tokenizer, Path(hf_models["folder"]))
+
+
+@pytest.fixture(scope="module")
+def pipeline(model) -> WhisperPipeline:
+    engine = Engine(batch_sizes=(1, 4))
+    pipe = WhisperPipeline(engine, model, buckets_s=(1.0, 2.0), max_segment_s=1.5)
+    compiled = pipe.compiled_shapes()
+    engine.warmup()
+    pipe.warmup_compiles = pipe.compiled_shapes() - compiled
+    return pipe
+
+
+def reference_decode(hf, tok, pipe, audio, prefix, seconds):
+    """transformers forward + greedy with the pipeline's suppression rules."""
+    fe = transformers.WhisperFeatureExtractor(feature_size=80, chunk_length=int(seconds))
+    feats = fe(audio, sampling_rate=RATE, return_tensors="pt").input_features
+    spec = pipe.spec_for(len(audio))
+    assert spec.seconds == seconds
+    suppress = torch.tensor(spec.filters[0].ids)
+    ids = list(pipe.sot_sequence) + list(prefix)
+    out, logprob = [], 0.0
+    with torch.no_grad():
+        enc = hf.model.encoder(feats).last_hidden_state
+        first = hf(encoder_outputs=(enc,), decoder_input_ids=torch.tensor([ids])).logits[0]
+        no_speech = torch.softmax(first[0], -1)[tok.no_speech].item()
+        for t in range(spec.max_new_tokens):
+            logits = hf(encoder_outputs=(enc,), decoder_input_ids=torch.tensor([ids + out]))
+            x = logits.logits[0, -1].double()
+            x[suppress] = -np.inf
+            if t == 0:
+                x[list(spec.filters[1].ids)] = -np.inf
+            lp = torch.log_softmax(x, -1)
+            nxt = int(torch.argmax(x))
+            logprob += lp[nxt].item()
+            if nxt == tok.eot:
+                break
+            out.append(nxt)
+    return out, logprob / (len(out) + 1), no_speech
+
+
+def test_buckets_and_budgets(pipeline) -> None:
+    assert bucket_ladder(20.0) == (2.0, 4.0, 6.0, 9.0, 14.0, 21.0)
+    assert bucket_ladder(25.0) == (2.0, 4.0, 6.0, 9.0, 14.0, 21.0, 30.0)
+    assert [s.seconds for s in pipeline.specs] == [1.0, 2.0]
+    for spec in pipeline.specs:
+        assert spec.prompt_width + spec.max_new_tokens <= pipeline.config.max_target_positions
+    # Warm-up compiled every (bucket, batch size) this pipeline can issue, nothing else.
+    assert pipeline.warmup_compiles == sum(len(pipeline.batch_sizes(s)) for s in pipeline.specs)
+
+
+def test_batch_matches_transformers(pipeline, hf_models, tokenizer) -> None:
+    rng = np.random.default_rng(1)
+    jobs = [
+        Job(rng.standard_normal(9000).astype(np.float32) * 0.1),  # 1 s bucket
+        Job(rng.standard_normal(12000).astype(np.float32) * 0.1, prefix=(464, 3797)),
+        Job(rng.standard_normal(20000).astype(np.float32) * 0.1, prefix=(314,)),  # 2 s
+    ]
+    for seconds in (1.0, 2.0):
+        spec = next(s for s in pipeline.specs if s.seconds == seconds)
+        mine = [j for j in jobs if pipeline.spec_for(len(j.audio)) is spec]
+        assert mine
+        # As the engine hands it over: padded with empty slots to a batch size.
+        results = pipeline._run(spec, mine + [PAD] * (4 - len(mine)))
+        assert results[len(mine):] == [None] * (4 - len(mine))
+        for job, got in zip(mine, results, strict=False):
+            tokens, avg_lp, no_speech = reference_decode(
+                hf_models[seconds], tokenizer, pipeline, job.audio, job.prefix, seconds)
+            assert list(got.tokens) == tokens
+            assert got.avg_logprob == pytest.approx(avg_lp, abs=2e-3)
+            assert got.no_speech_prob == pytest.approx(no_speech, abs=1e-4)
+
+
+def test_recognizer_partials_stable_and_final_no_recompile(pipeline) -> None:
+    """Through the real Engine: stable prefixes only grow, the final starts with the last
+    stable text, concurrent sessions get their own results, and nothing recompiles."""
+    engine = pipeline.engine
+    before = pipeline.compiled_shapes()
+    rng = np.random.default_rng(2)
+    audio = [rng.standard_normal(int(1.5 * RATE)).astype(np.float32) * 0.2 for _ in range(2)]
+
+    async def session(k: int) -> tuple[list, object, object]:
+        rec = pipeline.new_recognizer(f"s{k}")
+        info = SegmentInfo(f"s{k}", 0, 0.0, 1.5)
+        partials = []
+        for n in range(4000, len(audio[k]) + 1, 4000):
+            partials.append(await rec.partial(audio[k][:n], info))
+        final = await rec.final(audio[k], info)
+        alone = await pipeline.recognize(audio[k], (), final=True)
+        return partials, final, alone
+
+    async def main():
+        engine.start()
+        try:
+            return await asyncio.gather(session(0), session(1))
+        finally:
+            await engine.stop()
+
+    for partials, final, alone in asyncio.run(main()):
+        stables = [p.stable for p in partials if p is not None]
+        for a, b in zip(stables, stables[1:], strict=False):
+            assert b.startswith(a)
+        for p in partials:
+            if p is not None:
+                assert p.text.startswith(p.stable)
+        if stables:
+            assert final.text.startswith(stables[-1])
+        if not stables or not stables[-1]:
+            # Nothing committed: the final is the plain decode of the whole segment.
+            assert final.text == pipeline.text(alone.tokens)
+    assert pipeline.compiled_shapes() == before
