@@ -9,7 +9,8 @@ Public API
 - `load(folder) -> (config, params, vocab_files_dir)`: either family, by `model_type`.
 - `params_from_state_dict(config, tensors)`: PyTorch state-dict names -> params.
 - `forward(params, config, audio [B, N], mask [B, N] | None) -> logits [B, T, V]`
-  (jitted; `config` static), `num_frames(config, num_samples)`.
+  (jitted; `config` static), `num_frames(config, num_samples)`; `encode(...)` is the
+  same without the CTC head.
 - Streaming: `StreamConfig`, `init_state(config, batch, stream) -> StreamState`,
   `encode_chunk(params, state, chunk [B, chunk_samples], num_valid [B] | None)
   -> (ChunkOutput(logits [B, chunk_frames, V], mask [B, chunk_frames]), state)`,
@@ -259,7 +260,8 @@ def params_from_state_dict(config: Wav2Vec2Config, tensors: dict[str, np.ndarray
             adapter["proj"] = _dense_p(t, "adapter.proj")
             adapter["proj_norm"] = _norm_p(t, "adapter.proj_layer_norm")
         params["adapter"] = adapter
-    params["head"] = _dense_p(tensors, "lm_head")
+    if "lm_head.weight" in tensors:  # absent in encoders of seq2seq models
+        params["head"] = _dense_p(tensors, "lm_head")
     return jax.tree.map(lambda a: np.asarray(a, np.float32), params)
 
 
@@ -461,8 +463,12 @@ def frame_mask_from_audio_mask(config: Wav2Vec2Config, mask: jax.Array | None,
     return jnp.arange(t)[None, :] < n[:, None]
 
 
-def _forward(params: Params, config: Wav2Vec2Config, audio: jax.Array,
-             mask: jax.Array | None = None) -> jax.Array:
+def encode(params: Params, config: Wav2Vec2Config, audio: jax.Array,
+           mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Offline encoder without the CTC head (not jitted; for seq2seq encoders too):
+    audio [B, N], mask [B, N] | None -> (hidden [B, T, D], frame_mask [B, T]); with an
+    adapter the hidden states are the adapter's [B, T', output_hidden_size] and the
+    frame mask is that of the encoder frames."""
     frame_mask = frame_mask_from_audio_mask(config, mask, audio.shape[1], audio.shape[0])
     x = project(params, config, features(params, config, audio))
     if config.is_conformer:
@@ -473,7 +479,12 @@ def _forward(params: Params, config: Wav2Vec2Config, audio: jax.Array,
         x = _encode_offline(params, config, x, frame_mask)
     if config.add_adapter:
         x = adapter(params, config, x)
-    return dense(params["head"], x)
+    return x, frame_mask
+
+
+def _forward(params: Params, config: Wav2Vec2Config, audio: jax.Array,
+             mask: jax.Array | None = None) -> jax.Array:
+    return dense(params["head"], encode(params, config, audio, mask)[0])
 
 
 forward = jax.jit(_forward, static_argnums=1)
