@@ -29,9 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models import s2t_features, text_decoders
+from models import decoding, s2t_features, text_decoders
 from models.checkpoint import ModelLoadError, read_hf_folder
-from models.decoding import beam_search, greedy_search
 from models.text_decoders import TextDecoder, TextDecoderConfig
 from models.wav2vec2 import activation, conv1d, dense, layer_norm
 
@@ -208,7 +207,10 @@ def params_from_hf(config: Speech2TextConfig, tensors: Mapping[str, np.ndarray])
 
 class S2TTokenizer:
     """transformers' `Speech2TextTokenizer` for decoding: fairseq ids (vocab.json) mapped
-    to sentencepiece pieces, joined by the sentencepiece model."""
+    to sentencepiece pieces, joined by the sentencepiece model; special tokens (and
+    `<lang:xx>` codes) are dropped or, if kept, written as they are."""
+
+    SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")
 
     def __init__(self, vocab: Mapping[str, int], spm_path: str | Path,
                  upper_case: bool = False) -> None:
@@ -216,11 +218,13 @@ class S2TTokenizer:
 
         self._pieces = {i: piece for piece, i in vocab.items()}
         self._sp = sentencepiece.SentencePieceProcessor(model_file=str(spm_path))
-        self._upper = upper_case
-        self.special_ids = {vocab[s] for s in ("<s>", "<pad>", "</s>", "<unk>") if s in vocab}
+        self._upper = upper_case  # do_lower_case applies to encoding only
+        self._special = {t for t in vocab if t in self.SPECIALS or t.startswith("<lang:")}
+        self.special_ids = {vocab[t] for t in self._special}
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> S2TTokenizer:
+        """From vocab.json, sentencepiece.bpe.model and tokenizer_config.json (optional)."""
         folder = Path(folder)
         cfg_path = folder / "tokenizer_config.json"
         cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
@@ -228,11 +232,19 @@ class S2TTokenizer:
                    folder / "sentencepiece.bpe.model", bool(cfg.get("do_upper_case")))
 
     def decode(self, ids: Any, skip_special_tokens: bool = True) -> str:
-        ids = [int(i) for i in ids]
-        if skip_special_tokens:
-            ids = [i for i in ids if i not in self.special_ids]
-        text = self._sp.decode_pieces([self._pieces.get(i, "<unk>") for i in ids])
-        return text.upper() if self._upper else text
+        pieces = [self._pieces.get(int(i), "<unk>") for i in ids
+                  if not (skip_special_tokens and int(i) in self.special_ids)]
+        out, run = [], []
+        for piece in pieces + [None]:
+            if piece is not None and piece not in self._special:
+                run.append(piece)
+                continue
+            text = self._sp.decode_pieces(run)  # special tokens break sentencepiece runs
+            out.append(text.upper() if self._upper else text)
+            if piece is not None:
+                out.append(piece + " ")
+            run = []
+        return "".join(out).strip()
 
 
 # --------------------------------------------------------------------------- recognizer
@@ -286,9 +298,9 @@ def generate(model: Speech2TextModel, audio_16k: np.ndarray, beam_size: int = 1,
     prompt = jnp.asarray([[c.decoder_start_token_id]], jnp.int32)
     kw = dict(eot=c.eos_token_id, max_new_tokens=steps, renormalize=False)
     if beam_size > 1:
-        res = beam_search(dec, model.params, cross, prompt, beams=beam_size, **kw)
+        res = decoding.beam_search(dec, model.params, cross, prompt, beams=beam_size, **kw)
     else:
-        res = greedy_search(dec, model.params, cross, prompt, **kw)
+        res = decoding.greedy_search(dec, model.params, cross, prompt, **kw)
     return [int(t) for t in np.asarray(res.tokens[0])[: int(res.lengths[0])]]
 
 

@@ -27,9 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models import text_decoders, wav2vec2, wav2vec2_conformer
+from models import decoding, text_decoders, wav2vec2, wav2vec2_conformer
 from models.checkpoint import ModelLoadError, read_hf_folder
-from models.decoding import beam_search, greedy_search
 from models.text_decoders import TextDecoder, TextDecoderConfig
 
 Params = dict[str, Any]
@@ -209,9 +208,9 @@ def generate(model: SpeechEncoderDecoder, audio_16k: np.ndarray, beam_size: int 
     prompt = jnp.asarray([[c.decoder_start_token_id]], jnp.int32)
     kw = dict(eot=c.eos_token_id, max_new_tokens=steps, renormalize=False)
     if beam_size > 1:
-        res = beam_search(dec, model.params, cross, prompt, beams=beam_size, **kw)
+        res = decoding.beam_search(dec, model.params, cross, prompt, beams=beam_size, **kw)
     else:
-        res = greedy_search(dec, model.params, cross, prompt, **kw)
+        res = decoding.greedy_search(dec, model.params, cross, prompt, **kw)
     return [int(t) for t in np.asarray(res.tokens[0])[: int(res.lengths[0])]]
 
 

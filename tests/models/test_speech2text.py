@@ -3,6 +3,8 @@ Speech2Text on a tiny random checkpoint saved with save_pretrained."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -183,3 +185,89 @@ def test_load_errors(tmp_path: Path) -> None:
     np.savez(tmp_path / "unused.npz")
     with pytest.raises(ModelLoadError, match="no weights"):
         speech2text.load(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def s2t_tokenizer_files(tmp_path_factory: pytest.TempPathFactory, shared_manifest: list[dict]):
+    """A fairseq-style vocab.json (<s> <pad> </s> <unk>, then the pieces, padded with
+    placeholders to the tiny model's 96 ids) + a sentencepiece model trained on the shared
+    transcripts."""
+    spm = pytest.importorskip("sentencepiece")
+    folder = tmp_path_factory.mktemp("s2t_tok")
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter([e["text"] for e in shared_manifest]),
+        model_prefix=str(folder / "sp"), vocab_size=92, model_type="bpe",
+        character_coverage=1.0, minloglevel=2,
+    )  # fmt: skip
+    (folder / "sp.model").rename(folder / "sentencepiece.bpe.model")
+    sp = spm.SentencePieceProcessor(model_file=str(folder / "sentencepiece.bpe.model"))
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+    for i in range(3, sp.get_piece_size()):  # spm's own <unk> <s> </s> are ids 0..2
+        vocab[sp.id_to_piece(i)] = len(vocab)
+    while len(vocab) < 96:
+        vocab[f"<extra_{len(vocab)}>"] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"do_upper_case": True}))
+    return folder
+
+
+def test_tokenizer_decodes_like_transformers(s2t_tokenizer_files: Path) -> None:
+    ref = transformers.Speech2TextTokenizer(
+        str(s2t_tokenizer_files / "vocab.json"),
+        str(s2t_tokenizer_files / "sentencepiece.bpe.model"), do_upper_case=True)
+    ours = speech2text.S2TTokenizer.from_folder(s2t_tokenizer_files)
+    text = "a golden fortune and a happy life"
+    ids = ref(text)["input_ids"]
+    assert ids[-1] == EOS and len(ids) > 5
+    assert ours.decode(ids) == ref.decode(ids, skip_special_tokens=True) == text.upper()
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        ids = [int(i) for i in rng.integers(0, 92, size=12)]
+        assert ours.decode(ids) == ref.decode(ids, skip_special_tokens=True)
+
+
+def test_transcribe_end_to_end(hf, s2t_tokenizer_files: Path, tmp_path: Path,
+                               utterance: np.ndarray) -> None:
+    """load + transcribe on a folder with tokenizer files = transformers' generate decoded
+    by transformers' tokenizer."""
+    model, _ = hf
+    model.save_pretrained(tmp_path)
+    for name in ("vocab.json", "sentencepiece.bpe.model", "tokenizer_config.json"):
+        shutil.copy(s2t_tokenizer_files / name, tmp_path / name)
+    ours = speech2text.load(tmp_path)
+    audio = utterance[:24000]
+    feats = transformers.Speech2TextFeatureExtractor()(
+        audio, sampling_rate=16000, return_tensors="pt")["input_features"]
+    with torch.no_grad():
+        ref_ids = model.generate(input_features=feats, max_new_tokens=20, do_sample=False,
+                                 num_beams=1, decoder_start_token_id=START, eos_token_id=EOS,
+                                 pad_token_id=PAD)[0].tolist()
+    tok = transformers.Speech2TextTokenizer.from_pretrained(tmp_path)
+    expected = tok.decode(ref_ids, skip_special_tokens=True)
+    assert expected
+    assert speech2text.transcribe(ours, audio, max_new_tokens=20) == expected
+
+
+def test_search_is_the_shared_engine(hf, utterance: np.ndarray, monkeypatch) -> None:
+    """generate() drives models/decoding.py's searches with a TextDecoder; no loop of its own."""
+    import inspect
+
+    from models import text_decoders
+
+    _, ours = hf
+    seen = []
+    for name in ("greedy_search", "beam_search"):
+        real = getattr(decoding, name)
+
+        def spy(dec, *args, _real=real, _name=name, **kw):
+            seen.append((_name, type(dec)))
+            return _real(dec, *args, **kw)
+
+        monkeypatch.setattr(decoding, name, spy)
+    speech2text.generate(ours, utterance[:16000], max_new_tokens=4)
+    speech2text.generate(ours, utterance[:16000], beam_size=2, max_new_tokens=4)
+    assert seen == [("greedy_search", text_decoders.TextDecoder),
+                    ("beam_search", text_decoders.TextDecoder)]
+    for module in (speech2text, text_decoders):
+        source = inspect.getsource(module)
+        assert "while_loop" not in source and "fori_loop" not in source and "scan(" not in source

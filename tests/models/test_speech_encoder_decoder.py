@@ -182,3 +182,27 @@ def test_unsupported_decoder_is_named(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelLoadError, match=r"'hubert'.*wav2vec2, wav2vec2-conformer"):
         sed.load(tmp_path)
+
+
+def test_search_is_the_shared_engine(hf, audio: np.ndarray, monkeypatch) -> None:
+    """generate() drives models/decoding.py's searches with the shared TextDecoder."""
+    import inspect
+
+    from models import text_decoders
+
+    _, _, ours, _ = hf
+    seen = []
+    for name in ("greedy_search", "beam_search"):
+        real = getattr(decoding, name)
+
+        def spy(dec, *args, _real=real, _name=name, **kw):
+            seen.append((_name, type(dec)))
+            return _real(dec, *args, **kw)
+
+        monkeypatch.setattr(decoding, name, spy)
+    sed.generate(ours, audio, max_new_tokens=4)
+    sed.generate(ours, audio, beam_size=2, max_new_tokens=4)
+    assert seen == [("greedy_search", text_decoders.TextDecoder),
+                    ("beam_search", text_decoders.TextDecoder)]
+    source = inspect.getsource(sed)
+    assert "while_loop" not in source and "fori_loop" not in source
