@@ -88,9 +88,19 @@ function addFinal(event) {
   item.scrollIntoView({ block: "nearest" });
 }
 
-function setPartial(text) {
+function setPartial(text, stable = "") {
   state.partial = text;
-  $("partial").textContent = text;
+  const box = $("partial");
+  box.textContent = "";
+  // The daemon may mark a prefix that will not change any more: show it firmer.
+  if (stable && text.startsWith(stable)) {
+    const firm = document.createElement("span");
+    firm.className = "stable";
+    firm.textContent = stable;
+    box.append(firm, text.slice(stable.length));
+  } else {
+    box.textContent = text;
+  }
 }
 
 const ERROR_TEXT = {
@@ -111,7 +121,7 @@ function onEvent(event) {
       pending = [];
       break;
     case "partial":
-      setPartial(event.text || "");
+      setPartial(event.text || "", event.stable || "");
       break;
     case "final":
       addFinal(event);

@@ -158,10 +158,11 @@ def parse_finals(stdout: str) -> list[Final]:
     return finals
 
 
-def check_against_reference(finals: list[Final], spans: list[tuple[float, float]]) -> None:
+def check_against_reference(finals: list[Final], spans: list[tuple[float, float]],
+                            text_is_duration: bool = True) -> None:
     """Finals are ordered, disjoint, each inside a reference utterance (plus padding),
-    every utterance is heard, and each final's text (the test recognizer's length of the
-    audio it got) matches its printed times."""
+    every utterance is heard, and (test recognizer) each final's text, the length of the
+    audio it got, matches its printed times."""
     assert finals, "no finals printed"
     for a, b in zip(finals, finals[1:], strict=False):
         assert a.end <= b.start + 0.011, f"finals overlap or out of order: {a} {b}"
@@ -169,7 +170,8 @@ def check_against_reference(finals: list[Final], spans: list[tuple[float, float]
         assert f.end > f.start
         assert any(s - PAD_S <= f.start and f.end <= e + PAD_S for s, e in spans), (
             f"final {f} is not inside any reference utterance {spans}")
-        assert abs(float(f.text) - (f.end - f.start)) <= 0.021, f
+        if text_is_duration:
+            assert abs(float(f.text) - (f.end - f.start)) <= 0.021, f
     for s, e in spans:
         heard = sum(max(0.0, min(e, f.end) - max(s, f.start)) for f in finals)
         assert heard >= 0.8 * (e - s), f"utterance {s:.2f}-{e:.2f} s mostly missed: {finals}"
@@ -379,21 +381,28 @@ def normalize(text: str) -> str:
     return EnglishTextNormalizer()(text)
 
 
+def assert_words(reference: str, texts: list[str], max_wer: float) -> float:
+    """The finals say the reference's words: WER after Whisper's English normalizer."""
+    import jiwer
+
+    hypothesis = normalize(" ".join(texts))
+    wer = float(jiwer.wer(normalize(reference), hypothesis))
+    print(f"WER {wer:.3f} over {len(texts)} finals: {hypothesis!r}")
+    assert wer <= max_wer, (wer, hypothesis)
+    return wer
+
+
 @pytest.mark.e2e
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_WHISPER, reason=NO_WHISPER)
 def test_real_words_from_the_stream_recording(tmp_path: Path, stream_entry: dict):
-    import jiwer
-
     with run_daemon(tmp_path, test_pipeline=False, startup_timeout=600) as d:
         out = run_client(d, "--speed", "0", str(stream_entry["path"]), timeout=600)
     assert out.returncode == 0, out.stderr
     finals = parse_finals(out.stdout)
-    hypothesis = normalize(" ".join(f.text for f in finals))
-    assert "ask not what your country can do for you" in hypothesis
-    wer = jiwer.wer(normalize(stream_entry["text"]), hypothesis)
-    print(f"stream recording WER {wer:.3f} over {len(finals)} finals")
-    assert wer <= 0.3, (wer, hypothesis)
+    spans = [(s["start_s"], s["end_s"]) for s in stream_entry["segments"]]
+    check_against_reference(finals, spans, text_is_duration=False)
+    assert_words(stream_entry["text"], [f.text for f in finals], max_wer=0.25)
 
 
 def test_microphone_through_pulseaudio(daemon: DaemonProcess, shared_manifest: list[dict],
