@@ -14,7 +14,7 @@ Public API
 - Streaming: `StreamConfig`, `init_state(config, batch, stream) -> StreamState`,
   `encode_chunk(params, state, chunk [B, chunk_samples], num_valid [B] | None)
   -> (ChunkOutput(logits [B, chunk_frames, V], mask [B, chunk_frames]), state)`,
-  `pending_chunks(state)`, `stack_states`, `unstack_state`.
+  `pending_chunks(state)`, `reset_slots`, `stack_states`, `unstack_state`.
 
 Streaming scheme (all shapes static; one compile per (chunk size, batch size, config)):
 - Feature extractor: each conv keeps its last `K - S` inputs, and a delay line of
@@ -700,6 +700,17 @@ def pending_chunks(state: StreamState) -> np.ndarray:
     next_start = step * stream.chunk_frames - config.fe_delay_frames - stream.right_frames
     need = last + 1 - next_start
     return np.maximum(-(-need // stream.chunk_frames), 0)
+
+
+def reset_slots(state: StreamState, slots: jax.Array) -> StreamState:
+    """Restarts the streams where `slots` [B] bool is set (a new segment in that slot);
+    the others are untouched. Jittable."""
+    fresh = init_state(state.config, state.step.shape[0], state.stream)
+
+    def pick(new: jax.Array, old: jax.Array) -> jax.Array:
+        return jnp.where(slots.reshape((-1,) + (1,) * (old.ndim - 1)), new, old)
+
+    return jax.tree.map(pick, fresh, state)
 
 
 def stack_states(states: list[StreamState]) -> StreamState:

@@ -190,3 +190,28 @@ def test_stack_unstack_round_trip(loaded):
         assert jax.tree.structure(original) == jax.tree.structure(back)
         for a, b in zip(jax.tree.leaves(original), jax.tree.leaves(back), strict=True):
             np.testing.assert_array_equal(a, np.asarray(b))
+
+
+def test_reset_slot_starts_a_new_segment(loaded):
+    """A slot reset mid-stream behaves as a fresh stream; the other slot is untouched."""
+    config, params = loaded["conformer_none"]
+    stream = StreamConfig(chunk_frames=4, left_frames=8, right_frames=2)
+    n = 4 * 320
+    audio, _ = batch_audio((6 * n, 6 * n), seed=31)
+    state = wav2vec2.init_state(config, 2, stream)
+    fresh = wav2vec2.init_state(config, 1, stream)
+    solo = wav2vec2.init_state(config, 1, stream)  # slot 0 on its own, never reset
+    full = jnp.full((2,), n, jnp.int32)
+    outs = []
+    for step in range(6):
+        if step == 3:
+            state = wav2vec2.reset_slots(state, jnp.array([False, True]))
+        chunk = jnp.asarray(audio[:, step * n:(step + 1) * n])
+        out, state = wav2vec2.encode_chunk(params, state, chunk, full)
+        outs.append(np.asarray(out.logits))
+        ref0, solo = wav2vec2.encode_chunk(params, solo, chunk[:1], full[:1])
+        np.testing.assert_allclose(outs[-1][0], np.asarray(ref0.logits)[0], atol=1e-5)
+        if step >= 3:  # slot 1 restarted at step 3: compare with a fresh stream
+            ref, fresh = wav2vec2.encode_chunk(params, fresh, chunk[1:], full[1:])
+            np.testing.assert_allclose(outs[-1][1], np.asarray(ref.logits)[0], atol=1e-5)
+    assert np.asarray(state.step).tolist() == [6, 3]
