@@ -215,3 +215,28 @@ def test_bad_usage(tmp_path):
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 2 and "no such file" in out.stderr
 
+
+
+
+def test_resent_events_print_once(tmp_path, broker):
+    """After a reconnect the daemon re-sends unacknowledged finals with the same
+    (node, session, seq); the listener prints each once."""
+    listener = Listener(tmp_path, broker, "--status", "--count", "2")
+    event = {"type": "final", "session": "s", "segment": 0, "start": 59.999, "end": 61.5,
+             "text": " hello ", "node": "n", "seq": 3, "ts": 1.0}
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    try:
+        listener.subscribed()
+        client.connect(broker.host, broker.port)
+        client.loop_start()
+        for payload in (event, event, {"state": "offline", "reason": "lost"},
+                        {**event, "seq": 4, "text": "again"}):
+            topic = "streamd/status/n" if "state" in payload else "streamd/s/final"
+            client.publish(topic, json.dumps(payload), qos=1).wait_for_publish(10)
+        assert listener.proc.wait(20) == 0
+    finally:
+        client.loop_stop()
+        listener.stop()
+    assert listener.stdout.splitlines() == [
+        "s [1:00.00 - 1:01.50] hello", "status n: offline (lost)",
+        "s [1:00.00 - 1:01.50] again"]
