@@ -340,8 +340,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="streamd-stream",
         description="Stream a sound file or the microphone to streamd and print transcripts.",
-        epilog="Exit status: 0 done, 1 refused or daemon error, 2 usage or input error, "
-        "3 daemon unreachable or connection lost, 130 interrupted twice.",
+        epilog="Audio: files are mixed down to mono and sent as 16-bit PCM at their own "
+        "rate when it is 8-48 kHz (the daemon resamples); other rates are resampled to "
+        "16 kHz here (soxr). Finals print as '[m:ss.cc - m:ss.cc] text'; Ctrl+C stops and "
+        "waits for the last finals. Exit status: 0 done, 1 refused or daemon error, "
+        "2 usage or input error, 3 daemon unreachable or connection lost, "
+        "130 interrupted twice.",
     )
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("file", nargs="?", type=Path, help="sound file (WAV, FLAC, ...)")
