@@ -92,9 +92,10 @@ class Printer:
             self.finals += 1
 
 
-def topics(prefix: str, session: str | None, partials: bool, status: bool) -> list[
-    tuple[str, int]
-]:
+Subscription = tuple[str, int]  # (topic filter, QoS)
+
+
+def topics(prefix: str, session: str | None, partials: bool, status: bool) -> list[Subscription]:
     """(topic filter, QoS) pairs; finals at QoS 1 so the broker never drops them to us."""
     who = session or "+"
     subs = [(f"{prefix}/{who}/final", 1)]
@@ -106,7 +107,7 @@ def topics(prefix: str, session: str | None, partials: bool, status: bool) -> li
 
 
 def _tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
-    if not (args.tls or args.cafile or args.certfile):
+    if not _wants_tls(args):
         return None
     context = ssl.create_default_context(cafile=args.cafile)
     if args.certfile:
@@ -115,6 +116,10 @@ def _tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     return context
+
+
+def _wants_tls(args: argparse.Namespace) -> bool:
+    return bool(args.tls or args.cafile or args.certfile or args.insecure)
 
 
 async def listen(args: argparse.Namespace, printer: Printer) -> int:
@@ -194,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cafile", help="CA bundle for the broker's certificate (implies --tls)")
     p.add_argument("--certfile", help="client certificate (implies --tls)")
     p.add_argument("--keyfile", help="client key for --certfile")
-    p.add_argument("--insecure", action="store_true", help="TLS without certificate checks")
+    p.add_argument("--insecure", action="store_true",
+                   help="TLS without certificate checks (implies --tls)")
     p.add_argument("--username", help="broker user name")
     p.add_argument("--password", help="broker password (visible in ps; prefer --password-env)")
     p.add_argument("--password-env", metavar="VAR", help="read the password from this variable")
@@ -207,9 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    use_tls = args.tls or args.cafile or args.certfile
     if args.port is None:
-        args.port = 8883 if use_tls else 1883
+        args.port = 8883 if _wants_tls(args) else 1883
     for name in ("cafile", "certfile", "keyfile"):
         path = getattr(args, name)
         if path and not os.path.isfile(path):
