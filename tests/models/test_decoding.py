@@ -321,7 +321,9 @@ def real(shared_audio_dir: Path):
     return model.eval(), hf_config, decoder, params, WhisperTokenizer.from_file(folder), feats
 
 
-def _hf_whisper_generate(model, hf_config: dict, feats: np.ndarray, **kwargs) -> list[int]:
+def _hf_whisper_generate(
+    model, hf_config: dict, feats: np.ndarray, prompt_ids=None, **kwargs
+) -> list[int]:
     gen = transformers.GenerationConfig(
         decoder_start_token_id=hf_config["decoder_start_token_id"],
         eos_token_id=hf_config["eos_token_id"], pad_token_id=hf_config["pad_token_id"],
@@ -331,7 +333,7 @@ def _hf_whisper_generate(model, hf_config: dict, feats: np.ndarray, **kwargs) ->
         max_initial_timestamp_index=50, max_length=448, do_sample=False, **kwargs,
     )  # fmt: skip
     with torch.no_grad():
-        out = model.generate(torch.from_numpy(feats), generation_config=gen)
+        out = model.generate(torch.from_numpy(feats), generation_config=gen, prompt_ids=prompt_ids)
     return out[0].tolist()
 
 
@@ -366,3 +368,27 @@ def test_real_model_matches_transformers(real) -> None:
     assert stamped.tokens == ref_ts
     assert stamped.tokens[0] >= tokenizer.timestamp_begin
     assert stamped.tokens[-1] >= tokenizer.timestamp_begin
+
+
+@pytest.mark.slow
+def test_real_model_previous_text_and_committed_prefix(real) -> None:
+    """A `<|startofprev|>` prompt decodes as transformers' `prompt_ids`; a committed prefix
+    (prefilled after the SOT sequence) continues exactly where the full decode went."""
+    model, hf_config, decoder, params, tokenizer, feats = real
+    enc = whisper.encode(params, decoder.config, jnp.asarray(feats))
+    options = DecodeOptions(temperatures=(0.0,), renormalize=False)
+    prev = tokenizer.encode(" PRESIDENT KENNEDY'S INAUGURAL ADDRESS, 1961.")
+    ours = decode_segment(
+        decoder, params, tokenizer, encoder_out=enc, options=options, previous=[prev]
+    )[0]
+    ref = _hf_whisper_generate(
+        model, hf_config, feats, prompt_ids=torch.tensor([tokenizer.sot_prev, *prev])
+    )
+    assert ours.tokens == [t for t in ref if t < tokenizer.eot]
+    plain = decode_segment(decoder, params, tokenizer, encoder_out=enc, options=options)[0]
+    assert ours.no_speech_prob != pytest.approx(plain.no_speech_prob)  # SOT moved right
+
+    rest = decode_segment(
+        decoder, params, tokenizer, encoder_out=enc, options=options, prefixes=[plain.tokens[:5]]
+    )[0]
+    assert rest.tokens == plain.tokens[5:]
