@@ -249,7 +249,10 @@ def _decode(params: Params, config: TextDecoderConfig, cache: DecoderCache, cros
     if c.final_norm:
         x = layer_norm(params["final_norm"], x, c.layer_norm_eps)
     head = params.get("lm_head", params["embed"])  # [V, D]; tied unless stored apart
-    logits = jnp.einsum("bsd,vd->bsv", x, head)
+    # Contract [B*S, D] rows with the [V, D] table's last axis directly, so XLA does not
+    # materialise a transposed copy of the table every step (as in models/whisper.py).
+    flat = jax.lax.dot_general(x.reshape(-1, x.shape[-1]), head, (((1,), (1,)), ((), ())))
+    logits = flat.reshape(b, s, -1)
     overflow = cache.length + s > max_len
     logits = jnp.where(overflow[:, None, None], jnp.nan, logits)
     return logits, DecoderCache(layers=tuple(layers), length=cache.length + num_valid)

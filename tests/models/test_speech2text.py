@@ -271,3 +271,33 @@ def test_search_is_the_shared_engine(hf, utterance: np.ndarray, monkeypatch) -> 
     for module in (speech2text, text_decoders):
         source = inspect.getsource(module)
         assert "while_loop" not in source and "fori_loop" not in source and "scan(" not in source
+
+
+def test_batched_padded_search_equals_single_rows(hf, utterance: np.ndarray) -> None:
+    """Two utterances of different lengths padded into one batch, with prompts of different
+    lengths (prompt_len): each row decodes as it does alone."""
+    _, ours = hf
+    c = ours.config
+    feats = [s2t_features.features(utterance[:12000]), s2t_features.features(utterance[:20000])]
+    lengths = np.array([f.shape[0] for f in feats], np.int32)
+    batch = np.stack([np.pad(f, ((0, 256 - f.shape[0]), (0, 0))) for f in feats])
+    prompts = [[START], [START, 7, 30]]
+    prompt = np.full((2, 3), PAD, np.int32)
+    for i, p in enumerate(prompts):
+        prompt[i, : len(p)] = p
+    dec = speech2text.decoder(c, 16)
+    kw = dict(eot=EOS, max_new_tokens=12, renormalize=False)
+
+    def run(f: np.ndarray, n: np.ndarray, pr: np.ndarray, pl: np.ndarray):
+        hidden, mask = speech2text.encode(ours.params, c, jnp.asarray(f), jnp.asarray(n))
+        cross = speech2text.cross_kv(ours.params, c, hidden, mask)
+        return decoding.greedy_search(dec, ours.params, cross, jnp.asarray(pr),
+                                      prompt_len=jnp.asarray(pl), **kw)
+
+    both = run(batch, lengths, prompt, np.array([1, 3]))
+    for i, p in enumerate(prompts):
+        alone = run(feats[i][None], lengths[i:i + 1], np.asarray([p], np.int32),
+                    np.array([len(p)]))
+        np.testing.assert_array_equal(np.asarray(both.tokens[i]), np.asarray(alone.tokens[0]))
+        np.testing.assert_allclose(float(both.sum_logprobs[i]), float(alone.sum_logprobs[0]),
+                                   atol=1e-4)
