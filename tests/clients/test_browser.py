@@ -138,19 +138,34 @@ def test_fake_microphone_is_transcribed(daemon, utterance, tmp_path):
     assert shot.stat().st_size > 10_000
 
 
-def test_wrong_token_is_explained(daemon, utterance, tmp_path):
-    async def run() -> dict:
-        with Chromium(tmp_path, fake_audio=utterance[0]) as browser:
-            async with DevTools.connect(browser.page_ws_url()) as page:
-                await page.navigate(f"{daemon.http}/?token=wrong")
-                await page.evaluate(CLICK, gesture=True)
-                await page.wait_for(f"{STATE}.errors.length > 0", timeout=30)
-                return {"state": await page.evaluate(f"JSON.parse(JSON.stringify({STATE}))"),
-                        "shown": await page.evaluate("document.getElementById('error').innerText")}
+async def _refusal_shown(url: str, audio: Path, workdir: Path) -> dict:
+    with Chromium(workdir, fake_audio=audio) as browser:
+        async with DevTools.connect(browser.page_ws_url()) as page:
+            await page.navigate(url)
+            await page.evaluate(CLICK, gesture=True)
+            await page.wait_for(f"{STATE}.errors.length > 0", timeout=30)
+            return {"state": await page.evaluate(f"JSON.parse(JSON.stringify({STATE}))"),
+                    "shown": await page.evaluate("document.getElementById('error').innerText")}
 
-    result = asyncio.run(run())
+
+def test_wrong_token_is_explained(daemon, utterance, tmp_path):
+    result = asyncio.run(_refusal_shown(f"{daemon.http}/?token=wrong", utterance[0], tmp_path))
     assert "Refused" in result["shown"] and "token" in result["shown"]
     assert result["state"]["status"] == "error" and result["state"]["finals"] == []
+
+
+def test_busy_daemon_is_explained(utterance, tmp_path):
+    from websockets.sync.client import connect
+
+    with run_daemon(tmp_path, "--max-sessions", "1") as daemon, connect(
+        daemon.url, additional_headers={"Authorization": f"Bearer {TOKEN}"}
+    ) as ws:
+        ws.send('{"type": "start", "sample_rate": 16000, "encoding": "pcm_s16le", "channels": 1}')
+        assert '"ready"' in ws.recv(10)  # the only slot is taken
+        result = asyncio.run(_refusal_shown(f"{daemon.http}/?token={TOKEN}", utterance[0],
+                                            tmp_path))
+    assert "busy" in result["shown"], result
+    assert result["state"]["status"] == "error"
 
 
 def test_denied_microphone_is_explained(daemon, tmp_path):
