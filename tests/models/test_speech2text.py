@@ -19,6 +19,7 @@ from models import decoding, s2t_features, speech2text  # noqa: E402
 
 ATOL = 1e-4
 PAD, EOS, START = 1, 2, 2
+MAX_NEW = 16  # one decoder length (MAX_NEW + 1) everywhere: fewer compiles
 
 
 @pytest.fixture(scope="session")
@@ -96,7 +97,7 @@ def test_encoder_and_logits_match(hf, utterance: np.ndarray) -> None:
     assert hidden.shape[1] == speech2text.output_length(c, n)
 
     cross = speech2text.cross_kv(ours.params, c, hidden, mask)
-    dec = speech2text.decoder(c, 16)
+    dec = speech2text.decoder(c, MAX_NEW + 1)
     logits, _ = dec.step(ours.params, dec.init_cache(1), cross, jnp.asarray(tokens),
                          jnp.asarray([tokens.shape[1]]))
     np.testing.assert_allclose(np.asarray(logits), ref, atol=ATOL)
@@ -123,7 +124,7 @@ def test_incremental_equals_teacher_forced(hf, utterance: np.ndarray) -> None:
                                       jnp.asarray([feats.shape[1]]))
     cross = speech2text.cross_kv(ours.params, c, hidden, mask)
     tokens = jnp.asarray([[START, 5, 17, 40, 3, 9, 77, 12]], jnp.int32)
-    dec = speech2text.decoder(c, 12)
+    dec = speech2text.decoder(c, MAX_NEW + 1)
     full, _ = dec.step(ours.params, dec.init_cache(1), cross, tokens, jnp.asarray([8]))
     # Prefill three tokens, then one at a time.
     logits, cache = dec.step(ours.params, dec.init_cache(1), cross, tokens[:, :3],
@@ -139,7 +140,7 @@ def test_incremental_equals_teacher_forced(hf, utterance: np.ndarray) -> None:
 
 def test_greedy_generation_matches_transformers(hf, utterance: np.ndarray) -> None:
     model, ours = hf
-    max_new = 20
+    max_new = MAX_NEW
     for seconds in (1.0, 2.5):
         audio = utterance[: int(seconds * 16000)]
         feats = s2t_features.features(audio)[None]
@@ -156,24 +157,32 @@ def test_greedy_generation_matches_transformers(hf, utterance: np.ndarray) -> No
         assert len(ref) > 3  # the comparison covers real steps, not an immediate end
 
 
-def test_beam_search_runs_through_the_shared_engine(hf, utterance: np.ndarray) -> None:
-    """Beam 1 through beam_search equals greedy; beam 3 scores at least as well as greedy."""
-    _, ours = hf
+def test_beam_search_matches_transformers(hf, utterance: np.ndarray) -> None:
+    """Beam search (3 beams, early stopping, length penalty 1) through the shared engine
+    picks transformers' best hypothesis; 1 beam equals greedy."""
+    model, ours = hf
     c = ours.config
-    feats = s2t_features.features(utterance[:16000])[None]
+    audio = utterance[:16000]
+    feats = s2t_features.features(audio)[None]
+    with torch.no_grad():
+        ref = model.generate(
+            input_features=torch.from_numpy(feats), max_new_tokens=MAX_NEW, do_sample=False,
+            num_beams=3, early_stopping=True, length_penalty=1.0, decoder_start_token_id=START,
+            eos_token_id=EOS, pad_token_id=PAD,
+        )[0].tolist()  # fmt: skip
+    ref = ref[1:]
+    ref = ref[: ref.index(EOS)] if EOS in ref else ref
+    assert speech2text.generate(ours, audio, beam_size=3, max_new_tokens=MAX_NEW) == ref
+
     hidden, mask = speech2text.encode(ours.params, c, jnp.asarray(feats),
                                       jnp.asarray([feats.shape[1]]))
     cross = speech2text.cross_kv(ours.params, c, hidden, mask)
-    dec = speech2text.decoder(c, 17)
+    dec = speech2text.decoder(c, MAX_NEW + 1)
     prompt = jnp.asarray([[START]], jnp.int32)
-    kw = dict(eot=EOS, max_new_tokens=16, renormalize=False)
+    kw = dict(eot=EOS, max_new_tokens=MAX_NEW, renormalize=False)
     greedy = decoding.greedy_search(dec, ours.params, cross, prompt, **kw)
-    beam1 = decoding.beam_search(dec, ours.params, cross, prompt, beams=1, length_penalty=1.0,
-                                 **kw)
+    beam1 = decoding.beam_search(dec, ours.params, cross, prompt, beams=1, **kw)
     np.testing.assert_array_equal(np.asarray(beam1.tokens), np.asarray(greedy.tokens))
-    beam3 = decoding.beam_search(dec, ours.params, cross, prompt, beams=3, **kw)
-    assert float(beam3.sum_logprobs[0]) >= float(greedy.sum_logprobs[0]) - 1e-4 or bool(
-        beam3.finished[0])
 
 
 def test_load_errors(tmp_path: Path) -> None:
@@ -239,13 +248,13 @@ def test_transcribe_end_to_end(hf, s2t_tokenizer_files: Path, tmp_path: Path,
     feats = transformers.Speech2TextFeatureExtractor()(
         audio, sampling_rate=16000, return_tensors="pt")["input_features"]
     with torch.no_grad():
-        ref_ids = model.generate(input_features=feats, max_new_tokens=20, do_sample=False,
+        ref_ids = model.generate(input_features=feats, max_new_tokens=MAX_NEW, do_sample=False,
                                  num_beams=1, decoder_start_token_id=START, eos_token_id=EOS,
                                  pad_token_id=PAD)[0].tolist()
     tok = transformers.Speech2TextTokenizer.from_pretrained(tmp_path)
     expected = tok.decode(ref_ids, skip_special_tokens=True)
     assert expected
-    assert speech2text.transcribe(ours, audio, max_new_tokens=20) == expected
+    assert speech2text.transcribe(ours, audio, max_new_tokens=MAX_NEW) == expected
 
 
 def test_search_is_the_shared_engine(hf, utterance: np.ndarray, monkeypatch) -> None:
@@ -264,8 +273,8 @@ def test_search_is_the_shared_engine(hf, utterance: np.ndarray, monkeypatch) -> 
             return _real(dec, *args, **kw)
 
         monkeypatch.setattr(decoding, name, spy)
-    speech2text.generate(ours, utterance[:16000], max_new_tokens=4)
-    speech2text.generate(ours, utterance[:16000], beam_size=2, max_new_tokens=4)
+    speech2text.generate(ours, utterance[:16000], max_new_tokens=MAX_NEW)
+    speech2text.generate(ours, utterance[:16000], beam_size=3, max_new_tokens=MAX_NEW)
     assert seen == [("greedy_search", text_decoders.TextDecoder),
                     ("beam_search", text_decoders.TextDecoder)]
     for module in (speech2text, text_decoders):
@@ -285,8 +294,8 @@ def test_batched_padded_search_equals_single_rows(hf, utterance: np.ndarray) -> 
     prompt = np.full((2, 3), PAD, np.int32)
     for i, p in enumerate(prompts):
         prompt[i, : len(p)] = p
-    dec = speech2text.decoder(c, 16)
-    kw = dict(eot=EOS, max_new_tokens=12, renormalize=False)
+    dec = speech2text.decoder(c, MAX_NEW + 1)
+    kw = dict(eot=EOS, max_new_tokens=MAX_NEW - 2, renormalize=False)  # prompt width 3
 
     def run(f: np.ndarray, n: np.ndarray, pr: np.ndarray, pl: np.ndarray):
         hidden, mask = speech2text.encode(ours.params, c, jnp.asarray(f), jnp.asarray(n))
