@@ -9,7 +9,7 @@
 function lowpass(step) {
   // Cut-off at 0.9 of the output Nyquist, in cycles per input sample.
   const fc = 0.45 / step;
-  const half = Math.ceil(4 * step);
+  const half = Math.ceil(8 * step);
   const taps = new Float32Array(2 * half + 1);
   let sum = 0;
   for (let i = 0; i < taps.length; i++) {

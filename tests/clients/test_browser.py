@@ -106,6 +106,57 @@ def test_page_is_served_by_the_daemon(daemon):
         assert "http://" not in body and "https://" not in body  # offline: no CDN
 
 
+WORKLET_RENDER = """(async () => {
+  const ctx = new OfflineAudioContext(1, %(rate)d, %(rate)d);  // one second
+  await ctx.audioWorklet.addModule('worklet.js');
+  const node = new AudioWorkletNode(ctx, 'pcm16k', {numberOfInputs: 1, numberOfOutputs: 1,
+    processorOptions: {targetRate: 16000, chunkMs: 100}});
+  const out = [];
+  node.port.onmessage = (e) => out.push(...new Int16Array(e.data.pcm));
+  for (const freq of %(tones)s) {
+    const osc = ctx.createOscillator();
+    const gain = ctx.createGain();
+    osc.frequency.value = freq;
+    gain.gain.value = %(amp)f;
+    osc.connect(gain).connect(node);
+    osc.start();
+  }
+  node.connect(ctx.destination);
+  await ctx.startRendering();
+  for (let i = 0; i < 200 && out.length < 16000; i++) await new Promise(r => setTimeout(r, 20));
+  return out;
+})()"""
+
+
+def test_worklet_downsamples_to_16k_without_aliasing(daemon, tmp_path):
+    """The page's worklet in Chromium's own audio engine (OfflineAudioContext) on pure
+    tones at 48 and 44.1 kHz: speech-band tones keep their level, tones above 8 kHz do
+    not fold back into the band. The reference is the tones' known frequencies."""
+    tones, amp = [440, 6000, 9000, 12000], 0.2
+
+    async def render(rate: int) -> np.ndarray:
+        with Chromium(tmp_path) as browser:
+            async with DevTools.connect(browser.page_ws_url()) as page:
+                await page.navigate(f"{daemon.http}/")
+                js = WORKLET_RENDER % {"rate": rate, "tones": tones, "amp": amp}
+                return np.array(await page.evaluate(js), np.float64) / 32768
+
+    def level_db(x: np.ndarray, freq: float) -> float:
+        """Level of the tone at `freq` in the 16 kHz output, dB relative to its input."""
+        window = np.hanning(len(x))
+        spectrum = np.abs(np.fft.rfft(x * window)) / window.sum() * 2
+        freqs = np.fft.rfftfreq(len(x), 1 / 16000)
+        return float(20 * np.log10(spectrum[np.abs(freqs - freq) < 30].max() / amp))
+
+    for rate in (48000, 44100):
+        x = asyncio.run(render(rate))
+        assert len(x) == 16000  # exactly one second at 16 kHz
+        assert abs(level_db(x, 440)) < 0.1, rate
+        assert abs(level_db(x, 6000)) < 1.0, rate  # top of the speech band: kept
+        assert level_db(x, 16000 - 9000) < -40, rate  # 9 kHz would alias to 7 kHz
+        assert level_db(x, 16000 - 12000) < -60, rate  # 12 kHz would alias to 4 kHz
+
+
 def test_fake_microphone_is_transcribed(daemon, utterance, tmp_path):
     path, duration = utterance
     shot = tmp_path / "page.png"
