@@ -21,6 +21,7 @@ from models.checkpoint import ModelLoadError  # noqa: E402
 
 ATOL = 1e-4
 VOCAB, START, EOS, PAD = 64, 0, 2, 1
+MAX_NEW = 16  # one decoder length (MAX_NEW + 1) everywhere: fewer compiles
 
 
 def _encoder(kind: str):
@@ -111,7 +112,7 @@ def test_logits_match_transformers(hf, audio: np.ndarray) -> None:
             ref_hidden = model.enc_to_dec_proj(ref_hidden)
     hidden, _, cross = _encode(ours, audio)
     np.testing.assert_allclose(np.asarray(hidden), ref_hidden.numpy(), atol=ATOL)
-    dec = sed.decoder(ours.config, 16)
+    dec = sed.decoder(ours.config, MAX_NEW + 1)
     logits, _ = dec.step(ours.params, dec.init_cache(1), cross, jnp.asarray(tokens, jnp.int32),
                          jnp.asarray([tokens.shape[1]], jnp.int32))
     np.testing.assert_allclose(np.asarray(logits), out.logits.numpy(), atol=ATOL)
@@ -121,7 +122,7 @@ def test_incremental_equals_teacher_forced(hf, audio: np.ndarray) -> None:
     _, _, ours, _ = hf
     _, _, cross = _encode(ours, audio)
     tokens = jnp.asarray([[START, 5, 17, 40, 3, 9, 33, 12]], jnp.int32)
-    dec = sed.decoder(ours.config, 10)
+    dec = sed.decoder(ours.config, MAX_NEW + 1)
     full, _ = dec.step(ours.params, dec.init_cache(1), cross, tokens, jnp.asarray([8]))
     logits, cache = dec.step(ours.params, dec.init_cache(1), cross, tokens[:, :2],
                              jnp.asarray([2]))
@@ -135,7 +136,7 @@ def test_incremental_equals_teacher_forced(hf, audio: np.ndarray) -> None:
 
 def test_greedy_generation_matches_transformers(hf, audio: np.ndarray) -> None:
     name, model, ours, _ = hf
-    max_new = 16
+    max_new = MAX_NEW
     with torch.no_grad():
         ref = model.generate(
             input_values=torch.from_numpy(sed.normalize(audio)[None]), max_new_tokens=max_new,
@@ -154,17 +155,28 @@ def test_greedy_generation_matches_transformers(hf, audio: np.ndarray) -> None:
     assert text  # the generated words are not all specials
 
 
-def test_beam_search_shares_the_engine(hf, audio: np.ndarray) -> None:
-    _, _, ours, _ = hf
+def test_beam_search_matches_transformers(hf, audio: np.ndarray) -> None:
+    """3 beams (early stopping, length penalty 1) through the shared engine pick
+    transformers' best hypothesis; 1 beam equals greedy."""
+    _, model, ours, _ = hf
+    with torch.no_grad():
+        ref = model.generate(
+            input_values=torch.from_numpy(sed.normalize(audio)[None]), max_new_tokens=MAX_NEW,
+            do_sample=False, num_beams=3, early_stopping=True, length_penalty=1.0,
+            decoder_start_token_id=START, eos_token_id=EOS, pad_token_id=PAD,
+            forced_eos_token_id=None, forced_bos_token_id=None,
+        )[0].tolist()  # fmt: skip
+    ref = ref[1:]
+    ref = ref[: ref.index(EOS)] if EOS in ref else ref
+    assert sed.generate(ours, audio, beam_size=3, max_new_tokens=MAX_NEW) == ref
+
     _, _, cross = _encode(ours, audio)
-    dec = sed.decoder(ours.config, 13)
+    dec = sed.decoder(ours.config, MAX_NEW + 1)
     prompt = jnp.asarray([[START]], jnp.int32)
-    kw = dict(eot=EOS, max_new_tokens=12, renormalize=False)
+    kw = dict(eot=EOS, max_new_tokens=MAX_NEW, renormalize=False)
     greedy = decoding.greedy_search(dec, ours.params, cross, prompt, **kw)
     beam1 = decoding.beam_search(dec, ours.params, cross, prompt, beams=1, **kw)
     np.testing.assert_array_equal(np.asarray(beam1.tokens), np.asarray(greedy.tokens))
-    ids = sed.generate(ours, audio, beam_size=3, max_new_tokens=12)
-    assert all(0 <= t < VOCAB and t != EOS for t in ids)
 
 
 def test_unsupported_decoder_is_named(tmp_path: Path) -> None:
@@ -200,8 +212,8 @@ def test_search_is_the_shared_engine(hf, audio: np.ndarray, monkeypatch) -> None
             return _real(dec, *args, **kw)
 
         monkeypatch.setattr(decoding, name, spy)
-    sed.generate(ours, audio, max_new_tokens=4)
-    sed.generate(ours, audio, beam_size=2, max_new_tokens=4)
+    sed.generate(ours, audio, max_new_tokens=MAX_NEW)
+    sed.generate(ours, audio, beam_size=3, max_new_tokens=MAX_NEW)
     assert seen == [("greedy_search", text_decoders.TextDecoder),
                     ("beam_search", text_decoders.TextDecoder)]
     source = inspect.getsource(sed)
