@@ -166,12 +166,15 @@ class Wav2Vec2Config:
 class StreamConfig:
     """Static streaming shape: chunk, attention left context and look-ahead, in frames.
 
-    Defaults: 320 ms chunks, 5.12 s of left context, 320 ms of look-ahead.
+    Defaults: 320 ms chunks, 5.12 s of left context, 320 ms of look-ahead. `normalize`:
+    zero-mean unit-variance input with running statistics, for models whose feature
+    extractor has `do_normalize` (offline callers normalize the whole utterance instead).
     """
 
     chunk_frames: int = 16
     left_frames: int = 256
     right_frames: int = 16
+    normalize: bool = False
 
 
 def num_frames(config: Wav2Vec2Config, num_samples: np.ndarray | int) -> np.ndarray:
@@ -497,14 +500,44 @@ Frames past a row's length are padding (see `num_frames`). Jitted; `config` stat
 
 
 @struct.dataclass
+class RunningStats:
+    """Per-stream running mean and variance over time (Chan's parallel merge)."""
+
+    count: jax.Array  # [B] values seen
+    mean: jax.Array  # [B, C]
+    m2: jax.Array  # [B, C] sum of squared deviations
+
+    @classmethod
+    def zeros(cls, batch: int, channels: int) -> RunningStats:
+        return cls(count=jnp.zeros((batch,), jnp.float32),
+                   mean=jnp.zeros((batch, channels), jnp.float32),
+                   m2=jnp.zeros((batch, channels), jnp.float32))
+
+    def update(self, x: jax.Array, valid: jax.Array) -> RunningStats:
+        """Merges the valid steps of x [B, T, C] (valid [B, T])."""
+        valid = valid[..., None]
+        n_b = valid[..., 0].sum(1).astype(jnp.float32)
+        mean_b = jnp.where(valid, x, 0.0).sum(1) / jnp.maximum(n_b, 1.0)[:, None]
+        m2_b = jnp.where(valid, jnp.square(x - mean_b[:, None]), 0.0).sum(1)
+        total = self.count + n_b
+        delta = mean_b - self.mean
+        w = (n_b / jnp.maximum(total, 1.0))[:, None]
+        return RunningStats(count=total, mean=self.mean + delta * w,
+                            m2=self.m2 + m2_b + jnp.square(delta) * (self.count[:, None] * w))
+
+    def normalize(self, x: jax.Array, eps: float) -> jax.Array:
+        var = self.m2 / jnp.maximum(self.count, 1.0)[:, None]
+        return (x - self.mean[:, None]) * jax.lax.rsqrt(var[:, None] + eps)
+
+
+@struct.dataclass
 class FeatureState:
-    """Streaming feature extractor: exact conv tails plus running group-norm statistics."""
+    """Streaming feature extractor: exact conv tails plus running statistics."""
 
     carry: jax.Array  # [B, fe_delay] raw samples held back to align frames
     tails: tuple[jax.Array, ...]  # per conv: its last K - S inputs [B, K - S, C_in]
-    norm_count: jax.Array  # [B] valid first-conv outputs seen (group layout)
-    norm_mean: jax.Array  # [B, conv_dim[0]] running mean of first-conv outputs
-    norm_m2: jax.Array  # [B, conv_dim[0]] running sum of squared deviations
+    norm: RunningStats  # first-conv outputs, channels conv_dim[0] (group-norm layout)
+    audio: RunningStats  # raw samples, 1 channel (StreamConfig.normalize)
 
 
 @struct.dataclass
@@ -550,8 +583,7 @@ def init_state(config: Wav2Vec2Config, batch: int,
         c_in = c
     feats = FeatureState(
         carry=jnp.zeros((batch, config.fe_delay), f32), tails=tuple(tails),
-        norm_count=jnp.zeros((batch,), f32), norm_mean=jnp.zeros((batch, config.conv_dim[0]), f32),
-        norm_m2=jnp.zeros((batch, config.conv_dim[0]), f32))
+        norm=RunningStats.zeros(batch, config.conv_dim[0]), audio=RunningStats.zeros(batch, 1))
     h, dh, d = config.num_attention_heads, config.head_dim, config.hidden_size
     conv_tail = None
     if config.is_conformer:
@@ -582,34 +614,22 @@ def _stream_features(params: Params, config: Wav2Vec2Config, fs: FeatureState,
     x = jnp.concatenate([fs.carry, chunk], 1)
     carry = x[:, x.shape[1] - config.fe_delay:]
     x = x[:, : chunk.shape[1], None]
-    tails, count, mean, m2 = [], fs.norm_count, fs.norm_mean, fs.norm_m2
+    tails, stats = [], fs.norm
     for i, p in enumerate(params["fe"]):
         k, s = config.conv_kernel[i], config.conv_stride[i]
         x = jnp.concatenate([fs.tails[i], x], 1)
         tails.append(x[:, x.shape[1] - (k - s):])
         x = _conv_fe(p, config, i, x)
         if i == 0 and config.feat_extract_norm == "group":
-            # Running statistics over the valid first-conv outputs so far (Chan's merge):
-            # offline normalizes over the whole utterance, which a stream cannot know.
+            # Running statistics over the valid first-conv outputs so far: offline
+            # normalizes over the whole utterance, which a stream cannot know yet.
             n_out = x.shape[1]
             offset = (k - s + config.fe_delay) // s  # stream output j' is offline j' - offset
             j = step[:, None] * n_out + jnp.arange(n_out)[None, :] - offset
-            valid = ((j >= 0) & (j * s + k <= num_samples[:, None]))[..., None]
-            n_b = valid[..., 0].sum(1).astype(jnp.float32)
-            mean_b = jnp.where(valid, x, 0.0).sum(1) / jnp.maximum(n_b, 1.0)[:, None]
-            m2_b = jnp.where(valid, jnp.square(x - mean_b[:, None]), 0.0).sum(1)
-            total = count + n_b
-            delta = mean_b - mean
-            w = (n_b / jnp.maximum(total, 1.0))[:, None]
-            mean = mean + delta * w
-            m2 = m2 + m2_b + jnp.square(delta) * (count[:, None] * w)
-            count = total
-            var = m2 / jnp.maximum(count, 1.0)[:, None]
-            x = (x - mean[:, None]) * jax.lax.rsqrt(var[:, None] + 1e-5)
-            x = x * p["norm"]["scale"] + p["norm"]["bias"]
+            stats = stats.update(x, (j >= 0) & (j * s + k <= num_samples[:, None]))
+            x = stats.normalize(x, 1e-5) * p["norm"]["scale"] + p["norm"]["bias"]
         x = _fe_norm_act(p, config, i, x)
-    return x, FeatureState(carry=carry, tails=tuple(tails), norm_count=count,
-                           norm_mean=mean, norm_m2=m2)
+    return x, FeatureState(carry=carry, tails=tuple(tails), norm=stats, audio=fs.audio)
 
 
 def _push(cache: jax.Array, new: jax.Array) -> jax.Array:
@@ -651,12 +671,17 @@ def _encode_chunk(params: Params, state: StreamState, chunk: jax.Array,
     if num_valid is None:
         num_valid = jnp.full((chunk.shape[0],), n, jnp.int32)
     num_valid = jnp.where(state.ended, 0, jnp.clip(num_valid, 0, n)).astype(jnp.int32)
-    chunk = jnp.where(jnp.arange(n)[None, :] < num_valid[:, None], chunk, 0.0)
+    sample_valid = jnp.arange(n)[None, :] < num_valid[:, None]
+    chunk = jnp.where(sample_valid, chunk, 0.0)
     num_samples = state.num_samples + num_valid
     ended = state.ended | (num_valid < n)
+    fs = state.features
+    if stream.normalize:  # running zero-mean, unit-variance (HF does it per utterance)
+        audio = fs.audio.update(chunk[..., None], sample_valid)
+        chunk = jnp.where(sample_valid, audio.normalize(chunk[..., None], 1e-7)[..., 0], 0.0)
+        fs = fs.replace(audio=audio)
 
-    feats, fstate = _stream_features(params, config, state.features, chunk, state.step,
-                                     num_samples)
+    feats, fstate = _stream_features(params, config, fs, chunk, state.step, num_samples)
     # offline index of the new frames, then of the window [E, E + C + R) and its keys
     new_index = state.step[:, None] * c + jnp.arange(c)[None, :] - config.fe_delay_frames
     h = project(params, config, feats)

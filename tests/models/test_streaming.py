@@ -215,3 +215,20 @@ def test_reset_slot_starts_a_new_segment(loaded):
             ref, fresh = wav2vec2.encode_chunk(params, fresh, chunk[1:], full[1:])
             np.testing.assert_allclose(outs[-1][1], np.asarray(ref.logits)[0], atol=1e-5)
     assert np.asarray(state.step).tolist() == [6, 3]
+
+
+def test_running_normalization(loaded, shared_manifest):
+    """`normalize=True` streams raw-level audio close to offline on utterance-normalized
+    audio (what the HF feature extractor feeds), unlike streaming the raw audio as is."""
+    config, params = loaded["w2v_large"]
+    entry = next(e for e in shared_manifest if 3.0 <= e["duration_s"] <= 6.0)
+    raw, _ = sf.read(entry["path"], dtype="float32")
+    ref = offline(params, config, (raw - raw.mean()) / np.sqrt(raw.var() + 1e-7))
+    full = dict(chunk_frames=16, left_frames=192, right_frames=192)
+    diffs = {}
+    for normalize in (True, False):
+        stream = StreamConfig(**full, normalize=normalize)
+        got = run_stream(params, config, stream, raw[None], [len(raw)])[0]
+        diffs[normalize] = float(np.abs(got - ref).mean())
+    print(f"\nmean |diff| with running normalization {diffs[True]:.4f}, raw {diffs[False]:.4f}")
+    assert diffs[True] < diffs[False]
