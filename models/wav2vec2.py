@@ -16,7 +16,7 @@ Public API
   -> (ChunkOutput(logits [B, chunk_frames, V], mask [B, chunk_frames]), state)`,
   `pending_chunks(state)`, `reset_slots`, `stack_states`, `unstack_state`.
 
-Streaming scheme (all shapes static; one compile per (chunk size, batch size, config)):
+Streaming scheme (all shapes static; one compile per (config, StreamConfig, batch size)):
 - Feature extractor: each conv keeps its last `K - S` inputs, and a delay line of
   `fe_delay` raw samples aligns chunk boundaries with frame boundaries, so streamed
   features equal offline features exactly. Group norm (base layout) normalizes over the
@@ -713,7 +713,8 @@ chunk [B, chunk_frames * 320] float32 of new audio; num_valid [B] int32 real sam
 it (None: all). Returns (ChunkOutput(logits [B, chunk_frames, V], mask [B, chunk_frames]),
 new state). The logits are offline frames [E, E + chunk_frames) with
 E = step * chunk_frames - fe_delay_frames - right_frames: the first calls emit only
-masked frames while the look-ahead fills. One compile per (chunk size, batch, config)."""
+masked frames while the look-ahead fills. One compile per (config, StreamConfig, batch);
+passing num_valid=None is a separate trace from passing an array, so pick one."""
 
 
 def pending_chunks(state: StreamState) -> np.ndarray:

@@ -85,7 +85,7 @@ def test_stream_equals_offline_with_full_context(loaded, name):
     audio, _ = batch_audio((15_000,), seed=21)
     ref = offline(params, config, audio[0])
     assert ref.shape[0] == 46
-    for chunk_frames in (1, 4, 16):
+    for chunk_frames in (1, 4, 16) if name == "w2v_large" else (3, 16):
         stream = StreamConfig(chunk_frames=chunk_frames, left_frames=48, right_frames=48)
         got = run_stream(params, config, stream, audio, [15_000])[0]
         assert got.shape == ref.shape, chunk_frames
@@ -114,6 +114,7 @@ def test_feature_extractor_stream_is_exact(loaded):
         np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_bounded_context_divergence(loaded, name, shared_manifest):
     """Bounded left context and look-ahead (and group norm's running statistics) are
@@ -217,6 +218,7 @@ def test_reset_slot_starts_a_new_segment(loaded):
     assert np.asarray(state.step).tolist() == [6, 3]
 
 
+@pytest.mark.slow
 def test_running_normalization(loaded, shared_manifest):
     """`normalize=True` streams raw-level audio close to offline on utterance-normalized
     audio (what the HF feature extractor feeds), unlike streaming the raw audio as is."""
