@@ -36,7 +36,9 @@ def _faster_whisper_texts(paths: list[str]) -> list[str]:
                          compute_type="float32", cpu_threads=2)
     texts = []
     for path in paths:
-        segments, _ = model.transcribe(path, beam_size=1, without_timestamps=True,
+        # Timestamp mode (its default): without it, faster-whisper keeps only the first
+        # sentence of each 30 s window of the long recording.
+        segments, _ = model.transcribe(path, beam_size=1, without_timestamps=False,
                                        condition_on_previous_text=False, language="en")
         texts.append(" ".join(s.text.strip() for s in segments))
     return texts
