@@ -55,6 +55,8 @@ class Speech2TextConfig:
     pad_token_id: int = 1
     eos_token_id: int = 2
     decoder_start_token_id: int = 2
+    forced_bos_token_id: int | None = None  # multilingual models' target-language token
+    max_new_tokens: int = 199  # default generation length (config.json max_length - 1)
     decoder: TextDecoderConfig = TextDecoderConfig()
 
     @property
@@ -87,7 +89,10 @@ class Speech2TextConfig:
             input_features=hf.get("input_feat_per_channel", 80) * hf.get("input_channels", 1),
             max_source_positions=hf.get("max_source_positions", 6000), embed_scale=scale,
             pad_token_id=pad, eos_token_id=eos,
-            decoder_start_token_id=hf.get("decoder_start_token_id", 2), decoder=dec,
+            decoder_start_token_id=hf.get("decoder_start_token_id", 2),
+            forced_bos_token_id=hf.get("forced_bos_token_id"),
+            max_new_tokens=max(1, min(hf.get("max_length") or 200, dec.max_positions) - 1),
+            decoder=dec,
         )  # fmt: skip
 
 
@@ -293,10 +298,12 @@ def generate(model: Speech2TextModel, audio_16k: np.ndarray, beam_size: int = 1,
     feats = np.pad(feats, ((0, padded - n), (0, 0)))[None]
     hidden, mask = encode(model.params, c, jnp.asarray(feats), jnp.asarray([n], jnp.int32))
     cross = cross_kv(model.params, c, hidden, mask)
-    steps = c.decoder.max_positions - 1 if max_new_tokens is None else max_new_tokens
+    steps = c.max_new_tokens if max_new_tokens is None else max_new_tokens
     dec = decoder(c, 1 + steps)
     prompt = jnp.asarray([[c.decoder_start_token_id]], jnp.int32)
-    kw = dict(eot=c.eos_token_id, max_new_tokens=steps, renormalize=False)
+    filters = () if c.forced_bos_token_id is None else (
+        decoding.ForceTokens((c.forced_bos_token_id,)),)
+    kw = dict(eot=c.eos_token_id, max_new_tokens=steps, renormalize=False, filters=filters)
     if beam_size > 1:
         res = decoding.beam_search(dec, model.params, cross, prompt, beams=beam_size, **kw)
     else:

@@ -33,6 +33,7 @@ from models.text_decoders import TextDecoder, TextDecoderConfig
 
 Params = dict[str, Any]
 SUPPORTED_ENCODERS = ("wav2vec2", "wav2vec2-conformer")
+AUDIO_BUCKET = 32000  # samples (2 s): generate pads to a multiple where that is exact
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +46,16 @@ class SpeechEncoderDecoderConfig:
     decoder_start_token_id: int
     eos_token_id: int
     pad_token_id: int | None = None
+    forced_bos_token_id: int | None = None  # e.g. an mBART target-language token
+    max_new_tokens: int = 255  # default generation length (config.json max_length - 1)
+
+    @property
+    def pads_exactly(self) -> bool:
+        """Whether right-padded audio with a mask encodes exactly as unpadded audio: not for
+        group norm (statistics over the padding), the conformer's conv module or the
+        adapter's convs, which read padded frames as transformers does."""
+        e = self.encoder
+        return e.feat_extract_norm == "layer" and not e.is_conformer and not e.add_adapter
 
     @classmethod
     def from_hf_config(cls, hf: Mapping[str, Any]) -> SpeechEncoderDecoderConfig:
@@ -71,8 +82,11 @@ class SpeechEncoderDecoderConfig:
         if start is None or eos is None:
             raise ValueError("config.json needs decoder_start_token_id and eos_token_id")
         project = enc_width != dec.d_model and dec_hf.get("cross_attention_hidden_size") is None
+        max_length = hf.get("max_length") or 256
         return cls(encoder=enc, decoder=dec, project=project, decoder_start_token_id=start,
-                   eos_token_id=eos, pad_token_id=pick("pad_token_id"))
+                   eos_token_id=eos, pad_token_id=pick("pad_token_id"),
+                   forced_bos_token_id=pick("forced_bos_token_id"),
+                   max_new_tokens=max(1, min(max_length, dec.max_positions) - 1))
 
 
 # --------------------------------------------------------------------------- encoder
@@ -195,18 +209,30 @@ def normalize(audio: np.ndarray) -> np.ndarray:
 
 
 def generate(model: SpeechEncoderDecoder, audio_16k: np.ndarray, beam_size: int = 1,
-             max_new_tokens: int | None = None) -> list[int]:
-    """Token ids (end token excluded) for one utterance of 16 kHz float audio. Each audio
-    length compiles the encoder once (group-norm and conformer encoders are not exact
-    under padding, so there are no buckets)."""
+             max_new_tokens: int | None = None, bucket: int = AUDIO_BUCKET) -> list[int]:
+    """Token ids (end token excluded) for one utterance of 16 kHz float audio.
+
+    Where padding is exact (`config.pads_exactly`) the audio is padded to a multiple of
+    `bucket` samples (one encoder compile per bucket); otherwise each audio length
+    compiles once. A `forced_bos_token_id` is forced as the first token.
+    """
     c = model.config
     audio = normalize(audio_16k) if model.do_normalize else np.asarray(audio_16k, np.float32)
-    hidden, mask = encode(model.params, c, jnp.asarray(audio[None]))
-    cross = cross_kv(model.params, c, hidden, mask)
-    steps = min(c.decoder.max_positions - 1, 256) if max_new_tokens is None else max_new_tokens
+    n = audio.shape[0]
+    if c.pads_exactly and bucket > 0:
+        padded = max(bucket, -(-n // bucket) * bucket)
+        mask = jnp.asarray(np.arange(padded)[None] < n)
+        audio = np.pad(audio, (0, padded - n))
+    else:
+        mask = None
+    hidden, frames = encode(model.params, c, jnp.asarray(audio[None]), mask)
+    cross = cross_kv(model.params, c, hidden, frames)
+    steps = c.max_new_tokens if max_new_tokens is None else max_new_tokens
     dec = decoder(c, 1 + steps)
     prompt = jnp.asarray([[c.decoder_start_token_id]], jnp.int32)
-    kw = dict(eot=c.eos_token_id, max_new_tokens=steps, renormalize=False)
+    filters = () if c.forced_bos_token_id is None else (
+        decoding.ForceTokens((c.forced_bos_token_id,)),)
+    kw = dict(eot=c.eos_token_id, max_new_tokens=steps, renormalize=False, filters=filters)
     if beam_size > 1:
         res = decoding.beam_search(dec, model.params, cross, prompt, beams=beam_size, **kw)
     else:

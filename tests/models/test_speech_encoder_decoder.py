@@ -25,6 +25,8 @@ MAX_NEW = 16  # one decoder length (MAX_NEW + 1) everywhere: fewer compiles
 
 
 def _encoder(kind: str):
+    """kind: "wav2vec2" (group norm, post-LN), "wav2vec2-layer" (layer norm, pre-LN: pads
+    exactly, so generate() pads it to a bucket) or "wav2vec2-conformer"."""
     common = dict(
         hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
         conv_dim=(16,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
@@ -32,6 +34,9 @@ def _encoder(kind: str):
     )  # fmt: skip
     if kind == "wav2vec2":
         return transformers.Wav2Vec2Config(**common)
+    if kind == "wav2vec2-layer":
+        return transformers.Wav2Vec2Config(**common, feat_extract_norm="layer",
+                                           do_stable_layer_norm=True)
     return transformers.Wav2Vec2ConformerConfig(
         **common, conv_depthwise_kernel_size=7, hidden_act="swish",
         position_embeddings_type="rotary")
@@ -55,7 +60,7 @@ def _decoder(kind: str):
     )  # fmt: skip
 
 
-CASES = {"w2v2-bart": ("wav2vec2", "bart"), "w2v2-gpt2": ("wav2vec2", "gpt2"),
+CASES = {"w2v2-bart": ("wav2vec2", "bart"), "w2v2-gpt2": ("wav2vec2-layer", "gpt2"),
          "conformer-mbart": ("wav2vec2-conformer", "mbart")}
 
 
@@ -84,6 +89,7 @@ def hf(request, tmp_path_factory: pytest.TempPathFactory):
     (folder / "preprocessor_config.json").write_text(json.dumps({"do_normalize": True}))
     ours = sed.load(folder)
     assert ours.config.project == (dec_kind != "gpt2")
+    assert ours.config.pads_exactly == (enc_kind == "wav2vec2-layer")
     return request.param, model, ours, folder
 
 
@@ -147,6 +153,9 @@ def test_greedy_generation_matches_transformers(hf, audio: np.ndarray) -> None:
     if EOS in ref:
         ref = ref[: ref.index(EOS)]
     assert len(ref) > 3, name  # real steps, not an immediate end token
+    # Where padding is exact, generate() pads 1 s to the 2 s bucket: still the same ids.
+    assert ours.config.pads_exactly == (name == "w2v2-gpt2")
+    assert len(audio) < sed.AUDIO_BUCKET
     assert sed.generate(ours, audio, max_new_tokens=max_new) == ref
     # transcribe: the same ids through the decoder's tokenizer.json
     tok = tokenizers.Tokenizer.from_file(str(hf[3] / "tokenizer.json"))
