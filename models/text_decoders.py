@@ -174,26 +174,28 @@ def _write(buf: jax.Array, rows: jax.Array, at: jax.Array, axis: int) -> jax.Arr
 def _layer(p: Params, c: TextDecoderConfig, x: jax.Array, kv: LayerKV, start: jax.Array,
            self_mask: jax.Array, cross: LayerKV, cross_mask: jax.Array
            ) -> tuple[jax.Array, LayerKV]:
+    """One decoder layer on x [B, S, D]; writes the S new self-attention keys/values into
+    kv at each row's `start`. Pre-LN normalizes each sub-layer's input, post-LN its sum."""
     eps = c.layer_norm_eps
 
-    def sub(x: jax.Array, norm: Params, f: Any) -> jax.Array:
-        if c.pre_norm:
-            return x + f(layer_norm(norm, x, eps))
-        return layer_norm(norm, x + f(x), eps)
+    def norm_in(y: jax.Array, name: str) -> jax.Array:
+        return layer_norm(p[name], y, eps) if c.pre_norm else y
 
-    def self_attn(h: jax.Array) -> jax.Array:
-        nonlocal kv
-        new = _kv(p["k"], p["v"], h, c.heads)
-        kv = LayerKV(keys=_write(kv.keys, new.keys, start, 2),
-                     values=_write(kv.values, new.values, start, 1))
-        return _attend(p["q"], p["o"], h, kv, self_mask, c.heads)
+    def norm_out(y: jax.Array, name: str) -> jax.Array:
+        return y if c.pre_norm else layer_norm(p[name], y, eps)
 
-    x = sub(x, p["self_norm"], self_attn)
-    x = sub(x, p["cross_norm"],
-            lambda h: _attend(p["cq"], p["co"], h, cross, cross_mask, c.heads))
-    act = activation(c.activation)
-    x = sub(x, p["ffn_norm"], lambda h: dense(p["fc2"], act(dense(p["fc1"], h))))
-    return x, kv
+    h = norm_in(x, "self_norm")
+    new = _kv(p["k"], p["v"], h, c.heads)
+    kv = LayerKV(keys=_write(kv.keys, new.keys, start, 2),
+                 values=_write(kv.values, new.values, start, 1))
+    x = norm_out(x + _attend(p["q"], p["o"], h, kv, self_mask, c.heads), "self_norm")
+
+    h = norm_in(x, "cross_norm")
+    x = norm_out(x + _attend(p["cq"], p["co"], h, cross, cross_mask, c.heads), "cross_norm")
+
+    h = norm_in(x, "ffn_norm")
+    ffn = dense(p["fc2"], activation(c.activation)(dense(p["fc1"], h)))
+    return norm_out(x + ffn, "ffn_norm"), kv
 
 
 def _embed(params: Params, c: TextDecoderConfig, tokens: jax.Array,
