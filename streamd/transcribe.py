@@ -44,8 +44,39 @@ def load_transcriber(args: argparse.Namespace) -> FileTranscriber:
     return loader(folder, args)
 
 
-# Non-Whisper families, filled in as they land: family -> (folder, args) -> transcriber.
-_FAMILY_LOADERS: dict[str, Callable[..., FileTranscriber]] = {}
+class _Seq2SeqTranscriber:
+    """Speech2Text and speech encoder-decoder models: `module.load(folder)` and
+    `module.transcribe(model, audio, beam_size)` on the shared search engine."""
+
+    def __init__(self, module, folder, beam_size: int) -> None:
+        self._module = module
+        self._model = module.load(folder)
+        self._beam_size = beam_size
+
+    def transcribe(self, audio: np.ndarray) -> str:
+        return self._module.transcribe(self._model, audio, beam_size=self._beam_size)
+
+    def warmup(self) -> None:
+        # Encoders that pad to a bucket compile here; others compile per input length.
+        # Faint noise, not zeros: utterance normalization divides by the deviation.
+        noise = np.random.default_rng(0).normal(0, 1e-3, SAMPLE_RATE).astype(np.float32)
+        self.transcribe(noise)
+
+
+def _load_seq2seq(module_name: str) -> Callable[..., FileTranscriber]:
+    def load(folder, args: argparse.Namespace) -> FileTranscriber:
+        import importlib
+
+        return _Seq2SeqTranscriber(importlib.import_module(module_name), folder, args.beam_size)
+
+    return load
+
+
+# Non-Whisper families: family -> (folder, args) -> transcriber.
+_FAMILY_LOADERS: dict[str, Callable[..., FileTranscriber]] = {
+    "speech2text": _load_seq2seq("models.speech2text"),
+    "speech-encoder-decoder": _load_seq2seq("models.speech_encoder_decoder"),
+}
 
 
 def main(args: argparse.Namespace) -> int:

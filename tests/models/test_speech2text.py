@@ -16,6 +16,7 @@ transformers = pytest.importorskip("transformers")
 sf = pytest.importorskip("soundfile")
 
 from models import decoding, s2t_features, speech2text  # noqa: E402
+from streamd import cli  # noqa: E402
 
 ATOL = 1e-4
 PAD, EOS, START = 1, 2, 2
@@ -236,7 +237,7 @@ def test_tokenizer_decodes_like_transformers(s2t_tokenizer_files: Path) -> None:
 
 
 def test_transcribe_end_to_end(hf, s2t_tokenizer_files: Path, tmp_path: Path,
-                               utterance: np.ndarray) -> None:
+                               utterance: np.ndarray, capsys) -> None:
     """load + transcribe on a folder with tokenizer files = transformers' generate decoded
     by transformers' tokenizer."""
     model, _ = hf
@@ -255,6 +256,17 @@ def test_transcribe_end_to_end(hf, s2t_tokenizer_files: Path, tmp_path: Path,
     expected = tok.decode(ref_ids, skip_special_tokens=True)
     assert expected
     assert speech2text.transcribe(ours, audio, max_new_tokens=MAX_NEW) == expected
+    # The same through the CLI (whose default length is the model's own limit).
+    wav = tmp_path / "utterance.wav"
+    sf.write(wav, audio, 16000)
+    with torch.no_grad():
+        ref_ids = model.generate(input_features=feats, do_sample=False, num_beams=1,
+                                 max_length=model.config.max_target_positions,
+                                 decoder_start_token_id=START, eos_token_id=EOS,
+                                 pad_token_id=PAD)[0].tolist()
+    assert cli.main(["transcribe", "--json", "--model", str(tmp_path), str(wav)]) == 0
+    record = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert record["text"] == tok.decode(ref_ids, skip_special_tokens=True)
 
 
 def test_search_is_the_shared_engine(hf, utterance: np.ndarray, monkeypatch) -> None:

@@ -18,6 +18,7 @@ tokenizers = pytest.importorskip("tokenizers")
 from models import decoding  # noqa: E402
 from models import speech_encoder_decoder as sed  # noqa: E402
 from models.checkpoint import ModelLoadError  # noqa: E402
+from streamd import cli  # noqa: E402
 
 ATOL = 1e-4
 VOCAB, START, EOS, PAD = 64, 0, 2, 1
@@ -227,3 +228,25 @@ def test_search_is_the_shared_engine(hf, audio: np.ndarray, monkeypatch) -> None
                     ("beam_search", text_decoders.TextDecoder)]
     source = inspect.getsource(sed)
     assert "while_loop" not in source and "fori_loop" not in source
+
+
+def test_cli_transcribes_like_transformers(hf, audio: np.ndarray, tmp_path: Path,
+                                           capsys) -> None:
+    """`streamd transcribe --model FOLDER` prints transformers' greedy generate, decoded by
+    the decoder's tokenizer.json, at the model's own default length."""
+    name, model, ours, folder = hf
+    max_new = ours.config.max_new_tokens
+    with torch.no_grad():
+        ref = model.generate(
+            input_values=torch.from_numpy(sed.normalize(audio)[None]),
+            max_new_tokens=max_new, do_sample=False, num_beams=1,
+            decoder_start_token_id=START, eos_token_id=EOS, pad_token_id=PAD,
+            forced_eos_token_id=None, forced_bos_token_id=None,
+        )[0].tolist()  # fmt: skip
+    tok = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+    expected = tok.decode(ref[1:], skip_special_tokens=True).strip()
+    wav = tmp_path / "utterance.wav"
+    sf.write(wav, audio, 16000)
+    assert cli.main(["transcribe", "--json", "--model", str(folder), str(wav)]) == 0, name
+    record = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert record["text"] == expected, name
