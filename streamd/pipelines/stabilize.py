@@ -71,3 +71,25 @@ class LocalAgreement(Generic[U]):
         if agreed > k and all(h[:k] == self.committed for h in self._recent):
             self.committed = hyp[:agreed]
         return self.committed
+
+
+def loop_start(units: Sequence[Hashable], keep: int = 0) -> int:
+    """Where a repetition loop at the end of `units` should be cut: the length to keep.
+
+    Whisper on short windows often ends in a loop ("a happy life. A happy life. A
+    happy..."). A loop is a periodic tail: from some index i on, every unit equals the one
+    p before it, for p + max(2, min(p, 3)) units or more (a single word: 4 in a row); the
+    first period is kept. The earliest such i wins; the cut never goes below `keep` (e.g.
+    words already committed). Returns len(units) when there is no loop.
+    """
+    n = len(units)
+    best = n
+    for p in range(1, n // 2 + 1):
+        j = n - p - 1
+        while j >= 0 and units[j] == units[j + p]:
+            j -= 1
+        i = j + 1  # units[i:] is p-periodic
+        need = 4 if p == 1 else p + max(2, min(p, 3))
+        if n - i >= need:
+            best = min(best, max(i + p, keep))
+    return best

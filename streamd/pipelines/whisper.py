@@ -41,7 +41,7 @@ from models.whisper_decoding import NoSpeechProbe, WhisperDecoder, compression_r
 from streamd.config import Config
 from streamd.engine import Engine
 from streamd.errors import ConfigError
-from streamd.pipelines.stabilize import LocalAgreement
+from streamd.pipelines.stabilize import LocalAgreement, loop_start
 from streamd.recognizer import Hypothesis, SegmentInfo, register_pipeline
 
 log = logging.getLogger("streamd.pipelines.whisper")
@@ -285,6 +285,16 @@ class WhisperPipeline:
     def text(self, tokens: Sequence[int]) -> str:
         return self.tokenizer.decode(tokens)
 
+    def cut_loop(self, words: list[tuple[int, ...]], keep: int) -> list[tuple[int, ...]]:
+        """Drops a repetition loop at the end (compared on lower-cased words without
+        punctuation), never cutting into the first `keep` words."""
+        norm = ["".join(c for c in self.text(w).lower() if c.isalnum()) for w in words]
+        cut = loop_start(norm, keep)
+        if cut == len(norm) > 1:  # the token cap may have cut the loop's last word short
+            shorter = loop_start(norm[:-1], keep)
+            cut = shorter if shorter < len(norm) - 1 else cut
+        return words[:cut]
+
 
 class WhisperRecognizer:
     """Per session: LocalAgreement-2 state of the segment in flight."""
@@ -312,10 +322,10 @@ class WhisperRecognizer:
         result = await p.recognize(audio_16k, prefix)
         if result.silent and not prefix:
             return None
-        if compression_ratio(p.text(result.tokens)) > COMPRESSION_RATIO_THRESHOLD:
-            return None  # a repetition loop: say nothing rather than commit to it
         # Generated words are grouped on their own, so committed units never regroup.
-        hyp = list(committed) + p.words(result.tokens)
+        hyp = p.cut_loop(list(committed) + p.words(result.tokens), len(committed))
+        if compression_ratio(p.text([t for w in hyp for t in w])) > COMPRESSION_RATIO_THRESHOLD:
+            return None  # still repetitive: say nothing rather than commit to it
         room, units, used = p.prefix_room(len(audio_16k)), 0, 0
         for word in hyp:  # the most words whose tokens fit the decoder's prompt room
             if used + len(word) > room:
@@ -335,7 +345,10 @@ class WhisperRecognizer:
         result = await self.pipeline.recognize(audio_16k, prefix, final=True)
         if result.silent and not prefix:
             return Hypothesis("")  # not speech: the session reports an empty final
-        return Hypothesis(self.pipeline.text(prefix + result.tokens))
+        p = self.pipeline
+        committed = p.words(prefix)
+        words = p.cut_loop(committed + p.words(result.tokens), len(committed))
+        return Hypothesis(p.text([t for w in words for t in w]))
 
     def close(self) -> None:
         self.policy.reset()

@@ -78,3 +78,33 @@ def test_random_streams_match_brute_force() -> None:
                 if k > len(committed) and all(h[: len(committed)] == committed for h in last):
                     committed = tuple(hyp[:k])
             assert got == committed
+
+
+def test_loop_start_cuts_repetition_tails() -> None:
+    from streamd.pipelines.stabilize import loop_start
+
+    words = "a golden fortune and a happy life".split()
+    assert loop_start(words) == len(words)  # no loop
+    looped = words * 3 + words[:3]
+    assert loop_start(looped) == len(words)
+    assert loop_start("in 1813 in 1813 in 1813 in".split()) == 2
+    assert loop_start("so so so so so".split()) == 1
+    assert loop_start("no no".split()) == 2  # too short to call a loop
+    assert loop_start("he said bye bye".split()) == 4
+    # Never below `keep`; the loop's first period is kept even when it starts late.
+    assert loop_start(looped, keep=10) == 10
+    assert loop_start(["x", "y", *looped]) == 2 + len(words)
+    # Brute force on random short sequences: the cut leaves no qualifying loop behind
+    # and only removes a periodic tail.
+    import random
+
+    rng = random.Random(3)
+    for _ in range(2000):
+        seq = [rng.randrange(3) for _ in range(rng.randrange(0, 14))]
+        cut = loop_start(seq)
+        assert 0 < cut <= len(seq) or seq == []
+        if cut < len(seq):
+            tail = seq[cut:]
+            period = next(p for p in range(1, len(seq) + 1)
+                          if all(seq[j] == seq[j + p] for j in range(cut - p, len(seq) - p)))
+            assert tail == [seq[cut - period + k % period] for k in range(len(tail))]

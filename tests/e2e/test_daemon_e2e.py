@@ -1,0 +1,350 @@
+"""`streamd serve` end to end: the real tiny.en, a real Mosquitto, real WebSocket clients.
+
+One daemon process (default `whisper` pipeline) serves the whole module; the last test
+stops it with SIGTERM. Audio is the shared recordings, streamed faster than real time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import soundfile as sf
+from helpers.mosquitto import Mosquitto
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[2]
+RATE = 16000
+STREAM = "stream_shared_01.wav"
+
+
+def wer(refs: list[str], hyps: list[str]) -> float:
+    jiwer = pytest.importorskip("jiwer")
+    english = pytest.importorskip("whisper_normalizer.english")
+    norm = english.EnglishTextNormalizer()
+    return float(jiwer.wer(norm(" ".join(refs)), norm(" ".join(hyps))))
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMD_")}
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
+               JAX_COMPILATION_CACHE_DIR=str(REPO / ".cache" / "jax"))
+    return env
+
+
+class DaemonProcess:
+    """`python -m streamd.daemon` with the default pipeline; port read from its ready log."""
+
+    def __init__(self, workdir: Path, *args: str) -> None:
+        self.log_path = workdir / "daemon.log"
+        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "streamd.daemon", "--port", "0", "--node", "e2e",
+             "--log-format", "json", *args],
+            cwd=workdir, env=_env(), stdout=self._log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        self.port = self._wait_ready(timeout=400)
+
+    def logs(self) -> list[dict[str, Any]]:
+        text = self.log_path.read_text(errors="replace")
+        return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+    def _wait_ready(self, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited: {self.log_path.read_text()[-3000:]}")
+            for record in self.logs():
+                if record.get("msg") == "ready":
+                    return int(record["port"])
+            time.sleep(0.2)
+        raise TimeoutError(f"daemon not ready: {self.log_path.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        self._log.close()
+
+
+class MqttCollector:
+    """paho client on its own thread; persistent session so a broker restart loses
+    nothing queued for it (the broker runs with persistence)."""
+
+    def __init__(self, port: int, topic: str = "streamd/#") -> None:
+        import paho.mqtt.client as mqtt
+
+        self.messages: list[tuple[str, dict]] = []
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="e2e-collector",
+                                  clean_session=False)
+        self.client.on_message = lambda c, u, m: self.messages.append(
+            (m.topic, json.loads(m.payload)))
+        subscribed = threading.Event()
+        self.client.on_subscribe = lambda *a: subscribed.set()
+        self.client.on_connect = lambda c, *a: c.subscribe(topic, qos=1)
+        self.client.reconnect_delay_set(0.1, 1)
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        assert subscribed.wait(10)
+
+    def finals(self, session: str) -> list[dict]:
+        """Finals of a session in arrival order, redeliveries (same seq) removed."""
+        out, seen = [], set()
+        for topic, payload in list(self.messages):
+            if topic == f"streamd/{session}/final" and payload["seq"] not in seen:
+                seen.add(payload["seq"])
+                out.append(payload)
+        return out
+
+    def wait_finals(self, session: str, n: int, timeout: float = 30) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and len(self.finals(session)) < n:
+            time.sleep(0.05)
+        return self.finals(session)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def load(path: Path) -> np.ndarray:
+    audio, rate = sf.read(path, dtype="float32")
+    assert rate == RATE
+    return audio
+
+
+def s16(audio: np.ndarray) -> bytes:
+    return (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
+
+
+def stream(port: int, session: str, audio: np.ndarray, speed: float,
+           during: Any = None, chunk_ms: int = 100) -> list[dict]:
+    """Streams at `speed` x real time, then stop; returns every event up to `done`.
+    `during(seconds_sent)` is called after each chunk (test actions mid-stream)."""
+    chunk = RATE * chunk_ms // 1000
+    events: list[dict] = []
+    with connect(f"ws://127.0.0.1:{port}/v1/stream", max_size=None) as ws:
+        ws.send(json.dumps({"type": "start", "sample_rate": RATE, "encoding": "pcm_s16le",
+                            "channels": 1, "session": session}))
+
+        def receive() -> None:
+            try:
+                while True:
+                    event = json.loads(ws.recv(timeout=120))
+                    event["_t"] = time.monotonic()
+                    events.append(event)
+                    if event["type"] == "done":
+                        return
+            except (ConnectionClosed, TimeoutError):
+                return
+
+        reader = threading.Thread(target=receive, daemon=True)
+        reader.start()
+        t0 = time.monotonic()
+        for i in range(0, len(audio), chunk):
+            ws.send(s16(audio[i : i + chunk]))
+            sent = (i + chunk) / RATE
+            if during is not None:
+                during(sent)
+            time.sleep(max(0.0, t0 + sent / speed - time.monotonic()))
+        ws.send(json.dumps({"type": "stop"}))
+        reader.join(180)
+    assert events and events[-1]["type"] == "done", events[-3:]
+    return events
+
+
+def check_order(events: list[dict], session: str) -> list[dict]:
+    """Contract order per segment; every event names this session. Returns the finals."""
+    assert events[0]["type"] == "ready"
+    assert all(e.get("session") == session for e in events)
+    finals = [e for e in events if e["type"] == "final"]
+    assert [f["segment"] for f in finals] == list(range(len(finals)))
+    current = None
+    for e in events[1:-1]:
+        if e["type"] == "speech_start":
+            assert current is None
+            current = e["segment"]
+        elif e["type"] in ("partial", "final"):
+            assert e["segment"] == current
+            if e["type"] == "final":
+                current = None
+    return finals
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def manifest(shared_manifest) -> dict[str, dict]:
+    return {e["audio"]: e for e in shared_manifest}
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory) -> Iterator[Mosquitto]:
+    with Mosquitto(tmp_path_factory.mktemp("broker"), persistence=True) as b:
+        yield b
+
+
+@pytest.fixture(scope="module")
+def collector(broker) -> Iterator[MqttCollector]:
+    c = MqttCollector(broker.port)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory, broker, collector) -> Iterator[DaemonProcess]:
+    workdir = tmp_path_factory.mktemp("daemon")
+    # Batch sizes 1, 2, 4: enough for these tests, fewer shapes to warm up.
+    (workdir / "streamd.toml").write_text("[recognition]\nbatch_sizes = [1, 2, 4]\n")
+    d = DaemonProcess(workdir, "--config", "streamd.toml", "--mqtt-host", "127.0.0.1",
+                      "--mqtt-port", str(broker.port))
+    yield d
+    d.stop()
+
+
+@pytest.fixture(scope="module")
+def offline_text(shared_audio_dir) -> str:
+    """`streamd transcribe` on the whole stream file (the offline reference)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "streamd.cli", "transcribe", "--json",
+         str(shared_audio_dir / STREAM)],
+        env=_env(), capture_output=True, text=True, timeout=300, cwd=REPO,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.splitlines()[-1])["text"]
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_stream_wer_partials_mqtt_and_two_sessions(
+    daemon, collector, manifest, shared_audio_dir, offline_text
+) -> None:
+    entry = manifest[STREAM]
+    other = manifest["jfk_inaugural_1961.wav"]
+    results: dict[str, list[dict]] = {}
+
+    def run(session: str, path: Path, speed: float) -> None:
+        results[session] = stream(daemon.port, session, load(path), speed)
+
+    side = threading.Thread(target=run, args=("side", other["path"], 2.0))
+    side.start()
+    run("main", entry["path"], 2.0)
+    side.join(300)
+    Path(os.environ.get("STREAMD_E2E_DUMP", "/dev/null")).write_text(json.dumps(results))
+
+    finals = check_order(results["main"], "main")
+    side_finals = check_order(results["side"], "side")
+    refs = [s["text"] for s in entry["segments"]]
+    # Finals and the manifest's utterances overlap both ways: no utterance is missed and
+    # no final comes from the noise between them (the VAD may split one at a pause).
+    def overlaps(f: dict, seg: dict) -> bool:
+        return f["start"] < seg["end_s"] and seg["start_s"] < f["end"]
+
+    for seg in entry["segments"]:
+        assert any(overlaps(f, seg) for f in finals), seg
+    for f in finals:
+        assert any(overlaps(f, seg) for seg in entry["segments"]), f
+    stream_wer = wer(refs, [f["text"] for f in finals])
+    offline_wer = wer(refs, [offline_text])
+    print(f"\nWER streaming {stream_wer:.4f} offline (streamd transcribe) {offline_wer:.4f}")
+    assert stream_wer <= offline_wer + 0.02
+
+    # Partials (with a stable prefix of their text) arrive before each final.
+    for f in finals:
+        partials = [e for e in results["main"]
+                    if e["type"] == "partial" and e["segment"] == f["segment"]]
+        assert partials and partials[0]["_t"] < f["_t"]
+        for p in partials:
+            assert p["text"].startswith(p.get("stable") or "")
+        stable = [p["stable"] for p in partials if p.get("stable")]
+        assert all(b.startswith(a) for a, b in zip(stable, stable[1:], strict=False))
+        if stable:
+            assert f["text"].startswith(stable[-1])
+
+    # The concurrent session got its own speech, not the other's.
+    # (Mixed audio or events would add words to one of the two WERs, and times past the
+    # side file's end would show the main stream's segments.)
+    assert wer([other["text"]], [f["text"] for f in side_finals]) < 0.3
+    assert all(f["end"] <= other["duration_s"] + 0.05 for f in side_finals)
+
+    # MQTT carried the same finals, in order, for both sessions.
+    for session, ws_finals in (("main", finals), ("side", side_finals)):
+        got = collector.wait_finals(session, len(ws_finals))
+        assert [(g["segment"], g["text"]) for g in got] == [
+            (f["segment"], f["text"]) for f in ws_finals]
+        assert all(g["node"] == "e2e" for g in got)
+
+
+def test_broker_killed_and_restarted_mid_stream(daemon, broker, collector, manifest) -> None:
+    entry = manifest[STREAM]
+    audio = load(entry["path"])[: int(entry["segments"][4]["end_s"] * RATE) + RATE]
+    kill_at, back_at = entry["segments"][1]["start_s"], entry["segments"][3]["start_s"]
+    state = {"killed": False, "back": False}
+
+    def during(sent: float) -> None:
+        if sent >= kill_at and not state["killed"]:
+            broker.stop(kill=True)
+            state["killed"] = True
+        if sent >= back_at and not state["back"]:
+            broker.start()
+            state["back"] = True
+
+    events = stream(daemon.port, "brk", audio, 2.0, during)
+    assert state["killed"] and state["back"]
+    finals = check_order(events, "brk")
+    assert len(finals) >= 5  # five utterances (the VAD may split one at a pause)
+    got = collector.wait_finals("brk", len(finals), timeout=60)
+    # Every final, in order, exactly the WebSocket ones (redeliveries removed by seq).
+    assert [(g["segment"], g["text"]) for g in got] == [(f["segment"], f["text"]) for f in finals]
+    assert [g["seq"] for g in got] == sorted(g["seq"] for g in got)
+
+
+def test_sigterm_mid_utterance_publishes_final(daemon, collector, manifest) -> None:
+    entry = manifest["ljspeech_LJ001-0030.wav"]
+    audio = load(entry["path"])
+    head = np.concatenate([np.zeros(RATE // 2, np.float32), audio[: 3 * RATE]])
+    events: list[dict] = []
+    with connect(f"ws://127.0.0.1:{daemon.port}/v1/stream") as ws:
+        ws.send(json.dumps({"type": "start", "sample_rate": RATE, "encoding": "pcm_s16le",
+                            "channels": 1, "session": "term"}))
+        chunk = RATE // 10
+        for i in range(0, len(head), chunk):  # real time: the speaker is mid-sentence
+            ws.send(s16(head[i : i + chunk]))
+            time.sleep(0.1)
+        deadline = time.monotonic() + 20
+        while not any(e["type"] == "partial" for e in events) and time.monotonic() < deadline:
+            events.append(json.loads(ws.recv(timeout=20)))
+        assert any(e["type"] == "partial" for e in events)
+        daemon.proc.send_signal(signal.SIGTERM)
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                events.append(json.loads(ws.recv(timeout=30)))
+    assert closed.value.rcvd.code == 1001
+    finals = [e for e in events if e["type"] == "final"]
+    assert len(finals) == 1 and finals[0]["segment"] == 0
+    words = re.findall(r"[a-z]+", finals[0]["text"].lower())
+    assert {"few", "years"} <= set(words), finals[0]
+    assert events[-1] == {"type": "done", "session": "term", "segments": 1}
+    assert daemon.proc.wait(30) == 0
+    logs = daemon.logs()
+    assert any(r["msg"] == "stopped" for r in logs)
+    # Published to MQTT before the process exited.
+    got = collector.wait_finals("term", 1, timeout=5)
+    assert [g["text"] for g in got] == [finals[0]["text"]]
