@@ -6,11 +6,13 @@ Models (random weights, built with transformers and converted; speed does not de
 the values): wav2vec2-base (the 95M-parameter layout of wav2vec2-base-960h) and a
 base-size wav2vec2-conformer (768 wide, 12 blocks, relative positions, depthwise kernel
 31; feed-forwards 1536 wide so its size is close to the base model's). Each runs
-`encode_chunk` on 320 ms chunks with the default `StreamConfig` (256 frames of left
-context, 16 frames = 320 ms of look-ahead) for each batch size, after one warm-up call
-that compiles. Latency is the wall time of one call (all streams of the batch); the
-real-time factor is latency / 320 ms (below 1: the batch keeps up with live audio), and
-per-stream cost is latency / batch. Prints a table and writes JSON.
+`encode_chunk` (params from `prepare_stream`) on 320 ms chunks with the default
+`StreamConfig` (256 frames of left context, 16 frames = 320 ms of look-ahead) for each
+batch size, after one warm-up call that compiles. Latency is the wall time of one call
+(all streams of the batch); the real-time factor is latency / 320 ms (below 1: the batch
+keeps up with live audio), and per-stream cost is latency / batch. The machine's load
+average before and after each row is recorded: on a shared machine, other work slows it.
+Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -64,8 +66,10 @@ def _measure(config, params, batch: int, chunks: int, stream) -> dict:
 
     n = stream.chunk_frames * config.total_stride
     rng = np.random.default_rng(0)
+    params = wav2vec2.prepare_stream(params, config, stream)
     state = wav2vec2.init_state(config, batch, stream)
     valid = jnp.full((batch,), n, jnp.int32)
+    load_before = os.getloadavg()[0]
     started = time.perf_counter()
     out, state = wav2vec2.encode_chunk(params, state, jnp.zeros((batch, n)), valid)
     jax.block_until_ready(out.logits)
@@ -87,6 +91,7 @@ def _measure(config, params, batch: int, chunks: int, stream) -> dict:
         "latency_ms_p90": round(float(np.percentile(times_ms, 90)), 1),
         "rtf": round(float(times_ms.mean() / chunk_ms), 3),
         "per_stream_rtf": round(float(times_ms.mean() / chunk_ms / batch), 3),
+        "load_avg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
 
 
@@ -121,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{kind:15s} {row['params_m']:6.1f}M  right {right:3d}  batch {batch:3d}  "
                       f"latency mean {row['latency_ms_mean']:8.1f} ms  p90 "
                       f"{row['latency_ms_p90']:8.1f} ms  RTF {row['rtf']:6.3f}  per stream "
-                      f"{row['per_stream_rtf']:6.3f}  (first call {row['first_call_s']} s)",
+                      f"{row['per_stream_rtf']:6.3f}  (first call {row['first_call_s']} s, load "
+                      f"{row['load_avg_1min']})",
                       flush=True)
     result = {
         "chunk_ms": 20 * base.chunk_frames,

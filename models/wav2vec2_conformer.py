@@ -132,20 +132,41 @@ def _relative_table(d_model: int, rel: np.ndarray) -> np.ndarray:
     return table
 
 
+def _distance_table(p: Params, config: Wav2Vec2Config, values: np.ndarray) -> jax.Array:
+    """W_pos pe(d) for the distances `values` [N] -> [N, H, Dh]."""
+    table = jnp.asarray(_relative_table(config.hidden_size, values)) @ p["w"]
+    return table.reshape(len(values), config.num_attention_heads, config.head_dim)
+
+
 def _relative_bias(p: Params, config: Wav2Vec2Config, q: jax.Array, q_pos: np.ndarray,
                    k_pos: np.ndarray) -> jax.Array:
     """Transformer-XL position term ((q + bias_v) . W_pos pe(i - j)) * scale -> [B, H, Tq, Tk].
 
-    Slot positions are static (only distances matter), so the gather index is a constant.
+    Slot positions are static (only distances matter), so the gather index is a constant;
+    `p["table"]` (from `prepare_stream`) replaces the projection when it fits.
     """
     rel = q_pos[:, None] - k_pos[None, :]
     lo = int(rel.min())
     values = np.arange(lo, int(rel.max()) + 1)
-    pos = heads(jnp.asarray(_relative_table(config.hidden_size, values))[None] @ p["w"],
-                config.num_attention_heads)[0]  # [N, H, Dh]
-    scores = jnp.einsum("bqhd,nhd->bhqn", q + p["v"], pos)
+    table = p.get("table")
+    if table is None or table.shape[0] != len(values):
+        table = _distance_table(p, config, values)
+    scores = jnp.einsum("bqhd,nhd->bhqn", q + p["v"], table)
     scores = scores[:, :, np.arange(len(q_pos))[:, None], rel - lo]
     return scores * (config.head_dim ** -0.5)
+
+
+def prepare_stream(params: Params, config: Wav2Vec2Config, stream: StreamConfig) -> Params:
+    """Params with each relative-position block's projected distance table for the
+    streaming window precomputed (it depends only on the weights and the window, and
+    costs about as much as the rest of a block per chunk). Other models: unchanged."""
+    if config.position_embeddings_type != "relative":
+        return params
+    left, width = stream.left_frames, stream.chunk_frames + stream.right_frames
+    values = np.arange(-(width - 1), left + width)  # query slot - key slot
+    layers = [dict(p, pos=dict(p["pos"], table=_distance_table(p["pos"], config, values)))
+              for p in params["layers"]]
+    return dict(params, layers=layers)
 
 
 # ----------------------------------------------------------------------------- block

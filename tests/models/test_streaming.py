@@ -234,3 +234,16 @@ def test_running_normalization(loaded, shared_manifest):
         diffs[normalize] = float(np.abs(got - ref).mean())
     print(f"\nmean |diff| with running normalization {diffs[True]:.4f}, raw {diffs[False]:.4f}")
     assert diffs[True] < diffs[False]
+
+
+def test_prepared_params_give_the_same_logits(loaded):
+    config, params = loaded["conformer_relative"]
+    stream = StreamConfig(chunk_frames=4, left_frames=12, right_frames=3)
+    prepared = wav2vec2.prepare_stream(params, config, stream)
+    assert prepared["layers"][0]["pos"]["table"].shape == (12 + 2 * 7 - 1, 4, 8)
+    audio, _ = batch_audio((9_000,), seed=41)
+    plain = run_stream(params, config, stream, audio, [9_000])[0]
+    fast = run_stream(prepared, config, stream, audio, [9_000])[0]
+    np.testing.assert_allclose(fast, plain, atol=1e-5, rtol=0)
+    w2v_config, w2v_params = loaded["w2v_large"]
+    assert wav2vec2.prepare_stream(w2v_params, w2v_config, stream) is w2v_params
