@@ -740,10 +740,16 @@ def pending_chunks(state: StreamState) -> np.ndarray:
     return np.maximum(-(-need // stream.chunk_frames), 0)
 
 
-def reset_slots(state: StreamState, slots: jax.Array) -> StreamState:
+def reset_slots(state: StreamState, slots: jax.Array,
+                keep_statistics: bool = False) -> StreamState:
     """Restarts the streams where `slots` [B] bool is set (a new segment in that slot);
-    the others are untouched. Jittable."""
+    the others are untouched. `keep_statistics`: keep those slots' running group-norm and
+    input statistics, so a new segment of the same speaker/session starts from them
+    instead of from its own first chunk. Jittable (`keep_statistics` static)."""
     fresh = init_state(state.config, state.step.shape[0], state.stream)
+    if keep_statistics:
+        fresh = fresh.replace(features=fresh.features.replace(
+            norm=state.features.norm, audio=state.features.audio))
 
     def pick(new: jax.Array, old: jax.Array) -> jax.Array:
         return jnp.where(slots.reshape((-1,) + (1,) * (old.ndim - 1)), new, old)

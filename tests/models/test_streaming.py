@@ -247,3 +247,36 @@ def test_prepared_params_give_the_same_logits(loaded):
     np.testing.assert_allclose(fast, plain, atol=1e-5, rtol=0)
     w2v_config, w2v_params = loaded["w2v_large"]
     assert wav2vec2.prepare_stream(w2v_params, w2v_config, stream) is w2v_params
+
+
+@pytest.mark.slow
+def test_group_norm_statistics_carried_across_segments(loaded, shared_manifest):
+    """Base layout: a second segment that keeps the running group-norm statistics of the
+    first (`keep_statistics=True`) is closer to offline than a cold start."""
+    config, params = loaded["w2v_base"]
+    entry = next(e for e in shared_manifest if 3.0 <= e["duration_s"] <= 6.0)
+    audio, _ = sf.read(entry["path"], dtype="float32")
+    audio = (audio - audio.mean()) / (audio.std() + 1e-7)
+    ref = offline(params, config, audio)
+    stream = StreamConfig(16, 192, 192)
+    n = 16 * 320
+    diffs = {}
+    for keep in (False, True):
+        state = wav2vec2.init_state(config, 1, stream)
+        for segment in range(2):
+            if segment:
+                state = wav2vec2.reset_slots(state, jnp.array([True]), keep_statistics=keep)
+            got = []
+            for step in range(-(-len(audio) // n) + 20):  # 20 > look-ahead: drained
+                part = audio[step * n:(step + 1) * n]
+                chunk = np.zeros((1, n), np.float32)
+                chunk[0, : len(part)] = part
+                out, state = wav2vec2.encode_chunk(params, state, jnp.asarray(chunk),
+                                                   jnp.array([len(part)], jnp.int32))
+                got.append(np.asarray(out.logits)[0][np.asarray(out.mask)[0]])
+        got = np.concatenate(got)
+        assert got.shape == ref.shape
+        diffs[keep] = float(np.abs(got - ref).mean())
+    print(f"\nsecond segment mean |diff|: cold start {diffs[False]:.4f}, "
+          f"kept statistics {diffs[True]:.4f}")
+    assert diffs[True] < diffs[False]
