@@ -26,7 +26,9 @@ Streaming scheme (all shapes static; one compile per (config, StreamConfig, batc
 - Encoder: each call appends `chunk_frames` new frames and runs the layers on a window of
   `chunk_frames + right_frames` frames; the first `chunk_frames` are emitted and their
   keys/values (and conformer conv inputs) are cached for `left_frames` frames of left
-  context. The `right_frames` look-ahead frames are recomputed next call.
+  context. The `right_frames` look-ahead frames are recomputed next call. Caches are
+  shifted arrays of static size (concatenate + slice), not ring buffers, so a slot's
+  frame index, mask and relative distance are fixed functions of its position.
 - Latency: emitted frame g needs audio up to frame g + right_frames + 1, i.e.
   chunk + (right_frames + 1) * 20 ms. The positional convolution (kernel 128) is exact
   only with right_frames >= 63 (1.26 s of look-ahead); with less, its missing right
@@ -34,8 +36,10 @@ Streaming scheme (all shapes static; one compile per (config, StreamConfig, batc
   offline only when left and right context cover the utterance.
 - End of a segment: pass `num_valid < chunk_samples` for the last audio, then call
   `encode_chunk` with `num_valid = 0` `pending_chunks(state)` more times; outputs whose
-  mask is False are not frames of the utterance. Start the next segment from
-  `init_state` (or overwrite that slot of a stacked state).
+  mask is False are not frames of the utterance. Start the next segment with
+  `reset_slots(state, slots)` (or a fresh `init_state`); `keep_statistics=True` carries
+  the running group-norm statistics over, which helps base models (see the tests).
+- The adapter (`add_adapter`) is supported offline only.
 """
 
 from __future__ import annotations
