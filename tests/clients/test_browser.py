@@ -263,6 +263,7 @@ def test_real_words_in_the_page(shared_manifest, tmp_path):
             f"{daemon.http}/?token={TOKEN}", wav, tmp_path, listen_s=entry["duration_s"] + 3,
             screenshot=tmp_path / "screenshot.png"))
     assert state["status"] == "done" and state["errors"] == [], state
+    print("page finals:", [(f["start"], f["end"], f["text"]) for f in state["finals"]])
     assert_words(entry["text"], [f["text"] for f in state["finals"]], max_wer=0.25)
     # Only a page that got the words right goes into the README.
     (REPO / "docs").mkdir(exist_ok=True)
