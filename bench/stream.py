@@ -1,0 +1,236 @@
+"""Streaming benchmark: N concurrent real-time WebSocket streams against `streamd serve`.
+
+    python bench/stream.py [--streams 1 2 4 8] [--peer] [--out bench/results/stream.json]
+
+Each stream plays the shared stream recording (stream_shared_01.wav, utterance spans in
+the manifest) at real time in 100 ms frames, streams offset by a fraction of a second.
+Measured per N:
+- final latency: manifest end of an utterance sent -> the final covering it received;
+  also from the endpoint (the moment the VAD could decide: segment end + endpoint
+  silence - end pad), which is what the pipeline controls;
+- first-partial latency: voiced onset sent (speech_start + start pad) -> first partial;
+- daemon CPU seconds per audio second (utime + stime of the daemon process);
+- WER of the finals (jiwer, Whisper English normalizer on both sides).
+With `--peer`, bench/peer_localagreement.py (LocalAgreement-2 over faster-whisper, same
+tiny.en weights) runs the same N streams in its own process after ours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+
+REPO = Path(__file__).resolve().parent.parent
+RATE = 16000
+FRAME = RATE // 10  # 100 ms per message
+
+
+def shared_stream(audio_dir: Path) -> tuple[np.ndarray, dict]:
+    entries = [json.loads(x) for x in (audio_dir / "manifest.jsonl").read_text().splitlines()
+               if x.strip()]
+    entry = next(e for e in entries if e.get("segments"))
+    audio, rate = sf.read(audio_dir / entry["audio"], dtype="float32")
+    assert rate == RATE
+    return audio, entry
+
+
+def wer(refs: list[str], hyps: list[str]) -> float:
+    import jiwer
+    from whisper_normalizer.english import EnglishTextNormalizer
+
+    norm = EnglishTextNormalizer()
+    return float(jiwer.wer(norm(" ".join(refs)), norm(" ".join(hyps))))
+
+
+def pct(values: list[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) if values else None
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Daemon:
+    def __init__(self, workdir: Path, args: list[str]) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMD_")}
+        env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
+                   JAX_COMPILATION_CACHE_DIR=str(REPO / ".cache" / "jax"))
+        self.log_path = workdir / "daemon.log"
+        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
+        t0 = time.monotonic()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "streamd.daemon", "--port", "0", "--node", "bench",
+             "--log-format", "json", *args],
+            env=env, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(self.log_path.read_text()[-3000:])
+            ready = [r for r in self._records() if r.get("msg") == "ready"]
+            if ready:
+                self.port, self.warmup_s = int(ready[0]["port"]), ready[0].get("warmup_s")
+                self.startup_s = time.monotonic() - t0
+                return
+            time.sleep(0.2)
+
+    def _records(self) -> list[dict]:
+        return [json.loads(x) for x in self.log_path.read_text().splitlines()
+                if x.startswith("{")]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(60)
+        self._log.close()
+
+
+async def one_stream(port: int, name: str, audio: np.ndarray, delay: float) -> dict[str, Any]:
+    """Real-time stream; returns events (with receive times) and frame send times."""
+    from websockets.asyncio.client import connect
+
+    await asyncio.sleep(delay)
+    events: list[dict] = []
+    sent: list[float] = []  # monotonic time at which frame k (samples up to (k+1)*FRAME) went
+    async with connect(f"ws://127.0.0.1:{port}/v1/stream", max_size=None) as ws:
+        await ws.send(json.dumps({"type": "start", "sample_rate": RATE,
+                                  "encoding": "pcm_s16le", "channels": 1, "session": name}))
+
+        async def receive() -> None:
+            async for message in ws:
+                event = json.loads(message)
+                event["_t"] = time.monotonic()
+                events.append(event)
+                if event["type"] == "done":
+                    return
+
+        reader = asyncio.create_task(receive())
+        t0 = time.monotonic()
+        pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2")
+        for k, i in enumerate(range(0, len(pcm), FRAME)):
+            await asyncio.sleep(max(0.0, t0 + k * FRAME / RATE - time.monotonic()))
+            await ws.send(pcm[i : i + FRAME].tobytes())
+            sent.append(time.monotonic())
+        await ws.send(json.dumps({"type": "stop"}))
+        await asyncio.wait_for(reader, 120)
+    return {"events": events, "sent": sent}
+
+
+def sent_at(sent: list[float], seconds: float) -> float:
+    """When the frame holding stream time `seconds` was sent."""
+    k = min(max(int(np.ceil(seconds * RATE / FRAME)) - 1, 0), len(sent) - 1)
+    return sent[k]
+
+
+def measure(run: dict, entry: dict, vad: dict) -> dict[str, list[float]]:
+    events, sent = run["events"], run["sent"]
+    finals = [e for e in events if e["type"] == "final"]
+    starts = {e["segment"]: e for e in events if e["type"] == "speech_start"}
+    out: dict[str, list[float]] = {"final": [], "endpoint": [], "first_partial": []}
+    for seg in entry["segments"]:
+        # The last final overlapping the utterance (the VAD may split one at a pause).
+        covering = [f for f in finals if f["start"] < seg["end_s"] and seg["start_s"] < f["end"]]
+        if covering:
+            out["final"].append(covering[-1]["_t"] - sent_at(sent, seg["end_s"]))
+    wait = (vad["endpoint_silence_ms"] - vad["end_pad_ms"]) / 1000
+    for f in finals:
+        out["endpoint"].append(f["_t"] - sent_at(sent, f["end"] + wait))
+        partials = [e for e in events if e["type"] == "partial" and e["segment"] == f["segment"]]
+        if partials and f["segment"] in starts:
+            onset = starts[f["segment"]]["start"] + vad["start_pad_ms"] / 1000
+            out["first_partial"].append(partials[0]["_t"] - sent_at(sent, onset))
+    return out
+
+
+def summarize(latencies: dict[str, list[float]]) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    for key, values in latencies.items():
+        out[f"{key}_median_s"] = statistics.median(values) if values else None
+        out[f"{key}_p90_s"] = pct(values, 90)
+    return out
+
+
+async def run_streamd(daemon: Daemon, n: int, audio: np.ndarray, entry: dict) -> dict:
+    from streamd.config import VadConfig
+
+    vad = VadConfig().__dict__
+    cpu0, t0 = cpu_seconds(daemon.proc.pid), time.monotonic()
+    runs = await asyncio.gather(*(one_stream(daemon.port, f"b{n}-{i}", audio, 0.37 * i)
+                                  for i in range(n)))
+    cpu = cpu_seconds(daemon.proc.pid) - cpu0
+    lat: dict[str, list[float]] = {"final": [], "endpoint": [], "first_partial": []}
+    wers = []
+    for run in runs:
+        for key, values in measure(run, entry, vad).items():
+            lat[key] += values
+        wers.append(wer([s["text"] for s in entry["segments"]],
+                        [e["text"] for e in run["events"] if e["type"] == "final"]))
+    audio_s = n * len(audio) / RATE
+    return {"system": "streamd", "streams": n, **summarize(lat),
+            "cpu_s_per_audio_s": cpu / audio_s, "wall_s": time.monotonic() - t0,
+            "wer": statistics.mean(wers), "finals": len(lat["endpoint"]),
+            "utterances_covered": len(lat["final"])}
+
+
+def run_peer(n: int, out: Path) -> dict:
+    cmd = [sys.executable, str(REPO / "bench" / "peer_localagreement.py"), "--streams", str(n),
+           "--json", str(out)]
+    subprocess.run(cmd, check=True, cwd=REPO)
+    return json.loads(out.read_text())
+
+
+def table(rows: list[dict]) -> str:
+    def f(v: Any) -> str:
+        return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    cols = ["system", "streams", "final_median_s", "final_p90_s", "endpoint_median_s",
+            "endpoint_p90_s", "first_partial_median_s", "first_partial_p90_s",
+            "cpu_s_per_audio_s", "wer"]
+    lines = [" | ".join(cols), " | ".join("---" for _ in cols)]
+    lines += [" | ".join(f(r.get(c)) for c in cols) for r in rows]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--streams", type=int, nargs="+", default=[1, 2, 4, 8])
+    ap.add_argument("--audio-dir", type=Path, default=REPO.parent / "shared" / "audio")
+    ap.add_argument("--peer", action="store_true", help="also run the faster-whisper peer")
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "stream.json")
+    ap.add_argument("daemon_args", nargs="*", help="extra `streamd serve` flags (after --)")
+    args = ap.parse_args()
+    audio, entry = shared_stream(args.audio_dir)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    daemon = Daemon(args.out.parent, args.daemon_args)
+    rows = []
+    try:
+        print(f"daemon ready in {daemon.startup_s:.1f} s (warm-up {daemon.warmup_s} s)",
+              flush=True)
+        for n in args.streams:
+            rows.append(asyncio.run(run_streamd(daemon, n, audio, entry)))
+            print(table(rows[-1:]), flush=True)
+    finally:
+        daemon.stop()
+    if args.peer:
+        for n in args.streams:
+            rows.append(run_peer(n, args.out.parent / f"peer-{n}.json"))
+            print(table(rows[-1:]), flush=True)
+    result = {"audio": entry["audio"], "audio_s": len(audio) / RATE, "cpu_count": os.cpu_count(),
+              "load_avg_at_end": os.getloadavg(), "daemon_startup_s": daemon.startup_s,
+              "daemon_warmup_s": daemon.warmup_s, "rows": rows}
+    args.out.write_text(json.dumps(result, indent=2))
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
