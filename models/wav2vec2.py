@@ -39,7 +39,8 @@ Streaming scheme (all shapes static; one compile per (config, StreamConfig, batc
   mask is False are not frames of the utterance. Start the next segment with
   `reset_slots(state, slots)` (or a fresh `init_state`); `keep_statistics=True` carries
   the running group-norm statistics over, which helps base models (see the tests).
-- The adapter (`add_adapter`) is supported offline only.
+- The adapter (`add_adapter`) streams too: its stride-2 convs keep input tails and emit
+  chunk_frames / 2^num_adapter_layers outputs per call (chunk_frames must divide).
 """
 
 from __future__ import annotations
@@ -562,6 +563,7 @@ class StreamState:
     features: FeatureState
     frames: jax.Array  # [B, pos_conv_left + right_frames, D] projected frames not yet final
     layers: tuple[LayerState, ...]
+    adapter: tuple[jax.Array, ...]  # per adapter conv: input tail [B, tail, width] (or ())
     step: jax.Array  # [B] int32: chunks consumed
     num_samples: jax.Array  # [B] int32: real samples received in this segment
     ended: jax.Array  # [B] bool: a short chunk was seen; later audio is ignored
@@ -571,16 +573,44 @@ class StreamState:
 
 @struct.dataclass
 class ChunkOutput:
-    logits: jax.Array  # [B, chunk_frames, V]
-    mask: jax.Array  # [B, chunk_frames] bool: True where the frame belongs to the utterance
+    logits: jax.Array  # [B, out_frames, V]; out_frames = chunk_frames / adapter_stride^layers
+    mask: jax.Array  # [B, out_frames] bool: True where the frame belongs to the utterance
+
+
+def _adapter_plan(config: Wav2Vec2Config, stream: StreamConfig) -> list[tuple[int, int, int]]:
+    """Static geometry of the streamed adapter convs: per layer (inputs per call m, input
+    offset, tail length). Call `step` feeds inputs [step * m + offset, ... + m) and the conv
+    emits the m / stride outputs whose last input has arrived, so it keeps `tail` inputs."""
+    k, s, pad = config.adapter_kernel_size, config.adapter_stride, 1  # transformers: padding=1
+    m, off = stream.chunk_frames, -config.fe_delay_frames - stream.right_frames
+    plan = []
+    for _ in range(config.num_adapter_layers if config.add_adapter else 0):
+        if m % s:
+            raise ValueError(f"chunk_frames must be a multiple of {s}^{config.num_adapter_layers}"
+                             " with an adapter")
+        next_off = (off + m - k + pad) // s - m // s + 1
+        plan.append((m, off, off - s * next_off + pad))
+        m, off = m // s, next_off
+    plan.append((m, off, 0))  # the output level
+    return plan
+
+
+def _adapter_lengths(config: Wav2Vec2Config, frames: jax.Array) -> list[jax.Array]:
+    """Valid positions per adapter level for `frames` [B] encoder frames (as transformers)."""
+    lengths = [frames]
+    for _ in range(config.num_adapter_layers if config.add_adapter else 0):
+        lengths.append(jnp.where(lengths[-1] > 0, (lengths[-1] - 1) // config.adapter_stride + 1,
+                                 0))
+    return lengths
 
 
 def init_state(config: Wav2Vec2Config, batch: int,
                stream: StreamConfig = StreamConfig()) -> StreamState:
     """Fresh state for `batch` streams (each at the start of a segment)."""
-    if config.add_adapter:
-        raise NotImplementedError("streaming with add_adapter=True is not supported")
     f32 = jnp.float32
+    width = config.output_hidden_size if config.add_adapter else config.hidden_size
+    adapter_tails = tuple(jnp.zeros((batch, tail, width), f32)
+                          for _, _, tail in _adapter_plan(config, stream)[:-1])
     tails = []
     c_in = 1
     for k, s, c in zip(config.conv_kernel, config.conv_stride, config.conv_dim, strict=True):
@@ -601,7 +631,7 @@ def init_state(config: Wav2Vec2Config, batch: int,
     return StreamState(
         features=feats,
         frames=jnp.zeros((batch, config.pos_conv_left + stream.right_frames, d), f32),
-        layers=layers, step=jnp.zeros((batch,), jnp.int32),
+        layers=layers, adapter=adapter_tails, step=jnp.zeros((batch,), jnp.int32),
         num_samples=jnp.zeros((batch,), jnp.int32), ended=jnp.zeros((batch,), bool),
         config=config, stream=stream)
 
@@ -703,10 +733,31 @@ def _encode_chunk(params: Params, state: StreamState, chunk: jax.Array,
     else:
         x, layers = _encoder_window(params, config, stream, x, frames, state.layers,
                                     key_index, num_samples)
-    logits = dense(params["head"], x[:, :c])
-    out_mask = frame_valid(config, key_index[:, left:left + c], num_samples)
+    x = x[:, :c]
+    plan = _adapter_plan(config, stream)
+    lengths = _adapter_lengths(config, jnp.asarray(
+        (num_samples - config.receptive_field) // config.total_stride + 1).clip(0))
+    tails = []
+    if config.add_adapter:
+        p = params["adapter"]
+        if "proj" in p:
+            x = layer_norm(p["proj_norm"], dense(p["proj"], x))
+        for layer, (m, off, _), tail, length in zip(p["layers"], plan, state.adapter,
+                                                    lengths, strict=False):
+            index = state.step[:, None] * m + off + jnp.arange(m)[None, :]
+            # outside the utterance the conv reads zero padding, as offline
+            x = jnp.where(((index >= 0) & (index < length[:, None]))[..., None], x, 0.0)
+            x = jnp.concatenate([tail, x], 1)
+            tails.append(x[:, x.shape[1] - tail.shape[1]:])
+            x = conv1d(x, layer["w"], config.adapter_stride) + layer["b"]
+            x = jax.nn.glu(x, axis=-1)
+    m, off, _ = plan[-1]
+    index = state.step[:, None] * m + off + jnp.arange(m)[None, :]
+    out_mask = (index >= 0) & (index < lengths[-1][:, None])
+    logits = dense(params["head"], x)
     new_state = StreamState(
-        features=fstate, frames=frames[:, c:], layers=layers, step=state.step + 1,
+        features=fstate, frames=frames[:, c:], layers=layers, adapter=tuple(tails),
+        step=state.step + 1,
         num_samples=num_samples, ended=ended, config=config, stream=stream)
     return ChunkOutput(logits=logits, mask=out_mask), new_state
 
@@ -737,11 +788,11 @@ def pending_chunks(state: StreamState) -> np.ndarray:
     """Calls with `num_valid = 0` still needed per stream to emit its last frame [B]."""
     config, stream = state.config, state.stream
     ns = np.asarray(state.num_samples)
-    step = np.asarray(state.step)
-    last = (ns - config.receptive_field) // config.total_stride  # -1 if no frame yet
-    next_start = step * stream.chunk_frames - config.fe_delay_frames - stream.right_frames
-    need = last + 1 - next_start
-    return np.maximum(-(-need // stream.chunk_frames), 0)
+    frames = np.maximum((ns - config.receptive_field) // config.total_stride + 1, 0)
+    length = np.asarray(_adapter_lengths(config, jnp.asarray(frames))[-1])
+    m, off, _ = _adapter_plan(config, stream)[-1]
+    need = length - (np.asarray(state.step) * m + off)
+    return np.maximum(-(-need // m), 0)
 
 
 def reset_slots(state: StreamState, slots: jax.Array,

@@ -23,6 +23,9 @@ MODELS = {
                   dict(TINY, feat_extract_norm="layer", do_stable_layer_norm=True)),
     "w2v_base": (transformers.Wav2Vec2ForCTC, transformers.Wav2Vec2Config,
                  dict(TINY, feat_extract_norm="group", do_stable_layer_norm=False)),
+    "w2v_adapter": (transformers.Wav2Vec2ForCTC, transformers.Wav2Vec2Config,
+                    dict(TINY, feat_extract_norm="layer", do_stable_layer_norm=True,
+                         add_adapter=True, output_hidden_size=24, num_adapter_layers=2)),
     "conformer_rotary": (transformers.Wav2Vec2ConformerForCTC,
                          transformers.Wav2Vec2ConformerConfig,
                          dict(CONFORMER, feat_extract_norm="layer",
@@ -35,7 +38,9 @@ MODELS = {
                        transformers.Wav2Vec2ConformerConfig,
                        dict(CONFORMER, feat_extract_norm="layer", position_embeddings_type=None)),
 }
-EXACT = ("w2v_large", "conformer_rotary", "conformer_relative", "conformer_none")
+EXACT = ("w2v_large", "w2v_adapter", "conformer_rotary", "conformer_relative",
+         "conformer_none")
+CHUNKS = {"w2v_large": (1, 4, 16), "w2v_adapter": (4, 8)}  # adapter: multiples of 2^2
 
 
 @pytest.fixture(scope="session")
@@ -84,8 +89,8 @@ def test_stream_equals_offline_with_full_context(loaded, name):
     config, params = loaded[name]
     audio, _ = batch_audio((15_000,), seed=21)
     ref = offline(params, config, audio[0])
-    assert ref.shape[0] == 46
-    for chunk_frames in (1, 4, 16) if name == "w2v_large" else (3, 16):
+    assert ref.shape[0] == (12 if config.add_adapter else 46)
+    for chunk_frames in CHUNKS.get(name, (3, 16)):
         stream = StreamConfig(chunk_frames=chunk_frames, left_frames=48, right_frames=48)
         got = run_stream(params, config, stream, audio, [15_000])[0]
         assert got.shape == ref.shape, chunk_frames
