@@ -10,6 +10,7 @@ word check needs the real Whisper pipeline and skips, saying so, until it exists
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import shutil
 import signal
@@ -35,6 +36,25 @@ from test_stream import (
 REPO = Path(__file__).resolve().parents[2]
 CLICK = "document.getElementById('toggle').click()"
 STATE = "window.streamd"
+# Test instrumentation (DevTools, not page code): keep a copy of every audio frame the
+# page sends, to compare with the recording the fake microphone played.
+TAP_SEND = """(() => {
+  window.__sent = [];
+  const send = WebSocket.prototype.send;
+  WebSocket.prototype.send = function (data) {
+    if (data instanceof ArrayBuffer) window.__sent.push(new Uint8Array(data.slice(0)));
+    return send.call(this, data);
+  };
+})()"""
+SENT_BASE64 = """(() => {
+  let s = "";
+  for (const c of window.__sent) {
+    for (let i = 0; i < c.length; i += 0x8000) {
+      s += String.fromCharCode(...c.subarray(i, i + 0x8000));
+    }
+  }
+  return btoa(s);
+})()"""
 
 
 @pytest.fixture(scope="module")
@@ -45,12 +65,13 @@ def daemon(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def utterance(shared_manifest: list[dict], tmp_path_factory: pytest.TempPathFactory):
-    """LibriSpeech utterance between silences, at 48 kHz like a real sound card."""
+    """LibriSpeech utterance between silences, at 48 kHz like a real sound card:
+    (48 kHz file, utterance seconds, the 16 kHz samples it was made from)."""
     entry = next(e for e in shared_manifest if e["audio"].startswith("librispeech_2412"))
     path = tmp_path_factory.mktemp("audio") / "utterance_48k.wav"
-    sf.write(path, soxr.resample(padded_utterance(entry, 0.5, 2.0), 16000, 48000), 48000,
-             subtype="PCM_16")
-    return path, entry["duration_s"]
+    reference = padded_utterance(entry, 0.5, 2.0)
+    sf.write(path, soxr.resample(reference, 16000, 48000), 48000, subtype="PCM_16")
+    return path, entry["duration_s"], reference
 
 
 async def capture_session(url: str, audio: Path, workdir: Path, listen_s: float,
@@ -62,6 +83,7 @@ async def capture_session(url: str, audio: Path, workdir: Path, listen_s: float,
     with Chromium(workdir, fake_audio=audio) as browser:
         async with DevTools.connect(browser.page_ws_url()) as page:
             await page.navigate(url)
+            await page.evaluate(TAP_SEND)
             await page.evaluate(CLICK, gesture=True)
             await page.wait_for(f"{STATE}.status === 'running'", timeout=30)
             loudest = -60.0
@@ -83,6 +105,8 @@ async def capture_session(url: str, audio: Path, workdir: Path, listen_s: float,
             state["rows"] = await page.evaluate(
                 "[...document.querySelectorAll('#transcript li')].map(li => li.innerText)")
             state["loudest"] = loudest
+            sent = base64.b64decode(await page.evaluate(SENT_BASE64))
+            state["sent"] = np.frombuffer(sent, "<i2").astype(np.float64) / 32768
             state["partials_seen"] = partials
             state["colors"] = await page.evaluate(
                 "['#partial', '#transcript'].map(q => getComputedStyle("
@@ -92,6 +116,25 @@ async def capture_session(url: str, audio: Path, workdir: Path, listen_s: float,
                 screenshot.parent.mkdir(parents=True, exist_ok=True)
                 screenshot.write_bytes(await page.screenshot())
     return state
+
+
+def match_db(sent: np.ndarray, reference: np.ndarray) -> float:
+    """How well the page's audio reproduces the recording: align by cross-correlation
+    (integer lag, then the fractional part from a parabola through the peak), fit the
+    gain, and return the signal-to-residual ratio in dB. A dropped or repeated stretch
+    shifts everything after it, so any glitch collapses this number."""
+    n = 1 << int(np.ceil(np.log2(len(sent) + len(reference))))
+    corr = np.fft.irfft(np.fft.rfft(sent, n) * np.conj(np.fft.rfft(reference, n)), n)
+    k = int(np.argmax(corr))
+    y0, y1, y2 = corr[k - 1], corr[k], corr[(k + 1) % n]
+    lag = (k if k < n // 2 else k - n) + 0.5 * (y0 - y2) / (y0 - 2 * y1 + y2)
+    # Shift the page's audio back by `lag` samples (phase ramp), then compare.
+    freqs = np.fft.rfftfreq(n)
+    shifted = np.fft.irfft(np.fft.rfft(sent, n) * np.exp(2j * np.pi * freqs * lag), n)
+    shifted = shifted[: len(reference)]
+    gain = float(shifted @ reference / (shifted @ shifted))
+    residual = reference - gain * shifted
+    return float(10 * np.log10((reference @ reference) / (residual @ residual)))
 
 
 def test_page_is_served_by_the_daemon(daemon):
@@ -158,7 +201,7 @@ def test_worklet_downsamples_to_16k_without_aliasing(daemon, tmp_path):
 
 
 def test_fake_microphone_is_transcribed(daemon, utterance, tmp_path):
-    path, duration = utterance
+    path, duration, reference = utterance
     shot = tmp_path / "page.png"
     state = asyncio.run(capture_session(f"{daemon.http}/?token={TOKEN}", path, tmp_path,
                                         listen_s=duration + 3.0, screenshot=shot))
@@ -183,6 +226,10 @@ def test_fake_microphone_is_transcribed(daemon, utterance, tmp_path):
     assert all("–" in row and f["text"] in row for row, f in zip(state["rows"], finals,
                                                                    strict=True))
     assert state["loudest"] > -30  # the level meter moved with the speech
+    # What went over the socket is the recording itself, at 16 kHz, without glitches.
+    snr = match_db(state["sent"], reference)
+    print(f"page audio vs recording: {snr:.1f} dB")
+    assert snr > 20, snr
     # Live partials were shown (lighter than the finals) while speech went on.
     assert state["partials_seen"] and all(float(p) > 0 for p in state["partials_seen"])
     assert state["colors"][0] != state["colors"][1]
@@ -264,6 +311,7 @@ def test_real_words_in_the_page(shared_manifest, tmp_path):
             screenshot=tmp_path / "screenshot.png"))
     assert state["status"] == "done" and state["errors"] == [], state
     print("page finals:", [(f["start"], f["end"], f["text"]) for f in state["finals"]])
+    print(f"page audio vs recording: {match_db(state['sent'], padded):.1f} dB")
     assert_words(entry["text"], [f["text"] for f in state["finals"]], max_wer=0.25)
     # Only a page that got the words right goes into the README.
     (REPO / "docs").mkdir(exist_ok=True)
