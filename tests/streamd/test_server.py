@@ -434,12 +434,13 @@ def test_engine_batches_concurrent_sessions(url, daemon, shared_audio_dir) -> No
     assert set(pipeline.batch_sizes_seen) <= set(daemon.engine.batch_sizes)
 
 
-def test_default_whisper_pipeline_refused_clearly() -> None:
+def test_unavailable_pipeline_refused_clearly() -> None:
+    """A known pipeline whose models are not wired in yet is refused, not faked."""
     from streamd.errors import Unsupported
 
-    cfg = test_config()
+    cfg = test_config(recognition={"pipeline": "two-pass"})
     daemon = Daemon(cfg)
-    with pytest.raises(Unsupported, match="whisper"):
+    with pytest.raises(Unsupported, match="two-pass"):
         asyncio.run(daemon.startup())
 
 
