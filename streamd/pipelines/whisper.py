@@ -12,6 +12,8 @@ one jitted call (`recognize_batch`: mel, encoder, cross K/V, prefill, token loop
 Every (bucket, batch size) shape this pipeline can issue is compiled by the engine's
 warm-up; rows the engine padded in are dropped again before the call, and long buckets
 use only small batch sizes (cost on CPU grows with rows anyway, and warm-up stays short).
+A partial is skipped (None) while another request waits in the engine queue: finals of
+other sessions then never wait behind a pile of partials.
 
 No-speech guard (as openai/whisper): a segment whose `<|nospeech|>` probability is over
 0.6 and whose average log-probability is under -1 gives an empty final and no partials.
@@ -52,6 +54,9 @@ ROW_SECONDS_PER_CALL = 32.0
 # Silence kept after the audio inside a bucket: Whisper tends to loop on a window whose
 # speech runs to its very end, so a request moves up a bucket rather than fill one.
 TAIL_MARGIN_S = 0.3
+# Partials are best effort: one is only submitted while fewer requests than this wait in
+# the engine queue, so under load finals do not queue behind partials of other sessions.
+PARTIAL_QUEUE_LIMIT = 1
 NO_SPEECH_THRESHOLD = 0.6
 COMPRESSION_RATIO_THRESHOLD = 2.4
 LOGPROB_THRESHOLD = -1.0
@@ -172,6 +177,7 @@ class WhisperPipeline:
         self.specs: list[BucketSpec] = []
         self.beam_specs: list[BucketSpec] = []
         self._piece: dict[int, str] = {}
+        self.partials_skipped = 0  # partials not computed because the engine was busy
         max_len = self.config.max_target_positions
         for seconds in bucket_ladder(max_segment_s, buckets_s):
             # Token budgets scale with the audio: caps runaway loops, keeps prefill small.
@@ -317,6 +323,9 @@ class WhisperRecognizer:
     async def partial(self, audio_16k: np.ndarray, segment: SegmentInfo) -> Hypothesis | None:
         self._enter(segment.index)
         p = self.pipeline
+        if p.engine.queue_depth >= PARTIAL_QUEUE_LIMIT:
+            p.partials_skipped += 1
+            return None
         committed = self.policy.committed
         prefix = self._prefix()
         result = await p.recognize(audio_16k, prefix)
