@@ -72,11 +72,31 @@ def _load_seq2seq(module_name: str) -> Callable[..., FileTranscriber]:
     return load
 
 
+def _load_ctc(folder, args: argparse.Namespace) -> FileTranscriber:
+    from models.ctc_asr import CTCTranscriber
+
+    return CTCTranscriber(folder, beam_size=args.beam_size, chunk_ms=args.chunk_ms)
+
+
 # Non-Whisper families: family -> (folder, args) -> transcriber.
 _FAMILY_LOADERS: dict[str, Callable[..., FileTranscriber]] = {
+    "wav2vec2": _load_ctc,
+    "wav2vec2-conformer": _load_ctc,
     "speech2text": _load_seq2seq("models.speech2text"),
     "speech-encoder-decoder": _load_seq2seq("models.speech_encoder_decoder"),
 }
+
+
+def _partial_printer(path: str, as_json: bool) -> Callable[[str], None]:
+    """Prints each changed partial of a streamed file as it comes."""
+
+    def show(text: str) -> None:
+        if as_json:
+            print(json.dumps({"file": path, "partial": text}, ensure_ascii=False), flush=True)
+        else:
+            print(f"partial: {text}", flush=True)
+
+    return show
 
 
 def main(args: argparse.Namespace) -> int:
@@ -85,10 +105,12 @@ def main(args: argparse.Namespace) -> int:
         started = time.perf_counter()
         transcriber = load_transcriber(args)
         print(f"loading model: {time.perf_counter() - started:.1f} s", file=sys.stderr)
+        if args.stream and not hasattr(transcriber, "stream"):
+            raise ValueError("--stream needs a CTC model (wav2vec2, wav2vec2-conformer)")
         started = time.perf_counter()
         transcriber.warmup()
         print(f"compiling: {time.perf_counter() - started:.1f} s", file=sys.stderr)
-    except ModelLoadError as exc:
+    except (ModelLoadError, ValueError) as exc:
         print(f"streamd transcribe: {exc}", file=sys.stderr)
         return 2
     failures = 0
@@ -100,7 +122,10 @@ def main(args: argparse.Namespace) -> int:
             print(f"streamd transcribe: {exc}", file=sys.stderr)
             continue
         started = time.perf_counter()
-        text = transcriber.transcribe(audio)
+        if args.stream:
+            text = transcriber.stream(audio, _partial_printer(str(path), args.json))
+        else:
+            text = transcriber.transcribe(audio)
         elapsed = time.perf_counter() - started
         if args.json:
             record = {
@@ -111,5 +136,6 @@ def main(args: argparse.Namespace) -> int:
             }
             print(json.dumps(record, ensure_ascii=False), flush=True)
         else:
-            print(f"{path}: {text}" if len(args.files) > 1 else text, flush=True)
+            line = f"final: {text}" if args.stream else text
+            print(f"{path}: {line}" if len(args.files) > 1 else line, flush=True)
     return 1 if failures else 0

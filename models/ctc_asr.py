@@ -1,0 +1,96 @@
+"""CTC recognition of whole recordings with wav2vec2 / wav2vec2-conformer models:
+offline (one forward over the utterance) or streamed chunk by chunk with cached state."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+
+from models import ctc, wav2vec2
+
+CHUNK_MS_PER_FRAME = 20
+
+
+def normalize(audio: np.ndarray) -> np.ndarray:
+    """Zero mean, unit variance over the utterance, as Wav2Vec2FeatureExtractor does."""
+    audio = np.asarray(audio, np.float32)
+    return (audio - audio.mean()) / np.sqrt(audio.var() + 1e-7)
+
+
+class CTCTranscriber:
+    """Greedy (beam_size 1) or prefix-beam CTC decoding of a Hugging Face CTC folder."""
+
+    def __init__(self, folder: str | Path, beam_size: int = 1, chunk_ms: int = 320) -> None:
+        self.config, self.params, vocab_dir = wav2vec2.load(folder)
+        self.vocab = ctc.CTCVocab.from_folder(vocab_dir)
+        pre = Path(folder) / "preprocessor_config.json"
+        self.do_normalize = json.loads(pre.read_text()).get("do_normalize", True) \
+            if pre.is_file() else True
+        self.beam_size = beam_size
+        if chunk_ms % CHUNK_MS_PER_FRAME:
+            raise ValueError(f"--chunk-ms must be a multiple of {CHUNK_MS_PER_FRAME}")
+        self.stream_config = wav2vec2.StreamConfig(
+            chunk_frames=chunk_ms // CHUNK_MS_PER_FRAME, normalize=self.do_normalize
+        )
+        self._stream_params = wav2vec2.prepare_stream(self.params, self.config,
+                                                      self.stream_config)
+
+    def _text(self, logits: np.ndarray) -> str:
+        if self.beam_size > 1:
+            return ctc.prefix_beam_search(logits, self.vocab, beam_width=self.beam_size)[0].text
+        return ctc.greedy_decode(logits, self.vocab).text
+
+    def transcribe(self, audio: np.ndarray) -> str:
+        """One forward over the whole utterance (compiles once per audio length)."""
+        audio = normalize(audio) if self.do_normalize else np.asarray(audio, np.float32)
+        logits = wav2vec2.forward(self.params, self.config, jnp.asarray(audio)[None], None)
+        n = int(wav2vec2.num_frames(self.config, len(audio)))
+        return self._text(np.asarray(logits[0, :n]))
+
+    def warmup(self) -> None:
+        # Offline shapes follow the input; streaming compiles once, here.
+        self.stream(np.zeros(self.chunk_samples, np.float32), lambda _text: None)
+
+    @property
+    def chunk_samples(self) -> int:
+        return self.stream_config.chunk_frames * 320
+
+    def stream(self, audio: np.ndarray, on_partial: Callable[[str], None]) -> str:
+        """Feeds `audio` chunk by chunk through the cached-state encoder; calls
+        `on_partial(text)` whenever the partial text changes; returns the final text."""
+        state = wav2vec2.init_state(self.config, 1, self.stream_config)
+        step = self.chunk_samples
+        greedy = ctc.GreedyState()
+        beam = ctc.beam_init(1, self.beam_size) if self.beam_size > 1 else None
+        last = ""
+
+        def consume(chunk: np.ndarray, valid: int) -> None:
+            nonlocal state, greedy, beam, last
+            out, state = wav2vec2.encode_chunk(
+                self._stream_params, state, jnp.asarray(chunk)[None],
+                jnp.asarray([valid], jnp.int32),
+            )  # fmt: skip
+            logits = np.asarray(out.logits[0])[np.asarray(out.mask[0])]
+            if beam is not None:
+                beam = ctc.beam_step(beam, logits[None], self.vocab)
+                text = ctc.beam_results(beam, self.vocab, top=1)[0][0].text
+            else:
+                greedy = ctc.greedy_step(greedy, logits, self.vocab)
+                text = ctc.greedy_result(greedy, self.vocab).text
+            if text != last:
+                last = text
+                on_partial(text)
+
+        for start in range(0, len(audio), step):
+            piece = np.zeros(step, np.float32)
+            real = np.asarray(audio[start : start + step], np.float32)
+            piece[: len(real)] = real
+            consume(piece, len(real))
+        # Flush: the look-ahead frames still owed are emitted by empty chunks.
+        for _ in range(int(wav2vec2.pending_chunks(state)[0])):
+            consume(np.zeros(step, np.float32), 0)
+        return last
