@@ -99,6 +99,8 @@ class RecognitionConfig:
     batch_sizes: tuple[int, ...] = (1, 2, 4, 8)
     engine_queue: int = 256
     compile_cache_dir: str = ""
+    # Beam width of finals (whisper); 1 is greedy. Partials are always greedy.
+    beam_size: int = 1
 
     def __post_init__(self) -> None:
         _check(
@@ -119,6 +121,7 @@ class RecognitionConfig:
             "must be increasing positive integers",
         )
         _check(self.engine_queue >= 1, "recognition.engine_queue", "must be >= 1")
+        _check(1 <= self.beam_size <= 16, "recognition.beam_size", "must be 1..16")
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,10 @@
-"""One owner of the device: batches requests from all sessions on its own worker thread.
+"""One owner of the device: batches requests from all sessions on its worker threads.
 
 Pipelines register batch *kinds* (e.g. "encode", "decode"); each kind is a function from a
-fixed-size list of items to a list of results. Requests of the same kind are drained up to
-the largest bucket, padded with the kind's empty item to the next bucket size (so jitted
-calls only ever see the bucket shapes compiled by `warmup()`), and run off the event loop.
+fixed-size list of items to a list of results. The most urgent waiting request (priority,
+then age) picks the kind; that kind's requests are drained up to the largest bucket, padded
+with the kind's empty item to the next bucket size (so jitted calls only ever see the
+bucket shapes compiled by `warmup()`), and run off the event loop.
 Futures are resolved on their own loop via `call_soon_threadsafe`.
 """
 
@@ -11,10 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -39,34 +38,44 @@ class _Request:
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
     enqueued: float
-
-
-_STOP = object()
+    priority: int = 0
 
 
 class Engine:
-    """`await engine.submit(kind, item)` from any session; results come back per request."""
+    """`await engine.submit(kind, item)` from any session; results come back per request.
+
+    `workers` threads take batches from one pending list: the most urgent request (highest
+    `priority`, then oldest) picks the kind, and that kind's waiting requests are batched.
+    Jitted calls release the GIL, so two workers keep two cores busy when one call alone
+    does not (XLA's CPU intra-op parallelism leaves much of a small batch single-threaded).
+    """
 
     def __init__(
         self,
         batch_sizes: Sequence[int] = (1, 2, 4, 8),
         max_queue: int = 256,
         observe: Callable[[str, int, int, float], None] | None = None,
+        workers: int = 2,
     ) -> None:
+        if workers < 1:
+            raise ValueError("workers must be >= 1")
         self.batch_sizes = tuple(sorted(batch_sizes))
         self.max_batch = self.batch_sizes[-1]
+        self.workers = workers
         self._kinds: dict[str, BatchKind] = {}
-        # Unbounded underneath so the stop marker always fits; submit() enforces max_queue.
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._pending: list[_Request] = []  # guarded by _cond; submit() bounds it
+        self._cond = threading.Condition()
         self.max_queue = max_queue
+        self._stopping = False
         self._exit: tuple[asyncio.AbstractEventLoop, asyncio.Future] | None = None
-        self._thread: threading.Thread | None = None
-        # observe(kind, real, bucket, seconds): metrics hook, called on the worker thread.
+        self._threads: list[threading.Thread] = []
+        self._running = 0  # worker threads not yet finished
+        # observe(kind, real, bucket, seconds): metrics hook, called on a worker thread.
         self._observe = observe
         self.batches_run = 0
 
     def add_kind(self, name: str, fn: Callable[[list[T]], Sequence[R]], pad: T) -> None:
-        if self._thread is not None:
+        if self._threads:
             raise RuntimeError("add kinds before start()")
         self._kinds[name] = BatchKind(fn, pad)
 
@@ -76,7 +85,8 @@ class Engine:
 
     @property
     def queue_depth(self) -> int:
-        return self._queue.qsize()
+        """Requests waiting for a worker (not those being run)."""
+        return len(self._pending)
 
     def bucket(self, n: int) -> int:
         """Smallest batch size that holds n requests."""
@@ -96,71 +106,75 @@ class Engine:
         return time.perf_counter() - t0
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._worker, name="streamd-engine", daemon=True)
-        self._thread.start()
+        self._stopping = False
+        self._running = self.workers
+        self._threads = [
+            threading.Thread(target=self._worker, name=f"streamd-engine-{i}", daemon=True)
+            for i in range(self.workers)
+        ]
+        for t in self._threads:
+            t.start()
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return bool(self._threads) and all(t.is_alive() for t in self._threads)
 
-    async def submit(self, kind: str, item: Any) -> Any:
-        """Queue one request and await its result. Raises Overloaded when the queue is full."""
+    async def submit(self, kind: str, item: Any, priority: int = 0) -> Any:
+        """Queue one request and await its result. Raises Overloaded when the queue is full.
+
+        Higher `priority` runs first (finals over partials); equal priorities in order.
+        """
         if kind not in self._kinds:
             raise InternalError(f"unknown engine kind {kind!r}")
-        if not self.alive:
+        if not self.alive or self._stopping:
             raise InternalError("engine is not running")
         loop = asyncio.get_running_loop()
-        request = _Request(kind, item, loop.create_future(), loop, time.perf_counter())
-        if self._queue.qsize() >= self.max_queue:
-            raise Overloaded("engine queue is full")
-        self._queue.put(request)
+        request = _Request(kind, item, loop.create_future(), loop, time.perf_counter(), priority)
+        with self._cond:
+            if len(self._pending) >= self.max_queue:
+                raise Overloaded("engine queue is full")
+            self._pending.append(request)
+            self._cond.notify()
         return await request.future
 
     async def stop(self) -> None:
-        """Finish queued requests, then end the worker thread (awaitable with a timeout)."""
-        if self._thread is None:
+        """Finish queued requests, then end the worker threads (awaitable with a timeout)."""
+        if not self._threads:
             return
-        if self._thread.is_alive():
+        if any(t.is_alive() for t in self._threads):
             loop = asyncio.get_running_loop()
             self._exit = (loop, loop.create_future())
-            self._queue.put(_STOP)
+            with self._cond:
+                self._stopping = True
+                self._cond.notify_all()
             await self._exit[1]
-        self._thread = None
+        self._threads = []
 
     def _worker(self) -> None:
         try:
-            self._serve()
+            while (batch := self._next_batch()) is not None:
+                self._run(batch[0].kind, batch)
         finally:
-            if self._exit is not None:
+            with self._cond:
+                self._running -= 1
+                last = self._running == 0
+            if last and self._exit is not None:
                 loop, future = self._exit
                 loop.call_soon_threadsafe(_resolve, future, None, None)
 
-    def _serve(self) -> None:
-        held: deque[_Request] = deque()  # drained but of another kind than the batch run
-        stopping = False
-        while True:
-            if not held:
-                if stopping:
-                    return
-                first = self._queue.get()  # blocks: no polling
-                if first is _STOP:
-                    return
-                held.append(first)
-            # Drain what is already waiting, without blocking.
-            while len(held) < 4 * self.max_batch:
-                try:
-                    extra = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if extra is _STOP:
-                    stopping = True
-                    break
-                held.append(extra)
-            kind = held[0].kind
-            batch = [r for r in held if r.kind == kind][: self.max_batch]
-            for r in batch:
-                held.remove(r)
-            self._run(kind, batch)
+    def _next_batch(self) -> list[_Request] | None:
+        """Blocks until work is pending (no polling); None once stopping and drained."""
+        with self._cond:
+            while not self._pending:
+                if self._stopping:
+                    return None
+                self._cond.wait()
+            # max() keeps the first of equal priorities: the oldest most urgent request.
+            lead = max(self._pending, key=lambda r: r.priority)
+            batch = [r for r in self._pending if r.kind == lead.kind][: self.max_batch]
+            taken = {id(r) for r in batch}
+            self._pending = [r for r in self._pending if id(r) not in taken]
+            return batch
 
     def _run(self, kind: str, batch: list[_Request]) -> None:
         spec = self._kinds[kind]
@@ -175,7 +189,8 @@ class Engine:
         except Exception as exc:  # model code: convert where it enters streamd
             log.exception("engine batch %s failed", kind)
             error = InternalError(f"{kind} batch failed: {type(exc).__name__}")
-        self.batches_run += 1
+        with self._cond:
+            self.batches_run += 1
         if self._observe is not None:
             self._observe(kind, len(batch), size, time.perf_counter() - t0)
         for i, r in enumerate(batch):

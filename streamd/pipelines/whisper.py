@@ -1,11 +1,15 @@
 """The `whisper` pipeline: partials while a segment grows, one final at its endpoint.
 
 Per request the segment audio so far is zero-padded to the smallest of a few static
-length buckets (default 2, 4, 6, 9, 14, 21 s), turned into log-mel, encoded, and
+length buckets (default 2, 4, 6, 10, 14, 21 s), turned into log-mel, encoded, and
 decoded greedily after a prompt `SOT <|notimestamps|> + committed tokens` that the
 decoder pre-fills into its fixed-size KV cache. LocalAgreement-2 over words decides the
 committed (stable) prefix; the final re-decodes the whole segment with that prefix
 forced, so it always starts with what partials called stable and only decodes the tail.
+Finals use a window of at least `final_min_s` (10 s): tiny.en loops or repeats a sentence
+when short speech is padded to a 5-8 s window and is clean from 10 s on (see
+models/whisper_asr.py), while partials keep the short buckets for speed. Finals are
+submitted with a higher engine priority than partials.
 
 Device work: one engine kind per length bucket (`whisper/<seconds>s`); each batch runs
 one jitted call (`recognize_batch`: mel, encoder, cross K/V, prefill, token loop).
@@ -48,7 +52,10 @@ from streamd.recognizer import Hypothesis, SegmentInfo, register_pipeline
 
 log = logging.getLogger("streamd.pipelines.whisper")
 
-DEFAULT_BUCKETS_S = (2.0, 4.0, 6.0, 9.0, 14.0, 21.0, 30.0)
+DEFAULT_BUCKETS_S = (2.0, 4.0, 6.0, 10.0, 14.0, 21.0, 30.0)
+# Smallest encoder window of a final (see the module docstring).
+FINAL_MIN_S = 10.0
+FINAL_PRIORITY = 1  # engine priority of finals; partials run at 0
 # Rows x seconds of audio per device call; bounds the batch sizes of long buckets.
 ROW_SECONDS_PER_CALL = 32.0
 # Silence kept after the audio inside a bucket: Whisper tends to loop on a window whose
@@ -130,10 +137,12 @@ class Decoded:
 
 
 def bucket_ladder(
-    max_segment_s: float, buckets_s: Sequence[float] = DEFAULT_BUCKETS_S
+    max_segment_s: float, buckets_s: Sequence[float] = DEFAULT_BUCKETS_S,
+    final_min_s: float = FINAL_MIN_S,
 ) -> tuple[float, ...]:
-    """Buckets up to the first that holds a whole segment (VAD cap, tail margin), <= 30 s."""
-    need = min(max_segment_s + TAIL_MARGIN_S + 0.1, 30.0)
+    """Buckets up to the first that holds a whole segment (VAD cap, tail margin) and the
+    smallest final window, <= 30 s."""
+    need = min(max(max_segment_s + TAIL_MARGIN_S + 0.1, final_min_s), 30.0)
     out = []
     for b in sorted(buckets_s):
         out.append(b)
@@ -158,6 +167,7 @@ class WhisperPipeline:
         max_segment_s: float = 20.0,
         beam_size: int = 1,
         tokens_per_second: float = 5.0,
+        final_min_s: float = FINAL_MIN_S,
     ) -> None:
         self.engine = engine
         self.config: whisper.WhisperConfig = model.config
@@ -175,11 +185,12 @@ class WhisperPipeline:
         filters = (SuppressTokens(suppress), SuppressAtBegin(begin))
         probe = NoSpeechProbe(tok.sot, tok.no_speech)
         self.specs: list[BucketSpec] = []
-        self.beam_specs: list[BucketSpec] = []
+        self.final_specs: list[BucketSpec] = []  # buckets of finals (beam search if asked)
         self._piece: dict[int, str] = {}
         self.partials_skipped = 0  # partials not computed because the engine was busy
         max_len = self.config.max_target_positions
-        for seconds in bucket_ladder(max_segment_s, buckets_s):
+        ladder = bucket_ladder(max_segment_s, buckets_s, final_min_s)
+        for seconds in ladder:
             # Token budgets scale with the audio: caps runaway loops, keeps prefill small.
             new = min(int(seconds * tokens_per_second) + 10, max_len // 2)
             width = min(len(self.sot_sequence) + int(seconds * tokens_per_second * 0.8) + 4,
@@ -188,10 +199,12 @@ class WhisperPipeline:
                               filters, probe)
             self.specs.append(spec)
             engine.add_kind(self.kind(spec), functools.partial(self._run, spec), PAD)
+            if seconds < final_min_s and seconds != ladder[-1]:
+                continue  # too short a window for a final
             if beam_size > 1:
-                beam = dataclasses.replace(spec, beams=beam_size)
-                self.beam_specs.append(beam)
-                engine.add_kind(self.kind(beam), functools.partial(self._run, beam), PAD)
+                spec = dataclasses.replace(spec, beams=beam_size)
+                engine.add_kind(self.kind(spec), functools.partial(self._run, spec), PAD)
+            self.final_specs.append(spec)
 
     @staticmethod
     def kind(spec: BucketSpec) -> str:
@@ -200,7 +213,7 @@ class WhisperPipeline:
 
     def spec_for(self, n_samples: int, final: bool = False) -> BucketSpec:
         """The smallest bucket holding n samples plus the tail margin (else the largest)."""
-        specs = self.beam_specs if final and self.beam_specs else self.specs
+        specs = self.final_specs if final else self.specs
         need = n_samples + int(TAIL_MARGIN_S * SAMPLE_RATE)
         return next((s for s in specs if s.samples >= need), specs[-1])
 
@@ -210,7 +223,7 @@ class WhisperPipeline:
         return self.spec_for(n_samples).prompt_width - len(self.sot_sequence)
 
     def batch_sizes(self, spec: BucketSpec) -> tuple[int, ...]:
-        cap = max(1, int(ROW_SECONDS_PER_CALL // spec.seconds))
+        cap = max(1, int(ROW_SECONDS_PER_CALL // (spec.seconds * spec.beams)))
         sizes = tuple(b for b in self.engine.batch_sizes if b <= cap)
         return sizes or self.engine.batch_sizes[:1]
 
@@ -227,7 +240,8 @@ class WhisperPipeline:
         if len(audio) > spec.samples:
             log.warning("segment of %.1f s cut to the %.0f s bucket", len(audio) / SAMPLE_RATE,
                         spec.seconds)
-        return await self.engine.submit(self.kind(spec), Job(audio, prefix))
+        priority = FINAL_PRIORITY if final else 0
+        return await self.engine.submit(self.kind(spec), Job(audio, prefix), priority)
 
     # -- worker thread
 
@@ -372,7 +386,8 @@ def create(config: Config, engine: Engine) -> WhisperPipeline:
         model = load_whisper(config.recognition.model or None)
     except ModelLoadError as exc:
         raise ConfigError("recognition.model", str(exc)) from exc
-    return WhisperPipeline(engine, model, max_segment_s=config.vad.max_segment_s)
+    return WhisperPipeline(engine, model, max_segment_s=config.vad.max_segment_s,
+                           beam_size=config.recognition.beam_size)
 
 
 register_pipeline("whisper", create)

@@ -115,7 +115,8 @@ def test_errors_reach_every_request_and_engine_survives() -> None:
     run(main())
 
 
-def test_full_queue_is_overloaded() -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_full_queue_is_overloaded(workers: int) -> None:
     gate = threading.Event()
 
     def fn(items: list[int]) -> list[int]:
@@ -123,20 +124,77 @@ def test_full_queue_is_overloaded() -> None:
         return items
 
     async def main() -> None:
-        engine = Engine(batch_sizes=(1,), max_queue=2)
+        engine = Engine(batch_sizes=(1,), max_queue=2, workers=workers)
         engine.add_kind("k", fn, 0)
         engine.start()
-        first = asyncio.create_task(engine.submit("k", 1))
-        await asyncio.sleep(0.05)  # the worker holds request 1
-        queued = [asyncio.create_task(engine.submit("k", i)) for i in (2, 3)]
+        held = []
+        for i in range(workers):  # each worker holds one request
+            held.append(asyncio.create_task(engine.submit("k", i)))
+            await asyncio.sleep(0.05)
+        assert engine.queue_depth == 0
+        queued = [asyncio.create_task(engine.submit("k", i)) for i in (10, 11)]
         await asyncio.sleep(0.01)
         with pytest.raises(Overloaded):
-            await engine.submit("k", 4)
+            await engine.submit("k", 12)
         gate.set()
-        assert await asyncio.gather(first, *queued) == [1, 2, 3]
+        assert await asyncio.gather(*held, *queued) == [*range(workers), 10, 11]
         await engine.stop()
 
     run(main())
+
+
+def test_urgent_requests_run_first() -> None:
+    """A final (priority 1) submitted after partials runs before them."""
+    gate = threading.Event()
+    order: list[tuple[str, list[int]]] = []
+
+    def make(name: str):
+        def fn(items: list[int]) -> list[int]:
+            gate.wait(5)
+            order.append((name, [x for x in items if x]))
+            return items
+        return fn
+
+    async def main() -> None:
+        engine = Engine(batch_sizes=(1, 2), workers=1)
+        engine.add_kind("partial", make("partial"), 0)
+        engine.add_kind("final", make("final"), 0)
+        engine.start()
+        busy = asyncio.create_task(engine.submit("partial", 1))
+        await asyncio.sleep(0.05)  # the worker is blocked on request 1
+        later = [asyncio.create_task(engine.submit("partial", i)) for i in (2, 3)]
+        await asyncio.sleep(0.01)
+        final = asyncio.create_task(engine.submit("final", 4, priority=1))
+        await asyncio.sleep(0.01)
+        gate.set()
+        assert await asyncio.gather(busy, *later, final) == [1, 2, 3, 4]
+        await engine.stop()
+
+    run(main())
+    assert order == [("partial", [1]), ("final", [4]), ("partial", [2, 3])]
+
+
+def test_two_workers_run_batches_concurrently() -> None:
+    # Each call waits for the other at a barrier: only concurrent workers get through.
+    barrier = threading.Barrier(2, timeout=5)
+    threads: set[int] = set()
+
+    def fn(items: list[int]) -> list[int]:
+        threads.add(threading.get_ident())
+        barrier.wait()
+        return items
+
+    async def main() -> list[int]:
+        engine = Engine(batch_sizes=(1,), workers=2)
+        engine.add_kind("k", fn, 0)
+        engine.start()
+        out = await asyncio.gather(engine.submit("k", 1), engine.submit("k", 2))
+        await engine.stop()
+        assert not engine.alive
+        return list(out)
+
+    assert run(main()) == [1, 2]
+    assert len(threads) == 2
 
 
 def test_warmup_compiles_every_bucket_and_nothing_recompiles() -> None:

@@ -73,7 +73,10 @@ def model(hf_models, tokenizer) -> WhisperModel:
 @pytest.fixture(scope="module")
 def pipeline(model) -> WhisperPipeline:
     engine = Engine(batch_sizes=(1, 4))
-    pipe = WhisperPipeline(engine, model, buckets_s=(1.0, 2.0), max_segment_s=1.5)
+    # Finals use at least the 2 s window here (10 s with tiny.en): partials of short audio
+    # go to the 1 s bucket, its final to the 2 s one.
+    pipe = WhisperPipeline(engine, model, buckets_s=(1.0, 2.0), max_segment_s=1.5,
+                           final_min_s=2.0)
     compiled = pipe.compiled_shapes()
     engine.warmup()
     pipe.warmup_compiles = pipe.compiled_shapes() - compiled
@@ -109,9 +112,12 @@ def reference_decode(hf, tok, pipe, audio, prefix, seconds):
 
 
 def test_buckets_and_budgets(pipeline) -> None:
-    assert bucket_ladder(20.0) == (2.0, 4.0, 6.0, 9.0, 14.0, 21.0)
-    assert bucket_ladder(25.0) == (2.0, 4.0, 6.0, 9.0, 14.0, 21.0, 30.0)
+    assert bucket_ladder(20.0) == (2.0, 4.0, 6.0, 10.0, 14.0, 21.0)
+    assert bucket_ladder(25.0) == (2.0, 4.0, 6.0, 10.0, 14.0, 21.0, 30.0)
+    assert bucket_ladder(3.0) == (2.0, 4.0, 6.0, 10.0)  # room for a 10 s final window
     assert [s.seconds for s in pipeline.specs] == [1.0, 2.0]
+    assert pipeline.spec_for(8000).seconds == 1.0
+    assert pipeline.spec_for(8000, final=True).seconds == 2.0
     for spec in pipeline.specs:
         assert spec.prompt_width + spec.max_new_tokens <= pipeline.config.max_target_positions
     # Warm-up compiled every (bucket, batch size) this pipeline can issue, nothing else.
