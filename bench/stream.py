@@ -1,6 +1,7 @@
 """Streaming benchmark: N concurrent real-time WebSocket streams against `streamd serve`.
 
     python bench/stream.py [--streams 1 2 4 8] [--peer] [--out bench/results/stream.json]
+                           [--set vad.endpoint_silence_ms=450 --set recognition.beam_size=2]
 
 Each stream plays the shared stream recording (stream_shared_01.wav, utterance spans in
 the manifest) at real time in 100 ms frames, streams offset by a fraction of a second.
@@ -13,6 +14,8 @@ Measured per N:
 - WER of the finals (jiwer, Whisper English normalizer on both sides).
 With `--peer`, bench/peer_localagreement.py (LocalAgreement-2 over faster-whisper, same
 tiny.en weights) runs the same N streams in its own process after ours.
+`--set` writes the given keys into a TOML config for the daemon; the VAD values used in
+the measurement (endpoint wait, start pad) are then the daemon's, not the defaults.
 """
 
 from __future__ import annotations
@@ -159,10 +162,24 @@ def summarize(latencies: dict[str, list[float]]) -> dict[str, float | None]:
     return out
 
 
-async def run_streamd(daemon: Daemon, n: int, audio: np.ndarray, entry: dict) -> dict:
+def config_toml(settings: list[str]) -> tuple[str, dict[str, Any]]:
+    """`section.key=value` settings -> (TOML text, the daemon's VAD values as a dict)."""
     from streamd.config import VadConfig
 
-    vad = VadConfig().__dict__
+    sections: dict[str, list[str]] = {}
+    vad: dict[str, Any] = {}
+    for item in settings:
+        key, value = item.split("=", 1)
+        section, name = key.split(".", 1)
+        sections.setdefault(section, []).append(f"{name} = {value}")
+        if section == "vad":
+            vad[name] = json.loads(value)
+    text = "".join(f"[{sec}]\n" + "\n".join(lines) + "\n" for sec, lines in sections.items())
+    return text, VadConfig(**vad).__dict__
+
+
+async def run_streamd(daemon: Daemon, n: int, audio: np.ndarray, entry: dict,
+                      vad: dict[str, Any]) -> dict:
     cpu0, t0 = cpu_seconds(daemon.proc.pid), time.monotonic()
     runs = await asyncio.gather(*(one_stream(daemon.port, f"b{n}-{i}", audio, 0.37 * i)
                                   for i in range(n)))
@@ -206,17 +223,25 @@ def main() -> int:
     ap.add_argument("--audio-dir", type=Path, default=REPO.parent / "shared" / "audio")
     ap.add_argument("--peer", action="store_true", help="also run the faster-whisper peer")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "stream.json")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="daemon config value (TOML syntax), e.g. vad.endpoint_silence_ms=450")
     ap.add_argument("daemon_args", nargs="*", help="extra `streamd serve` flags (after --)")
     args = ap.parse_args()
     audio, entry = shared_stream(args.audio_dir)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    daemon = Daemon(args.out.parent, args.daemon_args)
+    toml, vad = config_toml(args.set)
+    daemon_args = list(args.daemon_args)
+    if toml:
+        config = args.out.with_suffix(".toml")
+        config.write_text(toml)
+        daemon_args += ["--config", str(config)]
+    daemon = Daemon(args.out.parent, daemon_args)
     rows = []
     try:
         print(f"daemon ready in {daemon.startup_s:.1f} s (warm-up {daemon.warmup_s} s)",
               flush=True)
         for n in args.streams:
-            rows.append(asyncio.run(run_streamd(daemon, n, audio, entry)))
+            rows.append(asyncio.run(run_streamd(daemon, n, audio, entry, vad)))
             print(table(rows[-1:]), flush=True)
     finally:
         daemon.stop()
@@ -226,7 +251,7 @@ def main() -> int:
             print(table(rows[-1:]), flush=True)
     result = {"audio": entry["audio"], "audio_s": len(audio) / RATE, "cpu_count": os.cpu_count(),
               "load_avg_at_end": os.getloadavg(), "daemon_startup_s": daemon.startup_s,
-              "daemon_warmup_s": daemon.warmup_s, "rows": rows}
+              "daemon_warmup_s": daemon.warmup_s, "settings": args.set, "rows": rows}
     args.out.write_text(json.dumps(result, indent=2))
     print(table(rows))
     return 0

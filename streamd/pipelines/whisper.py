@@ -350,7 +350,10 @@ class WhisperRecognizer:
         if compression_ratio(p.text([t for w in hyp for t in w])) > COMPRESSION_RATIO_THRESHOLD:
             return None  # still repetitive: say nothing rather than commit to it
         room, units, used = p.prefix_room(len(audio_16k)), 0, 0
-        for word in hyp:  # the most words whose tokens fit the decoder's prompt room
+        # Never the last word: on audio cut mid-sentence it is often cut short or ends in
+        # guessed punctuation ("ask what you can do."), and a committed period made the
+        # final stop there (JFK lost "for your country").
+        for word in hyp[:-1]:  # the most words whose tokens fit the decoder's prompt room
             if used + len(word) > room:
                 break
             used, units = used + len(word), units + 1

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -290,6 +291,27 @@ def test_stream_wer_partials_mqtt_and_two_sessions(
         assert [(g["segment"], g["text"]) for g in got] == [
             (f["segment"], f["text"]) for f in ws_finals]
         assert all(g["node"] == "e2e" for g in got)
+
+
+def test_beam_size_from_config_decodes_finals(tmp_path, manifest) -> None:
+    """`recognition.beam_size = 3` reaches the whisper pipeline: every final runs in a
+    beam kind of a >= 10 s window, partials stay greedy, and the finals are good text."""
+    (tmp_path / "streamd.toml").write_text("[recognition]\nbatch_sizes = [1]\nbeam_size = 3\n")
+    daemon = DaemonProcess(tmp_path, "--config", "streamd.toml")
+    try:
+        entry = manifest["jfk_inaugural_1961.wav"]
+        finals = check_order(stream(daemon.port, "beam", load(entry["path"]), 2.0), "beam")
+        with urllib.request.urlopen(f"http://127.0.0.1:{daemon.port}/metrics") as r:
+            metrics = r.read().decode()
+    finally:
+        daemon.stop()
+    runs = {m[1]: float(m[2]) for m in re.finditer(
+        r'streamd_engine_batch_fill_count\{kind="([^"]+)"\} ([0-9.e+]+)', metrics)}
+    beam = {k: v for k, v in runs.items() if k.endswith("/beam3")}
+    assert beam and all(float(k.split("/")[1][:-1]) >= 10 for k in beam), runs
+    assert sum(beam.values()) == len(finals)
+    assert sum(v for k, v in runs.items() if "beam" not in k) > 0  # greedy partials
+    assert wer([entry["text"]], [f["text"] for f in finals]) < 0.2
 
 
 def test_broker_killed_and_restarted_mid_stream(daemon, broker, collector, manifest) -> None:
