@@ -186,3 +186,38 @@ def test_recognizer_partials_stable_and_final_no_recompile(pipeline) -> None:
             words = pipeline.cut_loop(pipeline.words(alone.tokens), 0)
             assert final.text == pipeline.text([t for w in words for t in w])
     assert pipeline.compiled_shapes() == before
+
+
+def test_partials_never_commit_the_last_word(pipeline) -> None:
+    """Two identical partials agree on every word, yet the last one stays uncommitted (it
+    may be cut short or carry guessed punctuation at the audio's end)."""
+    engine = pipeline.engine
+    rng = np.random.default_rng(3)
+
+    async def main() -> list[tuple[tuple, tuple]]:
+        engine.start()
+        try:
+            seen = []
+            for k in range(6):
+                audio = rng.standard_normal(int(0.8 * RATE)).astype(np.float32) * 0.2
+                rec = pipeline.new_recognizer(f"w{k}")
+                info = SegmentInfo(f"w{k}", 0, 0.0, 0.8)
+                for _ in range(2):  # (random weights loop on one word: cut to one)
+                    await rec.partial(audio, info)
+                recent = list(rec.policy._recent)
+                if len(recent) == 2:  # both partials reached the policy (none was silent)
+                    seen.append((recent[-1], rec.policy.committed))
+            return seen
+        finally:
+            await engine.stop()
+
+    seen = asyncio.run(main())
+    room = pipeline.prefix_room(int(0.8 * RATE))
+    checked = 0
+    for hyp, committed in seen:
+        assert committed == hyp[: len(committed)]
+        if hyp:
+            fits = sum(1 for i in range(len(hyp)) if sum(map(len, hyp[: i + 1])) <= room)
+            assert len(committed) == min(len(hyp) - 1, fits)
+            checked += fits >= 1  # committing every agreed word would commit one more
+    assert checked
