@@ -1,0 +1,243 @@
+"""The `ctc` and `conformer` pipelines: tiny random transformers checkpoints (saved with
+`save_pretrained`), driven in-process through a real Engine and as `streamd serve`
+subprocesses over a real WebSocket. Finals are checked against `CTCTranscriber.stream`
+(the `streamd transcribe --stream` path, itself tested against transformers' greedy
+decode in tests/models/test_ctc_asr.py) on the same segment audio."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import transformers
+from helpers import free_port
+from websockets.sync.client import connect
+
+from models.ctc_asr import CTCTranscriber
+from streamd.config import load_config
+from streamd.engine import Engine
+from streamd.errors import ConfigError
+from streamd.pipelines import conformer as conformer_pipeline
+from streamd.pipelines import ctc as ctc_pipeline
+from streamd.recognizer import SegmentInfo
+
+REPO = Path(__file__).resolve().parents[2]
+VOCAB = ["<pad>", "<s>", "</s>", "<unk>", "|", *"ETAONIHSRDLUMWCFGYPBVK'"]
+PIPELINE = {"wav2vec2": "ctc", "conformer": "conformer"}
+RATE = 16000
+
+
+def _save_checkpoint(kind: str, folder: Path) -> Path:
+    common = dict(
+        vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=48, conv_dim=(16,) * 7, num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=4, pad_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    if kind == "wav2vec2":
+        model = transformers.Wav2Vec2ForCTC(transformers.Wav2Vec2Config(**common))
+    else:
+        model = transformers.Wav2Vec2ConformerForCTC(transformers.Wav2Vec2ConformerConfig(
+            **common, conv_depthwise_kernel_size=7, position_embeddings_type="rotary"))
+    with torch.no_grad():  # a wider head, so the argmax path spells varied text
+        model.lm_head.weight.mul_(30.0)
+    model.eval().save_pretrained(folder)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(VOCAB)}))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "pad_token": "<pad>", "unk_token": "<unk>", "word_delimiter_token": "|"}))
+    (folder / "preprocessor_config.json").write_text(json.dumps({"do_normalize": True}))
+    return folder
+
+
+@pytest.fixture(scope="module", params=["wav2vec2", "conformer"])
+def checkpoint(request, tmp_path_factory) -> tuple[str, Path]:
+    return request.param, _save_checkpoint(request.param, tmp_path_factory.mktemp(request.param))
+
+
+@pytest.fixture(scope="module")
+def utterances(shared_manifest) -> list[np.ndarray]:
+    """The two shortest shared recordings."""
+    out = []
+    for entry in sorted(shared_manifest, key=lambda e: e["duration_s"])[:2]:
+        audio, rate = sf.read(entry["path"], dtype="float32")
+        assert rate == RATE
+        out.append(audio)
+    return out
+
+
+def reference_stream(folder: Path, audio: np.ndarray) -> tuple[str, list[str]]:
+    """`streamd transcribe --stream` on this audio: (final text, partials)."""
+    partials: list[str] = []
+    text = CTCTranscriber(folder).stream(audio, partials.append)
+    return text, partials
+
+
+# --- in-process: pipeline + engine --------------------------------------------------
+
+
+def test_recognizer_final_equals_streamed_transcribe_and_nothing_recompiles(
+    checkpoint, utterances
+) -> None:
+    kind, folder = checkpoint
+    config = load_config(environ={}, overrides={"recognition": {
+        "pipeline": PIPELINE[kind], "model": str(folder), "batch_sizes": [1, 2]}})
+    engine = Engine((1, 2))
+    module = ctc_pipeline if kind == "wav2vec2" else conformer_pipeline
+    pipe = module.create(config, engine)
+    before = pipe.compiled_shapes()
+    engine.warmup()
+    assert pipe.compiled_shapes() - before == 2  # one compile per batch size, at warm-up
+    compiled = pipe.compiled_shapes()
+    step = RATE * 400 // 1000  # the session's partial interval
+
+    async def session(name: str, audio: np.ndarray, cut: int | None = None):
+        rec = pipe.new_recognizer(name)
+        partials = []
+        for end in range(step, len(audio) + 1, step):
+            hyp = await rec.partial(audio[:end], SegmentInfo(name, 0, 1.5, end / RATE))
+            if hyp is not None:
+                partials.append(hyp)
+        final_audio = audio if cut is None else audio[:cut]
+        final = await rec.final(final_audio, SegmentInfo(name, 0, 1.5, 1.5 + cut_s(final_audio)))
+        rec.close()
+        return partials, final
+
+    def cut_s(audio: np.ndarray) -> float:
+        return len(audio) / RATE
+
+    async def main():
+        engine.start()
+        try:
+            # Two sessions at once (batched by the engine), then one whose final is cut
+            # before the audio its partials fed (a VAD max_length split).
+            both = await asyncio.gather(session("a", utterances[0]), session("b", utterances[1]))
+            cut = await session("c", utterances[1], cut=len(utterances[1]) // 2)
+            return [*both, cut]
+        finally:
+            await engine.stop()
+
+    results = asyncio.run(main())
+    assert pipe.compiled_shapes() == compiled, "encode_chunk recompiled while serving"
+    assert pipe.reencoded == 1, [len(u) for u in utterances]
+    audios = [utterances[0], utterances[1], utterances[1][: len(utterances[1]) // 2]]
+    for (partials, final), audio in zip(results, audios, strict=True):
+        expected, _ = reference_stream(folder, audio)
+        assert len(expected.split()) >= (1 if audio is audios[2] else 2), \
+            "the random model should spell several words"
+        assert final.text == expected
+        assert [w.word for w in final.words] == expected.split()
+        assert all(1.5 <= w.start < w.end <= 1.5 + len(audio) / RATE + 0.05 for w in final.words)
+        assert partials, "a partial with text before the final"
+        for hyp in partials:
+            assert hyp.text.startswith(hyp.stable)
+        if audio is not audios[2]:  # partials only append, and the final continues them
+            for a, b in zip(partials, partials[1:], strict=False):
+                assert b.text.startswith(a.stable)
+            assert final.text.startswith(partials[-1].text)
+            assert final.text.startswith(partials[-1].stable)
+
+
+def test_missing_or_wrong_model_is_a_config_error(checkpoint, tmp_path) -> None:
+    kind, folder = checkpoint
+    other = conformer_pipeline if kind == "wav2vec2" else ctc_pipeline
+    cases = [(ctc_pipeline, ""), (ctc_pipeline, str(tmp_path / "nowhere")), (other, str(folder))]
+    for module, model in cases:
+        config = load_config(environ={}, overrides={"recognition": {"model": model}})
+        with pytest.raises(ConfigError) as err:
+            module.create(config, Engine((1,)))
+        assert err.value.key == "recognition.model"
+
+
+# --- `streamd serve` subprocess over a real WebSocket --------------------------------
+
+
+@contextlib.contextmanager
+def serve(workdir: Path, *args: str) -> Iterator[tuple[int, Path]]:
+    """`streamd serve` on a free port until /healthz says ok; yields (port, log file);
+    always ended after."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMD_")}
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    env["JAX_LOG_COMPILES"] = "1"  # every XLA compile is logged: none may follow READY
+    log_path = workdir / f"serve-{port}.log"
+    cmd = [sys.executable, "-m", "streamd.cli", "serve", "--port", str(port),
+           "--log-format", "text", *args]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            with contextlib.suppress(OSError, ValueError):
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as r:
+                    if json.load(r).get("status") == "ok":
+                        break
+            assert time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.1)
+        yield port, log_path
+    finally:
+
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+
+
+def test_serve_streams_partials_and_finals_equal_to_transcribe_stream(
+    checkpoint, utterances, tmp_path
+) -> None:
+    kind, folder = checkpoint
+    silence = np.zeros(RATE, np.float32)
+    stream = np.concatenate([silence[: RATE // 2], utterances[0], silence, utterances[1],
+                             silence]).astype(np.float32)
+    with serve(tmp_path, "--pipeline", PIPELINE[kind], "--model", str(folder)) as (port, log_path):
+        events = []
+        with connect(f"ws://127.0.0.1:{port}/v1/stream") as ws:
+            ws.send(json.dumps({"type": "start", "sample_rate": RATE, "channels": 1,
+                                "encoding": "pcm_f32le"}))
+            data = stream.astype("<f4").tobytes()
+            for i in range(0, len(data), 12800):  # 200 ms messages
+                ws.send(data[i : i + 12800])
+                time.sleep(0.02)
+            ws.send(json.dumps({"type": "stop"}))
+            while not events or events[-1]["type"] != "done":
+                events.append(json.loads(ws.recv(timeout=30)))
+        serving = log_path.read_text().split("streamd.daemon: ready", 1)
+    assert len(serving) == 2 and "Compiling" in serving[0], "compiles are logged at warm-up"
+    assert "Compiling" not in serving[1], "recompiled while serving"
+    assert events[0]["type"] == "ready"
+    finals = [e for e in events if e["type"] == "final"]
+    starts = [e for e in events if e["type"] == "speech_start"]
+    partials = [e for e in events if e["type"] == "partial"]
+    assert len(finals) >= 2, [e["type"] for e in events]
+    assert [f["segment"] for f in finals] == list(range(len(finals)))  # one final each
+    assert [s["segment"] for s in starts] == list(range(len(finals)))
+    assert {p["segment"] for p in partials} == set(range(len(finals)))
+    assert events[-1]["segments"] == len(finals)
+    for f in finals:
+        audio = stream[round(f["start"] * RATE) : round(f["end"] * RATE)]
+        expected, _ = reference_stream(folder, audio)
+        assert f["text"] == expected, f
+        assert [w["word"] for w in f.get("words", [])] == expected.split()
+        # Partials fed only audio the endpoint keeps, so the final continues each of them.
+        for p in partials:
+            if p["segment"] == f["segment"]:
+                assert f["text"].startswith(p["text"]), (p, f)
+                assert p["text"].startswith(p.get("stable", "")), p
