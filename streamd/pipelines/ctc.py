@@ -102,7 +102,7 @@ class CTCPipeline:
         # Emitted frames within this many of the newest are kept out of `stable`.
         self.stable_margin = model.stream.right_frames
         self.reencoded = 0  # finals that had to re-encode their segment (max_length split)
-        engine.add_kind(self.kind, self._run, PAD)
+        engine.add_kind(self.kind, self.run_batch, PAD)
 
     def new_state(self) -> wav2vec2.StreamState:
         return wav2vec2.init_state(self.model.config, 1, self.model.stream)
@@ -123,7 +123,7 @@ class CTCPipeline:
 
     # -- worker thread
 
-    def _run(self, items: list[Job]) -> list[Step | None]:
+    def run_batch(self, items: list[Job]) -> list[Step | None]:
         """Engine batch function: one `encode_chunk` over the stacked states (empty slots
         get fresh states and are dropped again)."""
         real = [i for i, job in enumerate(items) if job is not PAD]
@@ -165,15 +165,24 @@ class CTCRecognizer:
             self._fed = 0
             self._last_text = ""  # an empty partial says nothing
 
+    async def _advance(self, chunk: np.ndarray, priority: int) -> None:
+        """One chunk ([<= chunk_samples]) through the encoder and the greedy decoder."""
+        assert self._state is not None
+        try:
+            step = await self.pipeline.step(self._state, chunk, priority)
+        except BaseException:
+            # The engine may have consumed (donated) the state: the next call of this
+            # segment starts over from its first sample.
+            self._segment, self._state = None, None
+            raise
+        self._state, self._fed = step.state, self._fed + len(chunk)
+        self._greedy = ctc.greedy_step(self._greedy, step.logits, self.pipeline.model.vocab)
+
     async def _feed(self, audio: np.ndarray, end: int, priority: int) -> None:
         """Encodes the whole chunks of audio[self._fed : end]."""
         n = self.pipeline.chunk_samples
         while self._fed + n <= end:
-            assert self._state is not None
-            step = await self.pipeline.step(self._state, audio[self._fed : self._fed + n],
-                                            priority)
-            self._state, self._fed = step.state, self._fed + n
-            self._greedy = ctc.greedy_step(self._greedy, step.logits, self.pipeline.model.vocab)
+            await self._advance(audio[self._fed : self._fed + n], priority)
 
     async def partial(self, audio_16k: np.ndarray, segment: SegmentInfo) -> Hypothesis | None:
         self._enter(segment.index)
@@ -198,12 +207,11 @@ class CTCRecognizer:
         self._enter(segment.index)
         await self._feed(audio_16k, len(audio_16k), FINAL_PRIORITY)
         # The rest (always < one chunk, maybe empty) ends the segment; then the flush.
-        step = await p.step(self._state, audio_16k[self._fed :], FINAL_PRIORITY)
-        self._state, greedy = step.state, ctc.greedy_step(self._greedy, step.logits, p.model.vocab)
+        await self._advance(audio_16k[self._fed :], FINAL_PRIORITY)
+        assert self._state is not None
         for _ in range(int(wav2vec2.pending_chunks(self._state)[0])):
-            step = await p.step(self._state, audio_16k[:0], FINAL_PRIORITY)
-            self._state = step.state
-            greedy = ctc.greedy_step(greedy, step.logits, p.model.vocab)
+            await self._advance(audio_16k[:0], FINAL_PRIORITY)
+        greedy = self._greedy
         self._segment, self._state = None, None
         result = ctc.greedy_result(greedy, p.model.vocab, time_offset=segment.start)
         words = tuple(Word(w["word"], w["start"], w["end"],

@@ -150,6 +150,38 @@ def test_recognizer_final_equals_streamed_transcribe_and_nothing_recompiles(
             assert final.text.startswith(partials[-1].stable)
 
 
+def test_batched_steps_equal_single_steps(checkpoint, utterances) -> None:
+    """Stacking sessions (and the engine's empty slots) into one call changes nothing."""
+    kind, folder = checkpoint
+    pipe = ctc_pipeline.CTCPipeline(Engine((1, 2, 4)), ctc_pipeline.load_model(folder))
+    n = pipe.chunk_samples
+    audio = [u[: 4 * n] for u in utterances]
+    valid = [n, n, n, n // 3]  # the last chunk is short: it ends the segment
+
+    def feed(batched: bool) -> list[list[np.ndarray]]:
+        states = [pipe.new_state(), pipe.new_state()]
+        logits: list[list[np.ndarray]] = [[], []]
+        for c in range(4):
+            jobs = [ctc_pipeline.Job(states[i], audio[i][c * n : (c + 1) * n], valid[c])
+                    for i in range(2)]
+            if batched:  # one call of 4 rows: the two sessions and two empty slots
+                steps = pipe.run_batch([jobs[0], ctc_pipeline.PAD, jobs[1], ctc_pipeline.PAD])
+                steps = [steps[0], steps[2]]
+            else:
+                steps = [pipe.run_batch([job])[0] for job in jobs]
+            for i, step in enumerate(steps):
+                logits[i].append(step.logits)
+                states[i] = step.state
+        return logits
+
+    single, batched = feed(False), feed(True)
+    assert sum(len(x) for x in single[0]) > 0
+    for a, b in zip(single, batched, strict=True):
+        for x, y in zip(a, b, strict=True):
+            assert x.shape == y.shape
+            np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-4)
+
+
 def test_missing_or_wrong_model_is_a_config_error(checkpoint, tmp_path) -> None:
     kind, folder = checkpoint
     other = conformer_pipeline if kind == "wav2vec2" else ctc_pipeline
