@@ -46,8 +46,11 @@ class Engine:
 
     `workers` threads take batches from one pending list: the most urgent request (highest
     `priority`, then oldest) picks the kind, and that kind's waiting requests are batched.
-    Jitted calls release the GIL, so two workers keep two cores busy when one call alone
-    does not (XLA's CPU intra-op parallelism leaves much of a small batch single-threaded).
+    Jitted calls release the GIL, so a second worker overlaps one call's single-threaded
+    stretches (host-side padding, small decode steps) with another call. Measured with the
+    whisper pipeline and tiny.en, 4 concurrent sessions (8 partials + 1 final each),
+    alternating rounds on the shared 2-core machine (load ~4 from others): 2 workers
+    wall 8.9 s, final median 1.40 s, partial 0.80 s; 1 worker 10.2 s, 1.72 s, 0.94 s.
     """
 
     def __init__(
