@@ -1,8 +1,8 @@
 """The `ctc` and `conformer` pipelines: tiny random transformers checkpoints (saved with
 `save_pretrained`), driven in-process through a real Engine and as `streamd serve`
-subprocesses over a real WebSocket. Finals are checked against `CTCTranscriber.stream`
-(the `streamd transcribe --stream` path, itself tested against transformers' greedy
-decode in tests/models/test_ctc_asr.py) on the same segment audio."""
+subprocesses over a real WebSocket. Finals are checked against `streamd transcribe
+--stream` (CTCTranscriber.stream, itself tested against transformers' greedy decode in
+tests/models/test_ctc_asr.py) on the same segment audio, fed in the same 320 ms chunks."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import transformers
 from helpers import free_port
 from websockets.sync.client import connect
 
-from models.ctc_asr import CTCTranscriber
+from streamd import cli
 from streamd.config import load_config
 from streamd.engine import Engine
 from streamd.errors import ConfigError
@@ -78,18 +78,26 @@ def utterances(shared_manifest) -> list[np.ndarray]:
     return out
 
 
-def reference_stream(folder: Path, audio: np.ndarray) -> tuple[str, list[str]]:
-    """`streamd transcribe --stream` on this audio: (final text, partials)."""
-    partials: list[str] = []
-    text = CTCTranscriber(folder).stream(audio, partials.append)
-    return text, partials
+def transcribe_stream(folder: Path, audios: list[np.ndarray], workdir: Path, capsys) -> list[str]:
+    """Final texts of `streamd transcribe --stream --json --model FOLDER` on these audios
+    (written as float WAVs, so the samples are exact)."""
+    paths = []
+    for i, audio in enumerate(audios):
+        paths.append(workdir / f"segment-{i}.wav")
+        sf.write(paths[-1], audio, RATE, subtype="FLOAT")
+    capsys.readouterr()
+    assert cli.main(["transcribe", "--stream", "--json", "--model", str(folder),
+                     *map(str, paths)]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    finals = {r["file"]: r["text"] for r in records if "text" in r}
+    return [finals[str(p)] for p in paths]
 
 
 # --- in-process: pipeline + engine --------------------------------------------------
 
 
 def test_recognizer_final_equals_streamed_transcribe_and_nothing_recompiles(
-    checkpoint, utterances
+    checkpoint, utterances, tmp_path, capsys
 ) -> None:
     kind, folder = checkpoint
     config = load_config(environ={}, overrides={"recognition": {
@@ -133,8 +141,8 @@ def test_recognizer_final_equals_streamed_transcribe_and_nothing_recompiles(
     assert pipe.compiled_shapes() == compiled, "encode_chunk recompiled while serving"
     assert pipe.reencoded == 1, [len(u) for u in utterances]
     audios = [utterances[0], utterances[1], utterances[1][: len(utterances[1]) // 2]]
-    for (partials, final), audio in zip(results, audios, strict=True):
-        expected, _ = reference_stream(folder, audio)
+    references = transcribe_stream(folder, audios, tmp_path, capsys)
+    for (partials, final), audio, expected in zip(results, audios, references, strict=True):
         assert len(expected.split()) >= (1 if audio is audios[2] else 2), \
             "the random model should spell several words"
         assert final.text == expected
@@ -233,7 +241,7 @@ def serve(workdir: Path, *args: str) -> Iterator[tuple[int, Path]]:
 
 
 def test_serve_streams_partials_and_finals_equal_to_transcribe_stream(
-    checkpoint, utterances, tmp_path
+    checkpoint, utterances, tmp_path, capsys
 ) -> None:
     kind, folder = checkpoint
     silence = np.zeros(RATE, np.float32)
@@ -263,9 +271,11 @@ def test_serve_streams_partials_and_finals_equal_to_transcribe_stream(
     assert [s["segment"] for s in starts] == list(range(len(finals)))
     assert {p["segment"] for p in partials} == set(range(len(finals)))
     assert events[-1]["segments"] == len(finals)
-    for f in finals:
-        audio = stream[round(f["start"] * RATE) : round(f["end"] * RATE)]
-        expected, _ = reference_stream(folder, audio)
+    # The segment audio the daemon used: the final's span of the 16 kHz stream.
+    segments = [stream[round(f["start"] * RATE) : round(f["end"] * RATE)] for f in finals]
+    for f, expected in zip(finals, transcribe_stream(folder, segments, tmp_path, capsys),
+                           strict=True):
+        assert len(expected.split()) >= 2, "the random model should spell several words"
         assert f["text"] == expected, f
         assert [w["word"] for w in f.get("words", [])] == expected.split()
         # Partials fed only audio the endpoint keeps, so the final continues each of them.
