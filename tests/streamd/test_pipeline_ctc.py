@@ -275,7 +275,7 @@ def test_serve_streams_partials_and_finals_equal_to_transcribe_stream(
     segments = [stream[round(f["start"] * RATE) : round(f["end"] * RATE)] for f in finals]
     for f, expected in zip(finals, transcribe_stream(folder, segments, tmp_path, capsys),
                            strict=True):
-        assert len(expected.split()) >= 2, "the random model should spell several words"
+        assert len(expected) >= 10, "the random model should spell some text"
         assert f["text"] == expected, f
         assert [w["word"] for w in f.get("words", [])] == expected.split()
         # Partials fed only audio the endpoint keeps, so the final continues each of them.
