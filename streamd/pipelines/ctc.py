@@ -101,6 +101,7 @@ class CTCPipeline:
         self.holdback = holdback_samples
         # Emitted frames within this many of the newest are kept out of `stable`.
         self.stable_margin = model.stream.right_frames
+        self._pad_state = self.new_state()  # empty slots of stacked batches (never donated)
         self.reencoded = 0  # finals that had to re-encode their segment (max_length split)
         engine.add_kind(self.kind, self.run_batch, PAD)
 
@@ -124,26 +125,25 @@ class CTCPipeline:
     # -- worker thread
 
     def run_batch(self, items: list[Job]) -> list[Step | None]:
-        """Engine batch function: one `encode_chunk` over the stacked states (empty slots
-        get fresh states and are dropped again)."""
-        real = [i for i, job in enumerate(items) if job is not PAD]
-        states = [items[i].state for i in real]
-        if len(real) < len(items):
-            states.append(wav2vec2.init_state(self.model.config, len(items) - len(real),
-                                              self.model.stream))
-        state = states[0] if len(states) == 1 else wav2vec2.stack_states(states)
+        """Engine batch function: one `encode_chunk` over the stacked batch-1 states of its
+        rows (empty slots get a fresh state and are dropped again). Stacking always joins
+        `len(items)` batch-1 states, so serving reuses exactly the small concatenate/slice
+        compiles that warm-up made for each batch size."""
+        if len(items) == 1:  # no stacking; the state is donated, so never the template
+            state = self.new_state() if items[0].state is None else items[0].state
+        else:
+            state = wav2vec2.stack_states([self._pad_state if job.state is None else job.state
+                                           for job in items])
         chunks = np.zeros((len(items), self.chunk_samples), np.float32)
         valid = np.zeros(len(items), np.int32)
-        for row, i in enumerate(real):
-            chunks[row], valid[row] = items[i].chunk, items[i].valid
+        for row, job in enumerate(items):
+            chunks[row, : len(job.chunk)], valid[row] = job.chunk, job.valid
         out, state = wav2vec2.encode_chunk(self.model.params, state, jnp.asarray(chunks),
                                            jnp.asarray(valid))
         logits, mask = np.asarray(out.logits), np.asarray(out.mask)
         rows = [state] if len(items) == 1 else wav2vec2.unstack_state(state)
-        result: list[Step | None] = [None] * len(items)
-        for row, i in enumerate(real):
-            result[i] = Step(logits[row][mask[row]], rows[row])
-        return result
+        return [None if job is PAD else Step(logits[row][mask[row]], rows[row])
+                for row, job in enumerate(items)]
 
 
 class CTCRecognizer:

@@ -16,6 +16,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -230,7 +231,6 @@ def serve(workdir: Path, *args: str) -> Iterator[tuple[int, Path]]:
             time.sleep(0.1)
         yield port, log_path
     finally:
-
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
             try:
@@ -240,46 +240,62 @@ def serve(workdir: Path, *args: str) -> Iterator[tuple[int, Path]]:
                 proc.wait(5)
 
 
+def stream_session(port: int, audio: np.ndarray) -> list[dict]:
+    """One WebSocket session: float32 audio in 200 ms messages, `stop`, events to `done`."""
+    events: list[dict] = []
+    with connect(f"ws://127.0.0.1:{port}/v1/stream") as ws:
+        ws.send(json.dumps({"type": "start", "sample_rate": RATE, "channels": 1,
+                            "encoding": "pcm_f32le"}))
+        data = audio.astype("<f4").tobytes()
+        for i in range(0, len(data), 12800):
+            ws.send(data[i : i + 12800])
+            time.sleep(0.02)
+        ws.send(json.dumps({"type": "stop"}))
+        while not events or events[-1]["type"] != "done":
+            events.append(json.loads(ws.recv(timeout=30)))
+    return events
+
+
 def test_serve_streams_partials_and_finals_equal_to_transcribe_stream(
     checkpoint, utterances, tmp_path, capsys
 ) -> None:
+    """Two concurrent sessions (the engine may batch their chunks) of two utterances."""
     kind, folder = checkpoint
     silence = np.zeros(RATE, np.float32)
     stream = np.concatenate([silence[: RATE // 2], utterances[0], silence, utterances[1],
                              silence]).astype(np.float32)
-    with serve(tmp_path, "--pipeline", PIPELINE[kind], "--model", str(folder)) as (port, log_path):
-        events = []
-        with connect(f"ws://127.0.0.1:{port}/v1/stream") as ws:
-            ws.send(json.dumps({"type": "start", "sample_rate": RATE, "channels": 1,
-                                "encoding": "pcm_f32le"}))
-            data = stream.astype("<f4").tobytes()
-            for i in range(0, len(data), 12800):  # 200 ms messages
-                ws.send(data[i : i + 12800])
-                time.sleep(0.02)
-            ws.send(json.dumps({"type": "stop"}))
-            while not events or events[-1]["type"] != "done":
-                events.append(json.loads(ws.recv(timeout=30)))
-        serving = log_path.read_text().split("streamd.daemon: ready", 1)
+    with serve(tmp_path, "--pipeline", PIPELINE[kind], "--model", str(folder)) as (port, log):
+        with ThreadPoolExecutor(2) as pool:
+            sessions = list(pool.map(lambda _: stream_session(port, stream), range(2)))
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            metrics = r.read().decode()
+        serving = log.read_text().split("streamd.daemon: ready", 1)
+    # Every chunk ran on the engine under this pipeline's kind (batched or not).
+    fill = {line.split(" ")[0]: float(line.split(" ")[1]) for line in metrics.splitlines()
+            if line.startswith("streamd_engine_batch_fill_")}
+    label = f'{{kind="{PIPELINE[kind]}/320ms"}}'
+    assert fill[f"streamd_engine_batch_fill_count{label}"] > 0
     assert len(serving) == 2 and "Compiling" in serving[0], "compiles are logged at warm-up"
-    assert "Compiling" not in serving[1], "recompiled while serving"
-    assert events[0]["type"] == "ready"
-    finals = [e for e in events if e["type"] == "final"]
-    starts = [e for e in events if e["type"] == "speech_start"]
-    partials = [e for e in events if e["type"] == "partial"]
-    assert len(finals) >= 2, [e["type"] for e in events]
-    assert [f["segment"] for f in finals] == list(range(len(finals)))  # one final each
-    assert [s["segment"] for s in starts] == list(range(len(finals)))
-    assert {p["segment"] for p in partials} == set(range(len(finals)))
-    assert events[-1]["segments"] == len(finals)
-    # The segment audio the daemon used: the final's span of the 16 kHz stream.
-    segments = [stream[round(f["start"] * RATE) : round(f["end"] * RATE)] for f in finals]
-    for f, expected in zip(finals, transcribe_stream(folder, segments, tmp_path, capsys),
-                           strict=True):
-        assert len(expected) >= 10, "the random model should spell some text"
-        assert f["text"] == expected, f
-        assert [w["word"] for w in f.get("words", [])] == expected.split()
-        # Partials fed only audio the endpoint keeps, so the final continues each of them.
-        for p in partials:
-            if p["segment"] == f["segment"]:
-                assert f["text"].startswith(p["text"]), (p, f)
-                assert p["text"].startswith(p.get("stable", "")), p
+    assert "Compiling" not in serving[1], "something compiled while serving"
+    for events in sessions:
+        assert events[0]["type"] == "ready"
+        finals = [e for e in events if e["type"] == "final"]
+        starts = [e for e in events if e["type"] == "speech_start"]
+        partials = [e for e in events if e["type"] == "partial"]
+        assert len(finals) >= 2, [e["type"] for e in events]
+        assert [f["segment"] for f in finals] == list(range(len(finals)))  # one final each
+        assert [s["segment"] for s in starts] == list(range(len(finals)))
+        assert {p["segment"] for p in partials} == set(range(len(finals)))
+        assert events[-1]["segments"] == len(finals)
+        # The segment audio the daemon used: the final's span of the 16 kHz stream.
+        segments = [stream[round(f["start"] * RATE) : round(f["end"] * RATE)] for f in finals]
+        for f, expected in zip(finals, transcribe_stream(folder, segments, tmp_path, capsys),
+                               strict=True):
+            assert len(expected) >= 10, "the random model should spell some text"
+            assert f["text"] == expected, f
+            assert [w["word"] for w in f.get("words", [])] == expected.split()
+            # Partials fed only audio the endpoint keeps: the final continues each of them.
+            for p in partials:
+                if p["segment"] == f["segment"]:
+                    assert f["text"].startswith(p["text"]), (p, f)
+                    assert p["text"].startswith(p.get("stable", "")), p
