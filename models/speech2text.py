@@ -29,9 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models import decoding, s2t_features, text_decoders
+from models import s2t_features, text_decoders
 from models.checkpoint import ModelLoadError, read_hf_folder
-from models.text_decoders import TextDecoder, TextDecoderConfig
+from models.text_decoders import TextDecoder, TextDecoderConfig, generate_ids
 from models.wav2vec2 import activation, conv1d, dense, layer_norm
 
 Params = dict[str, Any]
@@ -299,16 +299,11 @@ def generate(model: Speech2TextModel, audio_16k: np.ndarray, beam_size: int = 1,
     hidden, mask = encode(model.params, c, jnp.asarray(feats), jnp.asarray([n], jnp.int32))
     cross = cross_kv(model.params, c, hidden, mask)
     steps = c.max_new_tokens if max_new_tokens is None else max_new_tokens
-    dec = decoder(c, 1 + steps)
-    prompt = jnp.asarray([[c.decoder_start_token_id]], jnp.int32)
-    filters = () if c.forced_bos_token_id is None else (
-        decoding.ForceTokens((c.forced_bos_token_id,)),)
-    kw = dict(eot=c.eos_token_id, max_new_tokens=steps, renormalize=False, filters=filters)
-    if beam_size > 1:
-        res = decoding.beam_search(dec, model.params, cross, prompt, beams=beam_size, **kw)
-    else:
-        res = decoding.greedy_search(dec, model.params, cross, prompt, **kw)
-    return [int(t) for t in np.asarray(res.tokens[0])[: int(res.lengths[0])]]
+    return generate_ids(
+        decoder(c, 1 + steps), model.params, cross, start_token=c.decoder_start_token_id,
+        eos_token=c.eos_token_id, forced_bos_token=c.forced_bos_token_id,
+        max_new_tokens=steps, beam_size=beam_size,
+    )  # fmt: skip
 
 
 def transcribe(model: Speech2TextModel, audio_16k: np.ndarray, beam_size: int = 1,

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from models import decoding
 from models.wav2vec2 import activation, dense, layer_norm
 from models.whisper import CrossCache, DecoderCache, LayerKV
 
@@ -406,3 +407,19 @@ def params_from_hf(config: TextDecoderConfig, tensors: Mapping[str, np.ndarray],
     if config.kind == "gpt2":
         return params_from_gpt2(config, tensors, f"{prefix}transformer.", f"{prefix}lm_head.weight")
     return params_from_bart(config, tensors, f"{prefix}model.decoder.", f"{prefix}lm_head.weight")
+
+
+def generate_ids(decoder: TextDecoder, params: Any, cross: CrossCache, *, start_token: int,
+                 eos_token: int, forced_bos_token: int | None, max_new_tokens: int,
+                 beam_size: int = 1) -> list[int]:
+    """Token ids (end token excluded) for one encoded input, as transformers' `generate`
+    does it: the decoder start token as prompt, an optional forced first token, greedy or
+    beam search on the shared engine (`models/decoding.py`)."""
+    prompt = jnp.asarray([[start_token]], jnp.int32)
+    filters = () if forced_bos_token is None else (decoding.ForceTokens((forced_bos_token,)),)
+    kw = dict(eot=eos_token, max_new_tokens=max_new_tokens, renormalize=False, filters=filters)
+    if beam_size > 1:
+        res = decoding.beam_search(decoder, params, cross, prompt, beams=beam_size, **kw)
+    else:
+        res = decoding.greedy_search(decoder, params, cross, prompt, **kw)
+    return [int(t) for t in np.asarray(res.tokens[0])[: int(res.lengths[0])]]
