@@ -3,7 +3,6 @@ offline (one forward over the utterance) or streamed chunk by chunk with cached 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,21 +14,13 @@ from models import ctc, wav2vec2
 CHUNK_MS_PER_FRAME = 20
 
 
-def normalize(audio: np.ndarray) -> np.ndarray:
-    """Zero mean, unit variance over the utterance, as Wav2Vec2FeatureExtractor does."""
-    audio = np.asarray(audio, np.float32)
-    return (audio - audio.mean()) / np.sqrt(audio.var() + 1e-7)
-
-
 class CTCTranscriber:
     """Greedy (beam_size 1) or prefix-beam CTC decoding of a Hugging Face CTC folder."""
 
     def __init__(self, folder: str | Path, beam_size: int = 1, chunk_ms: int = 320) -> None:
         self.config, self.params, vocab_dir = wav2vec2.load(folder)
         self.vocab = ctc.CTCVocab.from_folder(vocab_dir)
-        pre = Path(folder) / "preprocessor_config.json"
-        self.do_normalize = json.loads(pre.read_text()).get("do_normalize", True) \
-            if pre.is_file() else True
+        self.do_normalize = wav2vec2.extractor_normalizes(folder)
         self.beam_size = beam_size
         if chunk_ms % CHUNK_MS_PER_FRAME:
             raise ValueError(f"--chunk-ms must be a multiple of {CHUNK_MS_PER_FRAME}")
@@ -46,7 +37,9 @@ class CTCTranscriber:
 
     def transcribe(self, audio: np.ndarray) -> str:
         """One forward over the whole utterance (compiles once per audio length)."""
-        audio = normalize(audio) if self.do_normalize else np.asarray(audio, np.float32)
+        audio = np.asarray(audio, np.float32)
+        if self.do_normalize:
+            audio = wav2vec2.normalize_audio(audio)
         logits = wav2vec2.forward(self.params, self.config, jnp.asarray(audio)[None], None)
         n = int(wav2vec2.num_frames(self.config, len(audio)))
         return self._text(np.asarray(logits[0, :n]))

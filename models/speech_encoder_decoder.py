@@ -18,7 +18,6 @@ Public API
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -190,9 +189,7 @@ def load(folder: str | Path) -> SpeechEncoderDecoder:
         params = params_from_hf(config, tensors)
     except (KeyError, ValueError) as exc:
         raise ModelLoadError(f"{folder}: {exc}") from exc
-    pre = folder / "preprocessor_config.json"
-    do_normalize = json.loads(pre.read_text()).get("do_normalize", True) if pre.is_file() \
-        else True
+    do_normalize = wav2vec2.extractor_normalizes(folder)
     tokenizer = None
     if (folder / "tokenizer.json").is_file():
         from tokenizers import Tokenizer
@@ -202,10 +199,7 @@ def load(folder: str | Path) -> SpeechEncoderDecoder:
                                 tokenizer, folder)
 
 
-def normalize(audio: np.ndarray) -> np.ndarray:
-    """Wav2Vec2FeatureExtractor's zero-mean, unit-variance normalization."""
-    audio = np.asarray(audio, np.float32)
-    return ((audio - audio.mean()) / np.sqrt(audio.var() + 1e-7)).astype(np.float32)
+normalize = wav2vec2.normalize_audio  # the wav2vec2 feature extractor's normalization
 
 
 def generate(model: SpeechEncoderDecoder, audio_16k: np.ndarray, beam_size: int = 1,

@@ -821,3 +821,21 @@ def unstack_state(state: StreamState) -> list[StreamState]:
     """Splits a batched state into batch-1 states."""
     batch = state.step.shape[0]
     return [jax.tree.map(lambda a, i=i: a[i:i + 1], state) for i in range(batch)]
+
+
+# ----------------------------------------------------------------------------- input
+
+
+def extractor_normalizes(folder: str | Path) -> bool:
+    """Whether the folder's feature extractor normalizes audio (`do_normalize` in
+    preprocessor_config.json; true when the file or key is absent, as transformers)."""
+    import json
+
+    pre = Path(folder) / "preprocessor_config.json"
+    return bool(json.loads(pre.read_text()).get("do_normalize", True)) if pre.is_file() else True
+
+
+def normalize_audio(audio: np.ndarray) -> np.ndarray:
+    """Zero mean, unit variance over the utterance, as Wav2Vec2FeatureExtractor does."""
+    audio = np.asarray(audio, np.float32)
+    return ((audio - audio.mean()) / np.sqrt(audio.var() + 1e-7)).astype(np.float32)

@@ -26,7 +26,6 @@ code with a wav2vec2-conformer folder (streamd/pipelines/conformer.py).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -80,9 +79,7 @@ def load_model(folder: str | Path, chunk_ms: int = CHUNK_MS) -> CTCModel:
     Raises models.checkpoint.ModelLoadError."""
     config, params, vocab_dir = wav2vec2.load(folder)
     vocab = ctc.CTCVocab.from_folder(vocab_dir)
-    pre = Path(folder) / "preprocessor_config.json"
-    # Same default as CTCTranscriber: normalize unless the extractor says otherwise.
-    normalize = json.loads(pre.read_text()).get("do_normalize", True) if pre.is_file() else True
+    normalize = wav2vec2.extractor_normalizes(folder)
     stream = wav2vec2.StreamConfig(chunk_frames=chunk_ms * SAMPLE_RATE // 1000
                                    // SAMPLES_PER_FRAME, normalize=normalize)
     return CTCModel(config, wav2vec2.prepare_stream(params, config, stream), vocab, stream)
