@@ -101,9 +101,14 @@ class VadConfig:
 class RecognitionConfig:
     pipeline: str = "whisper"
     model: str = ""
+    # Whisper model of the `two-pass` pipeline's finals (empty: the embedded tiny.en);
+    # `model` is then the CTC folder that gives the partials.
+    final_model: str = ""
     partial_interval_ms: int = 400
     batch_sizes: tuple[int, ...] = (1, 2, 4, 8)
     engine_queue: int = 256
+    # Engine threads running device calls (see streamd/engine.py for the measurement).
+    workers: int = 2
     compile_cache_dir: str = ""
     # Beam width of finals (whisper); 1 is greedy. Partials are always greedy.
     beam_size: int = 1
@@ -127,6 +132,7 @@ class RecognitionConfig:
             "must be increasing positive integers",
         )
         _check(self.engine_queue >= 1, "recognition.engine_queue", "must be >= 1")
+        _check(1 <= self.workers <= 64, "recognition.workers", "must be 1..64")
         _check(1 <= self.beam_size <= 16, "recognition.beam_size", "must be 1..16")
 
 

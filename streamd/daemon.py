@@ -47,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--node", help="daemon name in MQTT payloads and status topic")
     parser.add_argument("--model", help="model folder or name for the pipeline")
     parser.add_argument("--pipeline", help="whisper (default), ctc, conformer, two-pass")
+    parser.add_argument("--final-model",
+                        help="two-pass: Whisper model of the finals (default tiny.en)")
+    parser.add_argument("--workers", type=int, help="engine threads (default 2)")
     parser.add_argument("--mqtt-host", help="MQTT broker host (enables MQTT)")
     parser.add_argument("--mqtt-port", type=int, help="MQTT broker port (default 1883)")
     parser.add_argument("--mqtt-prefix", help="MQTT topic prefix (default streamd)")
@@ -70,6 +73,8 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = 
     put(None, "node", args.node)
     put("recognition", "model", args.model)
     put("recognition", "pipeline", args.pipeline)
+    put("recognition", "final_model", args.final_model)
+    put("recognition", "workers", args.workers)
     put("mqtt", "host", args.mqtt_host)
     put("mqtt", "port", args.mqtt_port)
     put("mqtt", "prefix", args.mqtt_prefix)
@@ -134,7 +139,8 @@ class Daemon:
         self._factory = pipeline_factory
         self.publishers: list[Publisher] = list(publishers or [])
         self.engine = Engine(config.recognition.batch_sizes, config.recognition.engine_queue,
-                             observe=self.metrics.observe_batch)
+                             observe=self.metrics.observe_batch,
+                             workers=config.recognition.workers)
         self.pipeline: Pipeline | None = None
         self.server: StreamServer | None = None
         self.mqtt: Any = None

@@ -38,7 +38,8 @@ def test_precedence_file_env_cli(tmp_path: Path) -> None:
            "STREAMD_RECOGNITION_BATCH_SIZES": "1,2,16", "STREAMD_MQTT_PORT": "1884",
            "STREAMD_SHARED_AUDIO": "/ignored", "STREAMD_NODE": "envnode"}
     cfg = config_from_args(cli("--config", str(path), "--port", "9003", "--mqtt-prefix", "x/y",
-                               "--token", "a", "--token", "b", "--mic", "--pipeline", "ctc"),
+                               "--token", "a", "--token", "b", "--mic", "--pipeline", "ctc",
+                               "--workers", "3", "--final-model", "tiny.en"),
                            env)
     assert cfg.server.port == 9003  # CLI beats env beats file
     assert cfg.server.max_sessions == 3  # file only
@@ -49,6 +50,7 @@ def test_precedence_file_env_cli(tmp_path: Path) -> None:
     assert cfg.server.tokens == ("a", "b")
     assert cfg.mic.enabled and cfg.mic.device == ""
     assert cfg.recognition.pipeline == "ctc"
+    assert cfg.recognition.workers == 3 and cfg.recognition.final_model == "tiny.en"
     named = config_from_args(cli("--mic", "hw:1", "--node", "n2"), {})
     assert named.mic.device == "hw:1" and named.node == "n2"
 
@@ -63,6 +65,7 @@ def test_precedence_file_env_cli(tmp_path: Path) -> None:
     ("[server]\nhost = \"0.0.0.0\"\n", {}, "server.host"),
     ("[recognition]\npipeline = \"magic\"\n", {}, "recognition.pipeline"),
     ("[recognition]\nbatch_sizes = [4, 2]\n", {}, "recognition.batch_sizes"),
+    ("[recognition]\nworkers = 0\n", {}, "recognition.workers"),
     ("[mqtt]\nprefix = \"a/#\"\n", {}, "mqtt.prefix"),
     ("node = \"has space\"\n", {}, "node"),
     ("", {"STREAMD_SERVER_MAX_SESSIONS": "lots"}, "server.max_sessions"),
@@ -90,3 +93,11 @@ def test_remote_host_allowed_with_token_or_explicit_opt_in() -> None:
 def test_config_is_one_frozen_object() -> None:
     cfg = Config()
     assert hash(cfg.server) == hash(Config().server)
+
+
+def test_engine_workers_come_from_the_config() -> None:
+    from streamd.daemon import Daemon
+
+    cfg = config_from_args(cli("--workers", "1"), {})
+    assert Daemon(cfg).engine.workers == 1
+    assert Daemon(load_config(None, {})).engine.workers == 2
