@@ -166,14 +166,15 @@ def _lengths(tokens: jax.Array, eot: int) -> jax.Array:
     jax.jit,
     static_argnames=("decoder", "filters", "probe", "max_new_tokens", "eot", "renormalize"),
 )
-def _greedy(params, cross, prompt, prompt_len, key, temperature, *, decoder, filters, probe,
-            max_new_tokens, eot, renormalize):  # fmt: skip
+def _greedy(params, cross, prompt, prompt_len, key, temperature, budget, *, decoder, filters,
+            probe, max_new_tokens, eot, renormalize):  # fmt: skip
     batch = prompt.shape[0]
     logits, cache, probed = _prefill(decoder, params, cross, prompt, prompt_len, probe)
     ones = jnp.ones((batch,), jnp.int32)
 
     def cond(s):
-        return (s["t"] < max_new_tokens) & ~jnp.all(s["finished"])
+        stopped = s["finished"] | (s["t"] >= budget)
+        return (s["t"] < max_new_tokens) & ~jnp.all(stopped)
 
     def body(s):
         t = s["t"]
@@ -182,13 +183,15 @@ def _greedy(params, cross, prompt, prompt_len, key, temperature, *, decoder, fil
         # Both branches are cheap next to the decoder step; temperature stays traced.
         sampled = jax.random.categorical(sub, scores / jnp.maximum(temperature, 1e-6))
         tok = jnp.where(temperature > 0, sampled, jnp.argmax(scores, -1)).astype(jnp.int32)
-        tok = jnp.where(s["finished"], eot, tok)
+        stopped = s["finished"] | (t >= budget)
+        tok = jnp.where(stopped, eot, tok)
         tok_lp = jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0]
-        sum_lp = s["sum_lp"] + jnp.where(s["finished"], 0.0, tok_lp)
+        sum_lp = s["sum_lp"] + jnp.where(stopped, 0.0, tok_lp)
         logits, cache = decoder.step(params, s["cache"], cross, tok[:, None], ones)
         return dict(
             t=t + 1, logits=logits[:, 0], cache=cache, key=key, sum_lp=sum_lp,
-            tokens=s["tokens"].at[:, t].set(tok), finished=s["finished"] | (tok == eot),
+            tokens=s["tokens"].at[:, t].set(tok),
+            finished=s["finished"] | ((tok == eot) & ~stopped),
         )  # fmt: skip
 
     init = dict(
@@ -234,6 +237,7 @@ def greedy_search(
     key: jax.Array | None = None,
     renormalize: bool = True,
     probe: Probe | None = None,
+    token_budget: jax.Array | None = None,
 ) -> SearchResult:
     """Greedy decoding (temperature 0) or sampling (temperature > 0, needs `key`).
 
@@ -241,14 +245,18 @@ def greedy_search(
     [B, P] (rows shorter than P padded, lengths in `prompt_len` [B]); probe: optional
     hashable `(prefill logits [B, P, V], prompt, prompt_len) -> pytree` run inside the
     jit on the prompt's logits, e.g. Whisper's no-speech probability.
-    Stops at the end token `eot` in every row or after `max_new_tokens`.
+    Stops at the end token `eot` in every row or after `max_new_tokens`; token_budget:
+    optional int32 [B], a row also stops (unfinished) after that many tokens, so a short
+    input that loops does not cost the whole static `max_new_tokens` of its batch.
     """
     prompt = jnp.asarray(prompt, jnp.int32)
     _check(decoder, prompt, max_new_tokens)
     key = jax.random.PRNGKey(0) if key is None else key
+    budget = (jnp.full(prompt.shape[:1], max_new_tokens, jnp.int32) if token_budget is None
+              else jnp.asarray(token_budget, jnp.int32))
     return _greedy(
         params, cross, prompt, _prompt_len(prompt, prompt_len), key,
-        jnp.float32(temperature), decoder=decoder, filters=tuple(filters), probe=probe,
+        jnp.float32(temperature), budget, decoder=decoder, filters=tuple(filters), probe=probe,
         max_new_tokens=max_new_tokens, eot=eot, renormalize=renormalize,
     )  # fmt: skip
 

@@ -64,6 +64,14 @@ TAIL_MARGIN_S = 0.3
 # Partials are best effort: one is only submitted while fewer requests than this wait in
 # the engine queue, so under load finals do not queue behind partials of other sessions.
 PARTIAL_QUEUE_LIMIT = 1
+# Token budget of a request: TOKEN_BUDGET_BASE + rate x audio seconds, committed prefix
+# included. The shared recordings run at most 4.6 tokens/s (lower-cased references), so the
+# budget never cuts real speech; it stops the loops tiny.en falls into on short padded
+# audio ("and so and so ...") early: a 0.8 s partial cost 160 ms at the bucket's 20-token
+# cap and a third of that at its budget.
+TOKEN_BUDGET_BASE = 4
+PARTIAL_TOKENS_PER_S = 6.0
+FINAL_TOKENS_PER_S = 8.0
 NO_SPEECH_THRESHOLD = 0.6
 COMPRESSION_RATIO_THRESHOLD = 2.4
 LOGPROB_THRESHOLD = -1.0
@@ -92,9 +100,11 @@ class BucketSpec:
 
 @functools.partial(jax.jit, static_argnames="spec")
 def recognize_batch(
-    params: Any, audio: jax.Array, prompt: jax.Array, prompt_len: jax.Array, spec: BucketSpec
+    params: Any, audio: jax.Array, prompt: jax.Array, prompt_len: jax.Array,
+    budget: jax.Array, spec: BucketSpec,
 ) -> SearchResult:
-    """audio float32 [B, spec.samples] (zero-padded), prompt int32 [B, P], prompt_len [B]
+    """audio float32 [B, spec.samples] (zero-padded), prompt int32 [B, P], prompt_len [B],
+    budget int32 [B] (most new tokens per row; greedy only, beams run to their end)
     -> SearchResult (tokens [B, T] after the prompt; probe = no-speech probability [B]).
 
     One compile per (spec, B). The encoder sees the whole padded bucket (as Whisper sees
@@ -108,7 +118,7 @@ def recognize_batch(
                   filters=spec.filters, probe=spec.probe)
     if spec.beams > 1:
         return beam_search(decoder, params, cross, prompt, beams=spec.beams, **common)
-    return greedy_search(decoder, params, cross, prompt, **common)
+    return greedy_search(decoder, params, cross, prompt, token_budget=budget, **common)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +127,12 @@ class Job:
 
     audio: np.ndarray
     prefix: tuple[int, ...] = ()
+    tokens_per_s: float = FINAL_TOKENS_PER_S
+
+    def budget(self) -> int:
+        """New tokens this request may generate (see TOKEN_BUDGET_BASE)."""
+        total = TOKEN_BUDGET_BASE + int(np.ceil(self.tokens_per_s * len(self.audio) / SAMPLE_RATE))
+        return max(total - len(self.prefix), 1)
 
 
 PAD = Job(np.zeros(0, np.float32))  # the engine's empty slot
@@ -241,7 +257,8 @@ class WhisperPipeline:
             log.warning("segment of %.1f s cut to the %.0f s bucket", len(audio) / SAMPLE_RATE,
                         spec.seconds)
         priority = FINAL_PRIORITY if final else 0
-        return await self.engine.submit(self.kind(spec), Job(audio, prefix), priority)
+        rate = FINAL_TOKENS_PER_S if final else PARTIAL_TOKENS_PER_S
+        return await self.engine.submit(self.kind(spec), Job(audio, prefix, rate), priority)
 
     # -- worker thread
 
@@ -268,13 +285,17 @@ class WhisperPipeline:
         audio = np.zeros((batch, spec.samples), np.float32)
         prompt = np.full((batch, spec.prompt_width), self.eot, np.int32)
         prompt_len = np.zeros(batch, np.int32)
+        budget = np.ones(batch, np.int32)  # the engine's empty rows stop at once
         for row, job in enumerate(jobs):
             clip = job.audio[: spec.samples]
             audio[row, : len(clip)] = clip
             tokens = (self.sot_sequence + job.prefix)[: spec.prompt_width]
             prompt[row, : len(tokens)] = tokens
             prompt_len[row] = len(tokens)
-        res = jax.device_get(recognize_batch(self.params, audio, prompt, prompt_len, spec))
+            if job is not PAD:
+                budget[row] = job.budget()
+        res = jax.device_get(
+            recognize_batch(self.params, audio, prompt, prompt_len, budget, spec))
         decoded = []
         for row in range(batch):
             n = int(res.lengths[row])

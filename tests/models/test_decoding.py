@@ -128,6 +128,33 @@ def test_beam_matches_transformers(tiny, beams: int) -> None:
     np.testing.assert_allclose(np.asarray(out.scores), ref.sequences_scores.numpy(), atol=1e-4)
 
 
+def test_token_budget_stops_rows_early(tiny) -> None:
+    """A per-row budget gives each row the first `budget` tokens of the unbudgeted search
+    (unfinished, its log-probs summed over those tokens only); rows ending sooner are
+    untouched."""
+    _, config, params, _, cross = tiny
+    kw = dict(eot=EOS, max_new_tokens=MAX_NEW, filters=FILTERS, renormalize=False)
+    free = decoding.greedy_search(_decoder(config), params, cross, PROMPTS, **kw)
+    lengths = np.asarray(free.lengths)
+    budget = np.maximum(lengths - 1, 1).astype(np.int32)
+    keep = int(np.argmin(lengths))  # a row that ends early keeps the whole cap
+    budget[keep] = MAX_NEW
+    cut = decoding.greedy_search(_decoder(config), params, cross, PROMPTS,
+                                 token_budget=budget, **kw)
+    for b in range(len(budget)):
+        n = min(int(budget[b]), int(lengths[b]))
+        np.testing.assert_array_equal(np.asarray(cut.tokens[b, :n]), np.asarray(free.tokens[b, :n]))
+        assert int(cut.lengths[b]) == n
+        # The end token is a token too: a budget of exactly the text's length stops first.
+        ended = int(budget[b]) > int(lengths[b]) and bool(free.finished[b])
+        assert bool(cut.finished[b]) == ended
+    assert not bool(np.delete(np.asarray(cut.finished), keep).any())  # rows the budget cut
+    full = [b for b in range(len(budget)) if budget[b] > lengths[b]]
+    assert full
+    for b in full:
+        assert float(cut.sum_logprobs[b]) == pytest.approx(float(free.sum_logprobs[b]), abs=1e-5)
+
+
 def test_beam_differs_from_greedy_and_hits_cap(tiny) -> None:
     """The cases above exercise what they should: wider beams change results, and a
     hypothesis cut at max_new_tokens can win (row 3)."""

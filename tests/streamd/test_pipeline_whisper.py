@@ -83,8 +83,9 @@ def pipeline(model) -> WhisperPipeline:
     return pipe
 
 
-def reference_decode(hf, tok, pipe, audio, prefix, seconds):
-    """transformers forward + greedy with the pipeline's suppression rules."""
+def reference_decode(hf, tok, pipe, audio, prefix, seconds, budget=None):
+    """transformers forward + greedy with the pipeline's suppression rules, stopping after
+    `budget` new tokens (default: the bucket's cap)."""
     fe = transformers.WhisperFeatureExtractor(feature_size=80, chunk_length=int(seconds))
     feats = fe(audio, sampling_rate=RATE, return_tensors="pt").input_features
     spec = pipe.spec_for(len(audio))
@@ -96,7 +97,7 @@ def reference_decode(hf, tok, pipe, audio, prefix, seconds):
         enc = hf.model.encoder(feats).last_hidden_state
         first = hf(encoder_outputs=(enc,), decoder_input_ids=torch.tensor([ids])).logits[0]
         no_speech = torch.softmax(first[0], -1)[tok.no_speech].item()
-        for t in range(spec.max_new_tokens):
+        for t in range(min(spec.max_new_tokens, budget or spec.max_new_tokens)):
             logits = hf(encoder_outputs=(enc,), decoder_input_ids=torch.tensor([ids + out]))
             x = logits.logits[0, -1].double()
             x[suppress] = -np.inf
@@ -140,7 +141,8 @@ def test_batch_matches_transformers(pipeline, hf_models, tokenizer) -> None:
         assert results[len(mine):] == [None] * (4 - len(mine))
         for job, got in zip(mine, results, strict=False):
             tokens, avg_lp, no_speech = reference_decode(
-                hf_models[seconds], tokenizer, pipeline, job.audio, job.prefix, seconds)
+                hf_models[seconds], tokenizer, pipeline, job.audio, job.prefix, seconds,
+                job.budget())
             assert list(got.tokens) == tokens
             assert got.avg_logprob == pytest.approx(avg_lp, abs=2e-3)
             assert got.no_speech_prob == pytest.approx(no_speech, abs=1e-4)
