@@ -6,15 +6,15 @@ bins from 20 Hz to Nyquist (weights from kaldi-native-fbank), natural log with a
 float32-epsilon floor, no dither; the waveform is scaled to the 16-bit integer range first,
 as Kaldi expects. Each utterance is then normalized to zero mean and unit variance per bin.
 
-Why not kaldi-native-fbank's `OnlineFbank` (which computes the same options): it works in
-float32, and in quiet frames of the LJ Speech files (low rumble removed) mel bins 0-2 lie
-110-125 dB below the frame's energy, close to float32 rounding noise of the frame (~140 dB
-down). Measured against transformers' float64 path after CMVN, on the shared audio: knf
-up to 1.0e-2 (LJ001-0030); a numpy copy of the float64 path with only the FFT in float32
-up to 6.8e-3, with only DC removal / pre-emphasis / window in float32 up to 6.3e-3; every
-stage in float64 0 (bit-exact). The options are not the cause: knf's mel weights differ
-from transformers' by <= 3.4e-4 relative (float32 storage; <= 1e-4 on the features), its
-window by 3e-8. So framing, the FFT and the mel product run in float64 here.
+Why not kaldi-native-fbank's `OnlineFbank` (same options): it computes in float32, and
+in some frames of the LJ Speech files mel bins 0-2 (< ~100 Hz) hold 110-127 dB less energy
+than the whole frame, near the float32 rounding noise of the frame (eps^2, ~140 dB down).
+Measured after CMVN against transformers' float64 path on the shared audio: knf up to
+1.0e-2 (LJ001-0030); a numpy copy of that path with only the FFT in float32 up to 6.8e-3,
+with only DC removal / pre-emphasis / window in float32 up to 6.3e-3, all in float64 0
+(bit-exact). The options are not the cause: knf's mel weights differ from transformers' by
+<= 3.4e-4 relative (float32 storage; <= 1e-4 on the features), its window by 3e-8. So
+framing, the FFT and the mel product run in float64 here.
 """
 
 from __future__ import annotations
