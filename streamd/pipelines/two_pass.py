@@ -1,0 +1,114 @@
+"""The `two-pass` pipeline: CTC partials while a segment grows, a Whisper final at its end.
+
+First pass: the `ctc` pipeline's cached-state streaming (`recognition.model`, a wav2vec2
+or wav2vec2-conformer CTC folder). Every 320 ms chunk of the growing segment is encoded
+once; a partial is the greedy text so far and `stable` the text of CTC frames whose
+look-ahead is already in (they never change for the rest of the segment's partials).
+
+Second pass: at the endpoint the whole segment is decoded once by Whisper
+(`recognition.final_model`, default the embedded tiny.en), with no committed prefix, as
+the `whisper` pipeline decodes a final. Whisper sees no audio before the endpoint, so a
+growing segment costs no Whisper work. The final replaces the partials' text: it need not
+start with their `stable` prefix (a different model wrote it).
+
+The final carries no `words`: Whisper decodes without timestamps here, and CTC word times
+belong to the CTC text, not to Whisper's words.
+
+At the final the segment's CTC stream state is dropped without its look-ahead flush (its
+text would be thrown away). Partials therefore feed all the audio they have, with no hold
+back for what the endpoint may cut: the final never continues the CTC state, so nothing
+has to be rewound, and partials show 180 ms more speech than the `ctc` pipeline's.
+
+Device work: the CTC kind (`ctc/320ms` or `conformer/320ms`) and only the Whisper buckets
+a final can use (windows of at least `FINAL_MIN_S`) are registered on the shared engine,
+so its warm-up compiles every shape both passes issue before READY.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from streamd.config import Config
+from streamd.engine import Engine
+from streamd.errors import ConfigError
+from streamd.pipelines.ctc import CTCModel, CTCPipeline, CTCRecognizer, load_model
+from streamd.pipelines.whisper import (
+    DEFAULT_BUCKETS_S,
+    FINAL_MIN_S,
+    WhisperPipeline,
+    WhisperRecognizer,
+)
+from streamd.recognizer import Hypothesis, SegmentInfo
+
+# Whisper decodes finals only, so the short partial buckets would just be compiled for nothing.
+FINAL_BUCKETS_S = tuple(b for b in DEFAULT_BUCKETS_S if b >= FINAL_MIN_S)
+
+
+class TwoPassPipeline:
+    """A CTC pipeline for partials and a Whisper pipeline for finals on one engine."""
+
+    name = "two-pass"
+
+    def __init__(self, partials: CTCPipeline, finals: WhisperPipeline) -> None:
+        self.partials = partials
+        self.finals = finals
+
+    def new_recognizer(self, session: str) -> TwoPassRecognizer:
+        return TwoPassRecognizer(self.partials.new_recognizer(session),
+                                 self.finals.new_recognizer(session))
+
+
+class TwoPassRecognizer:
+    """Per session: the CTC stream of the segment in flight and a Whisper recognizer that
+    only ever decodes finals."""
+
+    def __init__(self, partials: CTCRecognizer, finals: WhisperRecognizer) -> None:
+        self._ctc = partials
+        self._whisper = finals
+
+    async def partial(self, audio_16k: np.ndarray, segment: SegmentInfo) -> Hypothesis | None:
+        return await self._ctc.partial(audio_16k, segment)
+
+    async def final(self, audio_16k: np.ndarray, segment: SegmentInfo) -> Hypothesis:
+        # The segment's CTC state goes first, whatever Whisper does; the next partial
+        # starts a fresh stream.
+        self._ctc.close()
+        # Never given a partial, the Whisper recognizer decodes the whole segment.
+        return await self._whisper.final(audio_16k, segment)
+
+    def close(self) -> None:
+        self._ctc.close()
+        self._whisper.close()
+
+
+def _load_partials_model(config: Config) -> CTCModel:
+    from models.checkpoint import ModelLoadError
+
+    folder = config.recognition.model
+    if not folder:
+        raise ConfigError("recognition.model", "the two-pass pipeline needs a wav2vec2 or "
+                          "wav2vec2-conformer CTC model folder for its partials (--model FOLDER)")
+    try:
+        return load_model(folder)
+    except ModelLoadError as exc:
+        raise ConfigError("recognition.model", str(exc)) from exc
+
+
+def create(config: Config, engine: Engine) -> TwoPassPipeline:
+    """Factory for `streamd serve --pipeline two-pass --model CTC_FOLDER
+    [--final-model WHISPER]`. Both models load before any engine kind is added."""
+    from models.checkpoint import ModelLoadError
+    from models.registry import load_whisper
+
+    ctc_model = _load_partials_model(config)
+    try:
+        whisper_model = load_whisper(config.recognition.final_model or None)
+    except ModelLoadError as exc:
+        raise ConfigError("recognition.final_model", str(exc)) from exc
+    # The CTC kind keeps its family's name (`ctc/320ms`, `conformer/320ms`) in metrics.
+    family = "conformer" if ctc_model.config.is_conformer else "ctc"
+    partials = CTCPipeline(engine, ctc_model, family, holdback_samples=0)
+    finals = WhisperPipeline(engine, whisper_model, buckets_s=FINAL_BUCKETS_S,
+                             max_segment_s=config.vad.max_segment_s,
+                             beam_size=config.recognition.beam_size)
+    return TwoPassPipeline(partials, finals)
