@@ -189,7 +189,7 @@ def test_serve_ctc_partials_and_whisper_finals(ctc_folder, stream_audio, tmp_pat
     assert len(serving) == 2 and "Compiling" in serving[0], "compiles are logged at warm-up"
     assert "Compiling" not in serving[1], "something compiled while serving"
 
-    all_finals = []
+    all_finals, segment_partials = [], []
     for events in sessions:
         assert events[0]["type"] == "ready" and events[0]["pipeline"] == "two-pass"
         finals = [e for e in events if e["type"] == "final"]
@@ -200,23 +200,27 @@ def test_serve_ctc_partials_and_whisper_finals(ctc_folder, stream_audio, tmp_pat
         assert events[-1]["segments"] == len(finals)
         assert all("words" not in f for f in finals)  # Whisper's text, no CTC word times
         all_finals.append(finals)
+        segment_partials += [(f, [p for p in partials if p["segment"] == f["segment"]])
+                             for f in finals]
 
-        # Partials: the CTC greedy text after each whole chunk of the segment so far, in
-        # order. Partials feed all audio they have, which may run past the final's end.
-        for f in finals:
-            mine = [p for p in partials if p["segment"] == f["segment"]]
-            end = max([f["end"], *(p["end"] for p in mine)])
-            segment = audio[round(f["start"] * RATE) : round(end * RATE)]
-            (records,) = transcribe(tmp_path, [segment], "--stream", "--model", str(ctc_folder))
-            reference = [r["partial"] for r in records if "partial" in r]
-            assert max(map(len, reference)) >= 10, "the random model should spell some text"
-            position = 0
-            for p in mine:  # a subsequence of the reference partials
-                assert p["text"] in reference[position:], (p, reference)
-                position = reference.index(p["text"], position)
-                assert p["text"].startswith(p.get("stable", ""))
-            stables = [p.get("stable", "") for p in mine]
-            assert all(b.startswith(a) for a, b in zip(stables, stables[1:], strict=False))
+    # Partials: the CTC greedy text after each whole chunk of the segment so far, in
+    # order (a fresh stream per segment). They feed all the audio they have, which may run
+    # past the final's end.
+    fed = []
+    for f, mine in segment_partials:
+        end = max([f["end"], *(p["end"] for p in mine)])
+        fed.append(audio[round(f["start"] * RATE) : round(end * RATE)])
+    streamed = transcribe(tmp_path, fed, "--stream", "--model", str(ctc_folder))
+    for (_, mine), records in zip(segment_partials, streamed, strict=True):
+        reference = [r["partial"] for r in records if "partial" in r]
+        assert max(map(len, reference)) >= 10, "the random model should spell some text"
+        position = 0
+        for p in mine:  # a subsequence of the reference partials
+            assert p["text"] in reference[position:], (p, reference)
+            position = reference.index(p["text"], position)
+            assert p["text"].startswith(p.get("stable", ""))
+        stables = [p.get("stable", "") for p in mine]
+        assert all(b.startswith(a) for a, b in zip(stables, stables[1:], strict=False))
 
     # Finals: tiny.en's text of each segment, as good as offline tiny.en on that audio.
     segments = [audio[round(f["start"] * RATE) : round(f["end"] * RATE)]
