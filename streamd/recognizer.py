@@ -46,6 +46,10 @@ class SegmentInfo:
     index: int
     start: float  # seconds since the session's first sample
     end: float
+    # A partial on audio the VAD says is complete (speech paused for the end padding): if
+    # the endpoint follows, the final gets exactly this audio, so a pipeline may compute
+    # the final now and reuse it (`final` then costs nothing).
+    closing: bool = False
 
 
 class SegmentRecognizer(Protocol):

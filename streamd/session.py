@@ -25,7 +25,7 @@ from streamd.config import VadConfig
 from streamd.errors import StreamdError
 from streamd.metrics import Metrics
 from streamd.recognizer import Hypothesis, SegmentInfo, SegmentRecognizer
-from streamd.vad import RATE, SegmentEnded, SpeechStarted, VadSegmenter
+from streamd.vad import RATE, SegmentEnded, SpeechPaused, SpeechStarted, VadSegmenter
 
 log = logging.getLogger("streamd.session")
 
@@ -112,7 +112,7 @@ class Session:
         self.samples_in += len(audio)
         outputs = self._vad_outputs(self.segmenter.accept(audio))
         seg = self.segmenter
-        if seg.active and self.start.partials:
+        if seg.active and self.start.partials and not seg.paused:
             length = seg.position - seg.segment_start
             if length - self._last_partial >= self._partial_every:
                 self._last_partial = length
@@ -129,6 +129,14 @@ class Session:
                 self._last_partial = 0
                 start = event.start / RATE
                 outputs.append(protocol.speech_start_event(self.id, event.segment, start))
+            elif isinstance(event, SpeechPaused):
+                # The would-be final's audio, as a partial the pipeline may turn into the
+                # final early; sent with partials off too (it only returns a partial event
+                # when partials are on). Periodic partials wait until speech resumes.
+                self._last_partial = event.end - event.start
+                info = SegmentInfo(self.id, event.segment, event.start / RATE, event.end / RATE,
+                                   closing=True)
+                outputs.append(Request("partial", info, event.audio))
             elif isinstance(event, SegmentEnded):
                 self.segments += 1
                 info = SegmentInfo(self.id, event.segment, event.start / RATE, event.end / RATE)

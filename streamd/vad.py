@@ -36,7 +36,19 @@ class SegmentEnded:
     reason: Literal["endpoint", "max_length", "flush"]
 
 
-VadEvent = SpeechStarted | SegmentEnded
+@dataclass(frozen=True)
+class SpeechPaused:
+    """The active segment has been silent for the end padding: if the endpoint comes
+    without new speech, its SegmentEnded carries exactly this audio. Lets a recognizer
+    start the final's work during the rest of the endpoint wait."""
+
+    segment: int
+    start: int
+    end: int  # exclusive
+    audio: np.ndarray  # [end - start] float32
+
+
+VadEvent = SpeechStarted | SpeechPaused | SegmentEnded
 
 
 @dataclass
@@ -82,6 +94,12 @@ class VadSegmenter:
     @property
     def active(self) -> bool:
         return self._state == "active"
+
+    @property
+    def paused(self) -> bool:
+        """Active, and silent for at least the end padding (see SpeechPaused)."""
+        return (self._state == "active" and self._end_pad_frames > 0
+                and self._silence_run() >= self._end_pad_frames)
 
     @property
     def segment(self) -> int:
@@ -156,6 +174,9 @@ class VadSegmenter:
             return [self._end(end, "endpoint")]
         if self._next_index - self._frames[0].index >= self._max_frames:
             return self._split()
+        if self._end_pad_frames and silence == self._end_pad_frames:
+            audio = np.concatenate([f.audio for f in self._frames])
+            return [SpeechPaused(self._segment, self.segment_start, self.position, audio)]
         return []
 
     def _silence_run(self) -> int:

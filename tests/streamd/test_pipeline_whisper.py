@@ -10,6 +10,7 @@ padded to the bucket length.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -149,14 +150,21 @@ def test_batch_matches_transformers(pipeline, hf_models, tokenizer) -> None:
 
 
 def test_recognizer_partials_stable_and_final_no_recompile(pipeline) -> None:
-    """Through the real Engine: stable prefixes only grow, the final starts with the last
-    stable text, concurrent sessions get their own results, and nothing recompiles."""
+    """Through the real Engine: stable prefixes only grow, the final is the fresh decode of
+    the whole segment (committed prefix not forced), a closing partial's decode is reused
+    by the final of the same audio (no engine call) and not by a final of other audio,
+    concurrent sessions get their own results, and nothing recompiles."""
     engine = pipeline.engine
     before = pipeline.compiled_shapes()
     rng = np.random.default_rng(2)
     audio = [rng.standard_normal(int(1.5 * RATE)).astype(np.float32) * 0.2 for _ in range(2)]
 
-    async def session(k: int) -> tuple[list, object, object]:
+    def whole(result) -> str:
+        # (with a repetition loop at its end cut, as random weights love to loop)
+        words = pipeline.cut_loop(pipeline.words(result.tokens), 0)
+        return pipeline.text([t for w in words for t in w])
+
+    async def session(k: int) -> dict:
         rec = pipeline.new_recognizer(f"s{k}")
         info = SegmentInfo(f"s{k}", 0, 0.0, 1.5)
         partials = []
@@ -164,7 +172,19 @@ def test_recognizer_partials_stable_and_final_no_recompile(pipeline) -> None:
             partials.append(await rec.partial(audio[k][:n], info))
         final = await rec.final(audio[k], info)
         alone = await pipeline.recognize(audio[k], (), final=True)
-        return partials, final, alone
+        # Segment 1: a closing partial on 1.25 s, then the endpoint's final on that audio.
+        info1 = SegmentInfo(f"s{k}", 1, 2.0, 3.25, closing=True)
+        await rec.partial(audio[k][:20000], info1)
+        early = pipeline.finals_early
+        final1 = await rec.final(audio[k][:20000], dataclasses.replace(info1, closing=False))
+        reused = pipeline.finals_early - early
+        alone1 = await pipeline.recognize(audio[k][:20000], (), final=True)
+        # Segment 2: speech resumed after the pause, so the final's audio is longer.
+        info2 = SegmentInfo(f"s{k}", 2, 4.0, 5.0, closing=True)
+        await rec.partial(audio[k][:16000], info2)
+        final2 = await rec.final(audio[k], SegmentInfo(f"s{k}", 2, 4.0, 5.5))
+        return dict(partials=partials, final=final, alone=alone, final1=final1,
+                    alone1=alone1, reused=reused, final2=final2)
 
     async def main():
         engine.start()
@@ -173,20 +193,21 @@ def test_recognizer_partials_stable_and_final_no_recompile(pipeline) -> None:
         finally:
             await engine.stop()
 
-    for partials, final, alone in asyncio.run(main()):
-        stables = [p.stable for p in partials if p is not None]
+    early_before = pipeline.finals_early
+    results = asyncio.run(main())
+    # Exactly the two segment-1 finals (one per session) came from closing partials.
+    assert pipeline.finals_early - early_before == 2
+    for r in results:
+        stables = [p.stable for p in r["partials"] if p is not None]
         for a, b in zip(stables, stables[1:], strict=False):
             assert b.startswith(a)
-        for p in partials:
+        for p in r["partials"]:
             if p is not None:
                 assert p.text.startswith(p.stable)
-        if stables:
-            assert final.text.startswith(stables[-1])
-        if not stables or not stables[-1]:
-            # Nothing committed: the final is the decode of the whole segment (with a
-            # repetition loop at its end cut, as random weights love to loop).
-            words = pipeline.cut_loop(pipeline.words(alone.tokens), 0)
-            assert final.text == pipeline.text([t for w in words for t in w])
+        assert r["final"].text == whole(r["alone"])
+        assert r["final1"].text == whole(r["alone1"])
+        assert r["final2"].text == whole(r["alone"])  # decoded again on the longer audio
+    assert all(r["reused"] >= 1 for r in results)  # around each session's final 1
     assert pipeline.compiled_shapes() == before
 
 

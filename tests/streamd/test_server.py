@@ -434,13 +434,14 @@ def test_engine_batches_concurrent_sessions(url, daemon, shared_audio_dir) -> No
     assert set(pipeline.batch_sizes_seen) <= set(daemon.engine.batch_sizes)
 
 
-def test_unavailable_pipeline_refused_clearly() -> None:
-    """A known pipeline whose models are not wired in yet is refused, not faked."""
-    from streamd.errors import Unsupported
+@pytest.mark.parametrize("pipeline", ["ctc", "conformer", "two-pass"])
+def test_pipeline_without_its_model_refused_clearly(pipeline: str) -> None:
+    """Pipelines that need a model folder fail at start-up naming the key, not faked."""
+    from streamd.errors import ConfigError
 
-    cfg = test_config(recognition={"pipeline": "two-pass"})
+    cfg = test_config(recognition={"pipeline": pipeline})
     daemon = Daemon(cfg)
-    with pytest.raises(Unsupported, match="two-pass"):
+    with pytest.raises(ConfigError, match="recognition.model"):
         asyncio.run(daemon.startup())
 
 

@@ -63,10 +63,19 @@ def test_outputs_in_order(shared_audio_dir) -> None:
         seg = r.segment
         assert len(r.audio) == round((seg.end - seg.start) * 16000)
     parts = [r for r in reqs if r.kind == "partial" and r.segment.index == 0]
-    assert len(parts) >= 5  # ~3 s of speech, one per 400 ms
-    gaps = np.diff([round(p.segment.end * 16000) for p in parts])
+    periodic = [p for p in parts if not p.segment.closing]
+    assert len(periodic) >= 5  # ~3 s of speech, one per 400 ms
+    gaps = np.diff([round(p.segment.end * 16000) for p in periodic])
     assert (gaps >= 6400).all()
     f0, f1 = finals(outputs)
+    # The last request before each final is the closing partial on exactly its audio.
+    for f in (f0, f1):
+        k = outputs.index(f)
+        closing = outputs[k - 1]
+        assert isinstance(closing, Request) and closing.segment.closing
+        assert closing.segment.start == f.segment.start and closing.segment.end == f.segment.end
+        np.testing.assert_array_equal(closing.audio, f.audio)
+        assert sum(r.segment.closing for r in reqs if r.segment.index == f.segment.index) == 1
     assert f0.segment.index == 0 and f1.segment.index == 1
     assert 0.6 <= f0.segment.start <= 1.0 and 3.8 <= f0.segment.end <= 4.4
     assert f1.segment.start - f0.segment.start == pytest.approx(3.97, abs=0.05)  # same audio
@@ -108,7 +117,10 @@ def test_bad_frames_raise_and_leave_state_intact(shared_audio_dir) -> None:
 def test_no_partials_when_disabled(shared_audio_dir) -> None:
     session = new_session(partials=False)
     outputs = feed_all(session, encode(utterance(shared_audio_dir), 16000, "pcm_s16le", 1), 3200)
-    assert all(not isinstance(o, Request) or o.kind == "final" for o in outputs)
+    # Only the closing requests (the final computed early), which resolve to no event.
+    reqs = [o for o in outputs if isinstance(o, Request)]
+    assert all(r.kind == "final" or r.segment.closing for r in reqs)
+    assert all(session.resolve(r, Hypothesis("x")) is None for r in reqs if r.kind == "partial")
 
 
 def test_resolve_builds_contract_events() -> None:

@@ -7,7 +7,7 @@ import pytest
 import soundfile as sf
 
 from streamd.config import VadConfig
-from streamd.vad import SegmentEnded, SpeechStarted, VadSegmenter
+from streamd.vad import SegmentEnded, SpeechPaused, SpeechStarted, VadSegmenter
 
 
 def segment(audio: np.ndarray, config: VadConfig, chunk: int = 1600) -> list:
@@ -23,13 +23,17 @@ def spans(events: list) -> list[tuple[float, float]]:
 
 
 def check_pairing(events: list) -> None:
-    """Every SpeechStarted has exactly one SegmentEnded, in order, with matching start."""
+    """Every SpeechStarted has exactly one SegmentEnded, in order, with matching start;
+    SpeechPaused only inside a segment."""
     open_start = None
     index = 0
     for e in events:
         if isinstance(e, SpeechStarted):
             assert open_start is None and e.segment == index
             open_start = e.start
+        elif isinstance(e, SpeechPaused):
+            assert open_start is not None and e.segment == index and e.start == open_start
+            assert len(e.audio) == e.end - e.start
         else:
             assert e.segment == index and e.start == open_start
             assert len(e.audio) == e.end - e.start
@@ -74,6 +78,27 @@ def test_stream_segments_match_reference(stream, frame_ms, aggressiveness) -> No
             assert all(_overlap(g, gap) == 0 for g in got), gap
     # Utterances are mostly found whole: at most a couple split at a long pause.
     assert len(refs) <= len(got) <= len(refs) + 3
+
+
+def test_pause_announces_the_final_audio(stream) -> None:
+    """SpeechPaused comes once the end padding is silent; when the endpoint follows with no
+    speech in between, the segment's audio is exactly the paused audio (what a pipeline
+    may decode early). A pause that speech interrupts is followed by a later one."""
+    audio, _ = stream
+    config = VadConfig()
+    events = segment(audio, config)
+    check_pairing(events)
+    ended = [e for e in events if isinstance(e, SegmentEnded)]
+    reused = 0
+    for k, e in enumerate(events):
+        if isinstance(e, SegmentEnded) and e.reason == "endpoint":
+            before = events[k - 1]
+            assert isinstance(before, SpeechPaused)  # every endpoint is announced
+            if before.end == e.end:
+                np.testing.assert_array_equal(before.audio, e.audio)
+                reused += 1
+    # Announced at end padding (300 ms) of silence, 210 ms before the 510 ms endpoint.
+    assert reused == len(ended) >= 11
 
 
 def test_noise_and_silence_give_nothing() -> None:
