@@ -40,6 +40,12 @@ class Request:
 
 Output = dict[str, Any] | Request
 
+# After a segment's first partial came back empty, the next one waits only this much new
+# audio (not `partial_interval_ms`): 3 of the 13 segments of the stream recording said
+# nothing at ~0.5 s and their first partial came 0.45 s later.
+RETRY_FIRST = RATE * 100 // 1000
+RETRY_FIRST_UNTIL = RATE * 2  # segment length after which silence is no news any more
+
 
 class Session:
     """State machine of one stream. Not thread-safe; one driver calls it."""
@@ -61,6 +67,7 @@ class Session:
         )
         self._partial_every = RATE * partial_interval_ms // 1000
         self._last_partial = 0  # segment length (samples) at the last partial request
+        self._spoke = False  # a partial event was sent for the active segment
         self.samples_in = 0  # 16 kHz samples produced so far
         self.segments = 0  # finals requested
         self.stopped = False
@@ -102,8 +109,20 @@ class Session:
             text = hyp.text if hyp is not None else ""
             words = [w.to_json() for w in hyp.words] if hyp is not None else None
             return protocol.final_event(self.id, seg.index, seg.start, seg.end, text.strip(), words)
-        if hyp is None or not self.start.partials:
+        if not self.start.partials:
             return None
+        if hyp is None:
+            if (not self._spoke and not seg.closing and self.segmenter.active
+                    and seg.index == self.segmenter.segment):
+                # The segment's first partial had nothing to say (Whisper heard too little
+                # of it): try again after RETRY_FIRST more samples, not a whole interval.
+                length = round((seg.end - seg.start) * RATE)
+                if length < RETRY_FIRST_UNTIL:
+                    self._last_partial = min(self._last_partial,
+                                             length - self._partial_every + RETRY_FIRST)
+            return None
+        if seg.index == self.segmenter.segment:
+            self._spoke = True
         return protocol.partial_event(
             self.id, seg.index, seg.start, seg.end, hyp.text.strip(), hyp.stable.strip() or None
         )
@@ -126,7 +145,7 @@ class Session:
         outputs: list[Output] = []
         for event in events:
             if isinstance(event, SpeechStarted):
-                self._last_partial = 0
+                self._last_partial, self._spoke = 0, False
                 start = event.start / RATE
                 outputs.append(protocol.speech_start_event(self.id, event.segment, start))
             elif isinstance(event, SpeechPaused):

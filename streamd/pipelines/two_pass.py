@@ -7,8 +7,10 @@ look-ahead is already in (they never change for the rest of the segment's partia
 
 Second pass: at the endpoint the whole segment is decoded once by Whisper
 (`recognition.final_model`, default the embedded tiny.en), with no committed prefix, as
-the `whisper` pipeline decodes a final. Whisper sees no audio before the endpoint, so a
-growing segment costs no Whisper work. The final replaces the partials' text: it need not
+the `whisper` pipeline decodes a final. Whisper sees no audio while speech goes on, so a
+growing segment costs no Whisper work; when the speech pauses (a `closing` partial) the
+Whisper final starts on the paused audio, and the endpoint's final reuses it if no speech
+followed. The final replaces the partials' text: it need not
 start with their `stable` prefix (a different model wrote it).
 
 The final carries no `words`: Whisper decodes without timestamps here, and CTC word times
@@ -25,6 +27,9 @@ so its warm-up compiles every shape both passes issue before READY.
 """
 
 from __future__ import annotations
+
+import asyncio
+import contextlib
 
 import numpy as np
 
@@ -65,18 +70,37 @@ class TwoPassRecognizer:
     def __init__(self, partials: CTCRecognizer, finals: WhisperRecognizer) -> None:
         self._ctc = partials
         self._whisper = finals
+        self._early: asyncio.Task | None = None  # Whisper's final started at a pause
 
     async def partial(self, audio_16k: np.ndarray, segment: SegmentInfo) -> Hypothesis | None:
+        if segment.closing:
+            # The speech paused: Whisper starts the final on the audio the endpoint's final
+            # will have, beside the CTC partial (whose event must not wait for it). Its
+            # text is not sent as a partial: it would not keep the CTC `stable` prefix.
+            await self._settle()
+            self._early = asyncio.create_task(self._whisper.partial(audio_16k, segment))
+            await asyncio.sleep(0)  # it queues first: it skips itself behind a busy queue
         return await self._ctc.partial(audio_16k, segment)
+
+    async def _settle(self) -> None:
+        """Waits for an early final in flight (calls into one recognizer never overlap)."""
+        task, self._early = self._early, None
+        if task is not None:
+            with contextlib.suppress(Exception):
+                await task  # a failed early final just means the final decodes itself
 
     async def final(self, audio_16k: np.ndarray, segment: SegmentInfo) -> Hypothesis:
         # The segment's CTC state goes first, whatever Whisper does; the next partial
         # starts a fresh stream.
         self._ctc.close()
-        # Never given a partial, the Whisper recognizer decodes the whole segment.
+        await self._settle()
+        # Whisper reuses the early decode if the audio is the paused audio, else decodes.
         return await self._whisper.final(audio_16k, segment)
 
     def close(self) -> None:
+        if self._early is not None:
+            self._early.cancel()
+            self._early = None
         self._ctc.close()
         self._whisper.close()
 

@@ -232,12 +232,15 @@ def test_serve_ctc_partials_and_whisper_finals(ctc_folder, stream_audio, tmp_pat
               f"{[f['text'] for f in finals]} vs {offline}")
         assert served_wer <= offline_wer + WER_MARGIN
 
-    # Device work: the CTC kind ran the partials; Whisper ran exactly once per final, only
-    # in final windows (>= 10 s).
+    # Device work: the CTC kind ran the partials; Whisper ran once per final (at the pause
+    # or at the endpoint), plus at most one early decode per final that speech made moot:
+    # never per partial; only in final windows (>= 10 s).
     rows = engine_rows(metrics)
     assert rows.get("ctc/320ms", 0) > 0, rows
     whisper = {k: v for k, v in rows.items() if k.startswith("whisper/")}
-    assert sum(whisper.values()) == sum(map(len, all_finals)), rows
+    n_finals = sum(map(len, all_finals))
+    assert n_finals <= sum(whisper.values()) <= 2 * n_finals, rows
+    assert sum(whisper.values()) < rows["ctc/320ms"] / 4, rows
     assert all(float(k.split("/")[1][:-1]) >= two_pass.FINAL_MIN_S for k in whisper), rows
 
 

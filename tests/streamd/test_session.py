@@ -123,6 +123,38 @@ def test_no_partials_when_disabled(shared_audio_dir) -> None:
     assert all(session.resolve(r, Hypothesis("x")) is None for r in reqs if r.kind == "partial")
 
 
+def test_empty_first_partial_is_retried_soon(shared_audio_dir) -> None:
+    """When a segment's first partial has nothing to say, the next comes after 100 ms more
+    audio instead of a whole partial interval; once a partial was sent, the interval holds."""
+    audio = encode(utterance(shared_audio_dir), 16000, "pcm_s16le", 1)
+    frame = 3200  # 100 ms of s16 audio per feed
+
+    def partial_ends(answer) -> list[float]:
+        session, ends = new_session(), []
+        for i in range(0, 16000 * 2 * 4, frame):  # the first 4 s: segment 0 from ~0.7 s
+            for out in session.feed(audio[i : i + frame]):
+                if isinstance(out, Request) and out.kind == "partial":
+                    if out.segment.closing or out.segment.index > 0:
+                        continue  # the pause's request, or the next segment
+                    ends.append(out.segment.end - out.segment.start)  # segment length
+                    session.resolve(out, answer(len(ends)))
+        return ends
+
+    always = partial_ends(lambda k: Hypothesis("hello"))
+    assert np.diff(always).min() >= 0.4 - 1e-9  # one per 400 ms of audio
+    first_empty = partial_ends(lambda k: None if k == 1 else Hypothesis("hello"))
+    assert first_empty[0] == always[0]
+    # 100 ms, seen at the client's 100 ms frames on the VAD's 30 ms frames: < 0.24 s
+    assert 0.1 <= first_empty[1] - first_empty[0] < 0.24
+    assert np.diff(first_empty[1:]).min() >= 0.4 - 1e-9  # back to the interval
+    never = partial_ends(lambda k: None)  # retried after 100 ms for the first 2 s only
+    soon = [b - a for a, b in zip(never, never[1:], strict=False) if b < 2.0]
+    # (a pause in the speech holds partials back; it shows as one longer gap)
+    assert sum(g < 0.24 for g in soon) >= 5 and sorted(soon)[len(soon) // 2] < 0.24
+    late = [b - a for a, b in zip(never, never[1:], strict=False) if a >= 2.0]
+    assert late and min(late) >= 0.4 - 1e-9
+
+
 def test_resolve_builds_contract_events() -> None:
     session = new_session()
     seg = SegmentInfo("s1", 3, 1.23456, 2.5)
