@@ -165,6 +165,8 @@ class Daemon:
         warm = await asyncio.to_thread(self.engine.warmup)  # every bucket, before READY
         self.engine.start()
         self.metrics.track_queue("engine", lambda: self.engine.queue_depth)
+        for name, (doc, value) in self.pipeline.counters().items():
+            self.metrics.track_counter(name, doc, value)
         if cfg.mqtt.enabled:
             from streamd.mqtt import MqttPublisher, MqttSettings
 

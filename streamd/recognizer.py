@@ -68,10 +68,18 @@ class SegmentRecognizer(Protocol):
         ...
 
 
+# Prometheus counter name -> (help text, current value); read at scrape time.
+PipelineCounters = dict[str, tuple[str, Callable[[], float]]]
+
+
 class Pipeline(Protocol):
     name: str
 
     def new_recognizer(self, session: str) -> SegmentRecognizer: ...
+
+    def counters(self) -> PipelineCounters:
+        """The pipeline's own counters for /metrics (may be empty)."""
+        ...
 
 
 PipelineFactory = Callable[[Config, Engine], Pipeline]

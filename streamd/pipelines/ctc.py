@@ -38,7 +38,7 @@ from models.mel import SAMPLE_RATE
 from streamd.config import Config
 from streamd.engine import Engine
 from streamd.errors import ConfigError
-from streamd.recognizer import Hypothesis, SegmentInfo, Word
+from streamd.recognizer import Hypothesis, PipelineCounters, SegmentInfo, Word
 
 log = logging.getLogger("streamd.pipelines.ctc")
 
@@ -108,6 +108,9 @@ class CTCPipeline:
     def compiled_shapes(self) -> int:
         """Compiles of `encode_chunk` so far (all pipelines in the process)."""
         return wav2vec2.encode_chunk._cache_size()
+
+    def counters(self) -> PipelineCounters:
+        return {}
 
     def new_recognizer(self, session: str) -> CTCRecognizer:
         return CTCRecognizer(self)

@@ -43,7 +43,7 @@ from streamd.pipelines.whisper import (
     WhisperPipeline,
     WhisperRecognizer,
 )
-from streamd.recognizer import Hypothesis, SegmentInfo
+from streamd.recognizer import Hypothesis, PipelineCounters, SegmentInfo
 
 # Whisper decodes finals only, so the short partial buckets would just be compiled for nothing.
 FINAL_BUCKETS_S = tuple(b for b in DEFAULT_BUCKETS_S if b >= FINAL_MIN_S)
@@ -57,6 +57,9 @@ class TwoPassPipeline:
     def __init__(self, partials: CTCPipeline, finals: WhisperPipeline) -> None:
         self.partials = partials
         self.finals = finals
+
+    def counters(self) -> PipelineCounters:
+        return {**self.partials.counters(), **self.finals.counters()}
 
     def new_recognizer(self, session: str) -> TwoPassRecognizer:
         return TwoPassRecognizer(self.partials.new_recognizer(session),

@@ -54,7 +54,7 @@ from streamd.config import Config
 from streamd.engine import Engine
 from streamd.errors import ConfigError
 from streamd.pipelines.stabilize import LocalAgreement, loop_start
-from streamd.recognizer import Hypothesis, SegmentInfo, register_pipeline
+from streamd.recognizer import Hypothesis, PipelineCounters, SegmentInfo, register_pipeline
 
 log = logging.getLogger("streamd.pipelines.whisper")
 
@@ -253,6 +253,14 @@ class WhisperPipeline:
     def compiled_shapes(self) -> int:
         """Compiles of `recognize_batch` so far (all pipelines in the process)."""
         return recognize_batch._cache_size()
+
+    def counters(self) -> PipelineCounters:
+        return {
+            "streamd_partials_skipped": ("Partials not computed: the engine queue was busy",
+                                         lambda: self.partials_skipped),
+            "streamd_finals_early": ("Finals decoded at the speech pause, before the endpoint",
+                                     lambda: self.finals_early),
+        }
 
     def new_recognizer(self, session: str) -> WhisperRecognizer:
         return WhisperRecognizer(self)

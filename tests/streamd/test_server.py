@@ -64,6 +64,10 @@ class DurationPipeline:
         self.batch_sizes_seen.append(len(items))
         return [len(a) / 16000 for a in items]
 
+    def counters(self) -> dict:
+        return {"streamd_test_batches": ("Batches the test pipeline ran",
+                                         lambda: len(self.batch_sizes_seen))}
+
     def new_recognizer(self, session: str) -> _DurationRecognizer:
         return _DurationRecognizer(self.engine, self.delay)
 
@@ -368,6 +372,8 @@ def test_healthz_and_metrics(url, daemon, shared_audio_dir) -> None:
     assert 'streamd_queue_depth{queue="engine"}' in values
     assert values['streamd_engine_batch_fill_count{kind="duration"}'] >= 2
     assert "streamd_drops_total" in text and "streamd_mqtt_reconnects_total" in text
+    # The pipeline's own counters (whisper: partials skipped, finals decoded early).
+    assert values["streamd_test_batches_total"] >= 2
     status, _, _ = http_get(daemon, "/nope")
     assert status == 404
 
