@@ -22,7 +22,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ import pytest
 import soundfile as sf
 import soxr
 from helpers import free_port
+from helpers.daemon import Daemon, serve
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -66,23 +66,8 @@ def script(name: str) -> str:
 # --- a real daemon process ----------------------------------------------------------
 
 
-@dataclass
-class DaemonProcess:
-    proc: subprocess.Popen[bytes]
-    port: int
-    token: str | None
-    log_path: Path
-
-    @property
-    def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/v1/stream"
-
-    @property
-    def http(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace")
+# The name test_listen.py and test_browser.py know the daemon's handle by.
+DaemonProcess = Daemon
 
 
 @contextlib.contextmanager
@@ -92,48 +77,17 @@ def run_daemon(
     test_pipeline: bool = True,
     token: str | None = TOKEN,
     startup_timeout: float = 90.0,
-) -> Iterator[DaemonProcess]:
-    """`streamd serve` on a free port, up once /healthz says ok; always killed after."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMD_")}
-    env["JAX_PLATFORMS"] = env.get("JAX_PLATFORMS", "cpu")
+) -> Iterator[Daemon]:
+    """`streamd serve` (node `clients-test`, the test recognizer unless `test_pipeline`
+    is false, `token` required when given), up once /healthz says ok; always ended."""
+    env: dict[str, str] = {}
     if test_pipeline:
         env["STREAMD_TEST_PIPELINE_FACTORY"] = TEST_FACTORY
         env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests" / "streamd")])
-    cmd = [script("streamd"), "serve", "--port", str(port), "--node", "clients-test",
-           "--log-format", "text", *args]
-    if token:
-        cmd += ["--token", token]
-    log_path = workdir / f"streamd-{port}.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                cwd=workdir, start_new_session=True)
-    daemon = DaemonProcess(proc, port, token, log_path)
-    try:
-        deadline = time.monotonic() + startup_timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"streamd serve exited ({proc.returncode}):\n"
-                                   f"{daemon.log_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{daemon.http}/healthz", timeout=1) as r:
-                    if json.load(r).get("status") == "ok":
-                        break
-            except (OSError, ValueError):
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"streamd not ready in {startup_timeout} s:\n"
-                                   f"{daemon.log_text()[-3000:]}")
-            time.sleep(0.1)
+    token_args = ["--token", token] if token else []
+    with serve(workdir, "--node", "clients-test", *args, *token_args, env=env,
+               startup_timeout=startup_timeout) as daemon:
         yield daemon
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
 
 
 # --- parsing what the client prints -------------------------------------------------

@@ -7,25 +7,15 @@ tests/models/test_ctc_asr.py) on the same segment audio, fed in the same 320 ms 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 import urllib.request
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
-import transformers
-from helpers import free_port
-from websockets.sync.client import connect
+from helpers.daemon import RATE, save_tiny_ctc, serve, stream_session
 
 from streamd import cli
 from streamd.config import load_config
@@ -35,37 +25,12 @@ from streamd.pipelines import conformer as conformer_pipeline
 from streamd.pipelines import ctc as ctc_pipeline
 from streamd.recognizer import SegmentInfo
 
-REPO = Path(__file__).resolve().parents[2]
-VOCAB = ["<pad>", "<s>", "</s>", "<unk>", "|", *"ETAONIHSRDLUMWCFGYPBVK'"]
 PIPELINE = {"wav2vec2": "ctc", "conformer": "conformer"}
-RATE = 16000
-
-
-def _save_checkpoint(kind: str, folder: Path) -> Path:
-    common = dict(
-        vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=48, conv_dim=(16,) * 7, num_conv_pos_embeddings=16,
-        num_conv_pos_embedding_groups=4, pad_token_id=0,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    if kind == "wav2vec2":
-        model = transformers.Wav2Vec2ForCTC(transformers.Wav2Vec2Config(**common))
-    else:
-        model = transformers.Wav2Vec2ConformerForCTC(transformers.Wav2Vec2ConformerConfig(
-            **common, conv_depthwise_kernel_size=7, position_embeddings_type="rotary"))
-    with torch.no_grad():  # a wider head, so the argmax path spells varied text
-        model.lm_head.weight.mul_(30.0)
-    model.eval().save_pretrained(folder)
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(VOCAB)}))
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "pad_token": "<pad>", "unk_token": "<unk>", "word_delimiter_token": "|"}))
-    (folder / "preprocessor_config.json").write_text(json.dumps({"do_normalize": True}))
-    return folder
 
 
 @pytest.fixture(scope="module", params=["wav2vec2", "conformer"])
 def checkpoint(request, tmp_path_factory) -> tuple[str, Path]:
-    return request.param, _save_checkpoint(request.param, tmp_path_factory.mktemp(request.param))
+    return request.param, save_tiny_ctc(tmp_path_factory.mktemp(request.param), request.param)
 
 
 @pytest.fixture(scope="module")
@@ -207,57 +172,6 @@ def test_missing_or_wrong_model_is_a_config_error(checkpoint, tmp_path) -> None:
 # --- `streamd serve` subprocess over a real WebSocket --------------------------------
 
 
-@contextlib.contextmanager
-def serve(workdir: Path, *args: str) -> Iterator[tuple[int, Path]]:
-    """`streamd serve` on a free port until /healthz says ok; yields (port, log file);
-    always ended after."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMD_")}
-    env.setdefault("JAX_PLATFORMS", "cpu")
-    env["JAX_LOG_COMPILES"] = "1"  # every XLA compile is logged: none may follow READY
-    log_path = workdir / f"serve-{port}.log"
-    cmd = [sys.executable, "-m", "streamd.cli", "serve", "--port", str(port),
-           "--log-format", "text", *args]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
-                                start_new_session=True)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, log_path.read_text()[-3000:]
-            with contextlib.suppress(OSError, ValueError):
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as r:
-                    if json.load(r).get("status") == "ok":
-                        break
-            assert time.monotonic() < deadline, log_path.read_text()[-3000:]
-            time.sleep(0.1)
-        yield port, log_path
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
-
-
-def stream_session(port: int, audio: np.ndarray) -> list[dict]:
-    """One WebSocket session: float32 audio in 200 ms messages, `stop`, events to `done`."""
-    events: list[dict] = []
-    with connect(f"ws://127.0.0.1:{port}/v1/stream") as ws:
-        ws.send(json.dumps({"type": "start", "sample_rate": RATE, "channels": 1,
-                            "encoding": "pcm_f32le"}))
-        data = audio.astype("<f4").tobytes()
-        for i in range(0, len(data), 12800):
-            ws.send(data[i : i + 12800])
-            time.sleep(0.02)
-        ws.send(json.dumps({"type": "stop"}))
-        while not events or events[-1]["type"] != "done":
-            events.append(json.loads(ws.recv(timeout=30)))
-    return events
-
-
 def test_serve_streams_partials_and_finals_equal_to_transcribe_stream(
     checkpoint, utterances, tmp_path, capsys
 ) -> None:
@@ -266,12 +180,15 @@ def test_serve_streams_partials_and_finals_equal_to_transcribe_stream(
     silence = np.zeros(RATE, np.float32)
     stream = np.concatenate([silence[: RATE // 2], utterances[0], silence, utterances[1],
                              silence]).astype(np.float32)
-    with serve(tmp_path, "--pipeline", PIPELINE[kind], "--model", str(folder)) as (port, log):
-        with ThreadPoolExecutor(2) as pool:
-            sessions = list(pool.map(lambda _: stream_session(port, stream), range(2)))
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+    # Every XLA compile is logged: none may follow READY.
+    with serve(tmp_path, "--pipeline", PIPELINE[kind], "--model", str(folder),
+               env={"JAX_LOG_COMPILES": "1"}) as daemon:
+        with ThreadPoolExecutor(2) as pool:  # 200 ms messages at 10 x real time
+            sessions = list(pool.map(lambda _: stream_session(
+                daemon.port, stream, message_s=0.2, speed=10, recv_timeout=30), range(2)))
+        with urllib.request.urlopen(f"{daemon.http}/metrics", timeout=5) as r:
             metrics = r.read().decode()
-        serving = log.read_text().split("streamd.daemon: ready", 1)
+        serving = daemon.log_text().split("streamd.daemon: ready", 1)
     # Every chunk ran on the engine under this pipeline's kind (batched or not).
     fill = {line.split(" ")[0]: float(line.split(" ")[1]) for line in metrics.splitlines()
             if line.startswith("streamd_engine_batch_fill_")}

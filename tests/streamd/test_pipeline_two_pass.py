@@ -10,67 +10,32 @@ transformers in tests/models/test_ctc_asr.py) on the same segment audio, finals 
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
-import time
 import urllib.request
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
-import transformers
 from helpers import free_port
-from websockets.sync.client import connect
+from helpers.daemon import RATE, REPO, daemon_env, save_tiny_ctc, serve, stream_session
 
 from streamd.config import load_config
 from streamd.engine import Engine
 from streamd.errors import ConfigError
 from streamd.pipelines import two_pass
 
-REPO = Path(__file__).resolve().parents[2]
-RATE = 16000
-VOCAB = ["<pad>", "<s>", "</s>", "<unk>", "|", *"ETAONIHSRDLUMWCFGYPBVK'"]
 # Two short utterances, so the stream has two segments (the CTC state must not leak).
 UTTERANCES = ("librispeech_61-70968-0002.wav", "cmu_arctic_axb_a0006.wav")
 SPEED = 4.0  # x real time
 # Finals may be this much worse (WER) than offline tiny.en on the same segment audio.
 WER_MARGIN = 0.05
-
-
-def _save_ctc(folder: Path, with_head: bool = True) -> Path:
-    """A tiny random wav2vec2 CTC folder as transformers writes it (no head: not CTC)."""
-    config = transformers.Wav2Vec2Config(
-        vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=48, conv_dim=(16,) * 7, num_conv_pos_embeddings=16,
-        num_conv_pos_embedding_groups=4, pad_token_id=0)
-    torch.manual_seed(0)
-    if with_head:
-        model = transformers.Wav2Vec2ForCTC(config)
-        with torch.no_grad():  # a wider head, so the argmax path spells varied text
-            model.lm_head.weight.mul_(30.0)
-    else:
-        model = transformers.Wav2Vec2Model(config)
-    model.eval().save_pretrained(folder)
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(VOCAB)}))
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "pad_token": "<pad>", "unk_token": "<unk>", "word_delimiter_token": "|"}))
-    (folder / "preprocessor_config.json").write_text(json.dumps({"do_normalize": True}))
-    return folder
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMD_")}
-    env.setdefault("JAX_PLATFORMS", "cpu")
-    return env
+# Every XLA compile logged (none may follow READY); fewer batch shapes to warm up.
+SERVE_ENV = {"JAX_LOG_COMPILES": "1", "STREAMD_RECOGNITION_BATCH_SIZES": "1,2"}
 
 
 def wer(refs: list[str], hyps: list[str]) -> float:
@@ -82,7 +47,7 @@ def wer(refs: list[str], hyps: list[str]) -> float:
 
 @pytest.fixture(scope="module")
 def ctc_folder(tmp_path_factory) -> Path:
-    return _save_ctc(tmp_path_factory.mktemp("ctc"))
+    return save_tiny_ctc(tmp_path_factory.mktemp("ctc"))
 
 
 @pytest.fixture(scope="module")
@@ -98,58 +63,6 @@ def stream_audio(shared_manifest) -> tuple[np.ndarray, list[str]]:
     return np.concatenate(pieces).astype(np.float32), texts
 
 
-@contextlib.contextmanager
-def serve(workdir: Path, *args: str) -> Iterator[tuple[int, Path]]:
-    """`streamd serve` on a free port until /healthz says ok, every XLA compile logged;
-    yields (port, log file); always ended after."""
-    port = free_port()
-    env = _env()
-    env["JAX_LOG_COMPILES"] = "1"  # none may follow READY
-    env["STREAMD_RECOGNITION_BATCH_SIZES"] = "1,2"  # fewer shapes to warm up
-    log_path = workdir / f"serve-{port}.log"
-    cmd = [sys.executable, "-m", "streamd.cli", "serve", "--port", str(port),
-           "--log-format", "text", *args]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
-                                start_new_session=True)
-    try:
-        deadline = time.monotonic() + 300  # tiny.en loads and compiles its final buckets
-        while True:
-            assert proc.poll() is None, log_path.read_text()[-3000:]
-            with contextlib.suppress(OSError, ValueError):
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as r:
-                    if json.load(r).get("status") == "ok":
-                        break
-            assert time.monotonic() < deadline, log_path.read_text()[-3000:]
-            time.sleep(0.2)
-        yield port, log_path
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
-
-
-def stream_session(port: int, audio: np.ndarray) -> list[dict]:
-    """One WebSocket session: float32 audio in 100 ms messages at SPEED x real time,
-    `stop`, events up to `done`."""
-    events: list[dict] = []
-    step = RATE // 10
-    with connect(f"ws://127.0.0.1:{port}/v1/stream") as ws:
-        ws.send(json.dumps({"type": "start", "sample_rate": RATE, "channels": 1,
-                            "encoding": "pcm_f32le"}))
-        for i in range(0, len(audio), step):
-            ws.send(audio[i : i + step].astype("<f4").tobytes())
-            time.sleep(0.1 / SPEED)
-        ws.send(json.dumps({"type": "stop"}))
-        while not events or events[-1]["type"] != "done":
-            events.append(json.loads(ws.recv(timeout=120)))
-    return events
-
-
 def transcribe(workdir: Path, audios: list[np.ndarray], *args: str) -> list[list[dict]]:
     """`streamd transcribe --json ARGS` on these audios (float WAVs: exact samples);
     per audio its JSON records in order (partials, then the final)."""
@@ -158,7 +71,7 @@ def transcribe(workdir: Path, audios: list[np.ndarray], *args: str) -> list[list
         paths.append(workdir / f"audio-{len(list(workdir.glob('audio-*')))}.wav")
         sf.write(paths[-1], audio, RATE, subtype="FLOAT")
     out = subprocess.run([sys.executable, "-m", "streamd.cli", "transcribe", "--json", *args,
-                          *map(str, paths)], env=_env(), capture_output=True, text=True,
+                          *map(str, paths)], env=daemon_env(), capture_output=True, text=True,
                          timeout=300, cwd=REPO)
     assert out.returncode == 0, out.stderr[-3000:]
     records = [json.loads(line) for line in out.stdout.splitlines()]
@@ -180,12 +93,14 @@ def test_serve_ctc_partials_and_whisper_finals(ctc_folder, stream_audio, tmp_pat
     greedy text of the segment so far, every final is tiny.en's text of the segment, one
     Whisper decode per final and none while segments grow, nothing compiles after READY."""
     audio, texts = stream_audio
-    with serve(tmp_path, "--pipeline", "two-pass", "--model", str(ctc_folder)) as (port, log):
+    with serve(tmp_path, "--pipeline", "two-pass", "--model", str(ctc_folder),
+               env=SERVE_ENV, startup_timeout=300) as daemon:  # tiny.en compiles its finals
         with ThreadPoolExecutor(2) as pool:
-            sessions = list(pool.map(lambda _: stream_session(port, audio), range(2)))
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            sessions = list(pool.map(lambda _: stream_session(daemon.port, audio, speed=SPEED),
+                                     range(2)))
+        with urllib.request.urlopen(f"{daemon.http}/metrics", timeout=5) as r:
             metrics = r.read().decode()
-        serving = log.read_text().split("streamd.daemon: ready", 1)
+        serving = daemon.log_text().split("streamd.daemon: ready", 1)
     assert len(serving) == 2 and "Compiling" in serving[0], "compiles are logged at warm-up"
     assert "Compiling" not in serving[1], "something compiled while serving"
 
@@ -250,7 +165,7 @@ def test_serve_ctc_partials_and_whisper_finals(ctc_folder, stream_audio, tmp_pat
 def test_bad_models_are_config_errors_naming_the_key(ctc_folder, tmp_path) -> None:
     """A missing or non-CTC `recognition.model`, or a missing or non-Whisper
     `recognition.final_model`, fails before any engine kind exists."""
-    no_head = _save_ctc(tmp_path / "no-head", with_head=False)
+    no_head = save_tiny_ctc(tmp_path / "no-head", with_head=False)
     cases = [
         ({"model": ""}, "recognition.model"),
         ({"model": str(tmp_path / "nowhere")}, "recognition.model"),
@@ -276,6 +191,6 @@ def test_serve_with_a_bad_final_model_exits_naming_the_key(ctc_folder, tmp_path)
         [sys.executable, "-m", "streamd.cli", "serve", "--port", str(free_port()),
          "--pipeline", "two-pass", "--model", str(ctc_folder),
          "--final-model", str(tmp_path / "nowhere")],
-        env=_env(), capture_output=True, text=True, timeout=120, cwd=REPO)
+        env=daemon_env(), capture_output=True, text=True, timeout=120, cwd=REPO)
     assert out.returncode == 1, out.stderr[-2000:]
     assert "recognition.final_model" in out.stderr
