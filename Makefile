@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 SAMPLE ?= streamd/data/jfk.wav
 export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.cache/jax
 
-.PHONY: install system run test lint bench clean
+.PHONY: install system run test lint bench-deps clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,6 +23,11 @@ run: system install
 
 test: system install
 	$(PY) -m pytest -q
+
+# The benchmarks' extras and the peer (bench/peer_localagreement.py); see pyproject.toml.
+bench-deps: install
+	$(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) -m pip install -q --no-deps 'whisperlivekit==0.2.26'
 
 lint: install
 	$(VENV)/bin/ruff check streamd models clients tests bench

@@ -12,7 +12,8 @@ Measured per N:
 - first-partial latency: voiced onset sent (speech_start + start pad) -> first partial;
 - daemon CPU seconds per audio second (utime + stime of the daemon process);
 - WER of the finals (jiwer, Whisper English normalizer on both sides).
-With `--peer`, bench/peer_localagreement.py (LocalAgreement-2 over faster-whisper, same
+With `--peer` (after `make bench-deps`), bench/peer_localagreement.py (WhisperLiveKit's
+LocalAgreement-2 over faster-whisper, same
 tiny.en weights) runs the same N streams in its own process after ours.
 `--set` writes the given keys into a TOML config for the daemon; the VAD values used in
 the measurement (endpoint wait, start pad) are then the daemon's, not the defaults.
@@ -221,7 +222,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--streams", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--audio-dir", type=Path, default=REPO.parent / "shared" / "audio")
-    ap.add_argument("--peer", action="store_true", help="also run the faster-whisper peer")
+    ap.add_argument("--peer", action="store_true", help="also run the WhisperLiveKit LocalAgreement peer")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "stream.json")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="daemon config value (TOML syntax), e.g. vad.endpoint_silence_ms=450")
