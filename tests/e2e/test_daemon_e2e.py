@@ -6,6 +6,7 @@ stops it with SIGTERM. Audio is the shared recordings, streamed faster than real
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -22,14 +23,13 @@ from typing import Any
 import numpy as np
 import pytest
 import soundfile as sf
+from helpers.daemon import RATE, REPO, Daemon, daemon_env, serve
 from helpers.mosquitto import Mosquitto
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 pytestmark = pytest.mark.e2e
 
-REPO = Path(__file__).resolve().parents[2]
-RATE = 16000
 STREAM = "stream_shared_01.wav"
 
 
@@ -40,47 +40,15 @@ def wer(refs: list[str], hyps: list[str]) -> float:
     return float(jiwer.wer(norm(" ".join(refs)), norm(" ".join(hyps))))
 
 
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMD_")}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
-               JAX_COMPILATION_CACHE_DIR=str(REPO / ".cache" / "jax"))
-    return env
+def run_daemon(workdir: Path, *args: str) -> contextlib.AbstractContextManager[Daemon]:
+    """`streamd serve` with the default pipeline, node `e2e`, JSON logs."""
+    # tiny.en loads and compiles every bucket before /healthz says ok.
+    return serve(workdir, "--node", "e2e", *args, log_format="json", startup_timeout=400)
 
 
-class DaemonProcess:
-    """`python -m streamd.daemon` with the default pipeline; port read from its ready log."""
-
-    def __init__(self, workdir: Path, *args: str) -> None:
-        self.log_path = workdir / "daemon.log"
-        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "streamd.daemon", "--port", "0", "--node", "e2e",
-             "--log-format", "json", *args],
-            cwd=workdir, env=_env(), stdout=self._log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-        self.port = self._wait_ready(timeout=400)
-
-    def logs(self) -> list[dict[str, Any]]:
-        text = self.log_path.read_text(errors="replace")
-        return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
-
-    def _wait_ready(self, timeout: float) -> int:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"daemon exited: {self.log_path.read_text()[-3000:]}")
-            for record in self.logs():
-                if record.get("msg") == "ready":
-                    return int(record["port"])
-            time.sleep(0.2)
-        raise TimeoutError(f"daemon not ready: {self.log_path.read_text()[-3000:]}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
-        self._log.close()
+def json_logs(daemon: Daemon) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in daemon.log_text().splitlines()
+            if line.startswith("{")]
 
 
 class MqttCollector:
@@ -209,14 +177,13 @@ def collector(broker) -> Iterator[MqttCollector]:
 
 
 @pytest.fixture(scope="module")
-def daemon(tmp_path_factory, broker, collector) -> Iterator[DaemonProcess]:
+def daemon(tmp_path_factory, broker, collector) -> Iterator[Daemon]:
     workdir = tmp_path_factory.mktemp("daemon")
     # Batch sizes 1, 2, 4: enough for these tests, fewer shapes to warm up.
     (workdir / "streamd.toml").write_text("[recognition]\nbatch_sizes = [1, 2, 4]\n")
-    d = DaemonProcess(workdir, "--config", "streamd.toml", "--mqtt-host", "127.0.0.1",
-                      "--mqtt-port", str(broker.port))
-    yield d
-    d.stop()
+    with run_daemon(workdir, "--config", str(workdir / "streamd.toml"), "--mqtt-host",
+                    "127.0.0.1", "--mqtt-port", str(broker.port)) as d:
+        yield d
 
 
 @pytest.fixture(scope="module")
@@ -225,7 +192,7 @@ def offline_text(shared_audio_dir) -> str:
     out = subprocess.run(
         [sys.executable, "-m", "streamd.cli", "transcribe", "--json",
          str(shared_audio_dir / STREAM)],
-        env=_env(), capture_output=True, text=True, timeout=300, cwd=REPO,
+        env=daemon_env(), capture_output=True, text=True, timeout=300, cwd=REPO,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.splitlines()[-1])["text"]
@@ -296,14 +263,11 @@ def test_beam_size_from_config_decodes_finals(tmp_path, manifest) -> None:
     """`recognition.beam_size = 3` reaches the whisper pipeline: every final runs in a
     beam kind of a >= 10 s window, partials stay greedy, and the finals are good text."""
     (tmp_path / "streamd.toml").write_text("[recognition]\nbatch_sizes = [1]\nbeam_size = 3\n")
-    daemon = DaemonProcess(tmp_path, "--config", "streamd.toml")
-    try:
+    with run_daemon(tmp_path, "--config", str(tmp_path / "streamd.toml")) as daemon:
         entry = manifest["jfk_inaugural_1961.wav"]
         finals = check_order(stream(daemon.port, "beam", load(entry["path"]), 2.0), "beam")
-        with urllib.request.urlopen(f"http://127.0.0.1:{daemon.port}/metrics") as r:
+        with urllib.request.urlopen(f"{daemon.http}/metrics") as r:
             metrics = r.read().decode()
-    finally:
-        daemon.stop()
     runs = {m[1]: float(m[2]) for m in re.finditer(
         r'streamd_engine_batch_fill_count\{kind="([^"]+)"\} ([0-9.e+]+)', metrics)}
     beam = {k: v for k, v in runs.items() if k.endswith("/beam3")}
@@ -364,7 +328,7 @@ def test_sigterm_mid_utterance_publishes_final(daemon, collector, manifest) -> N
     assert {"few", "years"} <= set(words), finals[0]
     assert events[-1] == {"type": "done", "session": "term", "segments": 1}
     assert daemon.proc.wait(30) == 0
-    logs = daemon.logs()
+    logs = json_logs(daemon)
     assert any(r["msg"] == "stopped" for r in logs)
     # Published to MQTT before the process exited.
     got = collector.wait_finals("term", 1, timeout=5)

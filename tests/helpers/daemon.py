@@ -83,7 +83,8 @@ def serve(
     cmd = [sys.executable, "-m", "streamd.cli", "serve", "--port", str(port),
            "--log-format", log_format, *args]
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, cwd=REPO,
                                 env=daemon_env(**(env or {})), start_new_session=True)
     daemon = Daemon(proc, port, log_path)
     try:
