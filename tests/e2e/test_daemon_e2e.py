@@ -274,6 +274,9 @@ def test_beam_size_from_config_decodes_finals(tmp_path, manifest) -> None:
     assert beam and all(float(k.split("/")[1][:-1]) >= 10 for k in beam), runs
     assert sum(beam.values()) == len(finals)
     assert sum(v for k, v in runs.items() if "beam" not in k) > 0  # greedy partials
+    # Finals were decoded at the speech pause and reused at the endpoint.
+    early = re.search(r"^streamd_finals_early_total ([0-9.e+]+)$", metrics, re.M)
+    assert early and float(early[1]) >= 1, metrics[-2000:]
     assert wer([entry["text"]], [f["text"] for f in finals]) < 0.2
 
 
