@@ -29,7 +29,6 @@ from test_stream import (
     Final,
     assert_words,
     check_against_reference,
-    normalize,
     padded_utterance,
     run_daemon,
 )
@@ -312,12 +311,6 @@ def test_daemon_going_away_is_explained(utterance, tmp_path):
     with run_daemon(tmp_path) as daemon:
         shown = asyncio.run(run(daemon))
     assert "Disconnected from the daemon" in shown
-
-
-def words_wer(reference: str, texts: list[str]) -> float:
-    import jiwer
-
-    return float(jiwer.wer(normalize(reference), normalize(" ".join(texts))))
 
 
 @pytest.mark.e2e

@@ -19,9 +19,9 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 import soundfile as sf
+from helpers.daemon import Daemon
 from helpers.mosquitto import Mosquitto
 from test_stream import (
-    DaemonProcess,
     Final,
     check_against_reference,
     padded_utterance,
@@ -89,7 +89,7 @@ def listen_finals(stdout: str) -> tuple[list[tuple[str, Final]], list[str]]:
     return finals, partials
 
 
-def stream_events(daemon: DaemonProcess, path: Path, session: str) -> list[dict]:
+def stream_events(daemon: Daemon, path: Path, session: str) -> list[dict]:
     out = run_client(daemon, "--json", "--speed", "0", "--session", session, str(path))
     assert out.returncode == 0, out.stderr
     return [json.loads(line) for line in out.stdout.splitlines()]

@@ -32,6 +32,7 @@ import soundfile as sf
 import soxr
 from helpers import free_port
 from helpers.daemon import Daemon, serve
+from helpers.text import normalize, wer
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -64,10 +65,6 @@ def script(name: str) -> str:
 
 
 # --- a real daemon process ----------------------------------------------------------
-
-
-# The name test_listen.py and test_browser.py know the daemon's handle by.
-DaemonProcess = Daemon
 
 
 @contextlib.contextmanager
@@ -137,12 +134,12 @@ def stream_entry(shared_manifest: list[dict]) -> dict:
 
 
 @pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     with run_daemon(tmp_path_factory.mktemp("daemon"), "--max-sessions", "4") as d:
         yield d
 
 
-def run_client(daemon: DaemonProcess, *args: str, token: str | None = TOKEN,
+def run_client(daemon: Daemon, *args: str, token: str | None = TOKEN,
                timeout: float = 120) -> subprocess.CompletedProcess[str]:
     cmd = [script("streamd-stream"), "--url", daemon.url, *args]
     if token:
@@ -161,7 +158,7 @@ def padded_utterance(entry: dict, lead: float = 0.5, tail: float = 1.5) -> np.nd
 # --- structure, against the daemon's test recognizer ---------------------------------
 
 
-def test_file_finals_follow_the_reference_segments(daemon: DaemonProcess, stream_entry: dict):
+def test_file_finals_follow_the_reference_segments(daemon: Daemon, stream_entry: dict):
     out = run_client(daemon, "--speed", "0", str(stream_entry["path"]))
     assert out.returncode == 0, out.stderr
     assert "\r" not in out.stdout  # no live line when stdout is not a terminal
@@ -169,7 +166,7 @@ def test_file_finals_follow_the_reference_segments(daemon: DaemonProcess, stream
     check_against_reference(parse_finals(out.stdout), spans)
 
 
-def test_json_prints_the_events_unchanged_and_in_order(daemon: DaemonProcess,
+def test_json_prints_the_events_unchanged_and_in_order(daemon: Daemon,
                                                         stream_entry: dict):
     out = run_client(daemon, "--json", "--speed", "0", "--session", "json-check",
                      str(stream_entry["path"]))
@@ -198,7 +195,7 @@ def test_json_prints_the_events_unchanged_and_in_order(daemon: DaemonProcess,
 
 
 @pytest.mark.parametrize("rate,channels", [(44100, 2), (8000, 1), (96000, 1)])
-def test_other_rates_and_channels(daemon: DaemonProcess, shared_manifest: list[dict],
+def test_other_rates_and_channels(daemon: Daemon, shared_manifest: list[dict],
                                   tmp_path: Path, rate: int, channels: int):
     """44.1 kHz stereo and 8 kHz go out at their own rate (the daemon resamples);
     96 kHz is outside the protocol's range and is resampled to 16 kHz by the client."""
@@ -211,7 +208,7 @@ def test_other_rates_and_channels(daemon: DaemonProcess, shared_manifest: list[d
     check_against_reference(parse_finals(out.stdout), [(0.5, 0.5 + entry["duration_s"])])
 
 
-def test_ctrl_c_sends_stop_and_prints_the_last_final(daemon: DaemonProcess,
+def test_ctrl_c_sends_stop_and_prints_the_last_final(daemon: Daemon,
                                                      stream_entry: dict, tmp_path: Path):
     """Interrupted inside the first utterance (real-time pace): the speech heard so far
     still comes back as a final, and the client exits 0 after `done`."""
@@ -246,7 +243,7 @@ def test_ctrl_c_sends_stop_and_prints_the_last_final(daemon: DaemonProcess,
     assert abs(float(final["text"]) - (final["end"] - final["start"])) <= 0.021
 
 
-def test_live_partial_line_on_a_terminal(daemon: DaemonProcess, shared_manifest: list[dict],
+def test_live_partial_line_on_a_terminal(daemon: Daemon, shared_manifest: list[dict],
                                          tmp_path: Path):
     """On a TTY the partial is rewritten in place (CR + erase line); finals end lines."""
     entry = next(e for e in shared_manifest if e["audio"].startswith("librispeech_2412"))
@@ -283,7 +280,7 @@ def test_live_partial_line_on_a_terminal(daemon: DaemonProcess, shared_manifest:
 # --- refusals and failures: clear message, non-zero exit ------------------------------
 
 
-def test_wrong_token_is_refused_with_401(daemon: DaemonProcess, stream_entry: dict):
+def test_wrong_token_is_refused_with_401(daemon: Daemon, stream_entry: dict):
     out = run_client(daemon, "--speed", "0", str(stream_entry["path"]), token="wrong")
     assert out.returncode == 1
     assert "HTTP 401" in out.stderr and "token" in out.stderr
@@ -303,7 +300,7 @@ def test_session_limit_is_refused_with_503(tmp_path: Path, stream_entry: dict):
     assert "HTTP 503" in out.stderr and "busy" in out.stderr
 
 
-def test_error_event_exits_non_zero(daemon: DaemonProcess, stream_entry: dict):
+def test_error_event_exits_non_zero(daemon: Daemon, stream_entry: dict):
     out = run_client(daemon, "--pipeline", "no-such-pipeline", str(stream_entry["path"]))
     assert out.returncode == 1
     assert "daemon error (unsupported)" in out.stderr
@@ -318,7 +315,7 @@ def test_unreachable_daemon(stream_entry: dict):
     assert "cannot reach the daemon" in out.stderr
 
 
-def test_unreadable_file(daemon: DaemonProcess, tmp_path: Path):
+def test_unreadable_file(daemon: Daemon, tmp_path: Path):
     bad = tmp_path / "not-audio.wav"
     bad.write_text("hello")
     out = run_client(daemon, str(bad))
@@ -329,21 +326,12 @@ def test_unreadable_file(daemon: DaemonProcess, tmp_path: Path):
 # --- the real recognizer --------------------------------------------------------------
 
 
-def normalize(text: str) -> str:
-    from whisper_normalizer.english import EnglishTextNormalizer
-
-    return EnglishTextNormalizer()(text)
-
-
 def assert_words(reference: str, texts: list[str], max_wer: float) -> float:
     """The finals say the reference's words: WER after Whisper's English normalizer."""
-    import jiwer
-
-    hypothesis = normalize(" ".join(texts))
-    wer = float(jiwer.wer(normalize(reference), hypothesis))
-    print(f"WER {wer:.3f} over {len(texts)} finals: {hypothesis!r}")
-    assert wer <= max_wer, (wer, hypothesis)
-    return wer
+    hypothesis, error = normalize(" ".join(texts)), wer([reference], texts)
+    print(f"WER {error:.3f} over {len(texts)} finals: {hypothesis!r}")
+    assert error <= max_wer, (error, hypothesis)
+    return error
 
 
 @pytest.mark.e2e
@@ -359,7 +347,7 @@ def test_real_words_from_the_stream_recording(tmp_path: Path, stream_entry: dict
     assert_words(stream_entry["text"], [f.text for f in finals], max_wer=0.25)
 
 
-def test_microphone_through_pulseaudio(daemon: DaemonProcess, shared_manifest: list[dict],
+def test_microphone_through_pulseaudio(daemon: Daemon, shared_manifest: list[dict],
                                        tmp_path: Path):
     """`--mic pulse`: real PortAudio capture from a PulseAudio pipe source fed with the
     utterance at real-time pace; Ctrl+C ends it and the finals come back."""

@@ -25,19 +25,13 @@ import pytest
 import soundfile as sf
 from helpers.daemon import RATE, REPO, Daemon, daemon_env, serve
 from helpers.mosquitto import Mosquitto
+from helpers.text import wer
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 pytestmark = pytest.mark.e2e
 
 STREAM = "stream_shared_01.wav"
-
-
-def wer(refs: list[str], hyps: list[str]) -> float:
-    jiwer = pytest.importorskip("jiwer")
-    english = pytest.importorskip("whisper_normalizer.english")
-    norm = english.EnglishTextNormalizer()
-    return float(jiwer.wer(norm(" ".join(refs)), norm(" ".join(hyps))))
 
 
 def run_daemon(workdir: Path, *args: str) -> contextlib.AbstractContextManager[Daemon]:

@@ -23,6 +23,7 @@ import pytest
 import soundfile as sf
 from helpers import free_port
 from helpers.daemon import RATE, REPO, daemon_env, save_tiny_ctc, serve, stream_session
+from helpers.text import wer
 
 from streamd.config import load_config
 from streamd.engine import Engine
@@ -36,13 +37,6 @@ SPEED = 4.0  # x real time
 WER_MARGIN = 0.05
 # Every XLA compile logged (none may follow READY); fewer batch shapes to warm up.
 SERVE_ENV = {"JAX_LOG_COMPILES": "1", "STREAMD_RECOGNITION_BATCH_SIZES": "1,2"}
-
-
-def wer(refs: list[str], hyps: list[str]) -> float:
-    jiwer = pytest.importorskip("jiwer")
-    english = pytest.importorskip("whisper_normalizer.english")
-    norm = english.EnglishTextNormalizer()
-    return float(jiwer.wer(norm(" ".join(refs)), norm(" ".join(hyps))))
 
 
 @pytest.fixture(scope="module")
