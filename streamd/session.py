@@ -116,7 +116,7 @@ class Session:
                     and seg.index == self.segmenter.segment):
                 # The segment's first partial had nothing to say (Whisper heard too little
                 # of it): try again after RETRY_FIRST more samples, not a whole interval.
-                length = round((seg.end - seg.start) * RATE)
+                length = len(request.audio)
                 if length < RETRY_FIRST_UNTIL:
                     self._last_partial = min(self._last_partial,
                                              length - self._partial_every + RETRY_FIRST)

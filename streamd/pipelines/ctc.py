@@ -233,23 +233,31 @@ def holdback_samples(config: Config) -> int:
     return max(endpoint - 1 - pad, 0) * vad.frame_ms * SAMPLE_RATE // 1000
 
 
-def create_family(config: Config, engine: Engine, name: str, family: str) -> CTCPipeline:
-    """Loads `recognition.model` (a `family` CTC folder) for the pipeline `name`."""
+def load_configured(config: Config, name: str, family: str | None = None) -> CTCModel:
+    """`recognition.model` as the CTC folder of the pipeline `name` (of `family` when
+    given, else either); every failure is a ConfigError naming the key."""
     from models.checkpoint import ModelLoadError
 
     folder = config.recognition.model
     if not folder:
-        raise ConfigError("recognition.model", f"the {name} pipeline needs a {family} CTC "
+        wanted = family or "wav2vec2 or wav2vec2-conformer"
+        raise ConfigError("recognition.model", f"the {name} pipeline needs a {wanted} CTC "
                           "model folder (--model FOLDER)")
     try:
         model = load_model(folder)
     except ModelLoadError as exc:
         raise ConfigError("recognition.model", str(exc)) from exc
     found = "wav2vec2-conformer" if model.config.is_conformer else "wav2vec2"
-    if found != family:
+    if family is not None and found != family:
         raise ConfigError("recognition.model", f"{folder} is a {found} model; the {name} "
                           f"pipeline takes {family} (use --pipeline "
                           f"{'conformer' if model.config.is_conformer else 'ctc'})")
+    return model
+
+
+def create_family(config: Config, engine: Engine, name: str, family: str) -> CTCPipeline:
+    """Loads `recognition.model` (a `family` CTC folder) for the pipeline `name`."""
+    model = load_configured(config, name, family)
     return CTCPipeline(engine, model, name, holdback_samples(config))
 
 

@@ -35,8 +35,8 @@ import numpy as np
 
 from streamd.config import Config
 from streamd.engine import Engine
-from streamd.errors import ConfigError
-from streamd.pipelines.ctc import CTCModel, CTCPipeline, CTCRecognizer, load_model
+from streamd.pipelines import ctc, whisper
+from streamd.pipelines.ctc import CTCPipeline, CTCRecognizer
 from streamd.pipelines.whisper import (
     DEFAULT_BUCKETS_S,
     FINAL_MIN_S,
@@ -108,30 +108,12 @@ class TwoPassRecognizer:
         self._whisper.close()
 
 
-def _load_partials_model(config: Config) -> CTCModel:
-    from models.checkpoint import ModelLoadError
-
-    folder = config.recognition.model
-    if not folder:
-        raise ConfigError("recognition.model", "the two-pass pipeline needs a wav2vec2 or "
-                          "wav2vec2-conformer CTC model folder for its partials (--model FOLDER)")
-    try:
-        return load_model(folder)
-    except ModelLoadError as exc:
-        raise ConfigError("recognition.model", str(exc)) from exc
-
-
 def create(config: Config, engine: Engine) -> TwoPassPipeline:
     """Factory for `streamd serve --pipeline two-pass --model CTC_FOLDER
     [--final-model WHISPER]`. Both models load before any engine kind is added."""
-    from models.checkpoint import ModelLoadError
-    from models.registry import load_whisper
-
-    ctc_model = _load_partials_model(config)
-    try:
-        whisper_model = load_whisper(config.recognition.final_model or None)
-    except ModelLoadError as exc:
-        raise ConfigError("recognition.final_model", str(exc)) from exc
+    ctc_model = ctc.load_configured(config, "two-pass")
+    whisper_model = whisper.load_configured(config.recognition.final_model,
+                                            "recognition.final_model")
     # The CTC kind keeps its family's name (`ctc/320ms`, `conformer/320ms`) in metrics.
     family = "conformer" if ctc_model.config.is_conformer else "ctc"
     partials = CTCPipeline(engine, ctc_model, family, holdback_samples=0)

@@ -341,6 +341,9 @@ class WhisperPipeline:
     def text(self, tokens: Sequence[int]) -> str:
         return self.tokenizer.decode(tokens)
 
+    def words_text(self, words: Sequence[tuple[int, ...]]) -> str:
+        return self.text([t for w in words for t in w])
+
     def cut_loop(self, words: list[tuple[int, ...]], keep: int) -> list[tuple[int, ...]]:
         """Drops a repetition loop at the end (compared on lower-cased words without
         punctuation), never cutting into the first `keep` words."""
@@ -389,7 +392,8 @@ class WhisperRecognizer:
             return None
         # Generated words are grouped on their own, so committed units never regroup.
         hyp = p.cut_loop(list(committed) + p.words(result.tokens), len(committed))
-        if compression_ratio(p.text([t for w in hyp for t in w])) > COMPRESSION_RATIO_THRESHOLD:
+        text = p.words_text(hyp)
+        if compression_ratio(text) > COMPRESSION_RATIO_THRESHOLD:
             return None  # still repetitive: say nothing rather than commit to it
         room, units, used = p.prefix_room(len(audio_16k)), 0, 0
         # Never the last word: on audio cut mid-sentence it is often cut short or ends in
@@ -400,8 +404,7 @@ class WhisperRecognizer:
                 break
             used, units = used + len(word), units + 1
         stable = self.policy.update(hyp, max_units=units)
-        text = p.text([t for w in hyp for t in w])
-        return self._say(Hypothesis(text, stable=p.text([t for w in stable for t in w])))
+        return self._say(Hypothesis(text, stable=p.words_text(stable)))
 
     def _say(self, hyp: Hypothesis) -> Hypothesis | None:
         if hyp.text == self._last_text:
@@ -418,7 +421,7 @@ class WhisperRecognizer:
         hyp = await self._decode_final(audio_16k)
         self._early = ((segment.index, segment.start, len(audio_16k)), hyp)
         p = self.pipeline
-        stable = p.text([t for w in self.policy.committed for t in w])
+        stable = p.words_text(self.policy.committed)
         if not hyp.text or not hyp.text.startswith(stable):
             return None  # as a partial it would break the stable promise; the final may
         return self._say(Hypothesis(hyp.text, stable=stable))
@@ -432,10 +435,10 @@ class WhisperRecognizer:
         if result.silent:
             return Hypothesis("")  # not speech: the session reports an empty final
         words = p.cut_loop(p.words(result.tokens), 0)
-        return Hypothesis(p.text([t for w in words for t in w]))
+        return Hypothesis(p.words_text(words))
 
     async def final(self, audio_16k: np.ndarray, segment: SegmentInfo) -> Hypothesis:
-        early = self._early if segment.index == self._segment else None
+        early = self._early  # keyed by the audio it decoded: index, start and length
         self._segment, self._last_text, self._early = None, None, None
         self.policy.reset()
         if early is not None and early[0] == (segment.index, segment.start, len(audio_16k)):
@@ -448,15 +451,21 @@ class WhisperRecognizer:
         self._early = None
 
 
-def create(config: Config, engine: Engine) -> WhisperPipeline:
-    """Factory for `streamd serve`: loads `recognition.model` (default tiny.en)."""
+def load_configured(name: str, key: str) -> Any:
+    """The Whisper model `name` (empty: the embedded tiny.en) of the config key `key`;
+    a failure is a ConfigError naming that key. -> models.registry.WhisperModel"""
     from models.checkpoint import ModelLoadError
     from models.registry import load_whisper
 
     try:
-        model = load_whisper(config.recognition.model or None)
+        return load_whisper(name or None)
     except ModelLoadError as exc:
-        raise ConfigError("recognition.model", str(exc)) from exc
+        raise ConfigError(key, str(exc)) from exc
+
+
+def create(config: Config, engine: Engine) -> WhisperPipeline:
+    """Factory for `streamd serve`: loads `recognition.model` (default tiny.en)."""
+    model = load_configured(config.recognition.model, "recognition.model")
     return WhisperPipeline(engine, model, max_segment_s=config.vad.max_segment_s,
                            beam_size=config.recognition.beam_size)
 
