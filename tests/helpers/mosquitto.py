@@ -265,7 +265,7 @@ class Subscriber:
                 await self._task
 
     async def wait_for(self, predicate: Callable[[list[Any]], bool],
-                       timeout: float = 10.0) -> list[Any]:
+                       timeout: float = 30.0) -> list[Any]:
         """Wait until `predicate(messages)` holds; TimeoutError (with what came) if not."""
         async def check() -> None:
             async with self._changed:
