@@ -2,16 +2,15 @@
 
 First pass: the `ctc` pipeline's cached-state streaming (`recognition.model`, a wav2vec2
 or wav2vec2-conformer CTC folder). Every 320 ms chunk of the growing segment is encoded
-once; a partial is the greedy text so far and `stable` the text of CTC frames whose
-look-ahead is already in (they never change for the rest of the segment's partials).
+once; a partial is the greedy text so far. Partials carry no `stable`: the contract says
+a stable prefix never changes, and the final is another model's text.
 
 Second pass: at the endpoint the whole segment is decoded once by Whisper
 (`recognition.final_model`, default the embedded tiny.en), with no committed prefix, as
 the `whisper` pipeline decodes a final. Whisper sees no audio while speech goes on, so a
 growing segment costs no Whisper work; when the speech pauses (a `closing` partial) the
 Whisper final starts on the paused audio, and the endpoint's final reuses it if no speech
-followed. The final replaces the partials' text: it need not
-start with their `stable` prefix (a different model wrote it).
+followed. The final replaces the partials' text.
 
 The final carries no `words`: Whisper decodes without timestamps here, and CTC word times
 belong to the CTC text, not to Whisper's words.
@@ -30,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 
 import numpy as np
 
@@ -79,11 +79,13 @@ class TwoPassRecognizer:
         if segment.closing:
             # The speech paused: Whisper starts the final on the audio the endpoint's final
             # will have, beside the CTC partial (whose event must not wait for it). Its
-            # text is not sent as a partial: it would not keep the CTC `stable` prefix.
+            # text is not sent: partials stay the CTC model's.
             await self._settle()
             self._early = asyncio.create_task(self._whisper.partial(audio_16k, segment))
             await asyncio.sleep(0)  # it queues first: it skips itself behind a busy queue
-        return await self._ctc.partial(audio_16k, segment)
+        hyp = await self._ctc.partial(audio_16k, segment)
+        # No stable prefix: Whisper's final need not start with the CTC text.
+        return None if hyp is None else dataclasses.replace(hyp, stable="")
 
     async def _settle(self) -> None:
         """Waits for an early final in flight (calls into one recognizer never overlap)."""

@@ -4,9 +4,10 @@ Per request the segment audio so far is zero-padded to the smallest of a few sta
 length buckets (default 2, 4, 6, 10, 14, 21 s), turned into log-mel, encoded, and
 decoded greedily after a prompt `SOT <|notimestamps|> + committed tokens` that the
 decoder pre-fills into its fixed-size KV cache. LocalAgreement-2 over words decides the
-committed (stable) prefix, which later partials keep. The final decodes the whole segment
-afresh: forcing the partials' prefix kept their early mistakes (WER 6.1 % vs 4.1 % on the
-stream recording), so a final may revise what partials called stable.
+committed (stable) prefix, which later partials and the final keep (the contract: `stable`
+never changes). The final decodes the whole segment afresh: forcing the partials' prefix
+kept their early mistakes (WER 6.1 % vs 4.1 % on the stream recording). Only a fresh final
+that contradicts the stable prefix is decoded once more with that prefix forced.
 Final early: when the VAD reports the speech paused for the end padding, the session asks
 for a `closing` partial on exactly the audio a final at the coming endpoint would get; it
 is decoded as the final (and sent as a partial if it keeps the stable prefix), and the
@@ -211,6 +212,7 @@ class WhisperPipeline:
         self._piece: dict[int, str] = {}
         self.partials_skipped = 0  # partials not computed because the engine was busy
         self.finals_early = 0  # finals computed on a closing partial (not at the endpoint)
+        self.finals_restabilized = 0  # fresh finals redone to keep the stable prefix
         max_len = self.config.max_target_positions
         ladder = bucket_ladder(max_segment_s, buckets_s, final_min_s)
         for seconds in ladder:
@@ -260,6 +262,9 @@ class WhisperPipeline:
                                          lambda: self.partials_skipped),
             "streamd_finals_early": ("Finals decoded at the speech pause, before the endpoint",
                                      lambda: self.finals_early),
+            "streamd_finals_restabilized": ("Finals decoded again with the stable prefix "
+                                            "forced (the fresh decode contradicted it)",
+                                            lambda: self.finals_restabilized),
         }
 
     def new_recognizer(self, session: str) -> WhisperRecognizer:
@@ -418,33 +423,41 @@ class WhisperRecognizer:
         if self.pipeline.engine.queue_depth >= PARTIAL_QUEUE_LIMIT:
             self.pipeline.partials_skipped += 1
             return None
-        hyp = await self._decode_final(audio_16k)
+        committed = self.policy.committed
+        hyp = await self._decode_final(audio_16k, committed)
         self._early = ((segment.index, segment.start, len(audio_16k)), hyp)
-        p = self.pipeline
-        stable = p.words_text(self.policy.committed)
-        if not hyp.text or not hyp.text.startswith(stable):
-            return None  # as a partial it would break the stable promise; the final may
-        return self._say(Hypothesis(hyp.text, stable=stable))
+        if not hyp.text:
+            return None
+        return self._say(Hypothesis(hyp.text, stable=self.pipeline.words_text(committed)))
 
-    async def _decode_final(self, audio_16k: np.ndarray) -> Hypothesis:
+    async def _decode_final(self, audio_16k: np.ndarray,
+                            committed: tuple[tuple[int, ...], ...]) -> Hypothesis:
         """The whole segment decoded afresh (no committed prefix forced): measured on the
         stream recording, forcing the partials' LocalAgreement prefix kept their early
-        mistakes ("will be ever", "what you are country"): WER 6.1 % vs 4.1 % free."""
+        mistakes ("will be ever", "what you are country"): WER 6.1 % vs 4.1 % free.
+        A fresh result that does not start with the `committed` (stable) words is decoded
+        again with them forced, so the final keeps what partials promised."""
         p = self.pipeline
         result = await p.recognize(audio_16k, (), final=True)
-        if result.silent:
-            return Hypothesis("")  # not speech: the session reports an empty final
-        words = p.cut_loop(p.words(result.tokens), 0)
+        words = [] if result.silent else p.cut_loop(p.words(result.tokens), 0)
+        if committed and p.words_text(words[: len(committed)]) != p.words_text(committed):
+            p.finals_restabilized += 1
+            prefix = tuple(t for word in committed for t in word)
+            result = await p.recognize(audio_16k, prefix, final=True)
+            words = p.cut_loop(list(committed) + p.words(result.tokens), len(committed))
+        if not words:
+            return Hypothesis("")  # not speech: nothing is published for the segment
         return Hypothesis(p.words_text(words))
 
     async def final(self, audio_16k: np.ndarray, segment: SegmentInfo) -> Hypothesis:
         early = self._early  # keyed by the audio it decoded: index, start and length
+        committed = self.policy.committed
         self._segment, self._last_text, self._early = None, None, None
         self.policy.reset()
         if early is not None and early[0] == (segment.index, segment.start, len(audio_16k)):
             self.pipeline.finals_early += 1
             return early[1]
-        return await self._decode_final(audio_16k)
+        return await self._decode_final(audio_16k, committed)
 
     def close(self) -> None:
         self.policy.reset()

@@ -228,8 +228,8 @@ def test_stream_wer_partials_mqtt_and_two_sessions(
     print(f"\nWER streaming {stream_wer:.4f} offline (streamd transcribe) {offline_wer:.4f}")
     assert stream_wer <= offline_wer + 0.02
 
-    # Partials (with a stable prefix of their text that later partials keep) arrive before
-    # each final. The final is a fresh decode of the whole segment and may revise it.
+    # Partials (with a stable prefix of their text that later partials and the final
+    # keep) arrive before each final.
     for f in finals:
         partials = [e for e in results["main"]
                     if e["type"] == "partial" and e["segment"] == f["segment"]]
@@ -238,6 +238,7 @@ def test_stream_wer_partials_mqtt_and_two_sessions(
             assert p["text"].startswith(p.get("stable") or "")
         stable = [p["stable"] for p in partials if p.get("stable")]
         assert all(b.startswith(a) for a, b in zip(stable, stable[1:], strict=False))
+        assert f["text"].startswith(stable[-1] if stable else ""), (f, stable)
 
     # The concurrent session got its own speech, not the other's.
     # (Mixed audio or events would add words to one of the two WERs, and times past the

@@ -127,9 +127,8 @@ def test_serve_ctc_partials_and_whisper_finals(ctc_folder, stream_audio, tmp_pat
         for p in mine:  # a subsequence of the reference partials
             assert p["text"] in reference[position:], (p, reference)
             position = reference.index(p["text"], position)
-            assert p["text"].startswith(p.get("stable", ""))
-        stables = [p.get("stable", "") for p in mine]
-        assert all(b.startswith(a) for a, b in zip(stables, stables[1:], strict=False))
+            # Whisper writes the final: the CTC partials promise no stable prefix.
+            assert "stable" not in p, p
 
     # Finals: tiny.en's text of each segment, as good as offline tiny.en on that audio.
     segments = [audio[round(f["start"] * RATE) : round(f["end"] * RATE)]

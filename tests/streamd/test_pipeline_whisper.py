@@ -150,8 +150,9 @@ def test_batch_matches_transformers(pipeline, hf_models, tokenizer) -> None:
 
 
 def test_recognizer_partials_stable_and_final_no_recompile(pipeline) -> None:
-    """Through the real Engine: stable prefixes only grow, the final is the fresh decode of
-    the whole segment (committed prefix not forced), a closing partial's decode is reused
+    """Through the real Engine: stable prefixes only grow, the final keeps the last stable
+    prefix and is the fresh decode of the whole segment (committed prefix not forced)
+    whenever that decode keeps it, a closing partial's decode is reused
     by the final of the same audio (no engine call) and not by a final of other audio,
     concurrent sessions get their own results, and nothing recompiles."""
     engine = pipeline.engine
@@ -172,9 +173,10 @@ def test_recognizer_partials_stable_and_final_no_recompile(pipeline) -> None:
         partials = []
         for n in range(4000, len(audio[k]) + 1, 4000):
             partials.append(await rec.partial(audio[k][:n], info))
+        committed = pipeline.words_text(rec.policy.committed)
         final = await rec.final(audio[k], info)
         alone = await pipeline.recognize(audio[k], (), final=True)
-        return dict(partials=partials, final=final, alone=alone)
+        return dict(partials=partials, final=final, alone=alone, committed=committed)
 
     async def segments12(k: int) -> dict:
         # Run with the engine otherwise idle: a closing partial is skipped (by design) when
@@ -214,11 +216,51 @@ def test_recognizer_partials_stable_and_final_no_recompile(pipeline) -> None:
         for p in r["partials"]:
             if p is not None:
                 assert p.text.startswith(p.stable)
-        assert r["final"].text == whole(r["alone"])
+        # The contract: the final keeps the stable prefix; it is the fresh decode when
+        # that decode keeps it (else the prefix is forced: see the test below).
+        assert r["final"].text.startswith(r["committed"])
+        if whole(r["alone"]).startswith(r["committed"]):
+            assert r["final"].text == whole(r["alone"])
         assert r["final1"].text == whole(r["alone1"])
         assert r["final2"].text == whole(r["alone"])  # decoded again on the longer audio
     assert [r["reused"] for r in results] == [1, 1]  # each session's final 1, exactly
     assert pipeline.compiled_shapes() == before
+
+
+def test_final_keeps_a_stable_prefix_the_fresh_decode_contradicts(pipeline) -> None:
+    """A committed (stable) prefix that the fresh decode of the final does not start with
+    is forced into a second decode: the final starts with it, and the rest is the
+    decoder's continuation after that prefix."""
+    engine = pipeline.engine
+    audio = np.random.default_rng(5).standard_normal(int(1.5 * RATE)).astype(np.float32) * 0.2
+    info = SegmentInfo("kept", 0, 0.0, 1.5)
+
+    async def main():
+        engine.start()
+        try:
+            fresh = await pipeline.recognize(audio, (), final=True)
+            fresh_words = pipeline.words(fresh.tokens)
+            # Two words that the fresh decode does not start with.
+            promised = tuple(w for w in pipeline.words(pipeline.tokenizer.encode(" zebra quartz"))
+                             if not fresh_words or w != fresh_words[0])
+            assert promised
+            rec = pipeline.new_recognizer("kept")
+            rec._enter(0)
+            rec.policy.committed = promised
+            before = pipeline.finals_restabilized
+            final = await rec.final(audio, info)
+            forced = await pipeline.recognize(audio, tuple(t for w in promised for t in w),
+                                              final=True)
+            return promised, final, forced, pipeline.finals_restabilized - before
+        finally:
+            await engine.stop()
+
+    promised, final, forced, redone = asyncio.run(main())
+    assert redone == 1
+    stable = pipeline.words_text(promised)
+    assert final.text.startswith(stable)
+    words = pipeline.cut_loop(list(promised) + pipeline.words(forced.tokens), len(promised))
+    assert final.text == pipeline.words_text(words)
 
 
 def test_closing_partial_is_skipped_when_the_engine_is_busy(pipeline, monkeypatch) -> None:
