@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import socket
 import threading
 import time
 import urllib.error
@@ -245,69 +247,173 @@ def test_resampled_input_matches(url, shared_audio_dir, rate, encoding, channels
         assert abs(a["start"] - b["start"]) <= 0.1 and abs(a["end"] - b["end"]) <= 0.1
 
 
+class Bystander(threading.Thread):
+    """A healthy session streaming real speech (paced) on its own thread.
+
+    `midway` is set once a third of the audio is sent (mid-utterance: the segment is
+    open); the last chunk waits for `may_finish`, so the session is still streaming
+    whatever the test does in between. Then `stop`; `events` holds everything up to
+    `done`, and `close_code` the server's close code.
+    """
+
+    def __init__(self, url: str, data: bytes, session: str, chunk: int = 3200,
+                 pace: float = 0.005) -> None:
+        super().__init__(daemon=True)
+        self.url, self.data, self.session = url, data, session
+        self.chunk, self.pace = chunk, pace
+        self.midway = threading.Event()
+        self.may_finish = threading.Event()
+        self.events: list[dict] = []
+        self.close_code: int | None = None
+        self.failure: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            with connect(self.url) as ws:
+                ws.send(start_msg(session=self.session))
+                self.events.append(recv_event(ws))
+                chunks = [self.data[i : i + self.chunk]
+                          for i in range(0, len(self.data), self.chunk)]
+                for i, chunk in enumerate(chunks):
+                    if i == len(chunks) // 3:
+                        self.midway.set()
+                    if i == len(chunks) - 1:
+                        assert self.may_finish.wait(30), "the test never let the bystander end"
+                    ws.send(chunk)
+                    time.sleep(self.pace)
+                ws.send(json.dumps({"type": "stop"}))
+                while self.events[-1]["type"] != "done":
+                    self.events.append(recv_event(ws))
+                try:
+                    ws.recv(timeout=5)
+                except ConnectionClosed as closed:
+                    self.close_code = closed.rcvd.code if closed.rcvd else None
+        except BaseException as exc:  # reported by finish()
+            self.failure = exc
+        finally:
+            self.midway.set()
+
+    def finish(self) -> list[dict]:
+        """Let it end; wait for it; return its events (raises what went wrong in it)."""
+        self.may_finish.set()
+        self.join(30)
+        assert not self.is_alive(), "bystander session did not end"
+        if self.failure is not None:
+            raise self.failure
+        return self.events
+
+
+@pytest.fixture(scope="module")
+def reference_final(url: str, shared_audio_dir) -> dict:
+    """The final of `speech()` streamed alone on an idle daemon."""
+    finals = check_segments(stream_session(url, s16(speech(shared_audio_dir)),
+                                           session="reference"))
+    assert len(finals) == 1
+    return finals[0]
+
+
+def check_bystander(events: list[dict], close_code: int | None, session: str,
+                    reference: dict) -> None:
+    """The healthy session got exactly what it gets alone: one final, no error."""
+    assert events[0] == {"type": "ready", "session": session, "pipeline": "test-duration",
+                         "sample_rate": 16000, "protocol": 1}
+    assert not [e for e in events if e["type"] == "error"]
+    finals = check_segments(events)
+    assert len(finals) == 1
+    assert finals[0] == {**reference, "session": session}
+    assert close_code == 1000
+
+
+# (name, messages, error code, close code or None: the stream goes on, message pattern)
 BAD_INPUTS = [
-    ("not json", ["{nope"], "bad_request", None),
-    ("unknown type", [json.dumps({"type": "pause"})], "bad_request", None),
-    ("audio before start", [b"\0\0" * 160], "bad_request", None),
-    ("odd byte count", [start_msg(), b"\0" * 321], "bad_request", None),
+    ("not json", ["{nope"], "bad_request", None, "not JSON"),
+    ("start as array", [json.dumps([json.loads(start_msg())])], "bad_request", None,
+     "must be a JSON object"),
+    ("start as string", [json.dumps("start")], "bad_request", None, "must be a JSON object"),
+    ("unknown type", [json.dumps({"type": "pause"})], "bad_request", None,
+     "unknown message type 'pause'"),
+    ("stop before start", [json.dumps({"type": "stop"})], "bad_request", None,
+     "stop before start"),
+    ("audio before start", [b"\0\0" * 160], "bad_request", None, "audio before start"),
+    ("odd byte count", [start_msg(), b"\0" * 321], "bad_request", None,
+     r"321 bytes is not a multiple of 2 \(pcm_s16le, 1 channel"),
+    ("odd byte count f32", [start_msg(encoding="pcm_f32le"), b"\0" * 6], "bad_request", None,
+     r"6 bytes is not a multiple of 4 \(pcm_f32le, 1 channel"),
+    ("partial frame 2ch s16", [start_msg(channels=2), b"\0" * 6], "bad_request", None,
+     r"6 bytes is not a multiple of 4 \(pcm_s16le, 2 channel"),
     ("nan samples", [start_msg(encoding="pcm_f32le"),
-                     np.array([0.0, np.nan, 0.1], "<f4").tobytes()], "bad_request", None),
+                     np.array([0.0, np.nan, 0.1], "<f4").tobytes()], "bad_request", None,
+     "NaN or infinite"),
     ("inf samples", [start_msg(encoding="pcm_f32le"),
-                     np.array([np.inf] * 4, "<f4").tobytes()], "bad_request", None),
-    ("unsupported encoding", [start_msg(encoding="mp3")], "unsupported", 1008),
-    ("unsupported rate", [start_msg(sample_rate=96000)], "unsupported", 1008),
-    ("unsupported pipeline", [start_msg(pipeline="ctc")], "unsupported", 1008),
-    ("frame over limit", [start_msg(), b"\0\0" * 40000], "bad_request", 1008),
-    ("second start", [start_msg(), start_msg()], "bad_request", None),
-    ("bad session id", [start_msg(session="a b")], "bad_request", None),
+                     np.array([np.inf] * 4, "<f4").tobytes()], "bad_request", None,
+     "NaN or infinite"),
+    ("unsupported encoding", [start_msg(encoding="mp3")], "unsupported", 1008,
+     "encoding 'mp3' not supported"),
+    ("unsupported rate", [start_msg(sample_rate=96000)], "unsupported", 1008,
+     "sample_rate 96000 outside 8000..48000"),
+    ("rate below 8000", [start_msg(sample_rate=4000)], "unsupported", 1008,
+     "sample_rate 4000 outside 8000..48000"),
+    ("zero channels", [start_msg(channels=0)], "unsupported", 1008, r"channels 0 outside 1\.\.8"),
+    ("nine channels", [start_msg(channels=9)], "unsupported", 1008, r"channels 9 outside 1\.\.8"),
+    ("unsupported pipeline", [start_msg(pipeline="ctc")], "unsupported", 1008,
+     "pipeline 'ctc' is not served here"),
+    ("frame over limit", [start_msg(), b"\0\0" * 40000], "bad_request", 1008,
+     "80000 bytes over the limit of 65536"),
+    ("second start", [start_msg(), start_msg()], "bad_request", None, "already started"),
+    ("bad session id", [start_msg(session="a b")], "bad_request", None, "start.session"),
 ]
 
 
-def test_bad_inputs_leave_other_sessions_alone(url, daemon, shared_audio_dir) -> None:
-    audio = s16(speech(shared_audio_dir))
-    half = len(audio) // 2 & ~1
-    with connect(url) as healthy:
-        healthy.send(start_msg(session="bystander"))
-        assert recv_event(healthy)["type"] == "ready"
-        for i in range(0, half, 32000):
-            healthy.send(audio[i : min(i + 32000, half)])
-        for name, messages, code, close_code in BAD_INPUTS:
-            with connect(url) as bad:
-                for m in messages:
-                    bad.send(m)
-                events = []
+def run_bad_client(url: str, name: str, messages: list, code: str, close_code: int | None,
+                   message: str) -> None:
+    with connect(url) as bad:
+        for m in messages:
+            bad.send(m)
+        events = []
+        while True:
+            event = recv_event(bad)
+            if event["type"] == "error":
+                break
+            events.append(event)
+        assert event["code"] == code, name
+        assert event["message"], name
+        assert re.search(message, event["message"]), (name, event["message"])
+        ready = [e for e in events if e["type"] == "ready"]
+        # The error names the session once it exists.
+        assert event.get("session") == (ready[0]["session"] if ready else None), name
+        if close_code is not None:  # the stream cannot go on
+            with pytest.raises(ConnectionClosed) as closed:
                 while True:
-                    event = recv_event(bad)
-                    if event["type"] == "error":
-                        break
-                    events.append(event)
-                assert event["code"] == code, name
-                assert event["message"], name
-                if close_code is not None:  # the stream cannot go on
-                    with pytest.raises(ConnectionClosed) as closed:
-                        while True:
-                            bad.recv(timeout=5)
-                    assert closed.value.rcvd.code == close_code, name
-                else:  # the connection is still usable: start (if needed), stop, done
-                    ready = [e for e in events if e["type"] == "ready"]
-                    if not ready:
-                        bad.send(start_msg())
-                        ready = [recv_event(bad)]
-                        assert ready[0]["type"] == "ready", name
-                    bad.send(json.dumps({"type": "stop"}))
-                    assert recv_event(bad) == {"type": "done", "session": ready[0]["session"],
-                                               "segments": 0}, name
-                    with pytest.raises(ConnectionClosed) as closed:
-                        bad.recv(timeout=5)
-                    assert closed.value.rcvd.code == 1000, name
-        for i in range(half, len(audio), 32000):
-            healthy.send(audio[i : i + 32000])
-        healthy.send(json.dumps({"type": "stop"}))
-        events = [{"type": "ready", "session": "bystander"}]
-        while events[-1]["type"] != "done":
-            events.append(recv_event(healthy))
-    assert len(check_segments(events)) == 1
-    assert not [e for e in events if e["type"] == "error"]
+                    bad.recv(timeout=5)
+            assert closed.value.rcvd.code == close_code, name
+        else:  # the connection is still usable: start (if needed), stop, done
+            if not ready:
+                bad.send(start_msg())
+                ready = [recv_event(bad)]
+                assert ready[0]["type"] == "ready", name
+            bad.send(json.dumps({"type": "stop"}))
+            assert recv_event(bad) == {"type": "done", "session": ready[0]["session"],
+                                       "segments": 0}, name
+            with pytest.raises(ConnectionClosed) as closed:
+                bad.recv(timeout=5)
+            assert closed.value.rcvd.code == 1000, name
+
+
+@pytest.mark.parametrize("name,messages,code,close_code,message", BAD_INPUTS,
+                         ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_leaves_other_sessions_alone(url, daemon, shared_audio_dir, reference_final,
+                                               name, messages, code, close_code,
+                                               message) -> None:
+    session = "bystander-" + re.sub(r"[^A-Za-z0-9]+", "-", name)
+    bystander = Bystander(url, s16(speech(shared_audio_dir)), session)
+    bystander.start()
+    try:
+        assert bystander.midway.wait(10)
+        # The bystander is mid-utterance and still sending while this client misbehaves.
+        run_bad_client(url, name, messages, code, close_code, message)
+    finally:
+        events = bystander.finish()
+    check_bystander(events, bystander.close_code, session, reference_final)
 
 
 def test_token_auth_and_session_limit(shared_audio_dir) -> None:
@@ -390,25 +496,67 @@ def test_static_page_served(daemon) -> None:
     assert status == 404
 
 
-def test_vanished_client_still_publishes_final(url, daemon, publisher, shared_audio_dir) -> None:
+def test_vanished_client_still_publishes_final(url, shared_audio_dir, reference_final,
+                                                tmp_path) -> None:
+    """A client drops its TCP connection mid-segment (no WebSocket close, no stop): its
+    final still reaches a real broker, and a healthy session alongside is unaffected."""
+    from helpers.mosquitto import Mosquitto, Subscriber
+
     audio = speech(shared_audio_dir)
     mid = s16(audio[: 16000 * 2])  # 2 s: the utterance is still going
-    with connect(url) as ws:
-        ws.send(start_msg(session="vanisher"))
-        assert recv_event(ws)["type"] == "ready"
-        ws.send(mid)
-        assert recv_event(ws)["type"] == "speech_start"
-    # gone without a stop
-    deadline = time.monotonic() + 10
-    finals = []
-    while not finals and time.monotonic() < deadline:
-        finals = [e for e in publisher.events
-                  if e.get("session") == "vanisher" and e["type"] == "final"]
-        time.sleep(0.05)
+
+    def vanish(base: str) -> None:
+        with connect(base) as ws:
+            ws.send(start_msg(session="vanisher"))
+            assert recv_event(ws)["type"] == "ready"
+            ws.send(mid)
+            assert recv_event(ws)["type"] == "speech_start"
+            ws.socket.shutdown(socket.SHUT_RDWR)  # gone: no close frame, no stop
+            with pytest.raises(ConnectionClosed) as gone:
+                while True:
+                    ws.recv(timeout=5)
+            # No closing handshake either way (leaving `with` sends nothing now).
+            assert gone.value.sent is None and gone.value.rcvd is None
+
+    publisher = MemoryPublisher()
+    with Mosquitto(tmp_path) as broker:
+        cfg = test_config(mqtt={"host": broker.host, "port": broker.port})
+        with running_daemon(cfg, publisher) as d:
+            base = f"ws://127.0.0.1:{d.server.port}/v1/stream"
+
+            async def main() -> tuple[list[dict], list[dict], list[dict]]:
+                async with Subscriber(broker, ["streamd/#"]) as sub:
+                    bystander = Bystander(base, s16(audio), "bystander-mqtt")
+                    bystander.start()
+                    try:
+                        assert await asyncio.to_thread(bystander.midway.wait, 10)
+                        await asyncio.to_thread(vanish, base)
+                        # Published while the bystander is still streaming, not at shutdown.
+                        await sub.wait_for(lambda _: sub.payloads("streamd/vanisher/final"),
+                                           timeout=10)
+                    finally:
+                        events = await asyncio.to_thread(bystander.finish)
+                    check_bystander(events, bystander.close_code, "bystander-mqtt",
+                                    reference_final)
+                    await sub.wait_for(lambda _: sub.payloads("streamd/bystander-mqtt/final"),
+                                       timeout=10)
+                    return (sub.payloads("streamd/vanisher/final"),
+                            sub.payloads("streamd/bystander-mqtt/final"), events)
+
+            vanished, healthy, events = asyncio.run(main())
+    finals = [e for e in publisher.events
+              if e.get("session") == "vanisher" and e["type"] == "final"]
     assert len(finals) == 1
     assert finals[0]["end"] <= 2.0 + 1e-6
     assert float(finals[0]["text"]) == pytest.approx(finals[0]["end"] - finals[0]["start"],
                                                      abs=0.011)
+    # The broker got that final: the WebSocket event plus node, seq and ts.
+    assert len(vanished) == 1
+    assert {k: v for k, v in vanished[0].items() if k not in ("node", "seq", "ts")} == finals[0]
+    assert vanished[0]["node"] == "testnode"
+    assert len(healthy) == 1
+    assert {k: v for k, v in healthy[0].items() if k not in ("node", "seq", "ts")} == [
+        e for e in events if e["type"] == "final"][0]
 
 
 def test_silence_and_noise_give_no_final(url) -> None:
