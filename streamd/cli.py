@@ -41,11 +41,16 @@ def _add_devices(subparsers) -> None:
 
 
 def _run_devices(args: argparse.Namespace) -> int:
-    from streamd.mic import list_input_devices
+    """Exit 1 with a one-line message when PortAudio is missing or finds no input."""
+    from streamd.mic import MicError, list_input_devices
 
-    devices = list_input_devices()
+    try:
+        devices = list_input_devices()
+    except MicError as exc:
+        print(f"streamd devices: {exc}", file=sys.stderr)
+        return 1
     if not devices:
-        print("no audio input devices found", file=sys.stderr)
+        print("streamd devices: no audio input devices found", file=sys.stderr)
         return 1
     for dev in devices:
         print(f"{dev['index']:3d}  {dev['name']}  "

@@ -33,10 +33,20 @@ class MicError(StreamdError):
 
 
 def _sounddevice() -> Any:
+    """The sounddevice module; MicError naming what is missing if it cannot load.
+
+    Importing sounddevice loads the PortAudio library (OSError when it is not there) and
+    initializes it (sounddevice.PortAudioError when that fails, e.g. no sound system).
+    """
     try:
         import sounddevice
-    except (ImportError, OSError) as exc:  # OSError: the PortAudio library is missing
-        raise MicError(f"PortAudio is not available (install libportaudio2): {exc}") from exc
+    except OSError as exc:  # sounddevice's "PortAudio library not found"
+        raise MicError(f"PortAudio not found: install libportaudio2 ({exc})") from exc
+    except ImportError as exc:
+        raise MicError(f"the PortAudio bindings are not installed (pip install sounddevice): "
+                       f"{exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - PortAudioError: its class did not load either
+        raise MicError(f"cannot initialize PortAudio: {exc}") from exc
     return sounddevice
 
 

@@ -1,9 +1,17 @@
-"""MicSource through real PortAudio: a user-space PulseAudio pipe source plays JFK."""
+"""MicSource through real PortAudio: a user-space PulseAudio pipe source plays JFK.
+
+Also `streamd devices` as a subprocess, its error when PortAudio cannot load, and the
+daemon's `--mic` session end to end (pulse source -> `streamd serve` -> MQTT broker).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import importlib.abc
+import json
 import os
+import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -11,11 +19,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+from helpers.daemon import REPO, daemon_env, serve
+from helpers.mosquitto import Mosquitto, Subscriber
 from helpers.pulse import PulseAudio
 
+from streamd import cli
+from streamd.config import VadConfig
 from streamd.mic import MicError, MicSource, list_input_devices
 
-pytest_plugins = ["helpers.pulse"]  # the `pulse` fixture
+pytest_plugins = ["helpers.pulse", "helpers.mosquitto"]  # `pulse`, `mosquitto` fixtures
 pytestmark = pytest.mark.timeout(60)
 
 FRAME_S = 0.01  # envelope frames of 10 ms
@@ -203,7 +215,7 @@ def test_unknown_device_names_the_available_ones(pulse: PulseAudio) -> None:
 
 def test_missing_portaudio_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "sounddevice", None)  # import now fails
-    with pytest.raises(MicError, match="PortAudio"):
+    with pytest.raises(MicError, match="PortAudio bindings are not installed"):
         list_input_devices()
 
 
@@ -218,3 +230,128 @@ def test_pulse_helper_cleans_up(tmp_path: Path) -> None:
     assert proc.poll() is not None  # stopped and reaped
     assert os.environ.get("PULSE_SERVER") == before
     assert not server.runtime_dir.exists()
+
+
+# --- `streamd devices` ------------------------------------------------------------------
+
+DEVICE_LINE = re.compile(r"^\s*(\d+)  (.+)  \((\d+) ch, (\d+) Hz\)$")
+
+
+def test_devices_command_lists_the_pulse_input(pulse: PulseAudio) -> None:
+    out = subprocess.run([sys.executable, "-m", "streamd.cli", "devices"], cwd=REPO,
+                         env=pulse.env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    rows = [DEVICE_LINE.match(line) for line in out.stdout.splitlines()]
+    assert rows and all(rows), out.stdout
+    by_name = {m[2]: m for m in rows if m}
+    assert "pulse" in by_name, out.stdout
+    assert int(by_name["pulse"][3]) >= 1 and int(by_name["pulse"][4]) > 0
+
+
+class _FailingImport(importlib.abc.MetaPathFinder):
+    """Makes `import sounddevice` raise `exc`, as a broken installation would."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    def find_spec(self, name, path, target=None):
+        if name == "sounddevice":
+            raise self.exc
+        return None
+
+
+class PortAudioError(Exception):
+    """Stands in for sounddevice.PortAudioError raised by Pa_Initialize at import."""
+
+
+@pytest.mark.parametrize(("exc", "message"), [
+    # What sounddevice raises without libportaudio2 (ctypes finds no library).
+    (OSError("PortAudio library not found"),
+     "PortAudio not found: install libportaudio2 (PortAudio library not found)"),
+    (ModuleNotFoundError("No module named 'sounddevice'"),
+     "the PortAudio bindings are not installed (pip install sounddevice)"),
+    (PortAudioError("Error initializing PortAudio: Unanticipated host error"),
+     "cannot initialize PortAudio: Error initializing PortAudio"),
+], ids=["no-libportaudio", "no-sounddevice", "init-fails"])
+def test_devices_command_without_portaudio_is_one_clear_line(
+        exc: BaseException, message: str, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.delitem(sys.modules, "sounddevice", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [_FailingImport(exc), *sys.meta_path])
+    assert cli.main(["devices"]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert len(err.splitlines()) == 1 and err.startswith(f"streamd devices: {message}"), err
+
+
+def test_devices_command_reports_a_failed_query(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import sounddevice as sd
+
+    def broken(*args, **kwargs):
+        raise sd.PortAudioError("Unanticipated host error")
+
+    monkeypatch.setattr(sd, "query_devices", broken)
+    assert cli.main(["devices"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 1, err
+    assert err.startswith("streamd devices: cannot list audio devices: Unanticipated"), err
+
+
+# --- the daemon's microphone session -------------------------------------------------
+
+
+def _speech_span(samples: np.ndarray, rate: int, floor_dbfs: float = -40.0) -> tuple[float, float]:
+    """First and last 30 ms frame louder than `floor_dbfs`, in seconds (end exclusive)."""
+    n = rate * 30 // 1000
+    frames = samples[: len(samples) // n * n].reshape(-1, n).astype(np.float64)
+    loud = np.flatnonzero(10 * np.log10((frames**2).mean(axis=1) + 1e-12) > floor_dbfs)
+    return loud[0] * n / rate, (loud[-1] + 1) * n / rate
+
+
+def test_daemon_mic_session_final_reaches_mqtt(
+        pulse: PulseAudio, mosquitto: Mosquitto, tmp_path: Path, shared_audio_dir: Path) -> None:
+    """`streamd serve --mic pulse` captures the pipe source through real PortAudio; the mic
+    session's final (the test recognizer's text: the segment's duration) reaches an MQTT
+    subscriber with start/end where the speech is in what was played."""
+    speech, rate = sf.read(str(shared_audio_dir / "cmu_arctic_axb_a0005.wav"), dtype="int16")
+    assert rate == 16000
+    lead_s = 1.0
+    signal = np.concatenate([np.zeros(int(lead_s * rate), np.int16), speech])
+    onset, offset = _speech_span(speech.astype(np.float32) / 32768, rate)
+    vad = VadConfig()
+    want_start = lead_s + onset - vad.start_pad_ms / 1000
+    want_end = lead_s + offset + vad.end_pad_ms / 1000
+    env = {
+        # The duration-reporting test double of tests/streamd/test_server.py.
+        "STREAMD_TEST_PIPELINE_FACTORY": "test_server:make_test_pipeline",
+        "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests" / "streamd")]),
+        "PULSE_SERVER": pulse.env["PULSE_SERVER"],
+        "XDG_RUNTIME_DIR": pulse.env["XDG_RUNTIME_DIR"],
+    }
+    assert daemon_env(**env)["PULSE_SERVER"] == pulse.server
+
+    async def collect() -> list[dict]:
+        async with Subscriber(mosquitto, ["streamd/mic/#"]) as sub:
+            # The daemon opened the capture before /healthz said ok; a pipe source with no
+            # writer delivers nothing, so the mic session's time 0 is the feeder's sample 0.
+            feeder = pulse.play(signal)
+            await sub.wait_for(lambda _: bool(sub.payloads("streamd/mic/final")), timeout=20)
+            assert feeder.started_at is not None
+            assert time.monotonic() - feeder.started_at < len(signal) / rate + 5  # live pace
+            return sub.payloads("streamd/mic/final")
+
+    with serve(tmp_path, "--mic", "pulse", "--node", "mictest", "--mqtt-host", mosquitto.host,
+               "--mqtt-port", str(mosquitto.port), env=env, log_format="json") as daemon:
+        finals = asyncio.run(collect())
+        log = daemon.log_text()
+    started = [json.loads(line) for line in log.splitlines()
+               if '"microphone session started"' in line]
+    assert started and started[0]["device"] == "pulse", log[-2000:]
+    assert len(finals) == 1, finals
+    final = finals[0]
+    assert final["session"] == "mic" and final["segment"] == 0, final
+    assert final["start"] == pytest.approx(want_start, abs=0.3), (final, want_start)
+    assert final["end"] == pytest.approx(want_end, abs=0.3), (final, want_end)
+    # The recognizer got exactly the segment's audio, captured sample for sample.
+    assert float(final["text"]) == pytest.approx(final["end"] - final["start"], abs=0.011)
