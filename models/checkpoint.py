@@ -7,6 +7,9 @@ each on-disk format into that input:
 - `model.safetensors`, or shards listed in `model.safetensors.index.json`;
 - `pytorch_model.bin` (or its shards; needs torch, which only the test extra installs);
 - `flax_model.msgpack` (Hugging Face Flax naming, renamed to PyTorch naming here).
+
+The config is `config.json` with the generation settings of `generation_config.json`
+(which transformers' `save_pretrained` writes and `generate` prefers) laid over it.
 """
 
 from __future__ import annotations
@@ -17,6 +20,25 @@ from pathlib import Path
 import numpy as np
 
 CONFIG_FILE = "config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+# The top-level keys of generation_config.json that replace config.json's: transformers'
+# `GenerationConfig` decoding settings, plus Whisper's generation keys.
+GENERATION_KEYS = frozenset({
+    # special tokens
+    "bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id",
+    "forced_bos_token_id", "forced_eos_token_id",
+    # length and search
+    "max_length", "max_new_tokens", "min_length", "min_new_tokens", "early_stopping",
+    "num_beams", "num_return_sequences", "length_penalty", "repetition_penalty",
+    "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "do_sample", "temperature",
+    "top_k", "top_p",
+    # token suppression and forcing
+    "suppress_tokens", "begin_suppress_tokens", "bad_words_ids", "forced_decoder_ids",
+    # Whisper's generation_config.json
+    "no_timestamps_token_id", "is_multilingual", "lang_to_id", "task_to_id",
+    "alignment_heads", "max_initial_timestamp_index", "prev_sot_token_id",
+    "return_timestamps",
+})  # fmt: skip
 WEIGHT_FILES = (
     "model.safetensors",
     "model.safetensors.index.json",
@@ -32,7 +54,14 @@ class ModelLoadError(Exception):
 
 
 def read_hf_config(path: str | Path) -> dict:
-    """The parsed `config.json` of a Hugging Face model folder."""
+    """The parsed `config.json` of a Hugging Face model folder, with the generation keys
+    (`GENERATION_KEYS`) of its `generation_config.json`, if there is one, in place of
+    config.json's: transformers' `from_pretrained` + `generate` decode with the generation
+    config when the file exists. Only top-level keys are taken (a nested `decoder` config
+    keeps its own), and a key the file sets to null is removed (unset, as in transformers).
+    Keys the file leaves out keep config.json's value, where transformers would fall back
+    to `GenerationConfig`'s defaults (in folders `save_pretrained` writes, the two agree).
+    """
     folder = Path(path)
     if not folder.is_dir():
         raise ModelLoadError(
@@ -42,16 +71,34 @@ def read_hf_config(path: str | Path) -> dict:
     config_path = folder / CONFIG_FILE
     if not config_path.is_file():
         raise ModelLoadError(f"{config_path} is missing; expected the model's {CONFIG_FILE}")
+    config = _read_json_object(config_path)
+    generation_path = folder / GENERATION_CONFIG_FILE
+    if generation_path.is_file():
+        for key, value in _read_json_object(generation_path).items():
+            if key not in GENERATION_KEYS:
+                continue
+            if value is None:
+                config.pop(key, None)
+            else:
+                config[key] = value
+    return config
+
+
+def _read_json_object(path: Path) -> dict:
     try:
-        return json.loads(config_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"{config_path} is not valid JSON: {exc}") from exc
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise ModelLoadError(f"{path} is not a JSON object (found a {type(value).__name__})")
+    return value
 
 
 def read_hf_folder(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
     """Reads a Hugging Face model folder.
 
-    Returns `(config, tensors)`: the parsed config.json and every weight as a float32
+    Returns `(config, tensors)`: `read_hf_config`'s config (config.json with
+    generation_config.json's generation keys) and every weight as a float32
     (or integer, for counters) numpy array under its PyTorch state-dict name.
     """
     folder = Path(path)

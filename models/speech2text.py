@@ -56,7 +56,7 @@ class Speech2TextConfig:
     eos_token_id: int = 2
     decoder_start_token_id: int = 2
     forced_bos_token_id: int | None = None  # multilingual models' target-language token
-    max_new_tokens: int = 199  # default generation length (config.json max_length - 1)
+    max_new_tokens: int = 199  # default generation length (max_length - 1)
     decoder: TextDecoderConfig = TextDecoderConfig()
 
     @property
@@ -268,6 +268,7 @@ class Speech2TextModel:
 
 def load(folder: str | Path) -> Speech2TextModel:
     """Loads a Hugging Face `speech_to_text` folder (config.json, weights, optional
+    generation_config.json, whose generation keys win as in transformers' `generate`,
     preprocessor_config.json, vocab.json + sentencepiece.bpe.model). ModelLoadError if
     anything is missing or does not fit."""
     folder = Path(folder)

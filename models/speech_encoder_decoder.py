@@ -46,7 +46,7 @@ class SpeechEncoderDecoderConfig:
     eos_token_id: int
     pad_token_id: int | None = None
     forced_bos_token_id: int | None = None  # e.g. an mBART target-language token
-    max_new_tokens: int = 255  # default generation length (config.json max_length - 1)
+    max_new_tokens: int = 255  # default generation length (max_length - 1)
 
     @property
     def pads_exactly(self) -> bool:
@@ -177,6 +177,7 @@ class SpeechEncoderDecoder:
 
 def load(folder: str | Path) -> SpeechEncoderDecoder:
     """Loads a Hugging Face `speech-encoder-decoder` folder (config.json, weights, optional
+    generation_config.json, whose generation keys win as in transformers' `generate`,
     preprocessor_config.json and tokenizer.json). ModelLoadError names what is wrong,
     including an unsupported encoder or decoder type."""
     folder = Path(folder)

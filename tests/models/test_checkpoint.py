@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 import transformers
 from flax.serialization import msgpack_serialize
 
-from models.checkpoint import ModelLoadError, read_hf_folder
+from models.checkpoint import ModelLoadError, read_hf_config, read_hf_folder
 
 
 @pytest.fixture(scope="module")
@@ -77,4 +79,49 @@ def test_missing_and_bad_folders_name_the_path(tmp_path):
         read_hf_folder(tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(ModelLoadError, match="cannot read weights from .*model.safetensors"):
+        read_hf_folder(tmp_path)
+
+
+def test_generation_config_overrides_generation_keys(tmp_path):
+    """generation_config.json's top-level generation keys replace config.json's (null:
+    removed); its other keys, and nested configs, are left alone."""
+    config = {
+        "model_type": "speech-encoder-decoder", "d_model": 32, "max_length": 200,
+        "decoder_start_token_id": 2, "forced_bos_token_id": 9, "eos_token_id": 2,
+        "decoder": {"model_type": "mbart", "decoder_start_token_id": 2},
+    }  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert read_hf_config(tmp_path) == config  # no generation_config.json: config.json
+    generation = {
+        "_from_model_config": False, "transformers_version": "5.0.0", "d_model": 64,
+        "decoder_start_token_id": 0, "max_length": 20, "forced_bos_token_id": None,
+        "suppress_tokens": [1, 3], "no_timestamps_token_id": 7,
+        "decoder": {"decoder_start_token_id": 5},
+    }  # fmt: skip
+    (tmp_path / "generation_config.json").write_text(json.dumps(generation))
+    merged = read_hf_config(tmp_path)
+    expected = {k: v for k, v in config.items() if k != "forced_bos_token_id"}
+    expected.update(decoder_start_token_id=0, max_length=20, suppress_tokens=[1, 3],
+                    no_timestamps_token_id=7)
+    assert merged == expected
+
+
+def test_reads_saved_generation_config(tmp_path, tiny_whisper):
+    """What save_pretrained writes to generation_config.json reaches read_hf_folder."""
+    tiny_whisper.save_pretrained(tmp_path)
+    generation = json.loads((tmp_path / "generation_config.json").read_text())
+    generation.update(max_length=30, decoder_start_token_id=3)
+    (tmp_path / "generation_config.json").write_text(json.dumps(generation))
+    config, _ = read_hf_folder(tmp_path)
+    assert (config["max_length"], config["decoder_start_token_id"]) == (30, 3)
+    assert json.loads((tmp_path / "config.json").read_text())["decoder_start_token_id"] == 1
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", "\xff"], ids=["syntax", "list", "bytes"])
+def test_bad_generation_config_names_the_file(tmp_path, text):
+    (tmp_path / "config.json").write_text('{"model_type": "whisper"}')
+    (tmp_path / "generation_config.json").write_bytes(text.encode("latin-1"))
+    with pytest.raises(ModelLoadError, match=r"generation_config\.json is not"):
+        read_hf_config(tmp_path)
+    with pytest.raises(ModelLoadError, match=r"generation_config\.json is not"):
         read_hf_folder(tmp_path)

@@ -156,8 +156,7 @@ def test_incremental_equals_teacher_forced(hf, utterance: np.ndarray) -> None:
 def test_greedy_generation_matches_transformers(hf, utterance: np.ndarray) -> None:
     model, ours = hf
     max_new = MAX_NEW
-    for seconds in (1.0, 2.5):
-        audio = utterance[: int(seconds * 16000)]
+    for audio in (utterance[:16000], utterance):  # 1 s, and the whole 1.54 s recording
         feats = s2t_features.features(audio)[None]
         with torch.no_grad():
             ref = model.generate(
@@ -170,6 +169,38 @@ def test_greedy_generation_matches_transformers(hf, utterance: np.ndarray) -> No
         ours_ids = speech2text.generate(ours, audio, max_new_tokens=max_new)
         assert ours_ids == ref
         assert len(ref) > 3  # the comparison covers real steps, not an immediate end
+
+
+def test_generation_config_json_overrides_config_json(hf, utterance: np.ndarray,
+                                                     tmp_path: Path) -> None:
+    """A generation_config.json whose start token, forced first token and length differ
+    from config.json's: load() decodes as transformers' from_pretrained + generate (no
+    arguments), which read that file."""
+    model, plain = hf
+    model.save_pretrained(tmp_path)
+    gen = json.loads((tmp_path / "generation_config.json").read_text())
+    # Forced token 4 continues differently after start token 0 than after config.json's 2.
+    gen.update(decoder_start_token_id=0, forced_bos_token_id=4, max_length=MAX_NEW + 1)
+    (tmp_path / "generation_config.json").write_text(json.dumps(gen))
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["decoder_start_token_id"] == START != 0
+    assert "forced_bos_token_id" not in config and "max_length" not in config
+
+    ours = speech2text.load(tmp_path)
+    c = ours.config
+    assert (c.decoder_start_token_id, c.forced_bos_token_id, c.max_new_tokens) == (0, 4, MAX_NEW)
+    reloaded = transformers.Speech2TextForConditionalGeneration.from_pretrained(tmp_path).eval()
+    audio = utterance[:16000]
+    feats = s2t_features.features(audio)[None]
+    with torch.no_grad():
+        ref = reloaded.generate(input_features=torch.from_numpy(feats))[0].tolist()
+    assert ref[:2] == [0, 4]
+    ref = ref[1:]
+    ref = ref[: ref.index(EOS)] if EOS in ref else ref
+    assert len(ref) == MAX_NEW  # the length limit is the file's max_length
+    assert speech2text.generate(ours, audio) == ref
+    # config.json's settings alone decode differently.
+    assert speech2text.generate(plain, audio, max_new_tokens=MAX_NEW) != ref
 
 
 def test_beam_search_matches_transformers(hf, utterance: np.ndarray) -> None:

@@ -99,7 +99,8 @@ def audio(shared_manifest: list[dict]) -> np.ndarray:
     entry = min(shared_manifest, key=lambda e: e["duration_s"])
     samples, rate = sf.read(entry["path"], dtype="float32")
     assert rate == 16000
-    return samples[16000:32000]  # 1 s of speech
+    # From 1 s to the end of the 1.54 s recording (LJ002-0020): its last 0.54 s.
+    return samples[16000:32000]
 
 
 def _encode(ours, audio: np.ndarray):
@@ -154,7 +155,7 @@ def test_greedy_generation_matches_transformers(hf, audio: np.ndarray) -> None:
     if EOS in ref:
         ref = ref[: ref.index(EOS)]
     assert len(ref) > 3, name  # real steps, not an immediate end token
-    # Where padding is exact, generate() pads 1 s to the 2 s bucket: still the same ids.
+    # Where padding is exact, generate() pads the 0.54 s to the 2 s bucket: the same ids.
     assert ours.config.pads_exactly == (name == "w2v2-gpt2")
     assert len(audio) < sed.AUDIO_BUCKET
     assert sed.generate(ours, audio, max_new_tokens=max_new) == ref
@@ -163,6 +164,42 @@ def test_greedy_generation_matches_transformers(hf, audio: np.ndarray) -> None:
     text = sed.transcribe(ours, audio, max_new_tokens=max_new)
     assert text == tok.decode(ref, skip_special_tokens=True).strip()
     assert text  # the generated words are not all specials
+
+
+@pytest.mark.parametrize("hf", ["conformer-mbart"], indirect=True)
+def test_generation_config_json_overrides_config_json(hf, audio: np.ndarray,
+                                                     tmp_path: Path) -> None:
+    """mBART-style settings in generation_config.json only (start token = EOS, a forced
+    target-language token, a short max_length): load() decodes as transformers'
+    from_pretrained + generate (no arguments), which read that file."""
+    _, model, plain, folder = hf
+    model.save_pretrained(tmp_path)
+    (tmp_path / "preprocessor_config.json").write_text(
+        (folder / "preprocessor_config.json").read_text())
+    gen = json.loads((tmp_path / "generation_config.json").read_text())
+    # Forced token 11 continues differently after start token EOS than after config.json's.
+    gen.update(decoder_start_token_id=EOS, forced_bos_token_id=11, max_length=MAX_NEW + 1,
+               forced_eos_token_id=None)
+    (tmp_path / "generation_config.json").write_text(json.dumps(gen))
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["decoder_start_token_id"] == START != EOS
+    assert config.get("forced_bos_token_id") is None and "max_length" not in config
+
+    ours = sed.load(tmp_path)
+    c = ours.config
+    assert (c.decoder_start_token_id, c.forced_bos_token_id, c.max_new_tokens) == \
+        (EOS, 11, MAX_NEW)
+    reloaded = transformers.SpeechEncoderDecoderModel.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        ref = reloaded.generate(
+            input_values=torch.from_numpy(sed.normalize(audio)[None]))[0].tolist()
+    assert ref[:2] == [EOS, 11]
+    ref = ref[1:]
+    ref = ref[: ref.index(EOS)] if EOS in ref else ref
+    assert len(ref) == MAX_NEW  # the length limit is the file's max_length
+    assert sed.generate(ours, audio) == ref
+    # config.json's settings alone decode differently.
+    assert sed.generate(plain, audio, max_new_tokens=MAX_NEW) != ref
 
 
 def test_beam_search_matches_transformers(hf, audio: np.ndarray) -> None:
