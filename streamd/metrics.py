@@ -25,6 +25,10 @@ class Metrics:
             "streamd_audio_seconds", "Audio received, seconds at 16 kHz", registry=r
         )
         self.segments = Counter("streamd_segments", "Finals emitted", registry=r)
+        self.noise_segments = Counter(
+            "streamd_noise_segments", "VAD segments dropped: recognition found no words",
+            registry=r,
+        )
         self.partial_latency = Histogram(
             "streamd_partial_latency_seconds", "Audio arrival to partial event",
             buckets=_LATENCY_BUCKETS, registry=r,
@@ -59,8 +63,6 @@ class Metrics:
         self, kind: str, latency_s: float, compute_s: float, audio_s: float
     ) -> None:
         (self.partial_latency if kind == "partial" else self.final_latency).observe(latency_s)
-        if kind == "final":
-            self.segments.inc()
         if audio_s > 0:
             self.rtf.labels(kind=kind).observe(compute_s / audio_s)
 

@@ -279,7 +279,8 @@ class _Connection:
             if self.session is None:  # a start we cannot serve: the stream cannot go on
                 await self._error(exc.code, str(exc), close=1008)
                 return True
-            await self._error(exc.code, str(exc))
+            # A second start, whatever its fields: the session goes on as it was.
+            await self._error("bad_request", "session already started")
             return False
         except BadRequest as exc:
             await self._error(exc.code, str(exc))

@@ -5,6 +5,11 @@
 `resolve()`. `SessionRunner` is that driver for asyncio: one ordered queue per session
 where partials are coalesced (only the newest partial of a segment is worth computing)
 and finals are never dropped.
+
+A segment is announced (`speech_start`) with its first partial or final that has words:
+noise that the VAD took for speech, in which recognition finds no words, emits nothing
+at all (no `speech_start`, no empty `final`). Segment numbers count announced segments,
+so the VAD's own indices (in `SegmentInfo`) may skip ahead of them.
 """
 
 from __future__ import annotations
@@ -69,7 +74,10 @@ class Session:
         self._last_partial = 0  # segment length (samples) at the last partial request
         self._spoke = False  # a partial event was sent for the active segment
         self.samples_in = 0  # 16 kHz samples produced so far
-        self.segments = 0  # finals requested
+        self.segments = 0  # segments announced (speech_start sent)
+        self.noise_segments = 0  # VAD segments dropped: recognition found no words
+        self._held: dict[int, float] = {}  # VAD index -> start (s) of unannounced segments
+        self._numbers: dict[int, int] = {}  # VAD index -> segment number clients see
         self.stopped = False
 
     def ready(self) -> dict[str, Any]:
@@ -102,16 +110,34 @@ class Session:
     def done(self) -> dict[str, Any]:
         return protocol.done_event(self.id, self.segments)
 
-    def resolve(self, request: Request, hyp: Hypothesis | None) -> dict[str, Any] | None:
-        """A recognizer result -> the event to emit (None: nothing to say)."""
+    def _announce(self, index: int) -> tuple[list[dict[str, Any]], int]:
+        """(the segment's speech_start if it was still held, its number for clients)."""
+        if index in self._numbers:
+            return [], self._numbers[index]
+        number = self._numbers[index] = self.segments
+        self.segments += 1
+        start = self._held.pop(index, None)
+        if start is None:  # not a VAD segment of this session (direct requests in tests)
+            return [], number
+        return [protocol.speech_start_event(self.id, number, start)], number
+
+    def resolve(self, request: Request, hyp: Hypothesis | None) -> list[dict[str, Any]]:
+        """A recognizer result -> the events to emit (none: nothing to say)."""
         seg = request.segment
         if request.kind == "final":
-            text = hyp.text if hyp is not None else ""
+            text = hyp.text.strip() if hyp is not None else ""
+            if not text and seg.index in self._held:  # never announced: it was noise
+                del self._held[seg.index]
+                self.noise_segments += 1
+                return []
+            events, number = self._announce(seg.index)
+            del self._numbers[seg.index]
             words = [w.to_json() for w in hyp.words] if hyp is not None else None
-            return protocol.final_event(self.id, seg.index, seg.start, seg.end, text.strip(), words)
+            return events + [protocol.final_event(self.id, number, seg.start, seg.end, text,
+                                                  words)]
         if not self.start.partials:
-            return None
-        if hyp is None:
+            return []
+        if hyp is None or (not hyp.text.strip() and seg.index in self._held):
             if (not self._spoke and not seg.closing and self.segmenter.active
                     and seg.index == self.segmenter.segment):
                 # The segment's first partial had nothing to say (Whisper heard too little
@@ -120,12 +146,22 @@ class Session:
                 if length < RETRY_FIRST_UNTIL:
                     self._last_partial = min(self._last_partial,
                                              length - self._partial_every + RETRY_FIRST)
-            return None
+            return []
         if seg.index == self.segmenter.segment:
             self._spoke = True
-        return protocol.partial_event(
-            self.id, seg.index, seg.start, seg.end, hyp.text.strip(), hyp.stable.strip() or None
-        )
+        events, number = self._announce(seg.index)
+        return events + [protocol.partial_event(
+            self.id, number, seg.start, seg.end, hyp.text.strip(), hyp.stable.strip() or None
+        )]
+
+    def failed(self, request: Request, code: str, message: str) -> list[dict[str, Any]]:
+        """A failed recognition -> events: none for a partial (the final still comes); for
+        a final, an error naming the segment in its place (announcing it if need be)."""
+        if request.kind == "partial":
+            return []
+        events, number = self._announce(request.segment.index)
+        del self._numbers[request.segment.index]
+        return events + [protocol.error_event(code, f"segment {number}: {message}", self.id)]
 
     def _accept(self, audio: np.ndarray) -> list[Output]:
         self.samples_in += len(audio)
@@ -146,8 +182,7 @@ class Session:
         for event in events:
             if isinstance(event, SpeechStarted):
                 self._last_partial, self._spoke = 0, False
-                start = event.start / RATE
-                outputs.append(protocol.speech_start_event(self.id, event.segment, start))
+                self._held[event.segment] = event.start / RATE  # announced with its words
             elif isinstance(event, SpeechPaused):
                 # The would-be final's audio, as a partial the pipeline may turn into the
                 # final early; sent with partials off too (it only returns a partial event
@@ -157,7 +192,6 @@ class Session:
                                    closing=True)
                 outputs.append(Request("partial", info, event.audio))
             elif isinstance(event, SegmentEnded):
-                self.segments += 1
                 info = SegmentInfo(self.id, event.segment, event.start / RATE, event.end / RATE)
                 outputs.append(Request("final", info, event.audio))
         return outputs
@@ -245,15 +279,14 @@ class SessionRunner:
                 if len(self._items) < self.max_pending:
                     self._room.set()
                 if isinstance(out, Request):
-                    event = await self._recognize(out)
-                    if event is not None:
+                    for event in await self._recognize(out):
                         await self._emit(event)
                 else:
                     await self._emit(out)
         finally:
             self.recognizer.close()
 
-    async def _recognize(self, req: Request) -> dict[str, Any] | None:
+    async def _recognize(self, req: Request) -> list[dict[str, Any]]:
         t0 = time.monotonic()
         try:
             if req.kind == "partial":
@@ -267,18 +300,21 @@ class SessionRunner:
             message = f"{req.kind} recognition failed: {type(exc).__name__}"
             return self._failed(req, "internal", message)
         now = time.monotonic()
+        noise = self.session.noise_segments
+        events = self.session.resolve(req, hyp)
         if self._metrics is not None:
             audio_s = len(req.audio) / RATE
             self._metrics.observe_recognition(req.kind, now - req.created, now - t0, audio_s)
-        return self.session.resolve(req, hyp)
+            if any(e["type"] == "final" for e in events):
+                self._metrics.segments.inc()
+            if self.session.noise_segments > noise:
+                self._metrics.noise_segments.inc()
+        return events
 
-    def _failed(self, req: Request, code: str, message: str) -> dict[str, Any] | None:
+    def _failed(self, req: Request, code: str, message: str) -> list[dict[str, Any]]:
         if self._metrics is not None:
             self._metrics.errors.labels(code=code).inc()
-        if req.kind == "partial":
-            return None  # a missed partial is harmless; the final still comes
-        message = f"segment {req.segment.index}: {message}"
-        return protocol.error_event(code, message, self.session.id)
+        return self.session.failed(req, code, message)
 
     def _count_drop(self, reason: str) -> None:
         if self._metrics is not None:

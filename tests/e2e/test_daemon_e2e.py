@@ -175,8 +175,10 @@ def daemon(tmp_path_factory, broker, collector) -> Iterator[Daemon]:
     workdir = tmp_path_factory.mktemp("daemon")
     # Batch sizes 1, 2, 4: enough for these tests, fewer shapes to warm up.
     (workdir / "streamd.toml").write_text("[recognition]\nbatch_sizes = [1, 2, 4]\n")
-    with run_daemon(workdir, "--config", str(workdir / "streamd.toml"), "--mqtt-host",
-                    "127.0.0.1", "--mqtt-port", str(broker.port)) as d:
+    # Every XLA compile is logged (JAX_LOG_COMPILES): test_nothing_compiled_while_serving.
+    with serve(workdir, "--node", "e2e", "--config", str(workdir / "streamd.toml"),
+               "--mqtt-host", "127.0.0.1", "--mqtt-port", str(broker.port),
+               log_format="json", startup_timeout=400, env={"JAX_LOG_COMPILES": "1"}) as d:
         yield d
 
 
@@ -267,7 +269,11 @@ def test_beam_size_from_config_decodes_finals(tmp_path, manifest) -> None:
         r'streamd_engine_batch_fill_count\{kind="([^"]+)"\} ([0-9.e+]+)', metrics)}
     beam = {k: v for k, v in runs.items() if k.endswith("/beam3")}
     assert beam and all(float(k.split("/")[1][:-1]) >= 10 for k in beam), runs
-    assert sum(beam.values()) == len(finals)
+    # One beam decode per final, two for a final whose fresh decode contradicted the
+    # stable prefix (decoded again with it forced).
+    redone = re.search(r"^streamd_finals_restabilized_total ([0-9.e+]+)$", metrics, re.M)
+    assert redone, metrics[-2000:]
+    assert sum(beam.values()) == len(finals) + float(redone[1])
     assert sum(v for k, v in runs.items() if "beam" not in k) > 0  # greedy partials
     # Finals were decoded at the speech pause and reused at the endpoint.
     early = re.search(r"^streamd_finals_early_total ([0-9.e+]+)$", metrics, re.M)
@@ -284,19 +290,63 @@ def test_broker_killed_and_restarted_mid_stream(daemon, broker, collector, manif
     def during(sent: float) -> None:
         if sent >= kill_at and not state["killed"]:
             broker.stop(kill=True)
-            state["killed"] = True
+            state["killed"] = time.monotonic()
         if sent >= back_at and not state["back"]:
             broker.start()
-            state["back"] = True
+            state["back"] = time.monotonic()
 
     events = stream(daemon.port, "brk", audio, 2.0, during)
     assert state["killed"] and state["back"]
     finals = check_order(events, "brk")
     assert len(finals) >= 5  # five utterances (the VAD may split one at a pause)
+    # Some finals were made while the broker was down: they waited in the outbox.
+    assert [f for f in finals if state["killed"] < f["_t"] < state["back"]], finals
     got = collector.wait_finals("brk", len(finals), timeout=60)
     # Every final, in order, exactly the WebSocket ones (redeliveries removed by seq).
     assert [(g["segment"], g["text"]) for g in got] == [(f["segment"], f["text"]) for f in finals]
     assert [g["seq"] for g in got] == sorted(g["seq"] for g in got)
+
+
+def noise(kind: str, seconds: float, dbfs: float, seed: int) -> np.ndarray:
+    """Loud noise that webrtcvad takes for speech at times: white, or white noise
+    modulated at 4 Hz (a syllable rate)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(int(seconds * RATE))
+    if kind == "modulated":
+        x *= 1 + np.sin(2 * np.pi * 4 * np.arange(len(x)) / RATE)
+    return (x / np.sqrt(np.mean(x**2)) * 10 ** (dbfs / 20)).astype(np.float32)
+
+
+def test_loud_noise_publishes_nothing(daemon, collector) -> None:
+    """Noise loud enough for the VAD to open segments: recognition finds no words in
+    them, so no event at all (no speech_start, no empty final) reaches the client or
+    MQTT; the metrics show the VAD did open segments that were dropped."""
+    def dropped() -> float:
+        with urllib.request.urlopen(f"{daemon.http}/metrics") as r:
+            m = re.search(r"^streamd_noise_segments_total ([0-9.e+]+)$", r.read().decode(), re.M)
+        assert m
+        return float(m[1])
+
+    before = dropped()
+    gap = np.zeros(RATE, np.float32)
+    audio = np.concatenate([gap, noise("white", 3, -20, 0), gap,
+                            noise("modulated", 4, -30, 1), gap])
+    events = stream(daemon.port, "noise", audio, 4.0)
+    assert [e["type"] for e in events] == ["ready", "done"], events
+    assert events[-1]["segments"] == 0
+    assert dropped() - before >= 1, "the VAD should have taken some of it for speech"
+    time.sleep(0.5)
+    assert not [t for t, _ in collector.messages if t.startswith("streamd/noise/")]
+
+
+def test_nothing_compiled_while_serving(daemon) -> None:
+    """Every shape the whisper pipeline issues was compiled before READY: after it, the
+    log (JAX_LOG_COMPILES) shows no compile, after every test above served sessions."""
+    logs = json_logs(daemon)
+    ready = next(i for i, r in enumerate(logs) if r["msg"] == "ready")
+    assert any("Compiling" in r["msg"] for r in logs[:ready]), "compiles are logged at warm-up"
+    late = [r["msg"][:200] for r in logs[ready:] if "Compiling" in r["msg"]]
+    assert not late, late
 
 
 def test_sigterm_mid_utterance_publishes_final(daemon, collector, manifest) -> None:

@@ -360,6 +360,8 @@ BAD_INPUTS = [
     ("frame over limit", [start_msg(), b"\0\0" * 40000], "bad_request", 1008,
      "80000 bytes over the limit of 65536"),
     ("second start", [start_msg(), start_msg()], "bad_request", None, "already started"),
+    ("second start, unsupported", [start_msg(), start_msg(sample_rate=96000)], "bad_request",
+     None, "already started"),
     ("bad session id", [start_msg(session="a b")], "bad_request", None, "start.session"),
 ]
 

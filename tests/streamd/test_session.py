@@ -51,12 +51,13 @@ def finals(outputs: list) -> list[Request]:
 def test_outputs_in_order(shared_audio_dir) -> None:
     session = new_session()
     outputs = feed_all(session, encode(utterance(shared_audio_dir), 16000, "pcm_s16le", 1), 3200)
-    kinds = [o["type"] if isinstance(o, dict) else o.kind for o in outputs]
-    # speech_start, partial requests, final; twice.
-    assert kinds[0] == "speech_start" and kinds.count("final") == 2
-    second = kinds.index("speech_start", 1)
-    assert kinds[second - 1] == "final" and kinds[-1] == "final"
-    for k in kinds[1 : second - 1] + kinds[second + 1 : -1]:
+    # Only recognizer requests: speech_start waits for the segment's first words.
+    assert all(isinstance(o, Request) for o in outputs)
+    kinds = [o.kind for o in outputs]
+    # partial requests, final; twice.
+    assert kinds.count("final") == 2 and kinds[-1] == "final"
+    second = kinds.index("final") + 1
+    for k in kinds[: second - 1] + kinds[second:-1]:
         assert k == "partial"
     reqs = [o for o in outputs if isinstance(o, Request)]
     for r in reqs:
@@ -79,7 +80,43 @@ def test_outputs_in_order(shared_audio_dir) -> None:
     assert f0.segment.index == 0 and f1.segment.index == 1
     assert 0.6 <= f0.segment.start <= 1.0 and 3.8 <= f0.segment.end <= 4.4
     assert f1.segment.start - f0.segment.start == pytest.approx(3.97, abs=0.05)  # same audio
+    # Each segment is announced with its first words, then gets its final.
+    events = []
+    for r in reqs:
+        events += session.resolve(r, Hypothesis("words"))
+    kinds = [e["type"] for e in events]
+    assert kinds[0] == "speech_start" and kinds.count("speech_start") == 2
+    second = kinds.index("speech_start", 1)
+    assert kinds[second - 1] == "final" and kinds[-1] == "final"
+    assert [e["segment"] for e in events if e["type"] != "partial"] == [0, 0, 1, 1]
+    assert events[0]["start"] == round(f0.segment.start, 3)
     assert session.segments == 2 and session.done()["segments"] == 2
+
+
+def test_segments_without_words_are_dropped_silently(shared_audio_dir) -> None:
+    """A VAD segment in which recognition finds no words (noise the VAD took for speech)
+    emits nothing: no speech_start, no empty final; the next segment with words is
+    number 0 and starts with its speech_start."""
+    session = new_session()
+    outputs = feed_all(session, encode(utterance(shared_audio_dir), 16000, "pcm_s16le", 1), 3200)
+    events = []
+    for r in outputs:  # segment 0 is "noise": empty partials and an empty final
+        noise = r.segment.index == 0
+        events += session.resolve(r, Hypothesis("" if noise else "words"))
+    assert session.noise_segments == 1
+    assert [e["type"] for e in events if e["type"] != "partial"] == ["speech_start", "final"]
+    assert all(e["segment"] == 0 for e in events)
+    f1 = finals(outputs)[1]
+    assert events[0]["start"] == round(f1.segment.start, 3)
+    assert session.done()["segments"] == 1
+    # A segment announced by a partial keeps its (empty) final: exactly one per segment.
+    session = new_session()
+    outputs = feed_all(session, encode(utterance(shared_audio_dir), 16000, "pcm_s16le", 1), 3200)
+    events = []
+    for r in outputs:
+        events += session.resolve(r, Hypothesis("uh" if r.kind == "partial" else ""))
+    finals_ = [e for e in events if e["type"] == "final"]
+    assert [f["text"] for f in finals_] == ["", ""] and session.noise_segments == 0
 
 
 @pytest.mark.parametrize("rate,encoding,channels", [(8000, "pcm_s16le", 1),
@@ -120,7 +157,10 @@ def test_no_partials_when_disabled(shared_audio_dir) -> None:
     # Only the closing requests (the final computed early), which resolve to no event.
     reqs = [o for o in outputs if isinstance(o, Request)]
     assert all(r.kind == "final" or r.segment.closing for r in reqs)
-    assert all(session.resolve(r, Hypothesis("x")) is None for r in reqs if r.kind == "partial")
+    assert all(session.resolve(r, Hypothesis("x")) == [] for r in reqs if r.kind == "partial")
+    # The final announces its segment: speech_start, then the final.
+    events = session.resolve(finals(outputs)[0], Hypothesis("x"))
+    assert [e["type"] for e in events] == ["speech_start", "final"]
 
 
 def test_empty_first_partial_is_retried_soon(shared_audio_dir) -> None:
@@ -158,14 +198,15 @@ def test_empty_first_partial_is_retried_soon(shared_audio_dir) -> None:
 def test_resolve_builds_contract_events() -> None:
     session = new_session()
     seg = SegmentInfo("s1", 3, 1.23456, 2.5)
-    final = session.resolve(Request("final", seg, np.zeros(10, np.float32)),
-                            Hypothesis(" hello world ", words=()))
-    assert final == {"type": "final", "session": "s1", "segment": 3, "start": 1.235,
-                     "end": 2.5, "text": "hello world"}
-    partial = session.resolve(Request("partial", seg, np.zeros(10, np.float32)),
-                              Hypothesis("hello wor", stable="hello"))
+    partial, = session.resolve(Request("partial", seg, np.zeros(10, np.float32)),
+                               Hypothesis("hello wor", stable="hello"))
     assert partial["type"] == "partial" and partial["stable"] == "hello"
-    assert session.resolve(Request("partial", seg, np.zeros(1, np.float32)), None) is None
+    assert partial["segment"] == 0  # numbers count this session's segments
+    assert session.resolve(Request("partial", seg, np.zeros(1, np.float32)), None) == []
+    final, = session.resolve(Request("final", seg, np.zeros(10, np.float32)),
+                             Hypothesis(" hello world ", words=()))
+    assert final == {"type": "final", "session": "s1", "segment": 0, "start": 1.235,
+                     "end": 2.5, "text": "hello world"}
 
 
 class _SlowRecognizer:
@@ -264,4 +305,4 @@ def test_runner_back_pressure_on_backlog() -> None:
         return emitted
 
     emitted = asyncio.run(main())
-    assert [e["segment"] for e in emitted] == [0, 1, 2, 3, 4]
+    assert [e["segment"] for e in emitted if e["type"] == "final"] == [0, 1, 2, 3, 4]
