@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "tiny.en"
 # Bumped whenever a conversion changes, so stale cached params are never reused.
-CONVERSION_VERSION = 1
+CONVERSION_VERSION = 2  # 2: configs merge generation_config.json
 
 
 def _embedded_tiny_en() -> Path:
