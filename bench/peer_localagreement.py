@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
-from stream import RATE, REPO, pct, shared_stream, wer  # noqa: E402
+from stream import RATE, REPO, pct, shared_stream, speech_onsets, wer  # noqa: E402
 
 MIN_CHUNK_S = 1.0  # whisper_streaming's default --min-chunk-size
 BUFFER_TRIM_S = 15.0  # WhisperLiveKit's default buffer_trimming_sec
@@ -111,21 +111,25 @@ def main() -> int:
         t.join()
     usage1 = resource.getrusage(resource.RUSAGE_SELF)
     cpu = (usage1.ru_utime - usage0.ru_utime) + (usage1.ru_stime - usage0.ru_stime)
-    final, first, wers = [], [], []
+    final, first, onset_first, wers = [], [], [], []
+    onsets = speech_onsets(audio, entry)
     for r in results:
         words, t0 = r["words"], r["t0"]
         wers.append(wer([s["text"] for s in entry["segments"]], [w.text for w in words]))
-        for seg in entry["segments"]:
+        for seg, onset in zip(entry["segments"], onsets, strict=True):
             mine = [w for w in words if seg["start_s"] <= (w.start + w.end) / 2 < seg["end_s"]]
             if mine:
                 final.append(max(w.committed_at for w in mine) - (t0 + seg["end_s"]))
                 first.append(mine[0].committed_at - (t0 + mine[0].start))
+                onset_first.append(mine[0].committed_at - (t0 + onset))
     row = {
         "system": "peer-WhisperLiveKit-LA2", "streams": args.streams,
         "final_median_s": statistics.median(final) if final else None,
         "final_p90_s": pct(final, 90), "endpoint_median_s": None, "endpoint_p90_s": None,
         "first_partial_median_s": statistics.median(first) if first else None,
         "first_partial_p90_s": pct(first, 90),
+        "onset_partial_median_s": statistics.median(onset_first) if onset_first else None,
+        "onset_partial_p90_s": pct(onset_first, 90),
         "cpu_s_per_audio_s": cpu / (args.streams * len(audio) / RATE),
         "wall_s": time.monotonic() - wall0, "wer": statistics.mean(wers),
         "whisperlivekit": _version("whisperlivekit"), "compute_type": "auto",

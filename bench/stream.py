@@ -10,6 +10,9 @@ Measured per N:
   also from the endpoint (the moment the VAD could decide: segment end + endpoint
   silence - end pad), which is what the pipeline controls;
 - first-partial latency: voiced onset sent (speech_start + start pad) -> first partial;
+  and from a common reference for both systems (`onset_partial`): the utterance's speech
+  onset in the audio (first frame within 35 dB of its loudest) sent -> its first text
+  (partial, or final if none; the peer: its first committed word);
 - daemon CPU seconds per audio second (utime + stime of the daemon process);
 - WER of the finals (jiwer, Whisper English normalizer on both sides).
 With `--peer` (after `make bench-deps`), bench/peer_localagreement.py (WhisperLiveKit's
@@ -47,6 +50,22 @@ def shared_stream(audio_dir: Path) -> tuple[np.ndarray, dict]:
     audio, rate = sf.read(audio_dir / entry["audio"], dtype="float32")
     assert rate == RATE
     return audio, entry
+
+
+def speech_onsets(audio: np.ndarray, entry: dict) -> list[float]:
+    """Per manifest utterance, where its speech begins (seconds): the first 10 ms frame of
+    the utterance within 35 dB of its loudest frame (and above -50 dBFS). The manifest's
+    spans start with the source clip, leading silence included; this common reference
+    measures both systems from the same moment."""
+    hop = RATE // 100
+    onsets = []
+    for seg in entry["segments"]:
+        clip = audio[int(seg["start_s"] * RATE) : int(seg["end_s"] * RATE)]
+        frames = clip[: len(clip) // hop * hop].reshape(-1, hop).astype(np.float64)
+        db = 10 * np.log10(np.mean(frames**2, axis=1) + 1e-12)
+        first = int(np.argmax(db >= max(db.max() - 35, -50)))
+        onsets.append(seg["start_s"] + first * hop / RATE)
+    return onsets
 
 
 def wer(refs: list[str], hyps: list[str]) -> float:
@@ -135,16 +154,22 @@ def sent_at(sent: list[float], seconds: float) -> float:
     return sent[k]
 
 
-def measure(run: dict, entry: dict, vad: dict) -> dict[str, list[float]]:
+def measure(run: dict, entry: dict, vad: dict, onsets: list[float]) -> dict[str, list[float]]:
     events, sent = run["events"], run["sent"]
     finals = [e for e in events if e["type"] == "final"]
     starts = {e["segment"]: e for e in events if e["type"] == "speech_start"}
-    out: dict[str, list[float]] = {"final": [], "endpoint": [], "first_partial": []}
-    for seg in entry["segments"]:
+    out: dict[str, list[float]] = {"final": [], "endpoint": [], "first_partial": [],
+                                   "onset_partial": []}
+    for seg, onset in zip(entry["segments"], onsets, strict=True):
         # The last final overlapping the utterance (the VAD may split one at a pause).
         covering = [f for f in finals if f["start"] < seg["end_s"] and seg["start_s"] < f["end"]]
         if covering:
             out["final"].append(covering[-1]["_t"] - sent_at(sent, seg["end_s"]))
+            # First text of the utterance on screen: its first segment's first partial.
+            first = [e for e in events if e["type"] == "partial"
+                     and e["segment"] == covering[0]["segment"] and e["text"]]
+            out["onset_partial"].append(
+                (first[0] if first else covering[0])["_t"] - sent_at(sent, onset))
     wait = (vad["endpoint_silence_ms"] - vad["end_pad_ms"]) / 1000
     for f in finals:
         out["endpoint"].append(f["_t"] - sent_at(sent, f["end"] + wait))
@@ -185,10 +210,12 @@ async def run_streamd(daemon: Daemon, n: int, audio: np.ndarray, entry: dict,
     runs = await asyncio.gather(*(one_stream(daemon.port, f"b{n}-{i}", audio, 0.37 * i)
                                   for i in range(n)))
     cpu = cpu_seconds(daemon.proc.pid) - cpu0
-    lat: dict[str, list[float]] = {"final": [], "endpoint": [], "first_partial": []}
+    lat: dict[str, list[float]] = {"final": [], "endpoint": [], "first_partial": [],
+                                   "onset_partial": []}
     wers = []
+    onsets = speech_onsets(audio, entry)
     for run in runs:
-        for key, values in measure(run, entry, vad).items():
+        for key, values in measure(run, entry, vad, onsets).items():
             lat[key] += values
         wers.append(wer([s["text"] for s in entry["segments"]],
                         [e["text"] for e in run["events"] if e["type"] == "final"]))
@@ -212,7 +239,7 @@ def table(rows: list[dict]) -> str:
 
     cols = ["system", "streams", "final_median_s", "final_p90_s", "endpoint_median_s",
             "endpoint_p90_s", "first_partial_median_s", "first_partial_p90_s",
-            "cpu_s_per_audio_s", "wer"]
+            "onset_partial_median_s", "onset_partial_p90_s", "cpu_s_per_audio_s", "wer"]
     lines = [" | ".join(cols), " | ".join("---" for _ in cols)]
     lines += [" | ".join(f(r.get(c)) for c in cols) for r in rows]
     return "\n".join(lines)

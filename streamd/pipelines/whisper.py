@@ -3,11 +3,12 @@
 Per request the segment audio so far is zero-padded to the smallest of a few static
 length buckets (default 2, 4, 6, 10, 14, 21 s), turned into log-mel, encoded, and
 decoded greedily after a prompt `SOT <|notimestamps|> + committed tokens` that the
-decoder pre-fills into its fixed-size KV cache. LocalAgreement-2 over words decides the
+decoder pre-fills into its fixed-size KV cache. LocalAgreement-3 over words decides the
 committed (stable) prefix, which later partials and the final keep (the contract: `stable`
 never changes). The final decodes the whole segment afresh: forcing the partials' prefix
-kept their early mistakes (WER 6.1 % vs 4.1 % on the stream recording). Only a fresh final
-that contradicts the stable prefix is decoded once more with that prefix forced.
+kept their early mistakes (WER 6.1 % vs 4.1 % on the stream recording). A fresh final that
+differs from the stable prefix in case or punctuation only takes the stable spelling; one
+with other words is decoded once more with the stable prefix forced.
 Final early: when the VAD reports the speech paused for the end padding, the session asks
 for a `closing` partial on exactly the audio a final at the coming endpoint would get; it
 is decoded as the final (and sent as a partial if it keeps the stable prefix), and the
@@ -79,6 +80,12 @@ PARTIAL_QUEUE_LIMIT = 1
 TOKEN_BUDGET_BASE = 4
 PARTIAL_TOKENS_PER_S = 6.0
 FINAL_TOKENS_PER_S = 8.0
+# Partials that must agree on a word before it is stable (LocalAgreement-n). Measured with
+# bench/stability.py on every shared recording: with 2, 7 of 29 finals had other words
+# than their stable prefix (an early "S" forced "S-not!" for "Ask not!"), finals WER
+# 5.07 %; with 3, 1 of 29 and 4.39 % (fresh finals: 5.07 %), while 61 % (vs 86 %) of a
+# final's words were stable before it came.
+STABLE_AGREEMENT = 3
 NO_SPEECH_THRESHOLD = 0.6
 COMPRESSION_RATIO_THRESHOLD = 2.4
 LOGPROB_THRESHOLD = -1.0
@@ -263,7 +270,7 @@ class WhisperPipeline:
             "streamd_finals_early": ("Finals decoded at the speech pause, before the endpoint",
                                      lambda: self.finals_early),
             "streamd_finals_restabilized": ("Finals decoded again with the stable prefix "
-                                            "forced (the fresh decode contradicted it)",
+                                            "forced (the fresh decode had other words)",
                                             lambda: self.finals_restabilized),
         }
 
@@ -349,10 +356,14 @@ class WhisperPipeline:
     def words_text(self, words: Sequence[tuple[int, ...]]) -> str:
         return self.text([t for w in words for t in w])
 
+    def plain_words(self, words: Sequence[tuple[int, ...]]) -> list[str]:
+        """Words lower-cased, without punctuation: what a case or comma change keeps."""
+        return ["".join(c for c in self.text(w).lower() if c.isalnum()) for w in words]
+
     def cut_loop(self, words: list[tuple[int, ...]], keep: int) -> list[tuple[int, ...]]:
-        """Drops a repetition loop at the end (compared on lower-cased words without
-        punctuation), never cutting into the first `keep` words."""
-        norm = ["".join(c for c in self.text(w).lower() if c.isalnum()) for w in words]
+        """Drops a repetition loop at the end (compared on `plain_words`), never cutting
+        into the first `keep` words."""
+        norm = self.plain_words(words)
         cut = loop_start(norm, keep)
         if cut == len(norm) > 1:  # the token cap may have cut the loop's last word short
             shorter = loop_start(norm[:-1], keep)
@@ -361,12 +372,12 @@ class WhisperPipeline:
 
 
 class WhisperRecognizer:
-    """Per session: LocalAgreement-2 state of the segment in flight, and the final computed
+    """Per session: LocalAgreement state of the segment in flight, and the final computed
     early on a closing partial (`SegmentInfo.closing`)."""
 
     def __init__(self, pipeline: WhisperPipeline) -> None:
         self.pipeline = pipeline
-        self.policy: LocalAgreement[tuple[int, ...]] = LocalAgreement(2)
+        self.policy: LocalAgreement[tuple[int, ...]] = LocalAgreement(STABLE_AGREEMENT)
         self._segment: int | None = None
         self._last_text: str | None = None
         # (segment index, start, samples) -> the final's hypothesis for exactly that audio
@@ -435,16 +446,23 @@ class WhisperRecognizer:
         """The whole segment decoded afresh (no committed prefix forced): measured on the
         stream recording, forcing the partials' LocalAgreement prefix kept their early
         mistakes ("will be ever", "what you are country"): WER 6.1 % vs 4.1 % free.
-        A fresh result that does not start with the `committed` (stable) words is decoded
-        again with them forced, so the final keeps what partials promised."""
+        The final keeps what partials promised (the `committed`, stable, words): a fresh
+        result that starts with the same words in another case or punctuation takes the
+        stable spelling; one that starts with other words is decoded again with the
+        stable words forced."""
         p = self.pipeline
         result = await p.recognize(audio_16k, (), final=True)
         words = [] if result.silent else p.cut_loop(p.words(result.tokens), 0)
-        if committed and p.words_text(words[: len(committed)]) != p.words_text(committed):
+        k = len(committed)
+        if k and p.plain_words(words[:k]) == p.plain_words(committed):
+            # The same words, but for case or punctuation ("the" / "The", "him," / "him."):
+            # the stable spelling stands, the fresh decode goes on after it.
+            words = list(committed) + words[k:]
+        elif k:
             p.finals_restabilized += 1
             prefix = tuple(t for word in committed for t in word)
             result = await p.recognize(audio_16k, prefix, final=True)
-            words = p.cut_loop(list(committed) + p.words(result.tokens), len(committed))
+            words = p.cut_loop(list(committed) + p.words(result.tokens), k)
         if not words:
             return Hypothesis("")  # not speech: nothing is published for the segment
         return Hypothesis(p.words_text(words))

@@ -263,6 +263,30 @@ def test_final_keeps_a_stable_prefix_the_fresh_decode_contradicts(pipeline) -> N
     assert final.text == pipeline.words_text(words)
 
 
+def test_final_takes_the_stable_spelling_of_the_same_words(pipeline, monkeypatch) -> None:
+    """A fresh final whose first words are the stable words in another case or
+    punctuation is not decoded again: it starts with the stable spelling and goes on
+    with the fresh decode's own words. (The decode is faked: a random model does not
+    say such sentences.)"""
+    from streamd.pipelines.whisper import Decoded
+
+    tok = pipeline.tokenizer
+    calls = []
+
+    async def fake_recognize(audio, prefix=(), final=False):
+        calls.append(prefix)
+        return Decoded(tuple(tok.encode(" The narrative, would be tedious.")), -0.1, 0.0)
+
+    monkeypatch.setattr(pipeline, "recognize", fake_recognize)
+    rec = pipeline.new_recognizer("spelled")
+    rec._enter(0)
+    rec.policy.committed = tuple(pipeline.words(tok.encode(" the narrative would")))
+    before = pipeline.finals_restabilized
+    final = asyncio.run(rec.final(np.zeros(RATE, np.float32), SegmentInfo("spelled", 0, 0, 1)))
+    assert calls == [()] and pipeline.finals_restabilized == before  # one fresh decode
+    assert final.text.strip() == "the narrative would be tedious."
+
+
 def test_closing_partial_is_skipped_when_the_engine_is_busy(pipeline, monkeypatch) -> None:
     """With a request waiting in the engine, a closing partial computes nothing (the
     endpoint's final must not wait behind it) and the final then decodes the audio itself."""
@@ -292,8 +316,8 @@ def test_closing_partial_is_skipped_when_the_engine_is_busy(pipeline, monkeypatc
 
 
 def test_partials_never_commit_the_last_word(pipeline) -> None:
-    """Two identical partials agree on every word, yet the last one stays uncommitted (it
-    may be cut short or carry guessed punctuation at the audio's end)."""
+    """n identical partials (LocalAgreement-n) agree on every word, yet the last one stays
+    uncommitted (it may be cut short or carry guessed punctuation at the audio's end)."""
     engine = pipeline.engine
     rng = np.random.default_rng(3)
 
@@ -305,10 +329,10 @@ def test_partials_never_commit_the_last_word(pipeline) -> None:
                 audio = rng.standard_normal(int(0.8 * RATE)).astype(np.float32) * 0.2
                 rec = pipeline.new_recognizer(f"w{k}")
                 info = SegmentInfo(f"w{k}", 0, 0.0, 0.8)
-                for _ in range(2):  # (random weights loop on one word: cut to one)
+                for _ in range(rec.policy.n):  # (random weights loop on one word: cut)
                     await rec.partial(audio, info)
                 recent = list(rec.policy._recent)
-                if len(recent) == 2:  # both partials reached the policy (none was silent)
+                if len(recent) == rec.policy.n:  # every partial reached it (none silent)
                     seen.append((recent[-1], rec.policy.committed))
             return seen
         finally:
