@@ -55,7 +55,7 @@ def _overlap(a: tuple[float, float], b: tuple[float, float]) -> float:
     return max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
 
 
-@pytest.mark.parametrize("frame_ms,aggressiveness", [(30, 2), (20, 3), (10, 1)])
+@pytest.mark.parametrize("frame_ms,aggressiveness", [(30, 2), (20, 3), (10, 1), (30, 0)])
 def test_stream_segments_match_reference(stream, frame_ms, aggressiveness) -> None:
     audio, refs = stream
     events = segment(audio, VadConfig(frame_ms=frame_ms, aggressiveness=aggressiveness))
