@@ -154,12 +154,14 @@ def sent_at(sent: list[float], seconds: float) -> float:
     return sent[k]
 
 
+LATENCIES = ("final", "endpoint", "first_partial", "onset_partial")  # measured per stream
+
+
 def measure(run: dict, entry: dict, vad: dict, onsets: list[float]) -> dict[str, list[float]]:
     events, sent = run["events"], run["sent"]
     finals = [e for e in events if e["type"] == "final"]
     starts = {e["segment"]: e for e in events if e["type"] == "speech_start"}
-    out: dict[str, list[float]] = {"final": [], "endpoint": [], "first_partial": [],
-                                   "onset_partial": []}
+    out: dict[str, list[float]] = {key: [] for key in LATENCIES}
     for seg, onset in zip(entry["segments"], onsets, strict=True):
         # The last final overlapping the utterance (the VAD may split one at a pause).
         covering = [f for f in finals if f["start"] < seg["end_s"] and seg["start_s"] < f["end"]]
@@ -210,8 +212,7 @@ async def run_streamd(daemon: Daemon, n: int, audio: np.ndarray, entry: dict,
     runs = await asyncio.gather(*(one_stream(daemon.port, f"b{n}-{i}", audio, 0.37 * i)
                                   for i in range(n)))
     cpu = cpu_seconds(daemon.proc.pid) - cpu0
-    lat: dict[str, list[float]] = {"final": [], "endpoint": [], "first_partial": [],
-                                   "onset_partial": []}
+    lat: dict[str, list[float]] = {key: [] for key in LATENCIES}
     wers = []
     onsets = speech_onsets(audio, entry)
     for run in runs:

@@ -110,16 +110,18 @@ class Session:
     def done(self) -> dict[str, Any]:
         return protocol.done_event(self.id, self.segments)
 
-    def _announce(self, index: int) -> tuple[list[dict[str, Any]], int]:
-        """(the segment's speech_start if it was still held, its number for clients)."""
-        if index in self._numbers:
-            return [], self._numbers[index]
-        number = self._numbers[index] = self.segments
-        self.segments += 1
-        start = self._held.pop(index, None)
-        if start is None:  # not a VAD segment of this session (direct requests in tests)
-            return [], number
-        return [protocol.speech_start_event(self.id, number, start)], number
+    def _announce(self, index: int, last: bool = False) -> tuple[list[dict[str, Any]], int]:
+        """(the segment's speech_start if it was still held, its number for clients);
+        `last`: the segment's closing event (final or error), its number is forgotten."""
+        events: list[dict[str, Any]] = []
+        if index not in self._numbers:
+            self._numbers[index] = self.segments
+            self.segments += 1
+            start = self._held.pop(index, None)
+            if start is not None:  # else not a VAD segment (direct requests in tests)
+                events.append(protocol.speech_start_event(self.id, self.segments - 1, start))
+        number = self._numbers.pop(index) if last else self._numbers[index]
+        return events, number
 
     def resolve(self, request: Request, hyp: Hypothesis | None) -> list[dict[str, Any]]:
         """A recognizer result -> the events to emit (none: nothing to say)."""
@@ -130,8 +132,7 @@ class Session:
                 del self._held[seg.index]
                 self.noise_segments += 1
                 return []
-            events, number = self._announce(seg.index)
-            del self._numbers[seg.index]
+            events, number = self._announce(seg.index, last=True)
             words = [w.to_json() for w in hyp.words] if hyp is not None else None
             return events + [protocol.final_event(self.id, number, seg.start, seg.end, text,
                                                   words)]
@@ -159,8 +160,7 @@ class Session:
         a final, an error naming the segment in its place (announcing it if need be)."""
         if request.kind == "partial":
             return []
-        events, number = self._announce(request.segment.index)
-        del self._numbers[request.segment.index]
+        events, number = self._announce(request.segment.index, last=True)
         return events + [protocol.error_event(code, f"segment {number}: {message}", self.id)]
 
     def _accept(self, audio: np.ndarray) -> list[Output]:

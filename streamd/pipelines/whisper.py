@@ -11,7 +11,7 @@ differs from the stable prefix in case or punctuation only takes the stable spel
 with other words is decoded once more with the stable prefix forced.
 Final early: when the VAD reports the speech paused for the end padding, the session asks
 for a `closing` partial on exactly the audio a final at the coming endpoint would get; it
-is decoded as the final (and sent as a partial if it keeps the stable prefix), and the
+is decoded as the final (and sent as a partial unless it is empty), and the
 endpoint's final reuses it when the audio is unchanged: the final's decode overlaps the
 rest of the endpoint wait instead of following it.
 Finals use a window of at least `final_min_s` (10 s): tiny.en loops or repeats a sentence
@@ -353,8 +353,13 @@ class WhisperPipeline:
     def text(self, tokens: Sequence[int]) -> str:
         return self.tokenizer.decode(tokens)
 
+    @staticmethod
+    def tokens(words: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
+        """The token ids of `words`, in order (a decoder prefix)."""
+        return tuple(t for w in words for t in w)
+
     def words_text(self, words: Sequence[tuple[int, ...]]) -> str:
-        return self.text([t for w in words for t in w])
+        return self.text(self.tokens(words))
 
     def plain_words(self, words: Sequence[tuple[int, ...]]) -> list[str]:
         """Words lower-cased, without punctuation: what a case or comma change keeps."""
@@ -390,9 +395,6 @@ class WhisperRecognizer:
             self._last_text = None
             self._early = None
 
-    def _prefix(self) -> tuple[int, ...]:
-        return tuple(t for word in self.policy.committed for t in word)
-
     async def partial(self, audio_16k: np.ndarray, segment: SegmentInfo) -> Hypothesis | None:
         self._enter(segment.index)
         p = self.pipeline
@@ -402,7 +404,7 @@ class WhisperRecognizer:
             p.partials_skipped += 1
             return None
         committed = self.policy.committed
-        prefix = self._prefix()
+        prefix = p.tokens(committed)
         result = await p.recognize(audio_16k, prefix)
         if result.silent and not prefix:
             return None
@@ -460,8 +462,7 @@ class WhisperRecognizer:
             words = list(committed) + words[k:]
         elif k:
             p.finals_restabilized += 1
-            prefix = tuple(t for word in committed for t in word)
-            result = await p.recognize(audio_16k, prefix, final=True)
+            result = await p.recognize(audio_16k, p.tokens(committed), final=True)
             words = p.cut_loop(list(committed) + p.words(result.tokens), k)
         if not words:
             return Hypothesis("")  # not speech: nothing is published for the segment

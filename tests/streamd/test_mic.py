@@ -302,11 +302,9 @@ def test_devices_command_reports_a_failed_query(
 
 
 def _speech_span(samples: np.ndarray, rate: int, floor_dbfs: float = -40.0) -> tuple[float, float]:
-    """First and last 30 ms frame louder than `floor_dbfs`, in seconds (end exclusive)."""
-    n = rate * 30 // 1000
-    frames = samples[: len(samples) // n * n].reshape(-1, n).astype(np.float64)
-    loud = np.flatnonzero(10 * np.log10((frames**2).mean(axis=1) + 1e-12) > floor_dbfs)
-    return loud[0] * n / rate, (loud[-1] + 1) * n / rate
+    """First and last envelope frame louder than `floor_dbfs`, in seconds (end exclusive)."""
+    loud = np.flatnonzero(_envelope(samples, rate) > 10 ** (floor_dbfs / 20))
+    return loud[0] * FRAME_S, (loud[-1] + 1) * FRAME_S
 
 
 def test_daemon_mic_session_final_reaches_mqtt(

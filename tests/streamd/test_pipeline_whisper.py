@@ -163,7 +163,7 @@ def test_recognizer_partials_stable_and_final_no_recompile(pipeline) -> None:
     def whole(result) -> str:
         # (with a repetition loop at its end cut, as random weights love to loop)
         words = pipeline.cut_loop(pipeline.words(result.tokens), 0)
-        return pipeline.text([t for w in words for t in w])
+        return pipeline.words_text(words)
 
     recognizers = [pipeline.new_recognizer(f"s{k}") for k in range(2)]
 
@@ -249,8 +249,7 @@ def test_final_keeps_a_stable_prefix_the_fresh_decode_contradicts(pipeline) -> N
             rec.policy.committed = promised
             before = pipeline.finals_restabilized
             final = await rec.final(audio, info)
-            forced = await pipeline.recognize(audio, tuple(t for w in promised for t in w),
-                                              final=True)
+            forced = await pipeline.recognize(audio, pipeline.tokens(promised), final=True)
             return promised, final, forced, pipeline.finals_restabilized - before
         finally:
             await engine.stop()
@@ -312,7 +311,7 @@ def test_closing_partial_is_skipped_when_the_engine_is_busy(pipeline, monkeypatc
 
     final, alone = asyncio.run(main())
     words = pipeline.cut_loop(pipeline.words(alone.tokens), 0)
-    assert final.text == pipeline.text([t for w in words for t in w])
+    assert final.text == pipeline.words_text(words)
 
 
 def test_partials_never_commit_the_last_word(pipeline) -> None:
