@@ -46,7 +46,9 @@ FRAME = RATE // 10  # 100 ms per message
 def shared_stream(audio_dir: Path) -> tuple[np.ndarray, dict]:
     entries = [json.loads(x) for x in (audio_dir / "manifest.jsonl").read_text().splitlines()
                if x.strip()]
-    entry = next(e for e in entries if e.get("segments"))
+    # The stream file (its manifest lists the utterances' spans); other entries with
+    # segments (the dev set's joined sentences) are single recordings.
+    entry = next(e for e in entries if e["audio"].startswith("stream_"))
     audio, rate = sf.read(audio_dir / entry["audio"], dtype="float32")
     assert rate == RATE
     return audio, entry

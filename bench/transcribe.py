@@ -1,14 +1,19 @@
 """Offline recognition speed, memory and accuracy: streamd vs faster-whisper on tiny.en.
 
-    python bench/transcribe.py [--audio tests/data/audio] [--out bench/results/transcribe.json]
+    python bench/transcribe.py [--audio tests/data/audio/dev tests/data/audio]
+                               [--systems streamd,faster-whisper-f32] [--repeat 1]
+                               [--out bench/results/transcribe.json]
 
 Every system runs in its own subprocess (so peak memory is its own) on the same files,
 with the same number of threads, after loading and warming up; each file is recognized
-`--repeat` times and the fastest run counts. Systems: streamd with the encoder window
-bucketed (two bucket ladders) and padded to 30 s (greedy, float32), faster-whisper float32
-and int8 (greedy, no previous-text conditioning, its default timestamp mode: without
-timestamps it skips all but the first sentence of each 30 s window). Prints a table and
-writes JSON.
+`--repeat` times and the fastest run counts. Systems: streamd as `streamd transcribe` runs
+it (timestamps, seeking, tail margin, quiet cuts: models/whisper_asr.py) and variants
+(`streamd:<option>=<value>,...` sets WhisperTranscriber fields, e.g.
+`streamd:timestamps=0`, `streamd:tail_margin=0`, `streamd:encoder_window=padded`),
+faster-whisper float32 and int8 (greedy, no previous-text conditioning, its default
+timestamp mode). WER overall and per length band (< 5 s, 5-10 s, 10-20 s, 20-30 s,
+> 30 s), and the outputs that end in a phrase said twice that the reference does not
+repeat. Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -24,14 +29,28 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 # streamd:<encoder window>: "padded" (30 s) or bucket lengths in seconds joined by "/".
-SYSTEMS = ("streamd:10/20/30", "streamd:5/10/15/20/30", "streamd:padded",
-           "faster-whisper-f32", "faster-whisper-int8")
+SYSTEMS = ("streamd", "faster-whisper-f32")
+BANDS = ((0, 5, "<5s"), (5, 10, "5-10s"), (10, 20, "10-20s"), (20, 30, "20-30s"),
+         (30, 1e9, ">30s"))
 
 
-def _load_files(audio_dir: Path) -> list[dict]:
-    entries = [json.loads(line) for line in (audio_dir / "manifest.jsonl").read_text().splitlines()
-               if line.strip()]
-    return [dict(e, path=str(audio_dir / e["audio"])) for e in entries]
+def _load_files(audio_dirs: list[Path]) -> list[dict]:
+    files = []
+    for audio_dir in audio_dirs:
+        lines = (audio_dir / "manifest.jsonl").read_text().splitlines()
+        files += [dict(e, path=str(audio_dir / e["audio"]))
+                  for e in map(json.loads, filter(str.strip, lines))]
+    return files
+
+
+def _option(value: str):
+    """A WhisperTranscriber field value from the command line."""
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
 
 
 def _worker(system: str, files: list[dict], threads: int, repeat: int) -> dict:
@@ -43,12 +62,9 @@ def _worker(system: str, files: list[dict], threads: int, repeat: int) -> dict:
         from models.registry import load_whisper
         from models.whisper_asr import WhisperTranscriber
 
-        window = system.split(":", 1)[1]
-        if window == "padded":
-            transcriber = WhisperTranscriber(load_whisper(), encoder_window="padded")
-        else:
-            buckets = tuple(int(s) for s in window.split("/"))
-            transcriber = WhisperTranscriber(load_whisper(), buckets_s=buckets)
+        options = dict(kv.split("=", 1) for kv in system.partition(":")[2].split(",") if kv)
+        transcriber = WhisperTranscriber(
+            load_whisper(), **{k: _option(v) for k, v in options.items()})
         load_s = time.perf_counter() - started
         started = time.perf_counter()
         transcriber.warmup()
@@ -88,24 +104,42 @@ def _worker(system: str, files: list[dict], threads: int, repeat: int) -> dict:
             "files": results}
 
 
-def _wer(files: list[dict], results: list[dict]) -> float:
+def _wer(files: list[dict], results: list[dict]) -> float | None:
     import jiwer
     from whisper_normalizer.english import EnglishTextNormalizer
 
+    if not files:
+        return None
     norm = EnglishTextNormalizer()
     refs = [norm(e["text"]) for e in files]
     hyps = [norm(r["text"]) for r in results]
-    return 100.0 * jiwer.wer(refs, hyps)
+    return round(100.0 * jiwer.wer(refs, hyps), 2)
+
+
+def _repeated_tails(files: list[dict], results: list[dict]) -> list[str]:
+    """Files whose output ends with a phrase of 3+ words said twice that the reference
+    does not end with twice."""
+    from whisper_normalizer.english import EnglishTextNormalizer
+
+    norm = EnglishTextNormalizer()
+
+    def tail(words: list[str]) -> bool:
+        return any(words[-k:] == words[-2 * k : -k] for k in range(3, len(words) // 2 + 1))
+
+    return [e["audio"] for e, r in zip(files, results, strict=True)
+            if tail(norm(r["text"]).split()) and not tail(norm(e["text"]).split())]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--audio", type=Path, default=REPO / "tests" / "data" / "audio")
+    parser.add_argument("--audio", type=Path, nargs="+",
+                        default=[REPO / "tests" / "data" / "audio" / "dev",
+                                 REPO / "tests" / "data" / "audio"])
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "transcribe.json")
     parser.add_argument("--systems", default=",".join(SYSTEMS))
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
-    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     files = _load_files(args.audio)
@@ -119,7 +153,7 @@ def main() -> int:
     for system in args.systems.split(","):
         print(f"running {system} ...", file=sys.stderr, flush=True)
         proc = subprocess.run(
-            [sys.executable, __file__, "--worker", system, "--audio", str(args.audio),
+            [sys.executable, __file__, "--worker", system, "--audio", *map(str, args.audio),
              "--threads", str(args.threads), "--repeat", str(args.repeat)],
             env=env, capture_output=True, text=True, check=False,
         )
@@ -134,23 +168,34 @@ def main() -> int:
     rows = []
     for system, run in runs.items():
         total = sum(r["elapsed_s"] for r in run["files"])
+        bands = {}
+        for lo, hi, name in BANDS:
+            pairs = [(e, r) for e, r in zip(files, run["files"], strict=True)
+                     if lo <= e["duration_s"] < hi]
+            bands[name] = _wer([e for e, _ in pairs], [r for _, r in pairs])
         rows.append({
-            "system": system, "wer_percent": round(_wer(files, run["files"]), 2),
+            "system": system, "wer_percent": _wer(files, run["files"]),
+            **{f"wer_{name}": wer for name, wer in bands.items()},
+            "repeated_tails": len(_repeated_tails(files, run["files"])),
             "recognition_s": round(total, 3), "rtf": round(total / audio_s, 4),
             "vs_fw_f32": round(total / ref_time, 3) if ref_time else None,
             "load_s": round(run["load_s"], 2), "warmup_compile_s": round(run["warmup_s"], 2),
             "peak_rss_mb": round(run["peak_rss_mb"], 1),
         })
-    header = ("system", "wer_percent", "recognition_s", "rtf", "vs_fw_f32", "load_s",
+    header = ("system", "wer_percent", *(f"wer_{name}" for *_, name in BANDS),
+              "repeated_tails", "recognition_s", "rtf", "vs_fw_f32", "load_s",
               "warmup_compile_s", "peak_rss_mb")
+    counts = {name: sum(lo <= e["duration_s"] < hi for e in files) for lo, hi, name in BANDS}
     print(f"{len(files)} files, {audio_s:.1f} s of audio, {args.threads} threads, "
-          f"best of {args.repeat}")
+          f"best of {args.repeat}; files per band: {counts}")
     print(" | ".join(header))
     for row in rows:
         print(" | ".join(str(row[h]) for h in header))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"audio_s": audio_s, "threads": args.threads,
-                                    "rows": rows, "runs": runs}, indent=2))
+    args.out.write_text(json.dumps({"audio": [str(a) for a in args.audio], "audio_s": audio_s,
+                                    "files_per_band": counts, "threads": args.threads,
+                                    "load_avg_at_end": os.getloadavg(), "rows": rows,
+                                    "runs": runs}, indent=2))
     return 0
 
 

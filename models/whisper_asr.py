@@ -1,17 +1,28 @@
 """Offline Whisper recognition of a whole recording: windows, length buckets, decoding.
 
-Whisper sees at most 30 s at once. Longer audio is cut at the quietest point before each
-30 s limit, so no word is split by a hard cut. Each window is encoded either padded to
-30 s (as Whisper was trained) or padded only to the next length bucket, which costs a
-fraction of the encoder's work on short audio; `bench/transcribe.py` measures what the
-buckets do to the word error rate.
+Whisper sees at most 30 s at once, and was trained on speech zero-padded to 30 s. Two
+things follow, both measured on the development set (tests/data/audio/dev, 119 files;
+`python bench/transcribe.py`, table in the README):
+
+- The speech must end inside the window with silence after it. A window whose speech
+  runs to its last frame makes tiny.en say its last phrase again ("... i want to die in
+  it i want to die in it"): 8 of 119 outputs, WER 13.8 % on 5-10 s files in 10 s buckets.
+  So a bucket is only used when its last quarter stays silence (`TAIL_MARGIN`).
+- Without timestamps, tiny.en often stops after the first sentences of a long window
+  (37 words of the 174.8 s stream file, 12 of a 13.6 s file). Decoding with timestamps
+  marks where each segment ends; a window whose last segment is incomplete (or cut by the
+  token cap) goes on from the end of its last complete segment, as openai/whisper's
+  `transcribe` does. Audio longer than 30 s is windowed at the quietest 100 ms before
+  each 30 s limit, so a window rarely ends inside a word.
+
+Each window is encoded padded only to the next length bucket (10/20/30 s), which costs
+a fraction of the encoder's work of a 30 s window on short audio.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Iterator
 from typing import Literal
 
 import jax
@@ -21,38 +32,66 @@ import numpy as np
 from models import whisper
 from models.mel import HOP_LENGTH, SAMPLE_RATE, log_mel
 from models.registry import WhisperModel
+from models.tokenizer import WhisperTokenizer
 from models.whisper_decoding import DecodeOptions, DecodeResult, WhisperDecoder, decode_segment
 
 WINDOW_S = 30
 # Encoder input lengths (seconds) for the bucketed window; every bucket compiles once.
-# Shorter buckets than 10 s made tiny.en loop or repeat on short clips (bench/transcribe.py
-# measures this).
+# Dev set, timestamps and the tail margin: WER 6.07 % with 10/20/30 s; shorter buckets
+# than 10 s made tiny.en loop on short clips (5/10/15/20/30 s: 21.2 % on the shared set).
 BUCKETS_S: tuple[int, ...] = (10, 20, 30)
-# Read speech runs at about 3-4 tokens a second; the cap per window keeps a decoder stuck
-# in a repetition loop from running on to Whisper's 224-token limit.
+# The fraction of a bucket that must stay silence after the audio (see the module
+# docstring). Dev set, timestamps and seeking, WER (5-10 s band) / outputs with a
+# repeated tail: margin 0: see README; 0.1: 6.04 % (3.96 %) / 0; 0.25: 6.07 % (4.13 %) / 0;
+# 0.4: 6.07 % (4.30 %) / 0. Flat from 0.1 to 0.4; 0.25 keeps a margin on either side.
+TAIL_MARGIN = 0.25
+# Token cap per window: MIN_TOKEN_CAP + MAX_TOKENS_PER_S x window seconds (Whisper's own
+# limit is 224). The fastest speech of the dev and shared sets is 7.3 tokens/s (LibriSpeech
+# 61, upper-case reference tokens: more than Whisper writes), so a 10 s window's 102-token
+# cap holds its 73 tokens and the timestamps; a decoder stuck in a loop stops early, and a
+# segment the cap cuts is decoded again from its start in the next window (seeking).
 MAX_TOKENS_PER_S = 7
 MIN_TOKEN_CAP = 32
 EncoderWindow = Literal["bucketed", "padded"]
 
 
-def split_long_audio(
-    audio: np.ndarray, max_s: float = WINDOW_S, search_s: float = 8.0
-) -> Iterator[tuple[int, np.ndarray]]:
-    """Yields `(start_sample, window)` pieces of at most `max_s`; each cut is at the
-    quietest 100 ms within the last `search_s` seconds before the limit."""
-    max_len = int(max_s * SAMPLE_RATE)
+def window_for(n_samples: int, buckets_s: tuple[int, ...], tail_margin: float) -> int:
+    """The smallest bucket (samples) whose last `tail_margin` of its length stays silence
+    after `n_samples` of audio; the 30 s window when none does."""
+    for seconds in buckets_s:
+        if n_samples <= seconds * SAMPLE_RATE * (1.0 - tail_margin):
+            return seconds * SAMPLE_RATE
+    return WINDOW_S * SAMPLE_RATE
+
+
+def timestamped_segments(tokens: list[int], tokenizer: WhisperTokenizer) -> tuple[list[int], int]:
+    """Text tokens of the complete segments of a timestamped decode, and the samples of the
+    window they consumed (0: the whole window; openai/whisper's `transcribe` rule).
+
+    A segment is complete when its closing timestamp is followed by the next segment's
+    opening one (a pair) or ends the decode (a single final timestamp). Text after the last
+    pair, unless it ends with its own timestamp, is incomplete: dropped, and the window's
+    use stops at that pair."""
+    begin = tokenizer.timestamp_begin
+    is_ts = [t >= begin for t in tokens]
+    single_ending = len(tokens) >= 2 and is_ts[-2:] == [False, True]
+    pairs = [i for i in range(1, len(tokens)) if is_ts[i - 1] and is_ts[i]]
+    if not pairs or single_ending:
+        return [t for t in tokens if t < tokenizer.eot], 0
+    end = pairs[-1]
+    consumed = (tokens[end - 1] - begin) * 2 * HOP_LENGTH  # a timestamp step is 2 mel frames
+    return [t for t in tokens[:end] if t < tokenizer.eot], consumed
+
+
+def quietest_cut(audio: np.ndarray, start: int, max_len: int, search_s: float = 8.0) -> int:
+    """The middle of the quietest 100 ms within the last `search_s` seconds before
+    `start + max_len`: where a window of long audio ends without splitting a word."""
     hop = SAMPLE_RATE // 10
-    start = 0
-    while len(audio) - start > max_len:
-        lo = start + max_len - int(search_s * SAMPLE_RATE)
-        region = audio[lo : start + max_len]
-        n = len(region) // hop
-        energy = np.square(region[: n * hop].reshape(n, hop)).mean(axis=1)
-        cut = lo + int(np.argmin(energy)) * hop + hop // 2
-        yield start, audio[start:cut]
-        start = cut
-    if len(audio) > start:
-        yield start, audio[start:]
+    lo = start + max_len - int(search_s * SAMPLE_RATE)
+    region = audio[lo : start + max_len]
+    n = len(region) // hop
+    energy = np.square(region[: n * hop].reshape(n, hop)).mean(axis=1)
+    return lo + int(np.argmin(energy)) * hop + hop // 2
 
 
 @functools.partial(jax.jit, static_argnames=("config", "n_samples"))
@@ -72,23 +111,25 @@ class WhisperTranscriber:
     beam_size: int = 1
     encoder_window: EncoderWindow = "bucketed"
     buckets_s: tuple[int, ...] = BUCKETS_S
+    timestamps: bool = True
+    tail_margin: float = TAIL_MARGIN
+    quiet_cuts: bool = True
 
     def __post_init__(self) -> None:
-        self.base_options = DecodeOptions(beam_size=self.beam_size if self.beam_size > 1 else None)
+        self.base_options = DecodeOptions(
+            beam_size=self.beam_size if self.beam_size > 1 else None, timestamps=self.timestamps
+        )
         self.decoder = WhisperDecoder(self.model.config, self.model.config.max_target_positions)
 
     def window_samples(self, n_samples: int) -> int:
         """The static encoder input length for `n_samples` of audio."""
         if self.encoder_window == "padded":
             return WINDOW_S * SAMPLE_RATE
-        for seconds in self.buckets_s:
-            if n_samples <= seconds * SAMPLE_RATE:
-                return seconds * SAMPLE_RATE
-        return WINDOW_S * SAMPLE_RATE
+        return window_for(n_samples, self.buckets_s, self.tail_margin)
 
-    def encode(self, audio: np.ndarray) -> jax.Array:
-        """One window [N <= 30 s] -> encoder output [1, T, D]."""
-        n = self.window_samples(len(audio))
+    def encode(self, audio: np.ndarray, n: int | None = None) -> jax.Array:
+        """One window [N <= 30 s] -> encoder output [1, T, D] of its bucket (or of `n`)."""
+        n = n or self.window_samples(len(audio))
         padded = np.zeros((1, n), np.float32)
         padded[0, : len(audio)] = audio[:n]
         return _features_and_encode(
@@ -96,13 +137,27 @@ class WhisperTranscriber:
         )
 
     def transcribe(self, audio: np.ndarray) -> str:
-        texts = []
-        for _, window in split_long_audio(np.asarray(audio, np.float32)):
-            if len(window) < HOP_LENGTH * 2:
-                continue
-            result = self._decode(self.encode(window), self.window_samples(len(window)))
-            if result.text.strip() and not result.no_speech:
-                texts.append(result.text.strip())
+        """openai/whisper's long-form loop: decode a window with timestamps, keep its
+        complete segments, and go on from the end of the last complete one (a segment the
+        window cut short, or one the token cap cut, is decoded again in the next window).
+        Without timestamps every window is kept whole."""
+        audio = np.asarray(audio, np.float32)
+        texts: list[str] = []
+        seek = 0
+        window_max = WINDOW_S * SAMPLE_RATE
+        while len(audio) - seek >= HOP_LENGTH * 2:
+            end = min(len(audio), seek + window_max)
+            if end < len(audio) and self.quiet_cuts:
+                end = quietest_cut(audio, seek, window_max)
+            window = audio[seek:end]
+            size = self.window_samples(len(window))
+            result = self._decode(self.encode(window, size), size)
+            text_ids, consumed = timestamped_segments(result.tokens, self.model.tokenizer)
+            if not result.no_speech:
+                text = self.model.tokenizer.decode(text_ids).strip()
+                if text:
+                    texts.append(text)
+            seek += consumed if 0 < consumed < len(window) else len(window)
         return " ".join(texts)
 
     def _decode(self, encoder_out: jax.Array, window_samples: int) -> DecodeResult:
@@ -117,6 +172,6 @@ class WhisperTranscriber:
 
     def warmup(self) -> None:
         """Compiles every encoder shape and the decoder, so timings exclude compiles."""
-        sizes = {self.window_samples(s * SAMPLE_RATE) for s in (*self.buckets_s, WINDOW_S)}
-        for n in sorted(sizes):
-            self._decode(self.encode(np.zeros(n, np.float32)), n)
+        sizes = [WINDOW_S] if self.encoder_window == "padded" else [*self.buckets_s, WINDOW_S]
+        for n in sorted({s * SAMPLE_RATE for s in sizes}):
+            self._decode(self.encode(np.zeros(n, np.float32), n), n)

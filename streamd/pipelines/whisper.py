@@ -51,6 +51,7 @@ from models.decoding import (
     greedy_search,
 )
 from models.mel import SAMPLE_RATE, log_mel
+from models.whisper_asr import TAIL_MARGIN
 from models.whisper_decoding import NoSpeechProbe, WhisperDecoder, compression_ratio
 from streamd.config import Config
 from streamd.engine import Engine
@@ -66,9 +67,12 @@ FINAL_MIN_S = 10.0
 FINAL_PRIORITY = 1  # engine priority of finals; partials run at 0
 # Rows x seconds of audio per device call; bounds the batch sizes of long buckets.
 ROW_SECONDS_PER_CALL = 32.0
-# Silence kept after the audio inside a bucket: Whisper tends to loop on a window whose
-# speech runs to its very end, so a request moves up a bucket rather than fill one.
-TAIL_MARGIN_S = 0.3
+# Silence kept after the audio inside a bucket: Whisper says its last phrase again when
+# the speech runs to the window's end. Finals keep the offline transcriber's margin, a
+# quarter of the window (models/whisper_asr.py TAIL_MARGIN, chosen on the dev set);
+# partials keep 0.3 s, for speed: a partial's loop is cut (`cut_loop`) and only words
+# that three partials agree on become stable.
+PARTIAL_TAIL_MARGIN_S = 0.3
 # Partials are best effort: one is only submitted while fewer requests than this wait in
 # the engine queue, so under load finals do not queue behind partials of other sessions.
 PARTIAL_QUEUE_LIMIT = 1
@@ -170,9 +174,9 @@ def bucket_ladder(
     max_segment_s: float, buckets_s: Sequence[float] = DEFAULT_BUCKETS_S,
     final_min_s: float = FINAL_MIN_S,
 ) -> tuple[float, ...]:
-    """Buckets up to the first that holds a whole segment (VAD cap, tail margin) and the
-    smallest final window, <= 30 s."""
-    need = min(max(max_segment_s + TAIL_MARGIN_S + 0.1, final_min_s), 30.0)
+    """Buckets up to the first that holds a whole segment (VAD cap) with a final's tail
+    margin, and the smallest final window, <= 30 s."""
+    need = min(max(max_segment_s / (1.0 - TAIL_MARGIN), final_min_s), 30.0)
     out = []
     for b in sorted(buckets_s):
         out.append(b)
@@ -244,10 +248,12 @@ class WhisperPipeline:
         return f"whisper/{spec.seconds:g}s{suffix}"
 
     def spec_for(self, n_samples: int, final: bool = False) -> BucketSpec:
-        """The smallest bucket holding n samples plus the tail margin (else the largest)."""
-        specs = self.final_specs if final else self.specs
-        need = n_samples + int(TAIL_MARGIN_S * SAMPLE_RATE)
-        return next((s for s in specs if s.samples >= need), specs[-1])
+        """The smallest bucket holding n samples and its tail margin (else the largest)."""
+        if final:
+            return next((s for s in self.final_specs
+                         if n_samples <= s.samples * (1.0 - TAIL_MARGIN)), self.final_specs[-1])
+        need = n_samples + int(PARTIAL_TAIL_MARGIN_S * SAMPLE_RATE)
+        return next((s for s in self.specs if s.samples >= need), self.specs[-1])
 
     def prefix_room(self, n_samples: int) -> int:
         """Committed tokens that fit the prompt of this audio's bucket (and of every later,

