@@ -18,6 +18,7 @@ import json
 import math
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import soundfile as sf
@@ -94,6 +95,23 @@ def test_frame_geometry_comes_from_the_config(name) -> None:
         assert int(wav2vec2.num_frames(config, n)) == int(lengths(n, add_adapter=False))
     assert config.output_stride == config.total_stride * config.adapter_factor
     assert config.frame_s == pytest.approx(config.output_stride / 16000)
+
+
+@pytest.mark.parametrize("kernel, stride", [(1, 2), (2, 2), (3, 2), (5, 3), (7, 2)])
+def test_streamed_adapter_emits_the_offline_frame_count(kernel, stride) -> None:
+    """The adapter's output frames per utterance are those of its convs (padding 1 each
+    side), whatever their kernel and stride: streaming emits (and flushes) that many."""
+    torch = pytest.importorskip("torch")
+    config = Wav2Vec2Config.tiny(add_adapter=True, adapter_kernel_size=kernel,
+                                 adapter_stride=stride, num_adapter_layers=2)
+    conv = torch.nn.Conv1d(1, 1, kernel, stride, padding=1)
+    frames = np.arange(1, 60)
+    got = np.asarray(wav2vec2._adapter_lengths(config, jnp.asarray(frames))[-1])
+    for n, length in zip(frames, got, strict=True):
+        x = torch.zeros(1, 1, int(n))
+        for _ in range(2):  # an input shorter than the kernel: no frames (torch refuses)
+            x = conv(x) if x.shape[-1] + 2 >= kernel else x[..., :0]
+        assert length == x.shape[-1], (n, length, x.shape[-1])
 
 
 def test_stream_config_from_ms_rounds_to_whole_frames() -> None:
