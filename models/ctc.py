@@ -1,7 +1,9 @@
 """CTC decoding on the host: vocabulary, greedy, prefix beam search, word timestamps.
 
-CTC encoders (wav2vec2, conformer) emit logits `[B, T, V]`, one frame per 20 ms. This
-module turns them into text with numpy; nothing here runs on the device.
+CTC encoders (wav2vec2, conformer) emit logits `[B, T, V]`, one frame per
+`config.frame_s` seconds (20 ms for the base models, the default `frame_stride` here;
+other conv layouts and adapters differ, so callers with word times pass their model's).
+This module turns them into text with numpy; nothing here runs on the device.
 
 - `CTCVocab`: a Hugging Face `Wav2Vec2CTCTokenizer` folder read without transformers
   (the pad token is the CTC blank, `|` separates words).
@@ -28,7 +30,7 @@ import numpy as np
 
 from models.checkpoint import ModelLoadError
 
-FRAME_STRIDE_S = 0.02  # wav2vec2 / conformer CTC frame rate: 320 samples at 16 kHz
+FRAME_STRIDE_S = 0.02  # base wav2vec2 / conformer frames (320 samples); see config.frame_s
 _NEG_INF = -np.inf
 _HASH_MUL = np.uint64(0x100000001B3)  # FNV-style multiplier for prefix hashes (mod 2**64)
 _HASH_EMPTY = np.uint64(0xCBF29CE484222325)

@@ -1,8 +1,13 @@
 """CTC recognition of whole recordings with wav2vec2 / wav2vec2-conformer models:
-offline (one forward over the utterance) or streamed chunk by chunk with cached state."""
+offline (one forward over the utterance) or streamed chunk by chunk with cached state.
+
+Any valid layout streams: chunk, left context and look-ahead are durations turned into
+the model's own frames (`wav2vec2.StreamConfig.from_ms`); a chunk that is not a whole
+number of output frames is rounded to the nearest one, with a warning."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,22 +16,31 @@ import numpy as np
 
 from models import ctc, wav2vec2
 
-CHUNK_MS_PER_FRAME = 20
+log = logging.getLogger(__name__)
+
+CHUNK_MS = 320  # streaming defaults, as durations (the frames depend on the layout)
+LEFT_MS = 5120
+RIGHT_MS = 320
 
 
 class CTCTranscriber:
     """Greedy (beam_size 1) or prefix-beam CTC decoding of a Hugging Face CTC folder."""
 
-    def __init__(self, folder: str | Path, beam_size: int = 1, chunk_ms: int = 320) -> None:
+    def __init__(self, folder: str | Path, beam_size: int = 1, chunk_ms: float = CHUNK_MS,
+                 left_ms: float = LEFT_MS, right_ms: float = RIGHT_MS) -> None:
+        """`chunk_ms`, `left_ms`, `right_ms`: streaming chunk, attention left context and
+        look-ahead (see `wav2vec2.StreamConfig.from_ms` for the rounding). Raises
+        ModelLoadError, or ValueError for a non-positive chunk or a negative context."""
         self.config, self.params, vocab_dir = wav2vec2.load(folder)
         self.vocab = ctc.CTCVocab.from_folder(vocab_dir)
         self.do_normalize = wav2vec2.extractor_normalizes(folder)
         self.beam_size = beam_size
-        if chunk_ms % CHUNK_MS_PER_FRAME:
-            raise ValueError(f"--chunk-ms must be a multiple of {CHUNK_MS_PER_FRAME}")
-        self.stream_config = wav2vec2.StreamConfig(
-            chunk_frames=chunk_ms // CHUNK_MS_PER_FRAME, normalize=self.do_normalize
-        )
+        self.stream_config = wav2vec2.StreamConfig.from_ms(
+            self.config, chunk_ms, left_ms, right_ms, normalize=self.do_normalize)
+        frame_ms = self.config.frame_s * 1000
+        if abs(self.chunk_ms - chunk_ms) > 1e-6:
+            log.warning("a %g ms chunk is not a whole number of this model's %g ms frames; "
+                        "streaming uses %g ms", chunk_ms, frame_ms, self.chunk_ms)
         self._stream_params = wav2vec2.prepare_stream(self.params, self.config,
                                                       self.stream_config)
 
@@ -41,8 +55,8 @@ class CTCTranscriber:
         if self.do_normalize:
             audio = wav2vec2.normalize_audio(audio)
         logits = wav2vec2.forward(self.params, self.config, jnp.asarray(audio)[None], None)
-        n = int(wav2vec2.num_frames(self.config, len(audio)))
-        return self._text(np.asarray(logits[0, :n]))
+        # One unpadded row: every output frame (encoder or adapter) is the utterance's.
+        return self._text(np.asarray(logits[0]))
 
     def warmup(self) -> None:
         # Offline shapes follow the input; streaming compiles once, here.
@@ -50,7 +64,12 @@ class CTCTranscriber:
 
     @property
     def chunk_samples(self) -> int:
-        return self.stream_config.chunk_frames * 320
+        return wav2vec2.chunk_samples(self.config, self.stream_config)
+
+    @property
+    def chunk_ms(self) -> float:
+        """The streaming chunk actually used (after rounding to whole frames)."""
+        return self.chunk_samples * 1000 / wav2vec2.SAMPLE_RATE
 
     def stream(self, audio: np.ndarray, on_partial: Callable[[str], None]) -> str:
         """Feeds `audio` chunk by chunk through the cached-state encoder; calls

@@ -11,14 +11,23 @@ Public API
 - `forward(params, config, audio [B, N], mask [B, N] | None) -> logits [B, T, V]`
   (jitted; `config` static), `num_frames(config, num_samples)`; `encode(...)` is the
   same without the CTC head.
-- Streaming: `StreamConfig`, `init_state(config, batch, stream) -> StreamState`,
+- Streaming: `StreamConfig` (`StreamConfig.from_ms(config, chunk_ms, left_ms, right_ms)`
+  turns durations into this model's frames), `chunk_samples(config, stream)`,
+  `init_state(config, batch, stream) -> StreamState`,
   `encode_chunk(params, state, chunk [B, chunk_samples], num_valid [B] | None)
-  -> (ChunkOutput(logits [B, chunk_frames, V], mask [B, chunk_frames]), state)`,
+  -> (ChunkOutput(logits [B, C', V], mask [B, C']), state)`,
   `pending_chunks(state)`, `reset_slots`, `stack_states`, `unstack_state`,
   `prepare_stream(params, config, stream)` (optional per-window constants).
 
+Frames: nothing assumes the base models' layout (7 convs, total stride 320 = 20 ms,
+receptive field 400). An encoder frame is `config.total_stride` samples (the product of
+`conv_stride`), sees `config.receptive_field` samples (from `conv_kernel`/`conv_stride`),
+and an output frame is `config.output_stride` samples (times the adapter's strides);
+`config.frame_s` is its duration in seconds.
+
 Streaming scheme (all shapes static; one compile per (config, StreamConfig, batch size)):
-- Feature extractor: each conv keeps its last `K - S` inputs, and a delay line of
+- Feature extractor: each conv window ends at the end of a block of S inputs, so a conv
+  keeps its last `K - S` inputs (K < S: skips the first S - K of each chunk), and a delay line of
   `fe_delay` raw samples aligns chunk boundaries with frame boundaries, so streamed
   features equal offline features exactly. Group norm (base layout) normalizes over the
   whole utterance offline; streaming uses running per-channel statistics over the audio
@@ -30,8 +39,9 @@ Streaming scheme (all shapes static; one compile per (config, StreamConfig, batc
   shifted arrays of static size (concatenate + slice), not ring buffers, so a slot's
   frame index, mask and relative distance are fixed functions of its position.
 - Latency: emitted frame g needs audio up to frame g + right_frames + 1, i.e.
-  chunk + (right_frames + 1) * 20 ms. The positional convolution (kernel 128) is exact
-  only with right_frames >= 63 (1.26 s of look-ahead); with less, its missing right
+  chunk + (right_frames + 1) * total_stride samples (20 ms frames for the base models).
+  The positional convolution (kernel K = num_conv_pos_embeddings) is exact only with
+  right_frames >= K - 1 - K // 2 (63 for the base models' 128); with less, its missing right
   context is read as zeros. Attention is bidirectional offline, so streaming equals
   offline only when left and right context cover the utterance.
 - End of a segment: pass `num_valid < chunk_samples` for the last audio, then call
@@ -39,8 +49,9 @@ Streaming scheme (all shapes static; one compile per (config, StreamConfig, batc
   mask is False are not frames of the utterance. Start the next segment with
   `reset_slots(state, slots)` (or a fresh `init_state`); `keep_statistics=True` carries
   the running group-norm statistics over, which helps base models (see the tests).
-- The adapter (`add_adapter`) streams too: its stride-2 convs keep input tails and emit
-  chunk_frames / 2^num_adapter_layers outputs per call (chunk_frames must divide).
+- The adapter (`add_adapter`) streams too: its strided convs keep input tails and emit
+  C' = chunk_frames / adapter_stride^num_adapter_layers outputs per call (chunk_frames
+  must be a multiple of `config.adapter_factor`; `StreamConfig.from_ms` makes it one).
 """
 
 from __future__ import annotations
@@ -56,6 +67,7 @@ import numpy as np
 from flax import struct
 
 Params = dict[str, Any]
+SAMPLE_RATE = 16_000  # Hz; the rate of every wav2vec2 feature extractor
 _NEG = -1e30  # finite "minus infinity": a query with every key masked stays finite
 
 _ACTIVATIONS = {
@@ -133,8 +145,23 @@ class Wav2Vec2Config:
         return math.prod(self.conv_stride)
 
     @property
+    def adapter_factor(self) -> int:
+        """Encoder frames per output frame: adapter_stride^num_adapter_layers (1: none)."""
+        return self.adapter_stride ** self.num_adapter_layers if self.add_adapter else 1
+
+    @property
+    def output_stride(self) -> int:
+        """Audio samples per output (logit) frame: the total stride times the adapter's."""
+        return self.total_stride * self.adapter_factor
+
+    @property
+    def frame_s(self) -> float:
+        """Seconds per output (logit) frame, for word times (0.02 for the base models)."""
+        return self.output_stride / SAMPLE_RATE
+
+    @property
     def receptive_field(self) -> int:
-        """Audio samples seen by one encoder frame (400)."""
+        """Audio samples seen by one encoder frame (400 for the base models)."""
         field, step = 1, 1
         for k, s in zip(self.conv_kernel, self.conv_stride, strict=True):
             field += (k - 1) * step
@@ -170,17 +197,47 @@ class Wav2Vec2Config:
 
 @dataclasses.dataclass(frozen=True)
 class StreamConfig:
-    """Static streaming shape: chunk, attention left context and look-ahead, in frames.
+    """Static streaming shape: chunk, attention left context and look-ahead, in encoder
+    frames (of `total_stride` samples each; with an adapter, chunk_frames is a multiple of
+    `adapter_factor`).
 
-    Defaults: 320 ms chunks, 5.12 s of left context, 320 ms of look-ahead. `normalize`:
-    zero-mean unit-variance input with running statistics, for models whose feature
-    extractor has `do_normalize` (offline callers normalize the whole utterance instead).
+    Defaults: for the base models' 20 ms frames, 320 ms chunks, 5.12 s of left context,
+    320 ms of look-ahead; other layouts should use `from_ms`, which keeps these durations
+    whatever the frame. `normalize`: zero-mean unit-variance input with running
+    statistics, for models whose feature extractor has `do_normalize` (offline callers
+    normalize the whole utterance instead).
     """
 
     chunk_frames: int = 16
     left_frames: int = 256
     right_frames: int = 16
     normalize: bool = False
+
+    @classmethod
+    def from_ms(cls, config: Wav2Vec2Config, chunk_ms: float = 320, left_ms: float = 5120,
+                right_ms: float = 320, normalize: bool = False) -> StreamConfig:
+        """Durations -> frames of this model. The chunk is rounded to the nearest whole
+        number of output frames (`config.output_stride` samples: the total conv stride,
+        times the adapter's), at least one; left context and look-ahead to the nearest
+        whole number of encoder frames (`total_stride` samples). Raises ValueError for a
+        chunk that is not positive or a negative context."""
+        if not chunk_ms > 0:
+            raise ValueError(f"the chunk must be longer than 0 ms (got {chunk_ms})")
+        if left_ms < 0 or right_ms < 0:
+            raise ValueError(f"left context and look-ahead must be >= 0 ms "
+                             f"(got {left_ms}, {right_ms})")
+
+        def frames(ms: float, samples: int) -> int:
+            return int(math.floor(ms * SAMPLE_RATE / 1000 / samples + 0.5))
+
+        chunk = max(frames(chunk_ms, config.output_stride), 1) * config.adapter_factor
+        return cls(chunk_frames=chunk, left_frames=frames(left_ms, config.total_stride),
+                   right_frames=frames(right_ms, config.total_stride), normalize=normalize)
+
+
+def chunk_samples(config: Wav2Vec2Config, stream: StreamConfig) -> int:
+    """Audio samples of one streaming chunk: chunk_frames * total_stride."""
+    return stream.chunk_frames * config.total_stride
 
 
 def num_frames(config: Wav2Vec2Config, num_samples: np.ndarray | int) -> np.ndarray:
@@ -541,7 +598,7 @@ class FeatureState:
     """Streaming feature extractor: exact conv tails plus running statistics."""
 
     carry: jax.Array  # [B, fe_delay] raw samples held back to align frames
-    tails: tuple[jax.Array, ...]  # per conv: its last K - S inputs [B, K - S, C_in]
+    tails: tuple[jax.Array, ...]  # per conv: its last max(K - S, 0) inputs [B, K - S, C_in]
     norm: RunningStats  # first-conv outputs, channels conv_dim[0] (group-norm layout)
     audio: RunningStats  # raw samples, 1 channel (StreamConfig.normalize)
 
@@ -596,11 +653,13 @@ def _adapter_plan(config: Wav2Vec2Config, stream: StreamConfig) -> list[tuple[in
 
 
 def _adapter_lengths(config: Wav2Vec2Config, frames: jax.Array) -> list[jax.Array]:
-    """Valid positions per adapter level for `frames` [B] encoder frames (as transformers)."""
+    """Positions per adapter level for `frames` [B] encoder frames: the outputs of the
+    offline convs (padding 1 each side); for kernel 3 that is transformers' length rule."""
+    k, s = config.adapter_kernel_size, config.adapter_stride
     lengths = [frames]
     for _ in range(config.num_adapter_layers if config.add_adapter else 0):
-        lengths.append(jnp.where(lengths[-1] > 0, (lengths[-1] - 1) // config.adapter_stride + 1,
-                                 0))
+        n = lengths[-1]
+        lengths.append(jnp.where(n > 0, jnp.maximum((n + 2 - k) // s + 1, 0), 0))
     return lengths
 
 
@@ -614,7 +673,7 @@ def init_state(config: Wav2Vec2Config, batch: int,
     tails = []
     c_in = 1
     for k, s, c in zip(config.conv_kernel, config.conv_stride, config.conv_dim, strict=True):
-        tails.append(jnp.zeros((batch, k - s, c_in), f32))
+        tails.append(jnp.zeros((batch, max(k - s, 0), c_in), f32))
         c_in = c
     feats = FeatureState(
         carry=jnp.zeros((batch, config.fe_delay), f32), tails=tuple(tails),
@@ -652,8 +711,10 @@ def _stream_features(params: Params, config: Wav2Vec2Config, fs: FeatureState,
     tails, stats = [], fs.norm
     for i, p in enumerate(params["fe"]):
         k, s = config.conv_kernel[i], config.conv_stride[i]
-        x = jnp.concatenate([fs.tails[i], x], 1)
-        tails.append(x[:, x.shape[1] - (k - s):])
+        # Each window ends at the end of a block of S inputs: K > S reads the K - S
+        # inputs before the block (the tail), K < S skips the first S - K of it.
+        x = jnp.concatenate([fs.tails[i], x], 1) if k >= s else x[:, s - k:]
+        tails.append(x[:, x.shape[1] - max(k - s, 0):])
         x = _conv_fe(p, config, i, x)
         if i == 0 and config.feat_extract_norm == "group":
             # Running statistics over the valid first-conv outputs so far: offline
@@ -702,7 +763,8 @@ def _encode_chunk(params: Params, state: StreamState, chunk: jax.Array,
     c, r, left = stream.chunk_frames, stream.right_frames, stream.left_frames
     n = chunk.shape[1]
     if n != c * config.total_stride:
-        raise ValueError(f"chunk has {n} samples; this state takes {c * config.total_stride}")
+        raise ValueError(f"chunk has {n} samples; this state takes {c * config.total_stride} "
+                         f"({c} frames of the model's total conv stride {config.total_stride})")
     if num_valid is None:
         num_valid = jnp.full((chunk.shape[0],), n, jnp.int32)
     num_valid = jnp.where(state.ended, 0, jnp.clip(num_valid, 0, n)).astype(jnp.int32)
@@ -765,8 +827,9 @@ def _encode_chunk(params: Params, state: StreamState, chunk: jax.Array,
 encode_chunk = jax.jit(_encode_chunk, donate_argnums=1)
 encode_chunk.__doc__ = """One streaming step (jitted, state donated: do not reuse it).
 
-chunk [B, chunk_frames * 320] float32 of new audio; num_valid [B] int32 real samples in
-it (None: all). Returns (ChunkOutput(logits [B, chunk_frames, V], mask [B, chunk_frames]),
+chunk [B, chunk_frames * total_stride] float32 of new audio; num_valid [B] int32 real samples in
+it (None: all). Returns (ChunkOutput(logits [B, C', V], mask [B, C']) with
+C' = chunk_frames / adapter_factor,
 new state). The logits are offline frames [E, E + chunk_frames) with
 E = step * chunk_frames - fe_delay_frames - right_frames: the first calls emit only
 masked frames while the look-ahead fills. One compile per (config, StreamConfig, batch);

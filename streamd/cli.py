@@ -21,7 +21,17 @@ def _add_transcribe(subparsers) -> None:
                    help="one JSON object per line per file: file, text, duration_s, elapsed_s")
     p.add_argument("--stream", action="store_true",
                    help="CTC models: run the chunked streaming path and print partials")
-    p.add_argument("--chunk-ms", type=int, default=320, help="streaming chunk size (--stream)")
+    p.add_argument("--chunk-ms", type=float, default=320,
+                   help="streaming chunk in ms (--stream; default 320), rounded to the nearest "
+                        "whole number of the model's output frames (20 ms for wav2vec2-base; "
+                        "the product of its conv strides, times the adapter's), at least one")
+    p.add_argument("--left-ms", type=float, default=5120,
+                   help="streaming attention left context in ms (--stream; default 5120), "
+                        "rounded to whole encoder frames")
+    p.add_argument("--right-ms", type=float, default=320,
+                   help="streaming look-ahead in ms (--stream; default 320), rounded to whole "
+                        "encoder frames; with left and right context as long as the file the "
+                        "streamed text equals the offline text (layer-norm layouts)")
     p.add_argument("--encoder-window", choices=("bucketed", "padded"), default=None,
                    help="Whisper: encode audio in length buckets or always pad to 30 s")
     p.set_defaults(run=lambda args: __import__("streamd.transcribe").transcribe.main(args))

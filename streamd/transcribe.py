@@ -75,7 +75,8 @@ def _load_seq2seq(module_name: str) -> Callable[..., FileTranscriber]:
 def _load_ctc(folder, args: argparse.Namespace) -> FileTranscriber:
     from models.ctc_asr import CTCTranscriber
 
-    return CTCTranscriber(folder, beam_size=args.beam_size, chunk_ms=args.chunk_ms)
+    return CTCTranscriber(folder, beam_size=args.beam_size, chunk_ms=args.chunk_ms,
+                          left_ms=args.left_ms, right_ms=args.right_ms)
 
 
 # Non-Whisper families: family -> (folder, args) -> transcriber.

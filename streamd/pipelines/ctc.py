@@ -1,8 +1,13 @@
 """The `ctc` pipeline: wav2vec2 CTC models streamed chunk by chunk with cached state.
 
 Each session keeps one `wav2vec2.StreamState` (batch axis 1) per segment and feeds only
-the audio that is new since its last call, in whole 320 ms chunks, through
+the audio that is new since its last call, in whole chunks, through
 `wav2vec2.encode_chunk`: every sample is encoded once, however often partials come.
+Chunk, left context and look-ahead are durations (`CHUNK_MS`, `LEFT_MS`, `RIGHT_MS`:
+320 ms, 5.12 s, 320 ms) turned into the model's own frames by
+`wav2vec2.StreamConfig.from_ms` (the chunk rounded to the nearest whole number of output
+frames: 16 frames of 20 ms for wav2vec2-base, 64 of 5 ms for strides 5, 4, 4), so every
+conv layout streams; word times use the model's frame duration (`config.frame_s`).
 The final feeds the rest of the segment (a short last chunk with `num_valid`), flushes the
 look-ahead with `pending_chunks` empty chunks and returns the greedy text with word times.
 Fed the same segment audio, the final equals `CTCTranscriber.stream` (same chunking).
@@ -17,10 +22,11 @@ greedy text only grows, so partial text is stable except where a split re-encode
 frames near the cut: frames within the look-ahead of the newest audio are kept out of
 `stable` as a margin.
 
-Device work: one engine kind per chunk shape (`ctc/320ms`); a batch stacks the states of
-its sessions (`stack_states`), runs one jitted `encode_chunk` and splits them again. The
-engine's warm-up compiles every batch size before READY. The `conformer` pipeline is this
-code with a wav2vec2-conformer folder (streamd/pipelines/conformer.py).
+Device work: one engine kind per chunk shape (`ctc/320ms`: the chunk's duration); a batch
+stacks the states of its sessions (`stack_states`), runs one jitted `encode_chunk` and
+splits them again. The engine's warm-up compiles every batch size before READY. The
+`conformer` pipeline is this code with a wav2vec2-conformer folder
+(streamd/pipelines/conformer.py).
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from models import ctc, wav2vec2
+from models import ctc, ctc_asr, wav2vec2
 from models.mel import SAMPLE_RATE
 from streamd.config import Config
 from streamd.engine import Engine
@@ -42,9 +48,10 @@ from streamd.recognizer import Hypothesis, PipelineCounters, SegmentInfo, Word
 
 log = logging.getLogger("streamd.pipelines.ctc")
 
-CHUNK_MS = 320
+CHUNK_MS = ctc_asr.CHUNK_MS  # as durations: the frames depend on the model's layout
+LEFT_MS = ctc_asr.LEFT_MS
+RIGHT_MS = ctc_asr.RIGHT_MS
 FINAL_PRIORITY = 1  # engine priority of finals (and their flush chunks); partials run at 0
-SAMPLES_PER_FRAME = 320  # wav2vec2's conv stack: 20 ms frames at 16 kHz
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,14 +81,16 @@ class CTCModel:
     stream: wav2vec2.StreamConfig
 
 
-def load_model(folder: str | Path, chunk_ms: int = CHUNK_MS) -> CTCModel:
-    """A Hugging Face wav2vec2 / wav2vec2-conformer CTC folder, ready to stream.
+def load_model(folder: str | Path, chunk_ms: float = CHUNK_MS, left_ms: float = LEFT_MS,
+               right_ms: float = RIGHT_MS) -> CTCModel:
+    """A Hugging Face wav2vec2 / wav2vec2-conformer CTC folder of any layout, ready to
+    stream; the durations become its frames as `wav2vec2.StreamConfig.from_ms` rounds them.
     Raises models.checkpoint.ModelLoadError."""
     config, params, vocab_dir = wav2vec2.load(folder)
     vocab = ctc.CTCVocab.from_folder(vocab_dir)
     normalize = wav2vec2.extractor_normalizes(folder)
-    stream = wav2vec2.StreamConfig(chunk_frames=chunk_ms * SAMPLE_RATE // 1000
-                                   // SAMPLES_PER_FRAME, normalize=normalize)
+    stream = wav2vec2.StreamConfig.from_ms(config, chunk_ms, left_ms, right_ms,
+                                           normalize=normalize)
     return CTCModel(config, wav2vec2.prepare_stream(params, config, stream), vocab, stream)
 
 
@@ -93,11 +102,12 @@ class CTCPipeline:
         self.name = name
         self.engine = engine
         self.model = model
-        self.chunk_samples = model.stream.chunk_frames * SAMPLES_PER_FRAME
+        self.chunk_samples = wav2vec2.chunk_samples(model.config, model.stream)
         self.kind = f"{name}/{self.chunk_samples * 1000 // SAMPLE_RATE}ms"
         self.holdback = holdback_samples
-        # Emitted frames within this many of the newest are kept out of `stable`.
-        self.stable_margin = model.stream.right_frames
+        # Emitted (output) frames within this many of the newest are kept out of `stable`:
+        # the look-ahead, in output frames (an adapter emits one per adapter_factor).
+        self.stable_margin = -(-model.stream.right_frames // model.config.adapter_factor)
         self._pad_state = self.new_state()  # empty slots of stacked batches (never donated)
         self.reencoded = 0  # finals that had to re-encode their segment (max_length split)
         engine.add_kind(self.kind, self.run_batch, PAD)
@@ -213,7 +223,8 @@ class CTCRecognizer:
             await self._advance(audio_16k[:0], FINAL_PRIORITY)
         greedy = self._greedy
         self._segment, self._state = None, None
-        result = ctc.greedy_result(greedy, p.model.vocab, time_offset=segment.start)
+        result = ctc.greedy_result(greedy, p.model.vocab, frame_stride=p.model.config.frame_s,
+                                   time_offset=segment.start)
         words = tuple(Word(w["word"], w["start"], w["end"],
                            1.0 if w["confidence"] is None else w["confidence"])
                       for w in result.words)

@@ -1,8 +1,9 @@
 """The `two-pass` pipeline: CTC partials while a segment grows, a Whisper final at its end.
 
 First pass: the `ctc` pipeline's cached-state streaming (`recognition.model`, a wav2vec2
-or wav2vec2-conformer CTC folder). Every 320 ms chunk of the growing segment is encoded
-once; a partial is the greedy text so far. Partials carry no `stable`: the contract says
+or wav2vec2-conformer CTC folder of any layout). Every chunk (320 ms, rounded to whole
+frames of the model) of the growing segment is encoded once; a partial is the greedy
+text so far. Partials carry no `stable`: the contract says
 a stable prefix never changes, and the final is another model's text.
 
 Second pass: at the endpoint the whole segment is decoded once by Whisper

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 from helpers.daemon import RATE, save_tiny_ctc, serve, stream_session
+from helpers.layouts import save_layout
 
 from streamd import cli
 from streamd.config import load_config
@@ -124,6 +125,66 @@ def test_recognizer_final_equals_streamed_transcribe_and_nothing_recompiles(
                 assert b.text.startswith(a.stable)
             assert final.text.startswith(partials[-1].text)
             assert final.text.startswith(partials[-1].stable)
+
+
+@pytest.mark.parametrize("layout, pipeline, chunk_ms", [
+    ("w2v_s544", "ctc", 320),  # 5 ms frames: 64 per chunk
+    ("conformer_s444", "conformer", 320),  # 4 ms frames: 80 per chunk
+    ("w2v_adapter", "ctc", 315),  # 45 ms output frames: 320 ms rounds to 7 of them
+])
+def test_non_base_layouts_stream_in_the_pipeline(layout, pipeline, chunk_ms, utterances,
+                                                 tmp_path, capsys) -> None:
+    """Issue 11: a checkpoint whose conv stack is not wav2vec2-base's serves in its own
+    chunk size; two sessions at once (batched), finals equal `streamd transcribe --stream`
+    on the same audio, word times in the model's frame duration fall inside the segment,
+    and nothing compiles after warm-up."""
+    folder = save_layout(tmp_path / layout, layout)
+    config = load_config(environ={}, overrides={"recognition": {
+        "pipeline": pipeline, "model": str(folder), "batch_sizes": [1, 2]}})
+    engine = Engine((1, 2))
+    module = ctc_pipeline if pipeline == "ctc" else conformer_pipeline
+    pipe = module.create(config, engine)
+    assert pipe.kind == f"{pipeline}/{chunk_ms}ms"
+    assert pipe.chunk_samples % pipe.model.config.output_stride == 0
+    engine.warmup()
+    compiled = pipe.compiled_shapes()
+    step = RATE * 400 // 1000
+    start = 2.0
+
+    async def session(name: str, audio: np.ndarray):
+        rec = pipe.new_recognizer(name)
+        partials = []
+        for end in range(step, len(audio) + 1, step):
+            hyp = await rec.partial(audio[:end], SegmentInfo(name, 0, start, start + end / RATE))
+            if hyp is not None:
+                partials.append(hyp)
+        final = await rec.final(audio, SegmentInfo(name, 0, start, start + len(audio) / RATE))
+        rec.close()
+        return partials, final
+
+    async def main():
+        engine.start()
+        try:
+            return await asyncio.gather(*(session(str(i), u) for i, u in enumerate(utterances)))
+        finally:
+            await engine.stop()
+
+    results = asyncio.run(main())
+    assert pipe.compiled_shapes() == compiled, "encode_chunk recompiled while serving"
+    frame_s = pipe.model.config.frame_s
+    for (partials, final), audio, expected in zip(
+            results, utterances, transcribe_stream(folder, utterances, tmp_path, capsys),
+            strict=True):
+        assert len(expected) >= 10, "the random model should spell some text"
+        assert final.text == expected
+        assert partials and final.text.startswith(partials[-1].stable)
+        assert [w.word for w in final.words] == expected.split()
+        end = start + len(audio) / RATE
+        assert all(start <= w.start < w.end <= end + frame_s for w in final.words)
+        # times are whole output frames of this model after the segment start
+        for w in final.words:
+            for t in (w.start, w.end):
+                assert abs((t - start) / frame_s - round((t - start) / frame_s)) < 1e-6
 
 
 def test_batched_steps_equal_single_steps(checkpoint, utterances) -> None:

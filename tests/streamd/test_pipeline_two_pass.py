@@ -10,6 +10,7 @@ transformers in tests/models/test_ctc_asr.py) on the same segment audio, finals 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import subprocess
@@ -23,12 +24,14 @@ import pytest
 import soundfile as sf
 from helpers import free_port
 from helpers.daemon import RATE, REPO, daemon_env, save_tiny_ctc, serve, stream_session
+from helpers.layouts import save_layout
 from helpers.text import wer
 
 from streamd.config import load_config
 from streamd.engine import Engine
 from streamd.errors import ConfigError
 from streamd.pipelines import two_pass
+from streamd.recognizer import SegmentInfo
 
 # Two short utterances, so the stream has two segments (the CTC state must not leak).
 UTTERANCES = ("librispeech_61-70968-0002.wav", "cmu_arctic_axb_a0006.wav")
@@ -150,6 +153,48 @@ def test_serve_ctc_partials_and_whisper_finals(ctc_folder, stream_audio, tmp_pat
     assert n_finals <= sum(whisper.values()) <= 2 * n_finals, rows
     assert sum(whisper.values()) < rows["ctc/320ms"] / 4, rows
     assert all(float(k.split("/")[1][:-1]) >= two_pass.FINAL_MIN_S for k in whisper), rows
+
+
+# --- a non-base CTC layout (issue 11) -----------------------------------------------
+
+
+def test_conformer_partials_of_a_non_base_layout(stream_audio, tmp_path) -> None:
+    """The first pass streams a conformer with strides 4, 4, 4 (4 ms frames) in its own
+    chunks: in-process partials on a growing segment are `streamd transcribe --stream`'s
+    partials of the same audio, in order (the Whisper final is not run here: the served
+    test above covers it, and no step of it depends on the CTC layout)."""
+    folder = save_layout(tmp_path / "conformer_s444", "conformer_s444")
+    config = load_config(environ={}, overrides={"recognition": {
+        "pipeline": "two-pass", "model": str(folder)}})
+    engine = Engine((1,))
+    pipe = two_pass.create(config, engine)
+    assert pipe.partials.kind == "conformer/320ms"
+    audio, _ = stream_audio
+    segment = audio[RATE // 2 : RATE // 2 + 3 * RATE]  # the first utterance, 3 s of it
+    step = RATE * 400 // 1000
+
+    async def partials() -> list[str]:
+        engine.start()
+        try:
+            rec, texts = pipe.new_recognizer("a"), []
+            for end in range(step, len(segment) + 1, step):
+                hyp = await rec.partial(segment[:end], SegmentInfo("a", 0, 0.5, end / RATE))
+                if hyp is not None:
+                    assert hyp.stable == ""
+                    texts.append(hyp.text)
+            rec.close()
+            return texts
+        finally:
+            await engine.stop()
+
+    got = asyncio.run(partials())
+    reference = [r["partial"] for r in transcribe(tmp_path, [segment], "--stream", "--model",
+                                                  str(folder))[0] if "partial" in r]
+    assert len(got) >= 2 and max(map(len, got)) >= 10, got
+    position = 0
+    for text in got:  # a subsequence of the reference partials
+        assert text in reference[position:], (text, reference)
+        position = reference.index(text, position)
 
 
 # --- configuration errors -----------------------------------------------------------
