@@ -138,9 +138,27 @@ class RecognitionConfig:
         _check(1 <= self.beam_size <= 16, "recognition.beam_size", "must be 1..16")
 
 
+def parse_broker(text: str, default_port: int = 1883) -> tuple[str, int]:
+    """"host", "host:port" or "[v6-address]:port" -> (host, port); ValueError if bad."""
+    text = text.strip()
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"bad broker address {text!r}")
+        port_text = rest[1:]
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+    else:
+        host, port_text = text, ""
+    port = int(port_text) if port_text else default_port
+    if not host or not 1 <= port <= 65535:
+        raise ValueError(f"bad broker address {text!r}")
+    return host, port
+
+
 @dataclass(frozen=True)
 class MqttConfig:
-    """Empty `host` disables MQTT."""
+    """Empty `host` and `hosts` disable MQTT."""
 
     host: str = ""
     port: int = 1883
@@ -149,13 +167,24 @@ class MqttConfig:
     password: str = ""
     keepalive_s: int = 30
     outbox_size: int = 1000
+    # More brokers ("host:port"), tried in turn after `host`:`port` when one is lost.
+    hosts: tuple[str, ...] = ()
+    # The on-disk outbox: "" = default file under the state directory, "off" = memory only,
+    # else the file's path (see streamd/journal.py).
+    journal: str = ""
 
     @property
     def enabled(self) -> bool:
-        return bool(self.host)
+        return bool(self.host or self.hosts)
 
     def __post_init__(self) -> None:
         _check(1 <= self.port <= 65535, "mqtt.port", "must be 1..65535")
+        for item in self.hosts:
+            try:
+                parse_broker(item, self.port)
+            except ValueError:
+                raise ConfigError("mqtt.hosts", f"{item!r} is not host, host:port or "
+                                                "[v6-address]:port") from None
         _check(
             bool(self.prefix) and not any(c in self.prefix for c in "#+")
             and not self.prefix.endswith("/"),

@@ -53,6 +53,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mqtt-host", help="MQTT broker host (enables MQTT)")
     parser.add_argument("--mqtt-port", type=int, help="MQTT broker port (default 1883)")
     parser.add_argument("--mqtt-prefix", help="MQTT topic prefix (default streamd)")
+    parser.add_argument("--mqtt-hosts", metavar="H:P,H:P",
+                        help="more MQTT brokers, tried in turn when one is lost")
+    parser.add_argument("--mqtt-journal", metavar="FILE|off",
+                        help="on-disk MQTT outbox (default: under the state directory)")
     parser.add_argument("--mic", nargs="?", const="", metavar="DEVICE",
                         help="also transcribe a microphone as session 'mic' (default device)")
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
@@ -78,6 +82,9 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = 
     put("mqtt", "host", args.mqtt_host)
     put("mqtt", "port", args.mqtt_port)
     put("mqtt", "prefix", args.mqtt_prefix)
+    if args.mqtt_hosts is not None:
+        put("mqtt", "hosts", [h for h in args.mqtt_hosts.split(",") if h.strip()])
+    put("mqtt", "journal", args.mqtt_journal)
     if args.mic is not None:
         put("mic", "enabled", True)
         put("mic", "device", args.mic)
@@ -168,12 +175,20 @@ class Daemon:
         for name, (doc, value) in self.pipeline.counters().items():
             self.metrics.track_counter(name, doc, value)
         if cfg.mqtt.enabled:
-            from streamd.mqtt import MqttPublisher, MqttSettings
+            from streamd.mqtt import MqttPublisher, MqttSettings, journal_path
 
-            self.mqtt = MqttPublisher(MqttSettings.from_config(cfg.mqtt), cfg.node)
+            journal = journal_path(cfg.mqtt.journal, cfg.node, os.environ)
+            self.mqtt = MqttPublisher(MqttSettings.from_config(cfg.mqtt, journal=journal),
+                                      cfg.node)
             await self.mqtt.start()
             self.publishers.append(self.mqtt)
             self.metrics.track_queue("mqtt_outbox", lambda: self.mqtt.outbox_depth)
+            self.metrics.track_gauge("streamd_mqtt_journal_bytes",
+                                     "Size of the on-disk MQTT outbox (SQLite file and WAL)",
+                                     lambda: self.mqtt.journal_bytes)
+            self.metrics.track_counter("streamd_mqtt_recovered",
+                                       "MQTT events found in the journal at start",
+                                       lambda: self.mqtt.recovered)
             self.metrics.track_counter("streamd_mqtt_reconnects", "MQTT reconnections",
                                        lambda: self.mqtt.reconnects)
             self.metrics.track_counter("streamd_mqtt_dropped_partials", "MQTT partials dropped",

@@ -40,3 +40,11 @@ def shared_manifest(shared_audio_dir: Path) -> list[dict]:
             entry["path"] = shared_audio_dir / entry["audio"]
             entries.append(entry)
     return entries
+
+
+@pytest.fixture(autouse=True)
+def _state_directory(tmp_path_factory: pytest.TempPathFactory,
+                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test's daemons (in process or children) keep their MQTT journal in a fresh
+    folder, as systemd's `StateDirectory=` would give them, never in ~/.local/state."""
+    monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path_factory.mktemp("state")))
