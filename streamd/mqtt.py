@@ -106,7 +106,17 @@ class MqttSettings:
     reconnect_min_s: float = 0.5
     reconnect_max_s: float = 30.0
     hosts: tuple[tuple[str, int], ...] = ()  # more brokers, tried after host:port in turn
+    # CONNACK wait. None: ack_timeout_s with one broker; with several, 3 s, so that a
+    # broker that accepts TCP but cannot answer yet (a NATS node while the cluster elects
+    # new stream leaders) does not hold up trying the next one for long.
+    connect_timeout_s: float | None = None
     journal: str | None = None  # the outbox's SQLite file; None: memory only
+
+    @property
+    def connect_timeout(self) -> float:
+        if self.connect_timeout_s is not None:
+            return self.connect_timeout_s
+        return self.ack_timeout_s if len(self.brokers) == 1 else min(self.ack_timeout_s, 3.0)
 
     @property
     def brokers(self) -> tuple[tuple[str, int], ...]:
@@ -124,6 +134,8 @@ class MqttSettings:
             (self.outbox_max >= 1, "outbox_max", "must be >= 1"),
             (1 <= self.inflight_max <= 20, "inflight_max", "must be 1..20"),
             (self.ack_timeout_s > 0, "ack_timeout_s", "must be > 0"),
+            (self.connect_timeout_s is None or self.connect_timeout_s > 0,
+             "connect_timeout_s", "must be > 0"),
             (0 < self.reconnect_min_s <= self.reconnect_max_s, "reconnect_min_s",
              "must be > 0 and <= reconnect_max_s"),
             (not self.tls_ca_file or self.tls, "tls_ca_file", "needs tls = true"),
@@ -392,7 +404,7 @@ class MqttPublisher:
             password=s.password,
             identifier=self.client_id,
             keepalive=s.keepalive,
-            timeout=s.ack_timeout_s,
+            timeout=s.connect_timeout,  # publishes pass ack_timeout_s themselves
             tls_params=tls,
             tls_insecure=s.tls_insecure if s.tls else None,
             max_inflight_messages=s.inflight_max,
@@ -416,7 +428,7 @@ class MqttPublisher:
                     ever_connected, failures = True, 0
                     await client.publish(self.status_topic,
                                          self._payload("online", ts=time.time()),
-                                         qos=1, retain=True)
+                                         qos=1, retain=True, timeout=self.settings.ack_timeout_s)
                     self._client = client
                     self._connected.set()
                     log.info("mqtt connected to %s:%d as %s", *self.broker, self.client_id)
@@ -463,7 +475,7 @@ class MqttPublisher:
         await client.publish(self.status_topic,
                              self._payload("offline", reason="shutdown", ts=time.time(),
                                            undelivered=len(self._outbox)),
-                             qos=1, retain=True)
+                             qos=1, retain=True, timeout=self.settings.ack_timeout_s)
 
     def _backoff(self, failures: int) -> float:
         # Exponential, capped, with "equal jitter" so that many daemons that lost the
@@ -519,14 +531,16 @@ class MqttPublisher:
                             del self._partials[session]
                             # Tasks start in creation order, so paho queues in order.
                             partials.add(asyncio.create_task(
-                                client.publish(topic, payload, qos=0)))
+                                client.publish(topic, payload, qos=0,
+                                               timeout=self.settings.ack_timeout_s)))
                             continue
                     if cursor < len(self._outbox) and len(finals) < self.settings.inflight_max:
                         entry = self._outbox[cursor]
                         cursor += 1
                         if not entry.acked:
                             finals[asyncio.create_task(
-                                client.publish(entry.topic, entry.payload, qos=1))] = entry
+                                client.publish(entry.topic, entry.payload, qos=1,
+                                               timeout=self.settings.ack_timeout_s))] = entry
                         continue
                     break
                 if self._stopping and not (self._outbox or self._partials or partials):
