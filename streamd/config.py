@@ -39,6 +39,10 @@ class ServerConfig:
     max_frame_bytes: int = 256 * 1024
     send_queue: int = 64
     shutdown_timeout_s: float = 10.0
+    # SIGTERM behind a load balancer: /healthz answers 404 (draining) and new sessions 503
+    # while open sessions go on by themselves for up to this long; then shutdown as usual
+    # (speech in flight finalized, close 1001). 0: no wait (docs/scale-out.md).
+    drain_timeout_s: float = 0.0
 
     def __post_init__(self) -> None:
         _check(0 <= self.port <= 65535, "server.port", "must be 0..65535")
@@ -46,6 +50,7 @@ class ServerConfig:
         _check(self.max_frame_bytes >= 1024, "server.max_frame_bytes", "must be >= 1024")
         _check(self.send_queue >= 2, "server.send_queue", "must be >= 2")
         _check(self.shutdown_timeout_s > 0, "server.shutdown_timeout_s", "must be > 0")
+        _check(0 <= self.drain_timeout_s <= 86400, "server.drain_timeout_s", "must be 0..86400")
         _check(all(t for t in self.tokens), "server.tokens", "tokens must be non-empty")
         _check(
             bool(self.tokens) or self.allow_insecure or _is_loopback(self.host),

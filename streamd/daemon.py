@@ -1,7 +1,9 @@
 """`streamd serve`: startup() -> serve() -> shutdown(), with systemd notify and SIGTERM.
 
 Startup builds the pipeline, compiles every engine bucket (warm-up), binds the port and
-only then reports READY=1. On SIGTERM: STOPPING=1, stop accepting, finish segments in
+only then reports READY=1. On SIGTERM: STOPPING=1; with `server.drain_timeout_s`, first
+drain (/healthz 404, new sessions refused, open ones go on for up to that long); then
+stop accepting, finish segments in
 flight (finals to every publisher), flush MQTT, exit 0 within `server.shutdown_timeout_s`
 plus the MQTT flush bound.
 """
@@ -222,6 +224,14 @@ class Daemon:
         self.notifier.stopping()
         log.info("shutting down")
         timeout = self.config.server.shutdown_timeout_s
+        drain_s = self.config.server.drain_timeout_s
+        if self.server is not None and drain_s > 0:
+            self.server.begin_drain()
+            self.notifier.status("draining")
+            log.info("draining", extra={"sessions": self.server.session_count,
+                                        "drain_timeout_s": drain_s})
+            if not await self.server.wait_idle(drain_s):
+                log.warning("sessions still open after the drain timeout; ending them")
         if self.server is not None:
             drains = [self.server.drain(timeout)]
             if self._mic is not None:

@@ -4,6 +4,10 @@ The handler only moves bytes and events: a receive loop feeding the sans-I/O Ses
 and a send loop draining a bounded queue to the socket (sibling tasks). Partials are
 dropped when the client reads too slowly; finals wait. Auth (401), the session limit
 and draining (503) are decided in `process_request`, before the upgrade.
+
+Draining (`begin_drain()`, SIGTERM): `/healthz` answers 404 `{"status": "draining"}`,
+which a load balancer's health check (HAProxy `http-check disable-on-404`) takes as
+"no new sessions, keep the open ones"; new streams get 503; open sessions go on.
 """
 
 from __future__ import annotations
@@ -74,6 +78,8 @@ class StreamServer:
         self.ready = False
         self.draining = False
         self._drain_event = asyncio.Event()
+        self._idle = asyncio.Event()  # set while no WebSocket session is open
+        self._idle.set()
         self._active: dict[str, _Connection] = {}
         self._ws: WsServer | None = None
         self.extra_sessions: Callable[[], int] = lambda: 0  # e.g. the mic session
@@ -117,6 +123,18 @@ class StreamServer:
                 await pub.publish(event)
             except Exception:
                 log.exception("publisher %s failed", type(pub).__name__)
+
+    def begin_drain(self) -> None:
+        """Refuse new sessions (503) and report draining on /healthz (404)."""
+        self.draining = True
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until every WebSocket session ended by itself; False after `timeout` s."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
     async def drain(self, timeout: float) -> bool:
         """Stop accepting; finish every session's segments in flight. True if all finished."""
@@ -177,7 +195,8 @@ class StreamServer:
             state = "draining" if self.draining else "ok" if self.ready else "starting"
             body = {"status": state, "node": self.config.node, "sessions": self.session_count,
                     "pipeline": self.pipeline.name}
-            return _json_response(200 if state == "ok" else 503, body)
+            code = {"ok": 200, "draining": 404}.get(state, 503)
+            return _json_response(code, body)
         if path == "/metrics":
             data, content_type = self.metrics.render()
             return _response(200, data, content_type)
@@ -244,6 +263,8 @@ class _Connection:
                 self.runner.cancel()
             if self.session is not None:
                 self.server._active.pop(self.session.id, None)
+                if not self.server._active:
+                    self.server._idle.set()
                 self.metrics.sessions_active.dec()
                 log.info("session closed", extra={"session": self.session.id})
 
@@ -310,6 +331,7 @@ class _Connection:
             return True
         self.session = Session(start, self.cfg.vad, name, self.cfg.recognition.partial_interval_ms)
         self.server._active[start.session] = self
+        self.server._idle.clear()
         self.metrics.sessions_active.inc()
         self.metrics.sessions.labels(source="websocket").inc()
         recognizer = self.server.pipeline.new_recognizer(start.session)
