@@ -86,7 +86,7 @@ def test_nats_node_killed_mid_stream_loses_no_final(tmp_path: Path, nats: NatsCl
         "cmu_arctic_axb_a0005.wav", "cmu_arctic_axb_a0006.wav",
         "ljspeech_LJ001-0030.wav"))
 
-    async def main() -> tuple[list[dict], list[dict], float, Daemon]:
+    async def main() -> tuple[list[dict], list[dict], float, Daemon, list[float]]:
         async with Subscriber(third, ["streamd/+/final"]) as sub:
             with serve(tmp_path, "--node", "n1", "--mqtt-host", first.host,
                        "--mqtt-port", str(first.port),
@@ -102,9 +102,11 @@ def test_nats_node_killed_mid_stream_loses_no_final(tmp_path: Path, nats: NatsCl
                 await sub.wait_for(
                     lambda m: len(_first_seen(sub.payloads("streamd/+/final"))) >= len(finals),
                     timeout=60)
-        return finals, _first_seen(sub.payloads("streamd/+/final")), t_kill, daemon
+            delays = [t - json.loads(m.payload)["ts"] for m, t in zip(
+                sub.messages, sub.arrived, strict=True)]
+        return finals, _first_seen(sub.payloads("streamd/+/final")), t_kill, daemon, delays
 
-    finals, published, t_kill, daemon = asyncio.run(main())
+    finals, published, t_kill, daemon, delays = asyncio.run(main())
     assert len(finals) == 5
     _same_finals(finals, published, "n1")
     assert published[-1]["ts"] > t_kill  # finals were still coming when the node died
@@ -115,7 +117,9 @@ def test_nats_node_killed_mid_stream_loses_no_final(tmp_path: Path, nats: NatsCl
     lost = min(r["ts"] for r in _log_records(daemon)
                if r["msg"].startswith(f"mqtt connection lost to {first.address}"))
     print(f"\nfailover: SIGKILL of {first.name}; link loss seen after {lost - t_kill:.3f} s, "
-          f"{moved[0]['msg'].split()[3]} connected after {moved[0]['ts'] - t_kill:.3f} s")
+          f"{moved[0]['msg'].split()[3]} connected after {moved[0]['ts'] - t_kill:.3f} s; "
+          f"finals accepted -> at the subscriber: max {max(delays):.3f} s, "
+          f"{len(delays) - len(published)} duplicates")
 
 
 # --- HAProxy in front of two nodes, and draining ------------------------------------
