@@ -48,6 +48,8 @@ class Journal:
             if mode != "wal":
                 raise sqlite3.OperationalError(f"journal_mode is {mode}, not wal")
             self._db.execute("PRAGMA synchronous = NORMAL")
+            # After a checkpoint the WAL is cut back to 1 MiB (it would keep its peak).
+            self._db.execute("PRAGMA journal_size_limit = 1048576")
             self._db.execute(_SCHEMA)  # a write: takes (and keeps) the exclusive lock
         except sqlite3.Error as exc:
             raise ConfigError("mqtt.journal", f"cannot open {self.path}: {exc}") from exc
