@@ -68,6 +68,7 @@ def test_precedence_file_env_cli(tmp_path: Path) -> None:
     ("[recognition]\nworkers = 0\n", {}, "recognition.workers"),
     ("[mqtt]\nprefix = \"a/#\"\n", {}, "mqtt.prefix"),
     ("[mqtt]\nhosts = [\"b1:99999\"]\n", {}, "mqtt.hosts"),
+    ("[server]\ndrain_timeout_s = -1\n", {}, "server.drain_timeout_s"),
     ("", {"STREAMD_MQTT_HOSTS": "b1:1883,b2:x"}, "mqtt.hosts"),
     ("node = \"has space\"\n", {}, "node"),
     ("", {"STREAMD_SERVER_MAX_SESSIONS": "lots"}, "server.max_sessions"),
