@@ -106,7 +106,8 @@ class MqttSettings:
     reconnect_min_s: float = 0.5
     reconnect_max_s: float = 30.0
     hosts: tuple[tuple[str, int], ...] = ()  # more brokers, tried after host:port in turn
-    # CONNACK wait. None: ack_timeout_s with one broker; with several, 3 s, so that a
+    # CONNACK wait and the online status's PUBACK wait. None: ack_timeout_s with one
+    # broker; with several, 3 s, so that a
     # broker that accepts TCP but cannot answer yet (a NATS node while the cluster elects
     # new stream leaders) does not hold up trying the next one for long.
     connect_timeout_s: float | None = None
@@ -426,9 +427,12 @@ class MqttPublisher:
                     if ever_connected:
                         self.reconnects += 1
                     ever_connected, failures = True, 0
+                    # Part of connecting: a broker that cannot store it yet (a NATS node
+                    # whose cluster elects stream leaders) is given connect_timeout only.
                     await client.publish(self.status_topic,
                                          self._payload("online", ts=time.time()),
-                                         qos=1, retain=True, timeout=self.settings.ack_timeout_s)
+                                         qos=1, retain=True,
+                                         timeout=self.settings.connect_timeout)
                     self._client = client
                     self._connected.set()
                     log.info("mqtt connected to %s:%d as %s", *self.broker, self.client_id)
