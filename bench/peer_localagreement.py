@@ -94,7 +94,7 @@ def run_stream(asr, audio: np.ndarray, delay: float, result: dict) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--streams", type=int, default=1)
-    ap.add_argument("--audio-dir", type=Path, default=REPO.parent / "shared" / "audio")
+    ap.add_argument("--audio-dir", type=Path, default=REPO / "tests" / "data" / "audio")
     ap.add_argument("--json", type=Path, required=True)
     args = ap.parse_args()
     audio, entry = shared_stream(args.audio_dir)

@@ -3,7 +3,7 @@ called `stable`, and what keeping the promise costs in WER.
 
     python bench/stability.py [--agree 2 3] [--out bench/results/stability.json]
 
-Every shared recording (`../shared/audio/`, utterances and the stream file) goes through
+Every shared recording (`tests/data/audio/`, utterances and the stream file) goes through
 the daemon's own sans-I/O `Session` and `WhisperRecognizer` in process (tiny.en), one
 100 ms frame at a time, each recognizer request awaited before the next frame: every
 partial the session asks for is decoded (as at one stream on an idle machine), so the
@@ -119,7 +119,7 @@ async def run(files: list[tuple[str, np.ndarray, str]], agree: int) -> dict[str,
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--agree", type=int, nargs="+", default=[2])
-    ap.add_argument("--audio-dir", type=Path, default=REPO.parent / "shared" / "audio")
+    ap.add_argument("--audio-dir", type=Path, default=REPO / "tests" / "data" / "audio")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "stability.json")
     args = ap.parse_args()
     entries = [json.loads(x) for x in (args.audio_dir / "manifest.jsonl").read_text()

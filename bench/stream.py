@@ -249,7 +249,7 @@ def table(rows: list[dict]) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--streams", type=int, nargs="+", default=[1, 2, 4, 8])
-    ap.add_argument("--audio-dir", type=Path, default=REPO.parent / "shared" / "audio")
+    ap.add_argument("--audio-dir", type=Path, default=REPO / "tests" / "data" / "audio")
     ap.add_argument("--peer", action="store_true",
                     help="also run the WhisperLiveKit LocalAgreement peer")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "stream.json")

@@ -1,6 +1,6 @@
 """Offline recognition speed, memory and accuracy: streamd vs faster-whisper on tiny.en.
 
-    python bench/transcribe.py [--audio ../shared/audio] [--out bench/results/transcribe.json]
+    python bench/transcribe.py [--audio tests/data/audio] [--out bench/results/transcribe.json]
 
 Every system runs in its own subprocess (so peak memory is its own) on the same files,
 with the same number of threads, after loading and warming up; each file is recognized
@@ -101,7 +101,7 @@ def _wer(files: list[dict], results: list[dict]) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--audio", type=Path, default=REPO.parent / "shared" / "audio")
+    parser.add_argument("--audio", type=Path, default=REPO / "tests" / "data" / "audio")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "transcribe.json")
     parser.add_argument("--systems", default=",".join(SYSTEMS))
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
