@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 SAMPLE ?= streamd/data/jfk.wav
 export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.cache/jax
 
-.PHONY: install system run test lint bench-deps clean
+.PHONY: install system run test lint bench-deps clean cluster cluster-down
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -28,6 +28,14 @@ test: system install
 bench-deps: install
 	$(PY) -m pip install -q -e '.[test,bench]'
 	$(PY) -m pip install -q --no-deps 'whisperlivekit==0.2.26'
+
+# 3 NATS nodes, 2 streamd nodes and HAProxy on loopback ports (docs/scale-out.md);
+# CLUSTER_PIPELINE=test runs the daemons on the test double instead of tiny.en.
+cluster: system install
+	bash scripts/cluster.sh up
+
+cluster-down:
+	bash scripts/cluster.sh down
 
 lint: install
 	$(VENV)/bin/ruff check streamd models clients tests bench

@@ -2,8 +2,10 @@
 # Installs the Debian packages that streamd and its tests use. Idempotent: does nothing
 # when all are present. Needs root (or sudo) and Debian's package archive.
 set -euo pipefail
+# nats-server (2.9: MQTT on JetStream) and haproxy (2.6): the scale-out tests and
+# `make cluster` (docs/scale-out.md).
 PACKAGES=(libportaudio2 libsndfile1 mosquitto pulseaudio pulseaudio-utils libasound2-plugins
-          chromium systemd)
+          chromium systemd nats-server haproxy)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

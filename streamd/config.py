@@ -39,6 +39,10 @@ class ServerConfig:
     max_frame_bytes: int = 256 * 1024
     send_queue: int = 64
     shutdown_timeout_s: float = 10.0
+    # SIGTERM behind a load balancer: /healthz answers 404 (draining) and new sessions 503
+    # while open sessions go on by themselves for up to this long; then shutdown as usual
+    # (speech in flight finalized, close 1001). 0: no wait (docs/scale-out.md).
+    drain_timeout_s: float = 0.0
 
     def __post_init__(self) -> None:
         _check(0 <= self.port <= 65535, "server.port", "must be 0..65535")
@@ -46,6 +50,7 @@ class ServerConfig:
         _check(self.max_frame_bytes >= 1024, "server.max_frame_bytes", "must be >= 1024")
         _check(self.send_queue >= 2, "server.send_queue", "must be >= 2")
         _check(self.shutdown_timeout_s > 0, "server.shutdown_timeout_s", "must be > 0")
+        _check(0 <= self.drain_timeout_s <= 86400, "server.drain_timeout_s", "must be 0..86400")
         _check(all(t for t in self.tokens), "server.tokens", "tokens must be non-empty")
         _check(
             bool(self.tokens) or self.allow_insecure or _is_loopback(self.host),
@@ -138,9 +143,27 @@ class RecognitionConfig:
         _check(1 <= self.beam_size <= 16, "recognition.beam_size", "must be 1..16")
 
 
+def parse_broker(text: str, default_port: int = 1883) -> tuple[str, int]:
+    """"host", "host:port" or "[v6-address]:port" -> (host, port); ValueError if bad."""
+    text = text.strip()
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"bad broker address {text!r}")
+        port_text = rest[1:]
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+    else:
+        host, port_text = text, ""
+    port = int(port_text) if port_text else default_port
+    if not host or not 1 <= port <= 65535:
+        raise ValueError(f"bad broker address {text!r}")
+    return host, port
+
+
 @dataclass(frozen=True)
 class MqttConfig:
-    """Empty `host` disables MQTT."""
+    """Empty `host` and `hosts` disable MQTT."""
 
     host: str = ""
     port: int = 1883
@@ -149,13 +172,24 @@ class MqttConfig:
     password: str = ""
     keepalive_s: int = 30
     outbox_size: int = 1000
+    # More brokers ("host:port"), tried in turn after `host`:`port` when one is lost.
+    hosts: tuple[str, ...] = ()
+    # The on-disk outbox: "" = default file under the state directory, "off" = memory only,
+    # else the file's path (see streamd/journal.py).
+    journal: str = ""
 
     @property
     def enabled(self) -> bool:
-        return bool(self.host)
+        return bool(self.host or self.hosts)
 
     def __post_init__(self) -> None:
         _check(1 <= self.port <= 65535, "mqtt.port", "must be 1..65535")
+        for item in self.hosts:
+            try:
+                parse_broker(item, self.port)
+            except ValueError:
+                raise ConfigError("mqtt.hosts", f"{item!r} is not host, host:port or "
+                                                "[v6-address]:port") from None
         _check(
             bool(self.prefix) and not any(c in self.prefix for c in "#+")
             and not self.prefix.endswith("/"),

@@ -1,7 +1,9 @@
 """`streamd serve`: startup() -> serve() -> shutdown(), with systemd notify and SIGTERM.
 
 Startup builds the pipeline, compiles every engine bucket (warm-up), binds the port and
-only then reports READY=1. On SIGTERM: STOPPING=1, stop accepting, finish segments in
+only then reports READY=1. On SIGTERM: STOPPING=1; with `server.drain_timeout_s`, first
+drain (/healthz 404, new sessions refused, open ones go on for up to that long); then
+stop accepting, finish segments in
 flight (finals to every publisher), flush MQTT, exit 0 within `server.shutdown_timeout_s`
 plus the MQTT flush bound.
 """
@@ -53,6 +55,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mqtt-host", help="MQTT broker host (enables MQTT)")
     parser.add_argument("--mqtt-port", type=int, help="MQTT broker port (default 1883)")
     parser.add_argument("--mqtt-prefix", help="MQTT topic prefix (default streamd)")
+    parser.add_argument("--mqtt-hosts", metavar="H:P,H:P",
+                        help="more MQTT brokers, tried in turn when one is lost")
+    parser.add_argument("--mqtt-journal", metavar="FILE|off",
+                        help="on-disk MQTT outbox (default: under the state directory)")
     parser.add_argument("--mic", nargs="?", const="", metavar="DEVICE",
                         help="also transcribe a microphone as session 'mic' (default device)")
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
@@ -78,6 +84,9 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = 
     put("mqtt", "host", args.mqtt_host)
     put("mqtt", "port", args.mqtt_port)
     put("mqtt", "prefix", args.mqtt_prefix)
+    if args.mqtt_hosts is not None:
+        put("mqtt", "hosts", [h for h in args.mqtt_hosts.split(",") if h.strip()])
+    put("mqtt", "journal", args.mqtt_journal)
     if args.mic is not None:
         put("mic", "enabled", True)
         put("mic", "device", args.mic)
@@ -168,12 +177,20 @@ class Daemon:
         for name, (doc, value) in self.pipeline.counters().items():
             self.metrics.track_counter(name, doc, value)
         if cfg.mqtt.enabled:
-            from streamd.mqtt import MqttPublisher, MqttSettings
+            from streamd.mqtt import MqttPublisher, MqttSettings, journal_path
 
-            self.mqtt = MqttPublisher(MqttSettings.from_config(cfg.mqtt), cfg.node)
+            journal = journal_path(cfg.mqtt.journal, cfg.node, os.environ)
+            self.mqtt = MqttPublisher(MqttSettings.from_config(cfg.mqtt, journal=journal),
+                                      cfg.node)
             await self.mqtt.start()
             self.publishers.append(self.mqtt)
             self.metrics.track_queue("mqtt_outbox", lambda: self.mqtt.outbox_depth)
+            self.metrics.track_gauge("streamd_mqtt_journal_bytes",
+                                     "Size of the on-disk MQTT outbox (SQLite file and WAL)",
+                                     lambda: self.mqtt.journal_bytes)
+            self.metrics.track_counter("streamd_mqtt_recovered",
+                                       "MQTT events found in the journal at start",
+                                       lambda: self.mqtt.recovered)
             self.metrics.track_counter("streamd_mqtt_reconnects", "MQTT reconnections",
                                        lambda: self.mqtt.reconnects)
             self.metrics.track_counter("streamd_mqtt_dropped_partials", "MQTT partials dropped",
@@ -207,6 +224,14 @@ class Daemon:
         self.notifier.stopping()
         log.info("shutting down")
         timeout = self.config.server.shutdown_timeout_s
+        drain_s = self.config.server.drain_timeout_s
+        if self.server is not None and drain_s > 0:
+            self.server.begin_drain()
+            self.notifier.status("draining")
+            log.info("draining", extra={"sessions": self.server.session_count,
+                                        "drain_timeout_s": drain_s})
+            if not await self.server.wait_idle(drain_s):
+                log.warning("sessions still open after the drain timeout; ending them")
         if self.server is not None:
             drains = [self.server.drain(timeout)]
             if self._mic is not None:

@@ -78,6 +78,10 @@ class Metrics:
         """Expose a counter kept elsewhere (e.g. `MqttPublisher.reconnects`)."""
         self._external.counters[name] = (doc, value)
 
+    def track_gauge(self, name: str, doc: str, value: Callable[[], float]) -> None:
+        """Expose a gauge sampled at scrape time (e.g. the MQTT journal's size)."""
+        Gauge(name, doc, registry=self.registry).set_function(value)
+
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 

@@ -20,7 +20,20 @@ Overflow policy (style point 8): every non-partial event waits in one bounded, o
 outbox, and `publish` blocks (back-pressure) while it is full. Entries leave only when
 the broker acknowledges them (PUBACK), so delivery is at-least-once: after a connection
 drops, unacknowledged entries go again, in order, with the same `seq` and `ts`, so
-subscribers can de-duplicate on (`session`, `seq`). Partials are coalesced per session
+subscribers can de-duplicate on (`session`, `seq`).
+
+Durability: with `journal` set, the outbox is also on disk (`streamd.journal`, SQLite in
+WAL mode): an event is committed there before `publish` accepts it and deleted once
+acknowledged. A publisher that starts on a journal with entries (the daemon was killed
+while the broker was away) sends them first, in order, with their original `seq` and
+`ts`, and continues each of those sessions' `seq` after them. The journal holds at most
+`outbox_max` entries, the same bound as the memory outbox: when it is full, `publish`
+waits; a final is never dropped.
+
+Several brokers: `hosts` lists more brokers after `host`:`port`. When the link is lost
+(or a connection attempt fails) the publisher tries the next one at once; only after
+every broker failed in a row does it back off. The outbox carries over unchanged, so
+unacknowledged entries go to the next broker, in order. Partials are coalesced per session
 (a newer one replaces one not yet sent) and dropped while the broker is unreachable,
 each counted in `dropped_partials`. Partials and outbox entries reach the wire in
 publication order, so a partial never overtakes the final published before it.
@@ -46,12 +59,15 @@ import random
 import secrets
 import time
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiomqtt
 
 from streamd.errors import BadRequest, ConfigError
+from streamd.journal import Journal
 
 log = logging.getLogger("streamd.mqtt")
 
@@ -89,6 +105,24 @@ class MqttSettings:
     ack_timeout_s: float = 10.0  # connect / PUBACK wait; past it the link counts as dead
     reconnect_min_s: float = 0.5
     reconnect_max_s: float = 30.0
+    hosts: tuple[tuple[str, int], ...] = ()  # more brokers, tried after host:port in turn
+    # CONNACK wait and the online status's PUBACK wait. None: ack_timeout_s with one
+    # broker; with several, 3 s, so that a
+    # broker that accepts TCP but cannot answer yet (a NATS node while the cluster elects
+    # new stream leaders) does not hold up trying the next one for long.
+    connect_timeout_s: float | None = None
+    journal: str | None = None  # the outbox's SQLite file; None: memory only
+
+    @property
+    def connect_timeout(self) -> float:
+        if self.connect_timeout_s is not None:
+            return self.connect_timeout_s
+        return self.ack_timeout_s if len(self.brokers) == 1 else min(self.ack_timeout_s, 3.0)
+
+    @property
+    def brokers(self) -> tuple[tuple[str, int], ...]:
+        """`host`:`port`, then `hosts`, without repeats."""
+        return tuple(dict.fromkeys(((self.host, self.port), *self.hosts)))
 
     def __post_init__(self) -> None:
         checks = [
@@ -101,9 +135,13 @@ class MqttSettings:
             (self.outbox_max >= 1, "outbox_max", "must be >= 1"),
             (1 <= self.inflight_max <= 20, "inflight_max", "must be 1..20"),
             (self.ack_timeout_s > 0, "ack_timeout_s", "must be > 0"),
+            (self.connect_timeout_s is None or self.connect_timeout_s > 0,
+             "connect_timeout_s", "must be > 0"),
             (0 < self.reconnect_min_s <= self.reconnect_max_s, "reconnect_min_s",
              "must be > 0 and <= reconnect_max_s"),
             (not self.tls_ca_file or self.tls, "tls_ca_file", "needs tls = true"),
+            (all(h and 1 <= p <= 65535 for h, p in self.hosts), "hosts",
+             "(host, port) pairs with ports 1..65535"),
         ]
         for ok, key, message in checks:
             if not ok:
@@ -111,10 +149,22 @@ class MqttSettings:
 
     @classmethod
     def from_config(cls, cfg: Any, **overrides: Any) -> MqttSettings:
-        """From `streamd.config.MqttConfig` (empty strings there mean "not set")."""
+        """From `streamd.config.MqttConfig` (empty strings there mean "not set").
+
+        The broker list is `host`:`port` (when `host` is set) followed by `hosts`. The
+        journal path is not taken from `cfg` (it depends on the node and the state
+        directory): pass `journal=` (see `journal_path`).
+        """
+        from streamd.config import parse_broker
+
+        brokers = [parse_broker(h, cfg.port) for h in getattr(cfg, "hosts", ())]
+        if cfg.host:
+            brokers.insert(0, (cfg.host, cfg.port))
+        host, port = brokers[0] if brokers else (cfg.host, cfg.port)
         fields = {
-            "host": cfg.host,
-            "port": cfg.port,
+            "host": host,
+            "port": port,
+            "hosts": tuple(brokers[1:]),
             "prefix": cfg.prefix,
             "username": cfg.username or None,
             "password": cfg.password or None,
@@ -125,6 +175,23 @@ class MqttSettings:
             if getattr(cfg, name, None):
                 fields[name] = getattr(cfg, name)
         return cls(**{**fields, **overrides})
+
+
+def journal_path(journal: str, node: str, environ: Mapping[str, str]) -> str | None:
+    """Where the outbox journal lives, from `mqtt.journal`: "off" -> None (memory only);
+    a path -> itself; "" -> `mqtt-journal-<node>.sqlite` in systemd's `$STATE_DIRECTORY`
+    (its first entry), else in `$XDG_STATE_HOME/streamd` (default `~/.local/state`)."""
+    if journal == "off":
+        return None
+    if journal:
+        return journal
+    state = environ.get("STATE_DIRECTORY", "").split(":")[0]
+    if state:
+        base = Path(state)
+    else:
+        xdg = environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+        base = Path(xdg) / "streamd"
+    return str(base / f"mqtt-journal-{node}.sqlite")
 
 
 def _topic_free(text: str, *, allow_slash: bool = False) -> bool:
@@ -147,14 +214,16 @@ class _Entry:
     topic: str
     payload: bytes
     acked: bool = False
+    jid: int | None = None  # its journal row
 
 
 class MqttPublisher:
     """Publishes contract events for one daemon node; see the module docstring.
 
     Counters for metrics: `reconnects` (connections made after the first),
-    `connect_failures`, `dropped_partials`, `published` (acknowledged outbox entries)
-    and the `outbox_depth` property.
+    `connect_failures`, `dropped_partials`, `published` (acknowledged outbox entries),
+    `recovered` (entries found in the journal at start), the `outbox_depth` and
+    `journal_bytes` properties. `broker` is the (host, port) in use or tried last.
     """
 
     def __init__(self, settings: MqttSettings, node: str) -> None:
@@ -184,11 +253,42 @@ class MqttPublisher:
         self._stopping = False
         self._closed = False
         self._dropped_logged = False
+        self._broker = 0  # index in settings.brokers
+        self.recovered = 0
+        self._journal = Journal(settings.journal) if settings.journal else None
+        if self._journal is not None:
+            self._recover(self._journal)
+
+    def _recover(self, journal: Journal) -> None:
+        """Put the journal's entries back in the outbox and continue their sessions' seq."""
+        for jid, topic, payload in journal.entries():
+            self._outbox.append(_Entry(topic, payload, jid=jid))
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                event = json.loads(payload)
+                session, seq = event["session"], int(event["seq"])
+                if event.get("type") == "done":
+                    self._seq.pop(session, None)
+                else:
+                    self._seq.pop(session, None)
+                    self._seq[session] = seq + 1
+        self.recovered = self._enqueued = len(self._outbox)
+        if self.recovered:
+            log.warning("mqtt: %d undelivered events from %s go first", self.recovered,
+                        journal.path)
 
     # --- state for metrics and callers -------------------------------------------------
     @property
     def outbox_depth(self) -> int:
         return len(self._outbox)
+
+    @property
+    def journal_bytes(self) -> int:
+        """Size of the journal on disk (0 without one)."""
+        return self._journal.size_bytes if self._journal is not None else 0
+
+    @property
+    def broker(self) -> tuple[str, int]:
+        return self.settings.brokers[self._broker]
 
     @property
     def connected(self) -> bool:
@@ -226,7 +326,12 @@ class MqttPublisher:
         async with self._space:
             self._space.notify_all()  # publishers blocked on a full outbox now fail
         left = len(self._outbox)
-        if left:
+        if self._journal is not None:
+            self._journal.close()
+            if left:
+                log.warning("mqtt stopped with %d undelivered events; they stay in %s "
+                            "for the next start", left, self._journal.path)
+        elif left:
             log.error("mqtt stopped with %d undelivered events in the outbox", left)
         return left
 
@@ -261,7 +366,10 @@ class MqttPublisher:
                 lambda: self._closed or len(self._outbox) < self.settings.outbox_max)
             if self._closed:
                 raise RuntimeError("MqttPublisher stopped while waiting for outbox room")
-            self._outbox.append(_Entry(topic, _encode(self._stamp(event, session))))
+            payload = _encode(self._stamp(event, session))
+            # On disk before it counts as accepted; an error here reaches the caller.
+            jid = self._journal.append(topic, payload) if self._journal is not None else None
+            self._outbox.append(_Entry(topic, payload, jid=jid))
             self._enqueued += 1
         if etype == "done":
             self._seq.pop(session, None)  # the session is over; keep the map bounded
@@ -288,15 +396,16 @@ class MqttPublisher:
 
     def _new_client(self) -> aiomqtt.Client:
         s = self.settings
+        host, port = self.broker
         tls = aiomqtt.TLSParameters(ca_certs=s.tls_ca_file) if s.tls else None
         client = aiomqtt.Client(
-            s.host,
-            s.port,
+            host,
+            port,
             username=s.username,
             password=s.password,
             identifier=self.client_id,
             keepalive=s.keepalive,
-            timeout=s.ack_timeout_s,
+            timeout=s.connect_timeout,  # publishes pass ack_timeout_s themselves
             tls_params=tls,
             tls_insecure=s.tls_insecure if s.tls else None,
             max_inflight_messages=s.inflight_max,
@@ -318,13 +427,15 @@ class MqttPublisher:
                     if ever_connected:
                         self.reconnects += 1
                     ever_connected, failures = True, 0
+                    # Part of connecting: a broker that cannot store it yet (a NATS node
+                    # whose cluster elects stream leaders) is given connect_timeout only.
                     await client.publish(self.status_topic,
                                          self._payload("online", ts=time.time()),
-                                         qos=1, retain=True)
+                                         qos=1, retain=True,
+                                         timeout=self.settings.connect_timeout)
                     self._client = client
                     self._connected.set()
-                    log.info("mqtt connected to %s:%d as %s", self.settings.host,
-                             self.settings.port, self.client_id)
+                    log.info("mqtt connected to %s:%d as %s", *self.broker, self.client_id)
                     if self._dropped_logged:
                         log.info("mqtt: %d partials dropped so far", self.dropped_partials)
                         self._dropped_logged = False
@@ -344,7 +455,7 @@ class MqttPublisher:
                 log.log(logging.WARNING if isinstance(exc, aiomqtt.MqttError) else logging.ERROR,
                         "mqtt %s %s:%d: %r",
                         "connection lost to" if up else "cannot connect to",
-                        self.settings.host, self.settings.port, exc,
+                        *self.broker, exc,
                         exc_info=not isinstance(exc, aiomqtt.MqttError))
             finally:
                 self._client = None
@@ -354,7 +465,13 @@ class MqttPublisher:
                     self._partials.clear()
             if self._stopping and not self._outbox:
                 return
-            await asyncio.sleep(self._backoff(failures))
+            # Next broker at once; back off only after a whole round of them failed
+            # (one broker: after every failure, as before).
+            n = len(self.settings.brokers)
+            self._broker = (self._broker + 1) % n
+            rounds, position = divmod(failures, n)
+            if position == n - 1:
+                await asyncio.sleep(self._backoff(rounds))
             failures += 1
 
     async def _say_offline(self, client: aiomqtt.Client) -> None:
@@ -362,7 +479,7 @@ class MqttPublisher:
         await client.publish(self.status_topic,
                              self._payload("offline", reason="shutdown", ts=time.time(),
                                            undelivered=len(self._outbox)),
-                             qos=1, retain=True)
+                             qos=1, retain=True, timeout=self.settings.ack_timeout_s)
 
     def _backoff(self, failures: int) -> float:
         # Exponential, capped, with "equal jitter" so that many daemons that lost the
@@ -418,14 +535,16 @@ class MqttPublisher:
                             del self._partials[session]
                             # Tasks start in creation order, so paho queues in order.
                             partials.add(asyncio.create_task(
-                                client.publish(topic, payload, qos=0)))
+                                client.publish(topic, payload, qos=0,
+                                               timeout=self.settings.ack_timeout_s)))
                             continue
                     if cursor < len(self._outbox) and len(finals) < self.settings.inflight_max:
                         entry = self._outbox[cursor]
                         cursor += 1
                         if not entry.acked:
                             finals[asyncio.create_task(
-                                client.publish(entry.topic, entry.payload, qos=1))] = entry
+                                client.publish(entry.topic, entry.payload, qos=1,
+                                               timeout=self.settings.ack_timeout_s))] = entry
                         continue
                     break
                 if self._stopping and not (self._outbox or self._partials or partials):
@@ -444,10 +563,12 @@ class MqttPublisher:
                         entry = finals.pop(task)
                         task.result()  # MqttError: the link is gone, retry on the next
                         entry.acked = True
-                popped = 0
+                popped, last_jid = 0, None
                 while self._outbox and self._outbox[0].acked:
-                    self._outbox.popleft()
+                    last_jid = self._outbox.popleft().jid
                     popped += 1
+                if last_jid is not None and self._journal is not None:
+                    self._journal.remove_through(last_jid)
                 if popped:
                     cursor -= popped
                     self.published += popped

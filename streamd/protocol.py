@@ -21,7 +21,18 @@ ENCODINGS = {"pcm_s16le": np.dtype("<i2"), "pcm_f32le": np.dtype("<f4")}
 MIN_RATE, MAX_RATE = 8000, 48000
 MAX_CHANNELS = 8
 _SESSION_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_START_FIELDS = {"type", "sample_rate", "encoding", "channels", "session", "pipeline", "partials"}
+_START_FIELDS = {"type", "sample_rate", "encoding", "channels", "session", "pipeline", "partials",
+                 "resume"}
+
+
+@dataclass(frozen=True)
+class Resume:
+    """`start.resume`: the stream goes on from `offset` seconds of its audio (the first
+    sample sent now is at that time); `segment`: the next segment number (default: what
+    this daemon remembers of the session)."""
+
+    offset: float
+    segment: int | None = None
 
 
 @dataclass(frozen=True)
@@ -32,6 +43,7 @@ class Start:
     session: str
     pipeline: str | None = None
     partials: bool = True
+    resume: Resume | None = None
 
     @property
     def frame_bytes(self) -> int:
@@ -98,7 +110,30 @@ def parse_control(text: str) -> Start | Stop:
     partials = msg.get("partials", True)
     if not isinstance(partials, bool):
         raise BadRequest("start.partials must be true or false")
-    return Start(rate, encoding, channels, session, pipeline, partials)
+    resume = None
+    if msg.get("resume") is not None:
+        session, resume = _parse_resume(msg["resume"], msg.get("session"))
+    return Start(rate, encoding, channels, session, pipeline, partials, resume)
+
+
+def _parse_resume(value: object, session: object) -> tuple[str, Resume]:
+    if not isinstance(value, dict):
+        raise BadRequest("start.resume must be an object {session, offset[, segment]}")
+    rid = value.get("session")
+    if not valid_session_id(rid):
+        raise BadRequest("start.resume.session: letters, digits, '-', '_', at most 64")
+    if session is not None and session != rid:
+        raise BadRequest("start.session and start.resume.session differ")
+    offset = value.get("offset")
+    if (isinstance(offset, bool) or not isinstance(offset, (int, float))
+            or not 0 <= offset < float("inf")):
+        raise BadRequest("start.resume.offset must be a number of seconds >= 0")
+    segment = value.get("segment")
+    if segment is not None and (isinstance(segment, bool) or not isinstance(segment, int)
+                                or segment < 0):
+        raise BadRequest("start.resume.segment must be an integer >= 0")
+    assert isinstance(rid, str)
+    return rid, Resume(float(offset), segment)
 
 
 def decode_audio(data: bytes, start: Start) -> np.ndarray:

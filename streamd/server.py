@@ -4,6 +4,15 @@ The handler only moves bytes and events: a receive loop feeding the sans-I/O Ses
 and a send loop draining a bounded queue to the socket (sibling tasks). Partials are
 dropped when the client reads too slowly; finals wait. Auth (401), the session limit
 and draining (503) are decided in `process_request`, before the upgrade.
+
+Resume (`start.resume`): a session continues under its id from a stream offset; its
+events are shifted here (times by the offset, segment numbers by the segments it had),
+so the Session itself always counts from zero. The next segment number comes from the
+client (`resume.segment`) or from this server's memory of sessions that ended here.
+
+Draining (`begin_drain()`, SIGTERM): `/healthz` answers 404 `{"status": "draining"}`,
+which a load balancer's health check (HAProxy `http-check disable-on-404`) takes as
+"no new sessions, keep the open ones"; new streams get 503; open sessions go on.
 """
 
 from __future__ import annotations
@@ -13,6 +22,8 @@ import hmac
 import json
 import logging
 import mimetypes
+import re
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -36,6 +47,7 @@ log = logging.getLogger("streamd.server")
 STREAM_PATH = "/v1/stream"
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 PUBLISHED = ("partial", "final")  # event types that go to publishers (MQTT)
+ENDED_MAX = 4096  # sessions remembered after they end, for resume (least recent go first)
 
 
 class Publisher(Protocol):
@@ -74,10 +86,20 @@ class StreamServer:
         self.ready = False
         self.draining = False
         self._drain_event = asyncio.Event()
+        self._idle = asyncio.Event()  # set while no WebSocket session is open
+        self._idle.set()
         self._active: dict[str, _Connection] = {}
         self._ws: WsServer | None = None
         self.extra_sessions: Callable[[], int] = lambda: 0  # e.g. the mic session
         self.reserved_ids: set[str] = set()  # session ids clients may not take ("mic")
+        # Sessions that ended here: id -> segments so far (the next number on resume).
+        self.ended: OrderedDict[str, int] = OrderedDict()
+
+    def remember(self, session: str, segments: int) -> None:
+        self.ended.pop(session, None)
+        self.ended[session] = segments
+        while len(self.ended) > ENDED_MAX:
+            self.ended.popitem(last=False)
 
     @property
     def port(self) -> int:
@@ -117,6 +139,18 @@ class StreamServer:
                 await pub.publish(event)
             except Exception:
                 log.exception("publisher %s failed", type(pub).__name__)
+
+    def begin_drain(self) -> None:
+        """Refuse new sessions (503) and report draining on /healthz (404)."""
+        self.draining = True
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until every WebSocket session ended by itself; False after `timeout` s."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
     async def drain(self, timeout: float) -> bool:
         """Stop accepting; finish every session's segments in flight. True if all finished."""
@@ -177,7 +211,8 @@ class StreamServer:
             state = "draining" if self.draining else "ok" if self.ready else "starting"
             body = {"status": state, "node": self.config.node, "sessions": self.session_count,
                     "pipeline": self.pipeline.name}
-            return _json_response(200 if state == "ok" else 503, body)
+            code = {"ok": 200, "draining": 404}.get(state, 503)
+            return _json_response(code, body)
         if path == "/metrics":
             data, content_type = self.metrics.render()
             return _response(200, data, content_type)
@@ -218,6 +253,8 @@ class _Connection:
         self._close_code = 1000
         self._dropped = False  # logged the first dropped partial
         self._close_reason = ""
+        self._offset = 0.0  # resume: stream time of the first sample of this connection
+        self._base = 0  # resume: segments the session had before this connection
 
     async def run(self) -> None:
         sender = asyncio.create_task(self._send_loop())
@@ -243,7 +280,10 @@ class _Connection:
             if self.runner is not None:
                 self.runner.cancel()
             if self.session is not None:
+                self.server.remember(self.session.id, self._base + self.session.segments)
                 self.server._active.pop(self.session.id, None)
+                if not self.server._active:
+                    self.server._idle.set()
                 self.metrics.sessions_active.dec()
                 log.info("session closed", extra={"session": self.session.id})
 
@@ -308,8 +348,19 @@ class _Connection:
         if self.server.session_count >= self.cfg.server.max_sessions:  # raced past the check
             await self._error("overloaded", "session limit reached", close=1013)
             return True
+        if start.resume is not None:
+            base = start.resume.segment
+            if base is None:
+                base = self.server.ended.get(start.session)
+            if base is None:
+                message = (f"session {start.session!r} is unknown here; resume.segment "
+                           "gives its next segment number")
+                await self._error("bad_request", message, close=1008)
+                return True
+            self._offset, self._base = start.resume.offset, base
         self.session = Session(start, self.cfg.vad, name, self.cfg.recognition.partial_interval_ms)
         self.server._active[start.session] = self
+        self.server._idle.clear()
         self.metrics.sessions_active.inc()
         self.metrics.sessions.labels(source="websocket").inc()
         recognizer = self.server.pipeline.new_recognizer(start.session)
@@ -350,6 +401,8 @@ class _Connection:
             self._close_code, self._close_reason = close, code
 
     async def _emit(self, event: dict[str, Any]) -> None:
+        if self.session is not None and self.session.start.resume is not None:
+            event = self._resumed(event)
         await self.server.publish(event)
         if self.gone:
             return
@@ -361,6 +414,29 @@ class _Connection:
                             extra={"session": self.session.id if self.session else None})
             return
         await self._out.put(event)
+
+    def _resumed(self, event: dict[str, Any]) -> dict[str, Any]:
+        """An event of this connection as the resumed session's: times + offset, segment
+        numbers + the segments it had."""
+        event = dict(event)
+        off, base = self._offset, self._base
+        kind = event["type"]
+        if kind == "ready":
+            event["resume"] = {"offset": round(off, 3), "segment": base}
+        for key in ("start", "end"):
+            if key in event:
+                event[key] = round(event[key] + off, 3)
+        if "segment" in event:
+            event["segment"] += base
+        if "words" in event:
+            event["words"] = [{**w, "start": round(w["start"] + off, 3),
+                               "end": round(w["end"] + off, 3)} for w in event["words"]]
+        if kind == "done":
+            event["segments"] += base
+        if kind == "error" and base:
+            event["message"] = re.sub(r"^segment (\d+):",
+                                      lambda m: f"segment {int(m[1]) + base}:", event["message"])
+        return event
 
     async def _send_loop(self) -> None:
         while True:

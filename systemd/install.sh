@@ -4,7 +4,7 @@
 #   sudo systemd/install.sh [--prefix /opt/streamd] [--root DIR] [--no-venv] [--no-enable]
 #
 # Creates a virtual environment under PREFIX with this checkout installed, installs the
-# unit (ExecStart pointed at PREFIX) and, if absent, /etc/streamd/streamd.toml from
+# units streamd.service and streamd@.service (ExecStart pointed at PREFIX) and, if absent, /etc/streamd/streamd.toml from
 # streamd.example.toml, then enables and starts the service. --root stages everything
 # under DIR instead of / (packaging, tests); --no-venv skips the environment;
 # --no-enable skips systemctl.
@@ -41,9 +41,12 @@ fi
 
 unit_dir="$root/etc/systemd/system"
 install -d -m 0755 "$unit_dir" "$root/etc/streamd"
-sed "s|^ExecStart=/opt/streamd/venv/bin/streamd |ExecStart=$prefix/venv/bin/streamd |" \
-  "$repo/systemd/streamd.service" > "$unit_dir/streamd.service"
-chmod 0644 "$unit_dir/streamd.service"
+# streamd.service: the daemon; streamd@.service: one of several nodes (docs/scale-out.md).
+for unit in streamd.service streamd@.service; do
+  sed "s|^ExecStart=/opt/streamd/venv/bin/streamd |ExecStart=$prefix/venv/bin/streamd |" \
+    "$repo/systemd/$unit" > "$unit_dir/$unit"
+  chmod 0644 "$unit_dir/$unit"
+done
 if [ ! -e "$root/etc/streamd/streamd.toml" ]; then
   install -m 0644 "$repo/streamd.example.toml" "$root/etc/streamd/streamd.toml"
 fi

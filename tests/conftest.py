@@ -61,3 +61,11 @@ def dev_audio_dir() -> Path:
 def dev_manifest(dev_audio_dir: Path) -> list[dict]:
     """Entries of tests/data/audio/dev/manifest.jsonl, with `path` added."""
     return _manifest(dev_audio_dir)
+
+
+@pytest.fixture(autouse=True)
+def _state_directory(tmp_path_factory: pytest.TempPathFactory,
+                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test's daemons (in process or children) keep their MQTT journal in a fresh
+    folder, as systemd's `StateDirectory=` would give them, never in ~/.local/state."""
+    monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path_factory.mktemp("state")))

@@ -38,6 +38,31 @@ CTC_VOCAB = ["<pad>", "<s>", "</s>", "<unk>", "|", *"ETAONIHSRDLUMWCFGYPBVK'"]
 STOP_TIMEOUT_S = 30  # the daemon's graceful shutdown, before SIGKILL
 
 
+def test_pipeline_env() -> dict[str, str]:
+    """Environment for `serve(..., env=)` that runs the daemon on the fast test double of
+    tests/streamd/test_server.py (text = the segment's duration), not a model."""
+    return {"STREAMD_TEST_PIPELINE_FACTORY": "test_server:make_test_pipeline",
+            "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests" / "streamd")])}
+
+
+test_pipeline_env.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test
+
+
+def speech_audio(shared_audio_dir: Path, names: tuple[str, ...] = (
+        "librispeech_61-70968-0002.wav", "cmu_arctic_axb_a0004.wav",
+        "cmu_arctic_axb_a0005.wav")) -> np.ndarray:
+    """16 kHz float32: each recording after 1 s of silence, then 1 s more (one segment per
+    recording with the default VAD)."""
+    import soundfile as sf
+
+    parts = []
+    for name in names:
+        audio, rate = sf.read(shared_audio_dir / name, dtype="float32")
+        assert rate == RATE
+        parts += [np.zeros(RATE, np.float32), audio]
+    return np.concatenate([*parts, np.zeros(RATE, np.float32)])
+
+
 def daemon_env(**extra: str) -> dict[str, str]:
     """This process's environment without `STREAMD_*` settings, on the CPU by default,
     plus `extra`."""

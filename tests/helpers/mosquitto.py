@@ -206,7 +206,8 @@ class Subscriber:
     It uses the broker's CA and its first user when the broker has them.
     With `persistent=True` it uses a fixed client id and clean_session=False, so a broker
     with persistence queues what arrives while this client is away (broker restarts).
-    `messages` holds aiomqtt `Message`s in arrival order, duplicates included.
+    `messages` holds aiomqtt `Message`s in arrival order, duplicates included; `arrived`
+    their arrival times (Unix).
     """
 
     def __init__(self, broker: Mosquitto, topics: list[str] | tuple[str, ...] = ("#",), *,
@@ -219,6 +220,7 @@ class Subscriber:
         self.persistent = persistent
         self.client_id = client_id or f"test-sub-{os.getpid()}-{id(self):x}"
         self.messages: list[Any] = []
+        self.arrived: list[float] = []  # time.time() of each message's arrival
         self.connects = 0
         self._changed = asyncio.Condition()
         self._subscribed = asyncio.Event()
@@ -241,6 +243,7 @@ class Subscriber:
                     self._subscribed.set()
                     async for message in client.messages:
                         self.messages.append(message)
+                        self.arrived.append(time.time())
                         async with self._changed:
                             self._changed.notify_all()
             except aiomqtt.MqttError:

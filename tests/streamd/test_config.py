@@ -67,6 +67,9 @@ def test_precedence_file_env_cli(tmp_path: Path) -> None:
     ("[recognition]\nbatch_sizes = [4, 2]\n", {}, "recognition.batch_sizes"),
     ("[recognition]\nworkers = 0\n", {}, "recognition.workers"),
     ("[mqtt]\nprefix = \"a/#\"\n", {}, "mqtt.prefix"),
+    ("[mqtt]\nhosts = [\"b1:99999\"]\n", {}, "mqtt.hosts"),
+    ("[server]\ndrain_timeout_s = -1\n", {}, "server.drain_timeout_s"),
+    ("", {"STREAMD_MQTT_HOSTS": "b1:1883,b2:x"}, "mqtt.hosts"),
     ("node = \"has space\"\n", {}, "node"),
     ("", {"STREAMD_SERVER_MAX_SESSIONS": "lots"}, "server.max_sessions"),
     ("", {"STREAMD_MIC_ENABLED": "maybe"}, "mic.enabled"),
@@ -101,3 +104,21 @@ def test_engine_workers_come_from_the_config() -> None:
     cfg = config_from_args(cli("--workers", "1"), {})
     assert Daemon(cfg).engine.workers == 1
     assert Daemon(load_config(None, {})).engine.workers == 2
+
+
+def test_several_mqtt_brokers_file_env_flag(tmp_path: Path) -> None:
+    from streamd.mqtt import MqttSettings
+
+    path = tmp_path / "c.toml"
+    path.write_text('[mqtt]\nhosts = ["n1:4001", "n2", "[::1]:4003"]\nport = 4000\n')
+    cfg = load_config(path, {})
+    assert cfg.mqtt.enabled and cfg.mqtt.host == ""
+    settings = MqttSettings.from_config(cfg.mqtt)
+    assert settings.brokers == (("n1", 4001), ("n2", 4000), ("::1", 4003))
+    env = load_config(None, {"STREAMD_MQTT_HOSTS": "a:1,b:2"})
+    assert env.mqtt.hosts == ("a:1", "b:2")
+    both = config_from_args(cli("--mqtt-host", "h", "--mqtt-hosts", "a:1,h:1883"), {})
+    # host:port first, then the list, without repeats
+    assert MqttSettings.from_config(both.mqtt).brokers == (("h", 1883), ("a", 1))
+    single = MqttSettings.from_config(load_config(None, {"STREAMD_MQTT_HOST": "x"}).mqtt)
+    assert single.brokers == (("x", 1883),)

@@ -413,3 +413,38 @@ def test_mosquitto_helper_restarts_on_its_port_and_leaves_nothing(tmp_path: Path
     with pytest.raises(RuntimeError, match="mosquitto exited"):
         bad.start()
     assert not bad.running
+
+
+def test_moves_to_the_next_broker_with_the_outbox_intact(tmp_path: Path) -> None:
+    """Two brokers; the one in use dies mid-stream: the publisher goes on with the other,
+    every final arrives once at least, in order (de-duplicated on seq)."""
+    first, second = Mosquitto(tmp_path), Mosquitto(tmp_path)
+    n = 60
+
+    async def main() -> None:
+        async with Subscriber(first, ["streamd/mb/final"]) as sub1, \
+                Subscriber(second, ["streamd/mb/final"]) as sub2:
+            pub = MqttPublisher(_settings(first, hosts=((second.host, second.port),)), "mb")
+            assert pub.settings.brokers == ((first.host, first.port),
+                                            (second.host, second.port))
+            await pub.start()
+            assert await pub.wait_connected(10) and pub.broker == (first.host, first.port)
+            for k in range(n):
+                await pub.publish(_final("mb", k))
+                await asyncio.sleep(0.01)
+                if k == n // 3:
+                    first.pause()  # written to, never acknowledging: then gone
+                    await asyncio.sleep(0.2)
+                    first.stop(kill=True)
+            def both() -> list[dict]:
+                return sub1.payloads("streamd/mb/final") + sub2.payloads("streamd/mb/final")
+
+            await sub2.wait_for(lambda m: len(_first_seen(both())) >= n)
+            assert pub.broker == (second.host, second.port) and pub.reconnects == 1
+            assert await pub.stop(5) == 0
+        finals = _first_seen(both())
+        assert [f["seq"] for f in finals] == list(range(n))
+        assert sub2.payloads("streamd/mb/final")  # the second broker took over
+
+    with first, second:
+        asyncio.run(main())

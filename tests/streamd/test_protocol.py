@@ -92,3 +92,29 @@ def test_event_shapes() -> None:
     assert protocol.done_event("s", 3) == {"type": "done", "session": "s", "segments": 3}
     assert json.loads(protocol.encode_event(f)) == f
     assert protocol.encode_event({"text": "é"}) == '{"text":"é"}'
+
+
+def test_parse_resume() -> None:
+    msg = parse_control(start(resume={"session": "s-1", "offset": 12.5}))
+    assert msg.session == "s-1" and msg.resume == protocol.Resume(12.5, None)
+    both = parse_control(start(session="s-1", resume={"session": "s-1", "offset": 0,
+                                                      "segment": 4}))
+    assert both.resume == protocol.Resume(0.0, 4)
+    assert parse_control(start()).resume is None
+    for bad, match in [
+        ("yes", "resume must be an object"),
+        ({"offset": 1.0}, "resume.session"),
+        ({"session": "a/b", "offset": 1.0}, "resume.session"),
+        ({"session": "s", "offset": -1}, "offset"),
+        ({"session": "s", "offset": "1"}, "offset"),
+        ({"session": "s", "offset": True}, "offset"),
+        ({"session": "s", "offset": 1, "segment": -1}, "segment"),
+        ({"session": "s", "offset": 1, "segment": 1.0}, "segment"),
+    ]:
+        with pytest.raises(BadRequest, match=match):
+            parse_control(start(resume=bad))
+    with pytest.raises(BadRequest, match="differ"):
+        parse_control(start(session="t", resume={"session": "s", "offset": 1}))
+    nan = '{"type": "start", "sample_rate": 16000, "resume": {"session": "s", "offset": NaN}}'
+    with pytest.raises(BadRequest, match="offset"):
+        parse_control(nan)

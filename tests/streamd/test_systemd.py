@@ -54,6 +54,18 @@ def test_unit_verifies(systemd_analyze: str, tmp_path: Path) -> None:
     assert str(unit) not in result.stderr and "streamd.service" not in result.stderr, result.stderr
 
 
+def test_template_unit_verifies(systemd_analyze: str, tmp_path: Path) -> None:
+    """streamd@.service: one node of several (docs/scale-out.md), checked as an instance."""
+    text = (REPO / "systemd" / "streamd@.service").read_text()
+    unit = tmp_path / "streamd@node1.service"
+    unit.write_text(text.replace("/opt/streamd/venv/bin/streamd", str(VENV_STREAMD)))
+    result = subprocess.run([systemd_analyze, "verify", "--man=no", str(unit)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "streamd@" not in result.stderr, result.stderr
+    assert "StateDirectory=streamd/%i" in text and "--node %i" in text
+
+
 def test_unit_contract() -> None:
     settings: dict[str, list[str]] = {}
     for line in UNIT.read_text().splitlines():
@@ -90,6 +102,8 @@ def test_install_script_stages(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     unit = (root / "etc/systemd/system/streamd.service").read_text()
     assert "ExecStart=/srv/sd/venv/bin/streamd serve --config /etc/streamd/streamd.toml" in unit
+    template = (root / "etc/systemd/system/streamd@.service").read_text()
+    assert "ExecStart=/srv/sd/venv/bin/streamd serve --config /etc/streamd/%i.toml" in template
     config = root / "etc/streamd/streamd.toml"
     assert config.read_text() == (REPO / "streamd.example.toml").read_text()
     bad = subprocess.run(["bash", str(REPO / "systemd" / "install.sh"), "--bogus"],
