@@ -53,6 +53,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mqtt-host", help="MQTT broker host (enables MQTT)")
     parser.add_argument("--mqtt-port", type=int, help="MQTT broker port (default 1883)")
     parser.add_argument("--mqtt-prefix", help="MQTT topic prefix (default streamd)")
+    parser.add_argument("--mqtt-tls", action="store_true", default=None,
+                        help="connect to the broker over TLS (the port is usually 8883)")
+    parser.add_argument("--mqtt-ca", metavar="FILE",
+                        help="CA certificate(s) (PEM) the broker's certificate must chain "
+                             "to (default: the system CAs)")
+    parser.add_argument("--mqtt-cert", metavar="FILE", help="client certificate (PEM)")
+    parser.add_argument("--mqtt-key", metavar="FILE",
+                        help="client certificate's key (PEM; default: in --mqtt-cert)")
+    parser.add_argument("--mqtt-client-id", metavar="ID",
+                        help="MQTT client id (default streamd-<node>-<random>)")
+    parser.add_argument("--mqtt-username", metavar="NAME", help="MQTT user name")
+    parser.add_argument("--mqtt-password-file", metavar="FILE",
+                        help="file whose first line is the MQTT password (or set "
+                             "STREAMD_MQTT_PASSWORD; no flag takes the password itself, "
+                             "it would show in ps)")
     parser.add_argument("--mic", nargs="?", const="", metavar="DEVICE",
                         help="also transcribe a microphone as session 'mic' (default device)")
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
@@ -78,6 +93,15 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = 
     put("mqtt", "host", args.mqtt_host)
     put("mqtt", "port", args.mqtt_port)
     put("mqtt", "prefix", args.mqtt_prefix)
+    put("mqtt", "tls", args.mqtt_tls)
+    put("mqtt", "tls_ca_file", args.mqtt_ca)
+    put("mqtt", "tls_cert_file", args.mqtt_cert)
+    put("mqtt", "tls_key_file", args.mqtt_key)
+    put("mqtt", "client_id", args.mqtt_client_id)
+    put("mqtt", "username", args.mqtt_username)
+    if args.mqtt_password_file is not None:  # beats a password from the file or env
+        put("mqtt", "password", "")
+        put("mqtt", "password_file", args.mqtt_password_file)
     if args.mic is not None:
         put("mic", "enabled", True)
         put("mic", "device", args.mic)

@@ -39,15 +39,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import importlib.metadata
 import json
 import logging
 import random
 import secrets
+import ssl
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import aiomqtt
 
@@ -72,6 +74,8 @@ class MqttSettings:
 
     `tls_insecure` skips the server hostname check only (paho's meaning); the
     certificate is still verified against `tls_ca_file` (or the system CAs).
+    `tls_cert_file` (with `tls_key_file`, or the key in the same PEM) is the client
+    certificate for brokers that require one.
     """
 
     host: str
@@ -82,6 +86,8 @@ class MqttSettings:
     tls: bool = False
     tls_ca_file: str | None = None
     tls_insecure: bool = False
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
     client_id: str | None = None  # None: "streamd-<node>-<random>", fixed per publisher
     keepalive: int = 30
     outbox_max: int = 1000
@@ -104,27 +110,46 @@ class MqttSettings:
             (0 < self.reconnect_min_s <= self.reconnect_max_s, "reconnect_min_s",
              "must be > 0 and <= reconnect_max_s"),
             (not self.tls_ca_file or self.tls, "tls_ca_file", "needs tls = true"),
+            (not self.tls_cert_file or self.tls, "tls_cert_file", "needs tls = true"),
+            (not self.tls_key_file or self.tls_cert_file, "tls_key_file",
+             "needs tls_cert_file"),
         ]
         for ok, key, message in checks:
             if not ok:
                 raise ConfigError(f"mqtt.{key}", message)
 
+    # Config keys whose names differ from the fields here (older, documented TOML keys).
+    _CONFIG_NAMES: ClassVar[dict[str, str]] = {"keepalive_s": "keepalive",
+                                                "outbox_size": "outbox_max"}
+
     @classmethod
     def from_config(cls, cfg: Any, **overrides: Any) -> MqttSettings:
-        """From `streamd.config.MqttConfig` (empty strings there mean "not set")."""
-        fields = {
-            "host": cfg.host,
-            "port": cfg.port,
-            "prefix": cfg.prefix,
-            "username": cfg.username or None,
-            "password": cfg.password or None,
-            "keepalive": cfg.keepalive_s,
-            "outbox_max": cfg.outbox_size,
-        }
-        for name in ("tls", "tls_ca_file", "tls_insecure", "client_id"):
-            if getattr(cfg, name, None):
-                fields[name] = getattr(cfg, name)
-        return cls(**{**fields, **overrides})
+        """From `streamd.config.MqttConfig`: every key named as a field here (or in
+        `_CONFIG_NAMES`) passes on, so a new setting is declared once per class without a
+        list to keep in step; empty strings there mean "not set" (None); the password
+        comes from `cfg.read_password()` (`password` or `password_file`)."""
+        own = {f.name for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cfg):
+            name = cls._CONFIG_NAMES.get(f.name, f.name)
+            if name in own:
+                value = getattr(cfg, f.name)
+                values[name] = None if value == "" else value
+        values["password"] = cfg.read_password() or None
+        return cls(**{**values, **overrides})
+
+    def describe_failure(self, exc: BaseException) -> str:
+        """A hint for a failed connection whose cause is TLS ("" otherwise)."""
+        cause: BaseException | None = exc
+        while cause is not None and not isinstance(cause, ssl.SSLError):
+            cause = cause.__cause__ or cause.__context__
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            ca = f"mqtt.tls_ca_file {self.tls_ca_file!r}" if self.tls_ca_file else \
+                "the system CAs (mqtt.tls_ca_file is not set)"
+            return f" (TLS: the broker's certificate does not verify against {ca})"
+        if cause is not None:
+            return f" (TLS handshake failed: is {self.host}:{self.port} a TLS listener?)"
+        return ""
 
 
 def _topic_free(text: str, *, allow_slash: bool = False) -> bool:
@@ -288,7 +313,8 @@ class MqttPublisher:
 
     def _new_client(self) -> aiomqtt.Client:
         s = self.settings
-        tls = aiomqtt.TLSParameters(ca_certs=s.tls_ca_file) if s.tls else None
+        tls = aiomqtt.TLSParameters(ca_certs=s.tls_ca_file, certfile=s.tls_cert_file,
+                                    keyfile=s.tls_key_file) if s.tls else None
         client = aiomqtt.Client(
             s.host,
             s.port,
@@ -342,9 +368,10 @@ class MqttPublisher:
             except Exception as exc:  # noqa: BLE001 - the loop must outlive any one link
                 self.connect_failures += not up
                 log.log(logging.WARNING if isinstance(exc, aiomqtt.MqttError) else logging.ERROR,
-                        "mqtt %s %s:%d: %r",
+                        "mqtt %s %s:%d: %r%s",
                         "connection lost to" if up else "cannot connect to",
                         self.settings.host, self.settings.port, exc,
+                        self.settings.describe_failure(exc),
                         exc_info=not isinstance(exc, aiomqtt.MqttError))
             finally:
                 self._client = None
