@@ -12,7 +12,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import numpy as np
 from flax import traverse_util
 
 from models.checkpoint import ModelLoadError, read_hf_config, read_hf_folder
+from models.disk_cache import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -81,16 +81,6 @@ def model_family(folder: Path) -> str:
             f"{', '.join(sorted(HF_FAMILIES))}"
         )
     return HF_FAMILIES[model_type]
-
-
-def cache_dir() -> Path:
-    """Where converted parameters are kept: $STREAMD_CACHE_DIR, systemd's
-    $CACHE_DIRECTORY, or ~/.cache/streamd."""
-    for env in ("STREAMD_CACHE_DIR", "CACHE_DIRECTORY"):
-        if os.environ.get(env):
-            return Path(os.environ[env].split(":")[0])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "streamd"
 
 
 def _source_key(folder: Path, kind: str) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Literal
 
 import jax
@@ -115,8 +115,14 @@ class WhisperTranscriber:
             encoder_out=encoder_out, options=options,
         )[0]  # fmt: skip
 
-    def warmup(self) -> None:
-        """Compiles every encoder shape and the decoder, so timings exclude compiles."""
-        sizes = {self.window_samples(s * SAMPLE_RATE) for s in (*self.buckets_s, WINDOW_S)}
+    def warmup(self, lengths: Sequence[int] | None = None) -> None:
+        """Compiles the encoder shapes and the decoder that audio of `lengths` samples
+        needs (default: every shape), so timings exclude compiles. Audio over 30 s is cut
+        where it is quietest, so its last window can be any bucket: it gets every one."""
+        every = {self.window_samples(s * SAMPLE_RATE) for s in (*self.buckets_s, WINDOW_S)}
+        if lengths is None or any(n > WINDOW_S * SAMPLE_RATE for n in lengths):
+            sizes = every
+        else:
+            sizes = {self.window_samples(n) for n in lengths if n >= HOP_LENGTH * 2}
         for n in sorted(sizes):
             self._decode(self.encode(np.zeros(n, np.float32)), n)

@@ -19,6 +19,7 @@ import sys
 import time
 from typing import Any
 
+from models.disk_cache import enable_compilation_cache
 from streamd import protocol
 from streamd.config import Config, load_config
 from streamd.engine import Engine
@@ -179,8 +180,8 @@ class Daemon:
         cfg = self.config
         t0 = time.monotonic()
         self.notifier.status("loading pipeline")
-        if cfg.recognition.compile_cache_dir:  # before the pipeline imports JAX
-            os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", cfg.recognition.compile_cache_dir)
+        # Before the pipeline compiles; main() did it already (a no-op then).
+        enable_compilation_cache(cfg.recognition.compile_cache_dir or None)
         if self._factory is not None:
             self.pipeline = self._factory(cfg, self.engine)
         else:
@@ -318,6 +319,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"streamd: {exc}", file=sys.stderr)
         return 2
     setup_logging(config)
+    enable_compilation_cache(config.recognition.compile_cache_dir or None)  # before JAX
     try:
         factory = _test_factory()
     except (ImportError, AttributeError) as exc:
