@@ -285,6 +285,14 @@ class _Connection:
         except BadRequest as exc:
             await self._error(exc.code, str(exc))
             return False
+        if isinstance(msg, protocol.Keepalive):
+            return False  # no reply; reading it was the point
+        if isinstance(msg, protocol.Finalize):
+            if self.session is None or self.runner is None:
+                await self._error("bad_request", "finalize before start")
+                return False
+            self.runner.push(self.session.finalize())
+            return False
         if isinstance(msg, protocol.Stop):
             if self.session is None:
                 await self._error("bad_request", "stop before start")
