@@ -1,7 +1,7 @@
 """Start-up cost of `streamd transcribe` on one file: an empty cache, then a warm one.
 
     python bench/startup.py [--file streamd/data/jfk.wav] [--warm-runs 2]
-                            [--out bench/results/startup.json]
+                            [--baseline DIR] [--out bench/results/startup.json]
 
 Runs `streamd transcribe FILE` as a fresh process with an empty cache folder
 (`STREAMD_CACHE_DIR`, no `JAX_COMPILATION_CACHE_DIR`): the first run converts the
@@ -9,8 +9,9 @@ parameters and compiles (cold), the next ones read both from the cache (warm), a
 sees them on the second call. Wall time is the whole process, interpreter start to exit;
 `load`/`compile` are what the CLI prints on stderr. For comparison, faster-whisper on the
 same CTranslate2 tiny.en weights (float32 and its int8, greedy) in a fresh process: the
-process's wall time, and load and transcribe measured inside it. Prints a table and
-writes JSON.
+process's wall time, and load and transcribe measured inside it. `--baseline DIR` also
+runs another checkout's `streamd transcribe` the same way (e.g. the commit before the
+compilation cache: `git archive f64d0c8 | tar -x -C DIR`). Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -55,9 +56,10 @@ def _clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _timed(cmd: list[str], env: dict[str, str]) -> tuple[float, subprocess.CompletedProcess]:
+def _timed(cmd: list[str], env: dict[str, str],
+           cwd: Path = REPO) -> tuple[float, subprocess.CompletedProcess]:
     started = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=600, check=False)
     wall = time.perf_counter() - started
     if proc.returncode != 0:
@@ -70,22 +72,24 @@ def _stderr_seconds(stderr: str, label: str) -> float | None:
     return float(m[1]) if m else None
 
 
-def streamd_runs(file: str, warm_runs: int) -> list[dict]:
+def streamd_runs(file: str, warm_runs: int, checkout: Path = REPO,
+                 system: str = "streamd transcribe") -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory(prefix="streamd-startup-") as cache:
         env = _clean_env(STREAMD_CACHE_DIR=cache)
         cmd = [sys.executable, "-m", "streamd.cli", "transcribe", file]
         for i in range(1 + warm_runs):
-            wall, proc = _timed(cmd, env)
+            wall, proc = _timed(cmd, env, checkout)
             rows.append({
-                "system": "streamd transcribe", "run": "cold" if i == 0 else f"warm {i}",
+                "system": system, "run": "cold" if i == 0 else f"warm {i}",
                 "wall_s": round(wall, 2),
                 "load_s": _stderr_seconds(proc.stderr, "loading model"),
                 "compile_s": _stderr_seconds(proc.stderr, "compiling"),
                 "text": proc.stdout.strip(),
             })
-            print(f"{rows[-1]['run']}: {wall:.2f} s", file=sys.stderr, flush=True)
-        jax_entries = len(list((Path(cache) / "jax").iterdir()))
+            print(f"{system} {rows[-1]['run']}: {wall:.2f} s", file=sys.stderr, flush=True)
+        jax_dir = Path(cache) / "jax"
+        jax_entries = len(list(jax_dir.iterdir())) if jax_dir.is_dir() else 0
         for row in rows:
             row["cache_entries"] = jax_entries
     return rows
@@ -113,15 +117,21 @@ def main() -> int:
     parser.add_argument("--file", default="streamd/data/jfk.wav")
     parser.add_argument("--warm-runs", type=int, default=2)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--baseline", type=Path,
+                        help="another checkout whose streamd transcribe runs the same way")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "startup.json")
     args = parser.parse_args()
 
     import soundfile
 
-    duration = soundfile.info(str(REPO / args.file)).duration
+    file = str((REPO / args.file).resolve())
+    duration = soundfile.info(file).duration
     load_before = os.getloadavg()
-    rows = streamd_runs(args.file, args.warm_runs)
-    rows += faster_whisper_runs(args.file, args.threads)
+    rows = streamd_runs(file, args.warm_runs)
+    if args.baseline is not None:
+        rows += streamd_runs(file, args.warm_runs, args.baseline.resolve(),
+                             f"streamd transcribe, {args.baseline}")
+    rows += faster_whisper_runs(file, args.threads)
     load_after = os.getloadavg()
 
     def cell(value: float | None) -> str:
@@ -134,7 +144,7 @@ def main() -> int:
     for row in rows:
         print(f"| {row['system']} | {row['run']} | {row['wall_s']:.2f} | {cell(row['load_s'])} |"
               f" {cell(row['compile_s'])} |")
-    texts = {row["text"] for row in rows if row["system"] == "streamd transcribe"}
+    texts = {row["text"] for row in rows if row["system"].startswith("streamd")}
     if len(texts) != 1:
         print(f"warning: the streamd runs disagree: {texts}", file=sys.stderr)
     result = {

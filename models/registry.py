@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
@@ -103,11 +102,11 @@ def cached_params(
         try:
             with np.load(path) as data:
                 hf_config = json.loads(str(data[_CONFIG_KEY]))
-                flat = {
-                    tuple(k.split("/")): jnp.asarray(data[k])
-                    for k in data.files
-                    if k != _CONFIG_KEY
-                }
+                # One device_put of the whole tree: 0.13 s for tiny.en's 167 arrays,
+                # against 0.6 s for a jnp.asarray each (a start-up cost, bench/startup.py).
+                flat = jax.device_put({
+                    tuple(k.split("/")): data[k] for k in data.files if k != _CONFIG_KEY
+                })
             log.info("loaded cached params %s", path)
             return hf_config, traverse_util.unflatten_dict(flat)
         except Exception as exc:  # a corrupt cache is rebuilt, not fatal
