@@ -140,15 +140,20 @@ class MqttSettings:
 
     def describe_failure(self, exc: BaseException) -> str:
         """A hint for a failed connection whose cause is TLS ("" otherwise)."""
+        chain: list[BaseException] = []
         cause: BaseException | None = exc
-        while cause is not None and not isinstance(cause, ssl.SSLError):
+        while cause is not None and len(chain) < 8:
+            chain.append(cause)
             cause = cause.__cause__ or cause.__context__
-        if isinstance(cause, ssl.SSLCertVerificationError):
-            ca = f"mqtt.tls_ca_file {self.tls_ca_file!r}" if self.tls_ca_file else \
-                "the system CAs (mqtt.tls_ca_file is not set)"
-            return f" (TLS: the broker's certificate does not verify against {ca})"
-        if cause is not None:
-            return f" (TLS handshake failed: is {self.host}:{self.port} a TLS listener?)"
+        for cause in chain:
+            if isinstance(cause, ssl.SSLCertVerificationError):
+                ca = (f"mqtt.tls_ca_file {self.tls_ca_file!r}" if self.tls_ca_file
+                      else "the system CAs (mqtt.tls_ca_file is not set)")
+                return f" (TLS: the broker's certificate does not verify against {ca})"
+            if isinstance(cause, ssl.SSLError):
+                return f" (TLS handshake failed: {getattr(cause, 'reason', None) or cause})"
+        if self.tls and isinstance(chain[-1], ConnectionResetError):
+            return f" (mqtt.tls is on: is {self.host}:{self.port} a TLS listener?)"
         return ""
 
 

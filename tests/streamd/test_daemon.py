@@ -136,3 +136,31 @@ def test_serve_refuses_tls_files_without_tls(tmp_path: Path) -> None:
         env={k: v for k, v in os.environ.items() if not k.startswith("STREAMD_")})
     assert proc.returncode == 2
     assert "'mqtt.tls_ca_file': needs mqtt.tls = true (--mqtt-tls)" in proc.stderr
+
+
+def test_tls_failure_hints() -> None:
+    """The log line of a failed connection says what TLS found, naming the setting."""
+    import ssl
+
+    from streamd.mqtt import MqttSettings
+
+    def wrapped(cause: BaseException) -> Exception:
+        try:
+            try:
+                raise cause
+            except BaseException as inner:
+                raise RuntimeError("connect failed") from inner
+        except RuntimeError as exc:
+            return exc
+
+    s = MqttSettings(host="b", port=8883, tls=True, tls_ca_file="/etc/ca.pem")
+    verify = ssl.SSLCertVerificationError(1, "certificate verify failed")
+    assert "does not verify against mqtt.tls_ca_file '/etc/ca.pem'" in \
+        s.describe_failure(wrapped(verify))
+    assert "the system CAs" in MqttSettings(host="b", tls=True).describe_failure(
+        wrapped(verify))
+    assert "TLS handshake failed" in s.describe_failure(wrapped(ssl.SSLError(1, "alert")))
+    assert "is b:8883 a TLS listener?" in s.describe_failure(
+        wrapped(ConnectionResetError(104, "reset")))
+    assert MqttSettings(host="b").describe_failure(wrapped(ConnectionResetError())) == ""
+    assert s.describe_failure(RuntimeError("timed out")) == ""
