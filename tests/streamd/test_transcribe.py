@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -105,13 +105,15 @@ def test_second_run_loads_compiled_code_from_the_cache(tmp_path) -> None:
            if not k.startswith(("STREAMD_", "JAX_COMPILATION", "JAX_PERSISTENT"))}
     env.update(STREAMD_CACHE_DIR=str(tmp_path / "cache"), JAX_PLATFORMS="cpu")
     cmd = [sys.executable, "-m", "streamd.cli", "transcribe", "streamd/data/jfk.wav"]
-    runs = []
+    runs = []  # (CPU seconds: steadier than wall time on a shared machine, stdout)
     for _ in range(2):
-        started = time.perf_counter()
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
                               timeout=300, check=True)
-        runs.append((time.perf_counter() - started, proc.stdout))
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+        runs.append((cpu, proc.stdout))
     entries = list((tmp_path / "cache" / "jax").iterdir())
     assert len(entries) >= 10  # encoder, mel, decoder steps: small executables too
     assert runs[0][1] == runs[1][1] and "ask not what your country" in runs[0][1]
-    assert runs[1][0] < runs[0][0] - 3, runs
+    assert runs[1][0] < 0.75 * runs[0][0], runs  # 4.4 against 9.1 s in bench/startup.py
