@@ -94,7 +94,7 @@ def _warmup(transcriber: FileTranscriber, files: Sequence[str]) -> None:
     """Compiles what `files` need: their lengths come from the file headers, so only the
     shapes these files use compile (unreadable files are reported later, in order)."""
     if "lengths" not in inspect.signature(transcriber.warmup).parameters:
-        transcriber.warmup()  # its shapes do not depend on the input length
+        transcriber.warmup()  # compiles what it knows to (CTC streaming, bucketed encoders)
         return
     lengths = [n for n in map(audio_length, files) if n is not None]
     transcriber.warmup(lengths=lengths)  # type: ignore[call-arg]
