@@ -39,6 +39,9 @@ class ServerConfig:
     max_frame_bytes: int = 256 * 1024
     send_queue: int = 64
     shutdown_timeout_s: float = 10.0
+    # A connection that sends no message at all (audio, keepalive, ...) for this long is
+    # ended as by `stop`; 0: never.
+    idle_timeout_s: float = 0.0
 
     def __post_init__(self) -> None:
         _check(0 <= self.port <= 65535, "server.port", "must be 0..65535")
@@ -46,6 +49,7 @@ class ServerConfig:
         _check(self.max_frame_bytes >= 1024, "server.max_frame_bytes", "must be >= 1024")
         _check(self.send_queue >= 2, "server.send_queue", "must be >= 2")
         _check(self.shutdown_timeout_s > 0, "server.shutdown_timeout_s", "must be > 0")
+        _check(self.idle_timeout_s >= 0, "server.idle_timeout_s", "must be >= 0 (0: none)")
         _check(all(t for t in self.tokens), "server.tokens", "tokens must be non-empty")
         _check(
             bool(self.tokens) or self.allow_insecure or _is_loopback(self.host),

@@ -256,8 +256,19 @@ class _Connection:
         await self._emit(self.session.done())
 
     async def _receive_loop(self) -> None:
+        idle = self.cfg.server.idle_timeout_s or None
         try:
-            async for message in self.ws:
+            while True:
+                try:
+                    # Cancelling recv() loses nothing (websockets' asyncio API).
+                    message = await asyncio.wait_for(self.ws.recv(), idle)
+                except TimeoutError:
+                    # Nothing, not even a keepalive: end as a `stop` would (finals, done).
+                    log.info("idle connection ended", extra={
+                        "session": self.session.id if self.session else None,
+                        "idle_timeout_s": idle})
+                    self._close_reason = "idle timeout"
+                    return
                 if isinstance(message, str):
                     if await self._control(message):
                         return

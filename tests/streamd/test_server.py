@@ -753,3 +753,31 @@ def test_bad_session_timing_is_a_bad_request(url: str, fields: dict, pattern: st
     """A bad value is refused with `bad_request`; no session starts and the stream goes
     on (a good start then works)."""
     run_bad_client(url, str(fields), [start_msg(**fields)], "bad_request", None, pattern)
+
+
+def test_idle_timeout_ends_quiet_connections_keepalive_holds_them(shared_audio_dir) -> None:
+    """With server.idle_timeout_s, a connection that sends nothing is ended as by `stop`
+    (the speech in flight gets its final, then done, close 1000 "idle timeout");
+    keepalives (or audio) keep it open."""
+    audio = s16(speech(shared_audio_dir))[: 2 * 32000]  # 0.5 s silence + 1.5 s of speech
+    with running_daemon(test_config(server={"idle_timeout_s": 0.6})) as d:
+        url = f"ws://127.0.0.1:{d.server.port}/v1/stream"
+        with connect(url) as ws:
+            ws.send(start_msg(session="idle-1"))
+            assert recv_event(ws)["type"] == "ready"
+            for i in range(0, len(audio), 3200):
+                ws.send(audio[i : i + 3200])
+            quiet_from = time.monotonic()
+            for _ in range(8):  # 1.6 s of keepalives 0.2 s apart: longer than the timeout
+                time.sleep(0.2)
+                ws.send(json.dumps({"type": "keepalive"}))
+            kept = time.monotonic() - quiet_from
+            events = recv_until(ws, "done")
+            ended = time.monotonic() - quiet_from
+            with pytest.raises(ConnectionClosed) as closed:
+                ws.recv(timeout=5)
+    assert kept > 1.5 and ended > kept + 0.5  # the keepalives held it open past 0.6 s
+    assert closed.value.rcvd.code == 1000 and closed.value.rcvd.reason == "idle timeout"
+    finals = [e for e in events if e["type"] == "final"]
+    assert len(finals) == 1 and finals[0]["end"] <= 2.0  # the speech in flight, finalized
+    assert events[-1] == {"type": "done", "session": "idle-1", "segments": 1}
