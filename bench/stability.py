@@ -124,6 +124,9 @@ def main() -> None:
     ap.add_argument("--match", default="", help="only files whose name contains this")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "stability.json")
     args = ap.parse_args()
+    from models.disk_cache import enable_compilation_cache
+
+    enable_compilation_cache()
     entries = [json.loads(x) for x in (args.audio_dir / "manifest.jsonl").read_text()
                .splitlines() if x.strip()]
     files = []

@@ -22,8 +22,10 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -157,11 +159,15 @@ def main() -> int:
     runs = {}
     for system in args.systems.split(","):
         print(f"running {system} ...", file=sys.stderr, flush=True)
+        # An empty compilation cache per system: "warm-up/compile s" is what compiling
+        # costs (bench/startup.py measures what a warm cache saves).
+        env["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="streamd-bench-jax-")
         proc = subprocess.run(
             [sys.executable, __file__, "--worker", system, "--audio", *map(str, args.audio),
              "--threads", str(args.threads), "--repeat", str(args.repeat)],
             env=env, capture_output=True, text=True, check=False,
         )
+        shutil.rmtree(env["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
         if proc.returncode != 0:
             print(proc.stderr[-3000:], file=sys.stderr)
             return 1

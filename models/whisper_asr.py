@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Sequence
 from typing import Literal
 
 import jax
@@ -174,8 +175,16 @@ class WhisperTranscriber:
             encoder_out=encoder_out, options=options,
         )[0]  # fmt: skip
 
-    def warmup(self) -> None:
-        """Compiles every encoder shape and the decoder, so timings exclude compiles."""
-        sizes = [WINDOW_S] if self.encoder_window == "padded" else [*self.buckets_s, WINDOW_S]
-        for n in sorted({s * SAMPLE_RATE for s in sizes}):
+    def warmup(self, lengths: Sequence[int] | None = None) -> None:
+        """Compiles the encoder shapes and the decoder that audio of `lengths` samples
+        needs (default: every shape), so timings exclude compiles. A window only shrinks
+        as decoding seeks through it, so audio gets its own bucket and every smaller one;
+        audio over 30 s is windowed at quiet points: it gets every bucket."""
+        every = [WINDOW_S] if self.encoder_window == "padded" else [*self.buckets_s, WINDOW_S]
+        sizes = {s * SAMPLE_RATE for s in every}
+        if lengths is not None and all(n <= WINDOW_S * SAMPLE_RATE for n in lengths):
+            largest = max((self.window_samples(n) for n in lengths if n >= HOP_LENGTH * 2),
+                          default=0)
+            sizes = {n for n in sizes if n <= largest}
+        for n in sorted(sizes):
             self._decode(self.encode(np.zeros(n, np.float32), n), n)

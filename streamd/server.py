@@ -296,8 +296,19 @@ class _Connection:
         await self._emit(self.session.done())
 
     async def _receive_loop(self) -> None:
+        idle = self.cfg.server.idle_timeout_s or None
         try:
-            async for message in self.ws:
+            while True:
+                try:
+                    # Cancelling recv() loses nothing (websockets' asyncio API).
+                    message = await asyncio.wait_for(self.ws.recv(), idle)
+                except TimeoutError:
+                    # Nothing, not even a keepalive: end as a `stop` would (finals, done).
+                    log.info("idle connection ended", extra={
+                        "session": self.session.id if self.session else None,
+                        "idle_timeout_s": idle})
+                    self._close_reason = "idle timeout"
+                    return
                 if isinstance(message, str):
                     if await self._control(message):
                         return
@@ -324,6 +335,14 @@ class _Connection:
             return False
         except BadRequest as exc:
             await self._error(exc.code, str(exc))
+            return False
+        if isinstance(msg, protocol.Keepalive):
+            return False  # no reply; reading it was the point
+        if isinstance(msg, protocol.Finalize):
+            if self.session is None or self.runner is None:
+                await self._error("bad_request", "finalize before start")
+                return False
+            self.runner.push(self.session.finalize())
             return False
         if isinstance(msg, protocol.Stop):
             if self.session is None:
