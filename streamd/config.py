@@ -271,6 +271,9 @@ class Config:
         _check(self.log_format in ("json", "text"), "log_format", "json or text")
 
 
+# Keys whose values are credentials: error messages name them, never show them.
+SECRET_KEYS = frozenset({"server.tokens", "mqtt.password"})
+
 SECTIONS: dict[str, type] = {
     "server": ServerConfig,
     "vad": VadConfig,
@@ -313,6 +316,8 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
         if isinstance(items, (list, tuple)):
             return tuple(_coerce(key, item, v.strip() if isinstance(v, str) else v) for v in items)
     name = getattr(hint, "__name__", str(hint))
+    if key in SECRET_KEYS:  # the message goes to stderr and logs: never the value
+        raise ConfigError(key, f"expected {name}, got a {type(value).__name__}")
     raise ConfigError(key, f"expected {name}, got {value!r}")
 
 

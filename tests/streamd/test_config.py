@@ -136,3 +136,13 @@ def test_several_mqtt_brokers_file_env_flag(tmp_path: Path) -> None:
     assert MqttSettings.from_config(both.mqtt).brokers == (("h", 1883), ("a", 1))
     single = MqttSettings.from_config(load_config(None, {"STREAMD_MQTT_HOST": "x"}).mqtt)
     assert single.brokers == (("x", 1883),)
+
+
+def test_secret_values_not_in_errors(tmp_path: Path) -> None:
+    for text, key in (("[server]\ntokens = [987654321]\n", "server.tokens"),
+                      ("[mqtt]\npassword = 987654321\n", "mqtt.password")):
+        path = tmp_path / "secret.toml"
+        path.write_text(text)
+        with pytest.raises(ConfigError) as err:
+            load_config(path, environ={})
+        assert key in str(err.value) and "987654321" not in str(err.value)
