@@ -118,3 +118,14 @@ def test_parse_resume() -> None:
     nan = '{"type": "start", "sample_rate": 16000, "resume": {"session": "s", "offset": NaN}}'
     with pytest.raises(BadRequest, match="offset"):
         parse_control(nan)
+
+
+@pytest.mark.parametrize("text", [
+    '{"type": "start", "sample_rate": ' + "9" * 5000 + "}",  # int over 4300 digits
+    "[" * 5000 + "]" * 5000,  # nesting past the recursion limit
+])
+def test_oversized_json_is_bad_request(text: str) -> None:
+    """Regression (found by tests/streamd/test_fuzz.py): ValueError / RecursionError from
+    json.loads escaped as an internal error (close 1011)."""
+    with pytest.raises(BadRequest, match="not JSON"):
+        parse_control(text)
