@@ -2,7 +2,9 @@
 
 The handler only moves bytes and events: a receive loop feeding the sans-I/O Session,
 and a send loop draining a bounded queue to the socket (sibling tasks). Partials are
-dropped when the client reads too slowly; finals wait. Auth (401), the session limit
+dropped when the client reads too slowly; finals wait, and a client that accepts no event
+for `send_timeout_s` is disconnected. A connection silent for `idle_timeout_s` is closed.
+The per-address rate limit (429), the Origin check (403), auth (401), the session limit
 and draining (503) are decided in `process_request`, before the upgrade.
 
 Resume (`start.resume`): a session continues under its id from a stream offset; its
