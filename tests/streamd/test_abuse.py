@@ -239,6 +239,7 @@ def test_http_header_limits(daemon: Daemon) -> None:
     assert http_status(f"{daemon.http}/healthz") == 200
 
 
+@pytest.mark.slow
 def test_connection_rate_limit(tmp_path: Path) -> None:
     env = {**test_pipeline_env(), "STREAMD_SERVER_CONNECTION_RATE": "5",
            "STREAMD_SERVER_CONNECTION_BURST": "10"}
@@ -283,6 +284,7 @@ def test_oversized_json_is_bad_request(daemon: Daemon) -> None:
 # --- timeouts, churn, slow and fast clients ----------------------------------------
 
 
+@pytest.mark.slow
 def test_idle_and_handshake_timeouts_close_1000_connections(daemon: Daemon) -> None:
     """500 TCP connections that never send a request, 500 WebSockets that never send a
     message: all closed by the handshake (2 s) and idle (3 s) timeouts; nothing leaks."""
@@ -350,6 +352,7 @@ async def _churn_one(url: str, port: int, data: bytes, rng: random.Random) -> st
     return kind
 
 
+@pytest.mark.slow
 def test_churn_leaks_nothing(daemon: Daemon, shared_audio_dir: Path, solo) -> None:
     """2,000 connections ended at random points (raw TCP, before start, mid-audio, after
     stop), 5 at a time, while a bystander streams; RSS within 50 MB of the start."""
@@ -423,6 +426,7 @@ class RawClient:
         self.sock.sendall(Frame(opcode, data).serialize(mask=True))
 
 
+@pytest.mark.slow
 def test_slow_reader_is_dropped_and_delays_nobody(tmp_path: Path, shared_audio_dir: Path) -> None:
     """A client that stops reading while its audio flows: its partials are dropped, then it
     is disconnected after `send_timeout_s` (8 s here); meanwhile a bystander's finals come

@@ -403,6 +403,8 @@ class Client:
 # --- the test -----------------------------------------------------------------------
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_protocol_fuzz(daemon: Daemon, shared_audio_dir: Path) -> None:
     data = speech_pcm(shared_audio_dir)
     solo = finals(run_session(daemon.url, data, BYSTANDER, 0.0))
