@@ -16,9 +16,11 @@ Examples: 2,000 by default; `STREAMD_FUZZ_EXAMPLES=50000` for a longer run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import socket
 import threading
 import time
 import urllib.request
@@ -202,7 +204,7 @@ actions = st.one_of(
                      ("text", '{"type": "start", "sample_rate": 16000, "channels": 1e400}'),
                      ("text", '{"type": "start", "sample_rate": NaN}'),
                      ("text", "x" * (4 * LIMIT + 1))]),
-    st.just(("disconnect", None)),
+    st.sampled_from([("disconnect", None), ("abort", None)]),
 )
 
 # --- the model (docs/protocol.md) ---------------------------------------------------
@@ -332,8 +334,11 @@ class Client:
 
     def run(self, action: tuple[str, Any]) -> None:
         self.actions += 1
-        if action[0] == "disconnect":
+        if action[0] in ("disconnect", "abort"):
             if self.ws is not None:
+                if action[0] == "abort":  # the TCP connection drops, no close handshake
+                    with contextlib.suppress(OSError):
+                        self.ws.socket.shutdown(socket.SHUT_RDWR)
                 self.ws.close()
                 self.ws, self.started = None, None
             return
