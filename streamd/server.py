@@ -178,7 +178,7 @@ class StreamServer:
                                  lambda: self.connections)
         self.metrics.track_gauge("streamd_event_loop_tasks", "Tasks of the event loop",
                                  lambda: len(asyncio.all_tasks()))
-        self.metrics.track_gauge("streamd_threads", "Threads of the process",
+        self.metrics.track_gauge("streamd_threads", "Python threads of the process",
                                  threading.active_count)
 
     async def publish(self, event: dict[str, Any]) -> None:
