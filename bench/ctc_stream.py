@@ -106,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated look-ahead sizes in frames (63+: exact pos conv)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "ctc_stream.json")
     args = parser.parse_args(argv)
+    from models.disk_cache import enable_compilation_cache
 
+    enable_compilation_cache()  # before JAX: first_call_s is then a cache load on reruns
     import jax
 
     base = StreamConfig()

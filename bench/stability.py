@@ -1,7 +1,8 @@
 """Stable prefixes against finals: how often a fresh final would contradict what partials
 called `stable`, and what keeping the promise costs in WER.
 
-    python bench/stability.py [--agree 2 3] [--out bench/results/stability.json]
+    python bench/stability.py [--agree 2 3] [--audio-dir DIR] [--match stream_]
+                              [--out bench/results/stability.json]
 
 Every shared recording (`tests/data/audio/`, utterances and the stream file) goes through
 the daemon's own sans-I/O `Session` and `WhisperRecognizer` in process (tiny.en), one
@@ -120,12 +121,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--agree", type=int, nargs="+", default=[2])
     ap.add_argument("--audio-dir", type=Path, default=REPO / "tests" / "data" / "audio")
+    ap.add_argument("--match", default="", help="only files whose name contains this")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "stability.json")
     args = ap.parse_args()
+    from models.disk_cache import enable_compilation_cache
+
+    enable_compilation_cache()
     entries = [json.loads(x) for x in (args.audio_dir / "manifest.jsonl").read_text()
                .splitlines() if x.strip()]
     files = []
-    for e in entries:
+    for e in (e for e in entries if args.match in e["audio"]):
         audio, rate = sf.read(args.audio_dir / e["audio"], dtype="float32")
         assert rate == RATE, e["audio"]
         # Half a second of silence around each utterance, as a speaker pauses.

@@ -216,17 +216,42 @@ async def run_streamd(daemon: Daemon, n: int, audio: np.ndarray, entry: dict,
     cpu = cpu_seconds(daemon.proc.pid) - cpu0
     lat: dict[str, list[float]] = {key: [] for key in LATENCIES}
     wers = []
+    tails = 0  # finals ending in a phrase said twice (a decoder loop)
     onsets = speech_onsets(audio, entry)
     for run in runs:
         for key, values in measure(run, entry, vad, onsets).items():
             lat[key] += values
-        wers.append(wer([s["text"] for s in entry["segments"]],
-                        [e["text"] for e in run["events"] if e["type"] == "final"]))
+        finals = [e["text"] for e in run["events"] if e["type"] == "final"]
+        wers.append(wer([s["text"] for s in entry["segments"]], finals))
+        reference = " ".join(s["text"] for s in entry["segments"])
+        tails += sum(repeated_tail(text, reference) for text in finals)
     audio_s = n * len(audio) / RATE
     return {"system": "streamd", "streams": n, **summarize(lat),
             "cpu_s_per_audio_s": cpu / audio_s, "wall_s": time.monotonic() - t0,
             "wer": statistics.mean(wers), "finals": len(lat["endpoint"]),
-            "utterances_covered": len(lat["final"])}
+            "utterances_covered": len(lat["final"]), "finals_repeated_tails": tails}
+
+
+def repeated_tail(text: str, reference: str) -> bool:
+    """The text ends with a phrase of 3+ words said twice in a row that the reference does
+    not say twice (tests/helpers/text.py's rule, normalized words)."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from helpers.text import normalize, reference_repeats
+    from helpers.text import repeated_tail as tail
+
+    phrase = tail(normalize(text).split())
+    return bool(phrase) and not reference_repeats(normalize(reference).split(), phrase)
+
+
+def offline(audio_dir: Path, entry: dict) -> dict:
+    """`streamd transcribe` of the same file (WER against the same references)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "streamd.cli", "transcribe", "--json",
+         str(audio_dir / entry["audio"])],
+        cwd=REPO, capture_output=True, text=True, check=True)
+    text = json.loads(proc.stdout.strip().splitlines()[-1])["text"]
+    return {"system": "streamd transcribe (offline)",
+            "wer": wer([s["text"] for s in entry["segments"]], [text])}
 
 
 def run_peer(n: int, out: Path) -> dict:
@@ -242,7 +267,8 @@ def table(rows: list[dict]) -> str:
 
     cols = ["system", "streams", "final_median_s", "final_p90_s", "endpoint_median_s",
             "endpoint_p90_s", "first_partial_median_s", "first_partial_p90_s",
-            "onset_partial_median_s", "onset_partial_p90_s", "cpu_s_per_audio_s", "wer"]
+            "onset_partial_median_s", "onset_partial_p90_s", "cpu_s_per_audio_s", "wer",
+            "finals_repeated_tails"]
     lines = [" | ".join(cols), " | ".join("---" for _ in cols)]
     lines += [" | ".join(f(r.get(c)) for c in cols) for r in rows]
     return "\n".join(lines)
@@ -254,6 +280,8 @@ def main() -> int:
     ap.add_argument("--audio-dir", type=Path, default=REPO / "tests" / "data" / "audio")
     ap.add_argument("--peer", action="store_true",
                     help="also run the WhisperLiveKit LocalAgreement peer")
+    ap.add_argument("--offline", action="store_true",
+                    help="also run `streamd transcribe` on the file (offline WER)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "stream.json")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="daemon config value (TOML syntax), e.g. vad.endpoint_silence_ms=450")
@@ -277,6 +305,9 @@ def main() -> int:
             print(table(rows[-1:]), flush=True)
     finally:
         daemon.stop()
+    if args.offline:
+        rows.append(offline(args.audio_dir, entry))
+        print(table(rows[-1:]), flush=True)
     if args.peer:
         for n in args.streams:
             rows.append(run_peer(n, args.out.parent / f"peer-{n}.json"))

@@ -9,7 +9,7 @@ with the same number of threads, after loading and warming up; each file is reco
 `--repeat` times and the fastest run counts. Systems: streamd as `streamd transcribe` runs
 it (timestamps, seeking, tail margin, quiet cuts: models/whisper_asr.py) and variants
 (`streamd:<option>=<value>,...` sets WhisperTranscriber fields, e.g.
-`streamd:timestamps=0`, `streamd:tail_margin=0`, `streamd:encoder_window=padded`),
+`streamd:timestamps=0`, `streamd:tail_margin=0`, `streamd:buckets_s=10/20/30`),
 faster-whisper float32 and int8 (greedy, no previous-text conditioning, its default
 timestamp mode). WER overall and per length band (< 5 s, 5-10 s, 10-20 s, 20-30 s,
 > 30 s), and the outputs that end in a phrase said twice that the reference does not
@@ -22,8 +22,10 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,7 +46,9 @@ def _load_files(audio_dirs: list[Path]) -> list[dict]:
 
 
 def _option(value: str):
-    """A WhisperTranscriber field value from the command line."""
+    """A WhisperTranscriber field value from the command line ("10/30": a tuple)."""
+    if "/" in value:
+        return tuple(int(v) for v in value.split("/"))
     for kind in (int, float):
         try:
             return kind(value)
@@ -118,16 +122,19 @@ def _wer(files: list[dict], results: list[dict]) -> float | None:
 
 def _repeated_tails(files: list[dict], results: list[dict]) -> list[str]:
     """Files whose output ends with a phrase of 3+ words said twice that the reference
-    does not end with twice."""
+    does not say twice (tests/helpers/text.py's rule)."""
     from whisper_normalizer.english import EnglishTextNormalizer
 
     norm = EnglishTextNormalizer()
+    sys.path.insert(0, str(REPO / "tests"))
+    from helpers.text import reference_repeats, repeated_tail
 
-    def tail(words: list[str]) -> bool:
-        return any(words[-k:] == words[-2 * k : -k] for k in range(3, len(words) // 2 + 1))
-
-    return [e["audio"] for e, r in zip(files, results, strict=True)
-            if tail(norm(r["text"]).split()) and not tail(norm(e["text"]).split())]
+    out = []
+    for entry, result in zip(files, results, strict=True):
+        phrase = repeated_tail(norm(result["text"]).split())
+        if phrase and not reference_repeats(norm(entry["text"]).split(), phrase):
+            out.append(entry["audio"])
+    return out
 
 
 def main() -> int:
@@ -152,11 +159,15 @@ def main() -> int:
     runs = {}
     for system in args.systems.split(","):
         print(f"running {system} ...", file=sys.stderr, flush=True)
+        # An empty compilation cache per system: "warm-up/compile s" is what compiling
+        # costs (bench/startup.py measures what a warm cache saves).
+        env["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="streamd-bench-jax-")
         proc = subprocess.run(
             [sys.executable, __file__, "--worker", system, "--audio", *map(str, args.audio),
              "--threads", str(args.threads), "--repeat", str(args.repeat)],
             env=env, capture_output=True, text=True, check=False,
         )
+        shutil.rmtree(env["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
         if proc.returncode != 0:
             print(proc.stderr[-3000:], file=sys.stderr)
             return 1

@@ -15,14 +15,15 @@ things follow, both measured on the development set (tests/data/audio/dev, 119 f
   `transcribe` does. Audio longer than 30 s is windowed at the quietest 100 ms before
   each 30 s limit, so a window rarely ends inside a word.
 
-Each window is encoded padded only to the next length bucket (10/20/30 s), which costs
-a fraction of the encoder's work of a 30 s window on short audio.
+Each window is encoded padded only to the next length bucket (10 or 30 s): a third of
+the encoder's work of a 30 s window on audio up to 7.5 s.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Sequence
 from typing import Literal
 
 import jax
@@ -37,9 +38,13 @@ from models.whisper_decoding import DecodeOptions, DecodeResult, WhisperDecoder,
 
 WINDOW_S = 30
 # Encoder input lengths (seconds) for the bucketed window; every bucket compiles once.
-# Dev set, timestamps and the tail margin: WER 6.07 % with 10/20/30 s; shorter buckets
-# than 10 s made tiny.en loop on short clips (5/10/15/20/30 s: 21.2 % on the shared set).
-BUCKETS_S: tuple[int, ...] = (10, 20, 30)
+# A bucket is an approximation of Whisper's 30 s window. Dev + shared sets (131 files,
+# timestamps, tail margin; bench/transcribe.py): 10/30 s and 10/20/30 s both 5.57 %; the
+# 20 s bucket changed a word against the 30 s window (10-20 s band 4.43 % vs 4.24 %, the
+# 5-10 s band the other way by one word, 4.27 % vs 4.43 %) and costs a third compile:
+# 10/30. Shorter buckets than 10 s made tiny.en loop on short clips (5/10/15/20/30 s:
+# 21.2 % on the shared set).
+BUCKETS_S: tuple[int, ...] = (10, 30)
 # The fraction of a bucket that must stay silence after the audio (see the module
 # docstring). Dev set, timestamps and seeking, WER (5-10 s band) / outputs with a
 # repeated tail: margin 0: see README; 0.1: 6.04 % (3.96 %) / 0; 0.25: 6.07 % (4.13 %) / 0;
@@ -170,8 +175,16 @@ class WhisperTranscriber:
             encoder_out=encoder_out, options=options,
         )[0]  # fmt: skip
 
-    def warmup(self) -> None:
-        """Compiles every encoder shape and the decoder, so timings exclude compiles."""
-        sizes = [WINDOW_S] if self.encoder_window == "padded" else [*self.buckets_s, WINDOW_S]
-        for n in sorted({s * SAMPLE_RATE for s in sizes}):
+    def warmup(self, lengths: Sequence[int] | None = None) -> None:
+        """Compiles the encoder shapes and the decoder that audio of `lengths` samples
+        needs (default: every shape), so timings exclude compiles. A window only shrinks
+        as decoding seeks through it, so audio gets its own bucket and every smaller one;
+        audio over 30 s is windowed at quiet points: it gets every bucket."""
+        every = [WINDOW_S] if self.encoder_window == "padded" else [*self.buckets_s, WINDOW_S]
+        sizes = {s * SAMPLE_RATE for s in every}
+        if lengths is not None and all(n <= WINDOW_S * SAMPLE_RATE for n in lengths):
+            largest = max((self.window_samples(n) for n in lengths if n >= HOP_LENGTH * 2),
+                          default=0)
+            sizes = {n for n in sizes if n <= largest}
+        for n in sorted(sizes):
             self._decode(self.encode(np.zeros(n, np.float32), n), n)

@@ -28,6 +28,20 @@ def resample(samples: np.ndarray, sample_rate: int, target_rate: int = SAMPLE_RA
     return soxr.resample(samples, sample_rate, target_rate, quality="HQ").astype(np.float32)
 
 
+def audio_length(path: str | Path) -> int | None:
+    """The number of samples `read_audio(path)` returns, from the file's header alone
+    (soxr gives round-half-up of n x 16000 / rate); None when libsndfile cannot tell."""
+    try:
+        info = soundfile.info(str(path))
+    except (soundfile.LibsndfileError, RuntimeError, OSError):
+        return None
+    if info.frames <= 0 or info.samplerate <= 0:
+        return None
+    if info.samplerate == SAMPLE_RATE:
+        return int(info.frames)
+    return (2 * info.frames * SAMPLE_RATE + info.samplerate) // (2 * info.samplerate)
+
+
 def read_audio(path: str | Path) -> np.ndarray:
     """Reads WAV/FLAC/OGG (anything libsndfile reads) at any rate and channel count and
     returns 16 kHz mono float32 in [-1, 1]."""

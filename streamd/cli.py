@@ -79,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "transcribe":
+        # Before anything imports JAX. `serve` does this once its config is read
+        # (recognition.compile_cache_dir may name the folder).
+        from models.disk_cache import enable_compilation_cache
+
+        enable_compilation_cache()
     return int(args.run(args) or 0)
 
 

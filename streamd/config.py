@@ -43,6 +43,9 @@ class ServerConfig:
     # while open sessions go on by themselves for up to this long; then shutdown as usual
     # (speech in flight finalized, close 1001). 0: no wait (docs/scale-out.md).
     drain_timeout_s: float = 0.0
+    # A connection that sends no message at all (audio, keepalive, ...) for this long is
+    # ended as by `stop`; 0: never.
+    idle_timeout_s: float = 0.0
     # Browser origins allowed to open streams and pages ("https://app.example"); a request
     # carrying another Origin gets 403 before the upgrade. Empty: any. Same-origin requests
     # (Origin = http://<Host header>) and requests without Origin are always allowed.
@@ -51,10 +54,9 @@ class ServerConfig:
     # deep); beyond it 429. 0: no limit. Behind a proxy every client has its address.
     connection_rate: float = 20.0
     connection_burst: int = 40
-    # A connection must finish its HTTP handshake within this long.
+    # The opening of a stream: the HTTP upgrade, and then `start`, must each come within
+    # this long (no upgrade: the socket is closed; no `start`: `bad_request`, close 1008).
     handshake_timeout_s: float = 10.0
-    # A WebSocket with no client message for this long is closed (1008, `bad_request`).
-    idle_timeout_s: float = 60.0
     # A client that accepts no event for this long (it stopped reading) is disconnected;
     # its finals still go to MQTT. Kernel send buffer per connection: `send_buffer_bytes`.
     send_timeout_s: float = 10.0
@@ -69,8 +71,6 @@ class ServerConfig:
                "must be 1..1000000")
         _check(0 < self.handshake_timeout_s <= 3600, "server.handshake_timeout_s",
                "must be > 0 and <= 3600")
-        _check(0 < self.idle_timeout_s <= 86400, "server.idle_timeout_s",
-               "must be > 0 and <= 86400")
         _check(0 < self.send_timeout_s <= 3600, "server.send_timeout_s",
                "must be > 0 and <= 3600")
         _check(4096 <= self.send_buffer_bytes <= 64 * 1024 * 1024, "server.send_buffer_bytes",
@@ -80,6 +80,7 @@ class ServerConfig:
         _check(self.send_queue >= 2, "server.send_queue", "must be >= 2")
         _check(self.shutdown_timeout_s > 0, "server.shutdown_timeout_s", "must be > 0")
         _check(0 <= self.drain_timeout_s <= 86400, "server.drain_timeout_s", "must be 0..86400")
+        _check(self.idle_timeout_s >= 0, "server.idle_timeout_s", "must be >= 0 (0: none)")
         _check(all(t for t in self.tokens), "server.tokens", "tokens must be non-empty")
         _check(
             bool(self.tokens) or self.allow_insecure or _is_loopback(self.host),
@@ -197,13 +198,26 @@ def parse_broker(text: str, default_port: int = 1883) -> tuple[str, int]:
 
 @dataclass(frozen=True)
 class MqttConfig:
-    """Empty `host` and `hosts` disable MQTT."""
+    """Empty `host` and `hosts` disable MQTT; empty strings mean "not set".
+
+    Keys named as `streamd.mqtt.MqttSettings`'s fields pass to it unchanged (see its
+    `from_config`); `keepalive_s` and `outbox_size` keep their older names. Files named
+    here must be readable at start. The password comes from `password` (best set by
+    STREAMD_MQTT_PASSWORD) or the first line of `password_file`, not both.
+    """
 
     host: str = ""
     port: int = 1883
     prefix: str = "streamd"
+    client_id: str = ""  # empty: "streamd-<node>-<random>"; two clients with one id evict
     username: str = ""
     password: str = ""
+    password_file: str = ""
+    tls: bool = False
+    tls_ca_file: str = ""  # empty: the system CAs
+    tls_cert_file: str = ""  # client certificate (PEM), for brokers that require one
+    tls_key_file: str = ""  # its key; empty: in tls_cert_file
+    tls_insecure: bool = False  # skip the host name check (the chain is still verified)
     keepalive_s: int = 30
     outbox_size: int = 1000
     # More brokers ("host:port"), tried in turn after `host`:`port` when one is lost.
@@ -232,6 +246,35 @@ class MqttConfig:
         )
         _check(self.keepalive_s >= 1, "mqtt.keepalive_s", "must be >= 1")
         _check(self.outbox_size >= 1, "mqtt.outbox_size", "must be >= 1")
+        _check(
+            len(self.client_id.encode()) <= 65535 and self.client_id.isprintable()
+            and self.client_id.strip() == self.client_id,
+            "mqtt.client_id",
+            "printable, without surrounding spaces",
+        )
+        _check(not (self.password and self.password_file), "mqtt.password_file",
+               "set mqtt.password or mqtt.password_file, not both")
+        _check(not self.tls_key_file or bool(self.tls_cert_file), "mqtt.tls_key_file",
+               "needs mqtt.tls_cert_file")
+        for key in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
+            _check(self.tls or not getattr(self, key), f"mqtt.{key}",
+                   "needs mqtt.tls = true (--mqtt-tls)")
+        if self.enabled:  # files only matter when MQTT is on
+            for key in ("password_file", "tls_ca_file", "tls_cert_file", "tls_key_file"):
+                path = getattr(self, key)
+                _check(not path or os.access(path, os.R_OK), f"mqtt.{key}",
+                       f"cannot read {path!r}")
+
+    def read_password(self) -> str:
+        """`password`, or the first line of `password_file` (its newline stripped)."""
+        if not self.password_file:
+            return self.password
+        try:
+            text = Path(self.password_file).read_text()
+        except OSError as exc:
+            raise ConfigError("mqtt.password_file",
+                              f"cannot read {self.password_file!r}: {exc.strerror}") from exc
+        return text.splitlines()[0] if text else ""
 
 
 @dataclass(frozen=True)

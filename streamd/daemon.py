@@ -22,6 +22,7 @@ import sys
 import time
 from typing import Any
 
+from models.disk_cache import enable_compilation_cache
 from streamd import protocol
 from streamd.config import Config, load_config
 from streamd.engine import Engine
@@ -52,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--connection-rate", type=float, metavar="N",
                         help="new connections per second per client address (0: no limit)")
     parser.add_argument("--idle-timeout", type=float, metavar="S",
-                        help="close a WebSocket silent for S seconds (default 60)")
+                        help="end a connection silent for S seconds as by stop (0: never)")
     parser.add_argument("--node", help="daemon name in MQTT payloads and status topic")
     parser.add_argument("--model", help="model folder or name for the pipeline")
     parser.add_argument("--pipeline", help="whisper (default), ctc, conformer, two-pass")
@@ -66,6 +67,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="more MQTT brokers, tried in turn when one is lost")
     parser.add_argument("--mqtt-journal", metavar="FILE|off",
                         help="on-disk MQTT outbox (default: under the state directory)")
+    parser.add_argument("--mqtt-tls", action="store_true", default=None,
+                        help="connect to the broker over TLS (the port is usually 8883)")
+    parser.add_argument("--mqtt-ca", metavar="FILE",
+                        help="CA certificate(s) (PEM) the broker's certificate must chain "
+                             "to (default: the system CAs)")
+    parser.add_argument("--mqtt-cert", metavar="FILE", help="client certificate (PEM)")
+    parser.add_argument("--mqtt-key", metavar="FILE",
+                        help="client certificate's key (PEM; default: in --mqtt-cert)")
+    parser.add_argument("--mqtt-client-id", metavar="ID",
+                        help="MQTT client id (default streamd-<node>-<random>)")
+    parser.add_argument("--mqtt-username", metavar="NAME", help="MQTT user name")
+    parser.add_argument("--mqtt-password-file", metavar="FILE",
+                        help="file whose first line is the MQTT password (or set "
+                             "STREAMD_MQTT_PASSWORD; no flag takes the password itself, "
+                             "it would show in ps)")
     parser.add_argument("--mic", nargs="?", const="", metavar="DEVICE",
                         help="also transcribe a microphone as session 'mic' (default device)")
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
@@ -97,6 +113,15 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = 
     if args.mqtt_hosts is not None:
         put("mqtt", "hosts", [h for h in args.mqtt_hosts.split(",") if h.strip()])
     put("mqtt", "journal", args.mqtt_journal)
+    put("mqtt", "tls", args.mqtt_tls)
+    put("mqtt", "tls_ca_file", args.mqtt_ca)
+    put("mqtt", "tls_cert_file", args.mqtt_cert)
+    put("mqtt", "tls_key_file", args.mqtt_key)
+    put("mqtt", "client_id", args.mqtt_client_id)
+    put("mqtt", "username", args.mqtt_username)
+    if args.mqtt_password_file is not None:  # beats a password from the file or env
+        put("mqtt", "password", "")
+        put("mqtt", "password_file", args.mqtt_password_file)
     if args.mic is not None:
         put("mic", "enabled", True)
         put("mic", "device", args.mic)
@@ -195,8 +220,8 @@ class Daemon:
         cfg = self.config
         t0 = time.monotonic()
         self.notifier.status("loading pipeline")
-        if cfg.recognition.compile_cache_dir:  # before the pipeline imports JAX
-            os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", cfg.recognition.compile_cache_dir)
+        # Before the pipeline compiles; main() did it already (a no-op then).
+        enable_compilation_cache(cfg.recognition.compile_cache_dir or None)
         if self._factory is not None:
             self.pipeline = self._factory(cfg, self.engine)
         else:
@@ -350,6 +375,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"streamd: {exc}", file=sys.stderr)
         return 2
     setup_logging(config)
+    enable_compilation_cache(config.recognition.compile_cache_dir or None)  # before JAX
     try:
         factory = _test_factory()
     except (ImportError, AttributeError) as exc:

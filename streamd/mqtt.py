@@ -52,17 +52,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import importlib.metadata
 import json
 import logging
 import random
 import secrets
+import ssl
 import time
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import aiomqtt
 
@@ -88,6 +90,8 @@ class MqttSettings:
 
     `tls_insecure` skips the server hostname check only (paho's meaning); the
     certificate is still verified against `tls_ca_file` (or the system CAs).
+    `tls_cert_file` (with `tls_key_file`, or the key in the same PEM) is the client
+    certificate for brokers that require one.
     """
 
     host: str
@@ -98,6 +102,8 @@ class MqttSettings:
     tls: bool = False
     tls_ca_file: str | None = None
     tls_insecure: bool = False
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
     client_id: str | None = None  # None: "streamd-<node>-<random>", fixed per publisher
     keepalive: int = 30
     outbox_max: int = 1000
@@ -142,39 +148,62 @@ class MqttSettings:
             (not self.tls_ca_file or self.tls, "tls_ca_file", "needs tls = true"),
             (all(h and 1 <= p <= 65535 for h, p in self.hosts), "hosts",
              "(host, port) pairs with ports 1..65535"),
+            (not self.tls_cert_file or self.tls, "tls_cert_file", "needs tls = true"),
+            (not self.tls_key_file or self.tls_cert_file, "tls_key_file",
+             "needs tls_cert_file"),
         ]
         for ok, key, message in checks:
             if not ok:
                 raise ConfigError(f"mqtt.{key}", message)
 
+    # Config keys whose names differ from the fields here (older, documented TOML keys).
+    _CONFIG_NAMES: ClassVar[dict[str, str]] = {"keepalive_s": "keepalive",
+                                                "outbox_size": "outbox_max"}
+
     @classmethod
     def from_config(cls, cfg: Any, **overrides: Any) -> MqttSettings:
-        """From `streamd.config.MqttConfig` (empty strings there mean "not set").
-
-        The broker list is `host`:`port` (when `host` is set) followed by `hosts`. The
-        journal path is not taken from `cfg` (it depends on the node and the state
-        directory): pass `journal=` (see `journal_path`).
-        """
+        """From `streamd.config.MqttConfig`: every key named as a field here (or in
+        `_CONFIG_NAMES`) passes on, so a new setting is declared once per class without a
+        list to keep in step; empty strings there mean "not set" (None); the password
+        comes from `cfg.read_password()` (`password` or `password_file`). The broker list
+        is `host`:`port` (when `host` is set) followed by `hosts`. The journal path is not
+        taken from `cfg` (it depends on the node and the state directory): pass
+        `journal=` (see `journal_path`)."""
         from streamd.config import parse_broker
 
-        brokers = [parse_broker(h, cfg.port) for h in getattr(cfg, "hosts", ())]
+        own = {f.name for f in dataclasses.fields(cls)} - {"hosts", "journal"}
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cfg):
+            name = cls._CONFIG_NAMES.get(f.name, f.name)
+            if name in own:
+                value = getattr(cfg, f.name)
+                values[name] = None if value == "" else value
+        values["password"] = cfg.read_password() or None
+        brokers = [parse_broker(h, cfg.port) for h in cfg.hosts]
         if cfg.host:
             brokers.insert(0, (cfg.host, cfg.port))
-        host, port = brokers[0] if brokers else (cfg.host, cfg.port)
-        fields = {
-            "host": host,
-            "port": port,
-            "hosts": tuple(brokers[1:]),
-            "prefix": cfg.prefix,
-            "username": cfg.username or None,
-            "password": cfg.password or None,
-            "keepalive": cfg.keepalive_s,
-            "outbox_max": cfg.outbox_size,
-        }
-        for name in ("tls", "tls_ca_file", "tls_insecure", "client_id"):
-            if getattr(cfg, name, None):
-                fields[name] = getattr(cfg, name)
-        return cls(**{**fields, **overrides})
+        if brokers:
+            values["host"], values["port"] = brokers[0]
+        values["hosts"] = tuple(brokers[1:])
+        return cls(**{**values, **overrides})
+
+    def describe_failure(self, exc: BaseException) -> str:
+        """A hint for a failed connection whose cause is TLS ("" otherwise)."""
+        chain: list[BaseException] = []
+        cause: BaseException | None = exc
+        while cause is not None and len(chain) < 8:
+            chain.append(cause)
+            cause = cause.__cause__ or cause.__context__
+        for cause in chain:
+            if isinstance(cause, ssl.SSLCertVerificationError):
+                ca = (f"mqtt.tls_ca_file {self.tls_ca_file!r}" if self.tls_ca_file
+                      else "the system CAs (mqtt.tls_ca_file is not set)")
+                return f" (TLS: the broker's certificate does not verify against {ca})"
+            if isinstance(cause, ssl.SSLError):
+                return f" (TLS handshake failed: {getattr(cause, 'reason', None) or cause})"
+        if self.tls and isinstance(chain[-1], ConnectionResetError):
+            return f" (mqtt.tls is on: is {self.host}:{self.port} a TLS listener?)"
+        return ""
 
 
 def journal_path(journal: str, node: str, environ: Mapping[str, str]) -> str | None:
@@ -397,7 +426,8 @@ class MqttPublisher:
     def _new_client(self) -> aiomqtt.Client:
         s = self.settings
         host, port = self.broker
-        tls = aiomqtt.TLSParameters(ca_certs=s.tls_ca_file) if s.tls else None
+        tls = aiomqtt.TLSParameters(ca_certs=s.tls_ca_file, certfile=s.tls_cert_file,
+                                    keyfile=s.tls_key_file) if s.tls else None
         client = aiomqtt.Client(
             host,
             port,
@@ -453,9 +483,9 @@ class MqttPublisher:
             except Exception as exc:  # noqa: BLE001 - the loop must outlive any one link
                 self.connect_failures += not up
                 log.log(logging.WARNING if isinstance(exc, aiomqtt.MqttError) else logging.ERROR,
-                        "mqtt %s %s:%d: %r",
+                        "mqtt %s %s:%d: %r%s",
                         "connection lost to" if up else "cannot connect to",
-                        *self.broker, exc,
+                        *self.broker, exc, self.settings.describe_failure(exc),
                         exc_info=not isinstance(exc, aiomqtt.MqttError))
             finally:
                 self._client = None

@@ -21,8 +21,9 @@ ENCODINGS = {"pcm_s16le": np.dtype("<i2"), "pcm_f32le": np.dtype("<f4")}
 MIN_RATE, MAX_RATE = 8000, 48000
 MAX_CHANNELS = 8
 _SESSION_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_START_FIELDS = {"type", "sample_rate", "encoding", "channels", "session", "pipeline", "partials",
-                 "resume"}
+# Bounds of the per-session timing fields of `start` (milliseconds, inclusive).
+ENDPOINT_MS = (100, 10000)
+UTTERANCE_END_MS = (500, 30000)
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,8 @@ class Start:
     pipeline: str | None = None
     partials: bool = True
     resume: Resume | None = None
+    endpoint_ms: int | None = None  # None: the daemon's vad.endpoint_silence_ms
+    utterance_end_ms: int | None = None  # None: no utterance_end events
 
     @property
     def frame_bytes(self) -> int:
@@ -54,6 +57,19 @@ class Start:
 @dataclass(frozen=True)
 class Stop:
     pass
+
+
+@dataclass(frozen=True)
+class Keepalive:
+    """Nothing to do: keeps quiet connections open through proxies; no reply."""
+
+
+@dataclass(frozen=True)
+class Finalize:
+    """End the segment in flight now: its final comes, then `finalized`."""
+
+
+CONTROL_TYPES = ("start", "stop", "keepalive", "finalize")
 
 
 def new_session_id() -> str:
@@ -71,7 +87,17 @@ def _int_field(msg: dict[str, Any], key: str, default: int | None = None) -> int
     return value
 
 
-def parse_control(text: str) -> Start | Stop:
+def _ms_field(msg: dict[str, Any], key: str, bounds: tuple[int, int]) -> int | None:
+    value = msg.get(key)
+    if value is None:
+        return None
+    lo, hi = bounds
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise BadRequest(f"start.{key} must be an integer {lo}..{hi} (milliseconds)")
+    return value
+
+
+def parse_control(text: str) -> Start | Stop | Keepalive | Finalize:
     """Parse one client text message.
 
     Raises BadRequest (not JSON, not an object, unknown type, bad field) or
@@ -89,8 +115,13 @@ def parse_control(text: str) -> Start | Stop:
     kind = msg.get("type")
     if kind == "stop":
         return Stop()
+    if kind == "keepalive":
+        return Keepalive()
+    if kind == "finalize":
+        return Finalize()
     if kind != "start":
-        raise BadRequest(f"unknown message type {kind!r}; expected 'start' or 'stop'")
+        expected = ", ".join(repr(t) for t in CONTROL_TYPES)
+        raise BadRequest(f"unknown message type {kind!r}; expected one of {expected}")
     rate = _int_field(msg, "sample_rate")
     channels = _int_field(msg, "channels", 1)
     encoding = msg.get("encoding", "pcm_s16le")
@@ -116,7 +147,9 @@ def parse_control(text: str) -> Start | Stop:
     resume = None
     if msg.get("resume") is not None:
         session, resume = _parse_resume(msg["resume"], msg.get("session"))
-    return Start(rate, encoding, channels, session, pipeline, partials, resume)
+    return Start(rate, encoding, channels, session, pipeline, partials, resume,
+                 endpoint_ms=_ms_field(msg, "endpoint_ms", ENDPOINT_MS),
+                 utterance_end_ms=_ms_field(msg, "utterance_end_ms", UTTERANCE_END_MS))
 
 
 def _parse_resume(value: object, session: object) -> tuple[str, Resume]:
@@ -196,6 +229,15 @@ def final_event(
     if words:
         event["words"] = words
     return event
+
+
+def utterance_end_event(session: str, segment: int, last_speech_end: float) -> dict[str, Any]:
+    return {"type": "utterance_end", "session": session, "segment": segment,
+            "last_speech_end": _t(last_speech_end)}
+
+
+def finalized_event(session: str, segments: int) -> dict[str, Any]:
+    return {"type": "finalized", "session": session, "segments": segments}
 
 
 def error_event(code: str, message: str, session: str | None = None) -> dict[str, Any]:

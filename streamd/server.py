@@ -3,7 +3,8 @@
 The handler only moves bytes and events: a receive loop feeding the sans-I/O Session,
 and a send loop draining a bounded queue to the socket (sibling tasks). Partials are
 dropped when the client reads too slowly; finals wait, and a client that accepts no event
-for `send_timeout_s` is disconnected. A connection silent for `idle_timeout_s` is closed.
+for `send_timeout_s` is disconnected. `start` must come within `handshake_timeout_s` of
+the upgrade; a connection silent for `idle_timeout_s` (if set) is ended as by `stop`.
 The per-address rate limit (429), the Origin check (403), auth (401), the session limit
 and draining (503) are decided in `process_request`, before the upgrade.
 
@@ -365,13 +366,28 @@ class _Connection:
         await self._emit(self.session.done())
 
     async def _receive_loop(self) -> None:
-        idle = self.cfg.server.idle_timeout_s
+        idle = self.cfg.server.idle_timeout_s or None
+        wait_start = self.cfg.server.handshake_timeout_s
+        start_by = time.monotonic() + wait_start
         try:
             while True:
+                timeout = idle
+                if self.session is None:  # `start` is part of the opening handshake
+                    left = max(0.0, start_by - time.monotonic())
+                    timeout = left if idle is None else min(idle, left)
                 try:
-                    message = await asyncio.wait_for(self.ws.recv(), idle)
+                    # Cancelling recv() loses nothing (websockets' asyncio API).
+                    message = await asyncio.wait_for(self.ws.recv(), timeout)
                 except TimeoutError:
-                    await self._error("bad_request", f"no message for {idle:g} s", close=1008)
+                    if self.session is None and time.monotonic() >= start_by:
+                        await self._error("bad_request", f"no start within {wait_start:g} s",
+                                          close=1008)
+                        return
+                    # Nothing, not even a keepalive: end as a `stop` would (finals, done).
+                    log.info("idle connection ended", extra={
+                        "session": self.session.id if self.session else None,
+                        "idle_timeout_s": idle})
+                    self._close_reason = "idle timeout"
                     return
                 if isinstance(message, str):
                     if await self._control(message):
@@ -399,6 +415,14 @@ class _Connection:
             return False
         except BadRequest as exc:
             await self._error(exc.code, str(exc))
+            return False
+        if isinstance(msg, protocol.Keepalive):
+            return False  # no reply; reading it was the point
+        if isinstance(msg, protocol.Finalize):
+            if self.session is None or self.runner is None:
+                await self._error("bad_request", "finalize before start")
+                return False
+            self.runner.push(self.session.finalize())
             return False
         if isinstance(msg, protocol.Stop):
             if self.session is None:

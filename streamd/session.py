@@ -1,10 +1,10 @@
 """A session: audio bytes in -> resample -> VAD -> recognizer requests -> events out.
 
-`Session` is sans-I/O: `feed()` / `stop()` return outputs (event dicts to emit, and
-`Request`s for the recognizer); the driver hands recognizer results back with
-`resolve()`. `SessionRunner` is that driver for asyncio: one ordered queue per session
-where partials are coalesced (only the newest partial of a segment is worth computing)
-and finals are never dropped.
+`Session` is sans-I/O: `feed()` / `finalize()` / `stop()` return outputs (event dicts to
+emit, `Request`s for the recognizer, and `Deferred` events that depend on the results
+before them); the driver hands recognizer results back with `resolve()`. `SessionRunner`
+is that driver for asyncio: one ordered queue per session where partials are coalesced
+(only the newest partial of a segment is worth computing) and finals are never dropped.
 
 A segment is announced (`speech_start`) with its first partial or final that has words:
 noise that the VAD took for speech, in which recognition finds no words, emits nothing
@@ -15,6 +15,7 @@ so the VAD's own indices (in `SegmentInfo`) may skip ahead of them.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections import deque
@@ -43,7 +44,15 @@ class Request:
     created: float = field(default_factory=time.monotonic)  # for latency metrics
 
 
-Output = dict[str, Any] | Request
+@dataclass
+class Deferred:
+    """Events decided only when the driver reaches this output, after every request
+    before it was resolved (e.g. `utterance_end` names the final that came before it)."""
+
+    make: Callable[[], list[dict[str, Any]]]
+
+
+Output = dict[str, Any] | Request | Deferred
 
 # After a segment's first partial came back empty, the next one waits only this much new
 # audio (not `partial_interval_ms`): 3 of the 13 segments of the stream recording said
@@ -65,6 +74,10 @@ class Session:
         self.start = start
         self.id = start.session
         self.pipeline = pipeline
+        if start.endpoint_ms is not None:  # the client's own endpoint; the end padding
+            # must fit in it, or a segment would end after the audio heard so far
+            vad = dataclasses.replace(vad, endpoint_silence_ms=start.endpoint_ms,
+                                      end_pad_ms=min(vad.end_pad_ms, start.endpoint_ms))
         self.segmenter = VadSegmenter(vad)
         self._resampler = (
             None if start.sample_rate == RATE
@@ -78,6 +91,13 @@ class Session:
         self.noise_segments = 0  # VAD segments dropped: recognition found no words
         self._held: dict[int, float] = {}  # VAD index -> start (s) of unannounced segments
         self._numbers: dict[int, int] = {}  # VAD index -> segment number clients see
+        # utterance_end: the silence (samples) it waits for; the (VAD index, speech end)
+        # of the segment that ended last while no speech has started since; the (VAD
+        # index, number) of the latest final sent.
+        self._utterance_end = (RATE * start.utterance_end_ms // 1000
+                               if start.utterance_end_ms is not None else None)
+        self._quiet_since: tuple[int, int] | None = None
+        self._last_final: tuple[int, int] | None = None
         self.stopped = False
 
     def ready(self) -> dict[str, Any]:
@@ -94,6 +114,16 @@ class Session:
         if self._resampler is not None:
             audio = self._resampler.resample_chunk(audio)
         return self._accept(audio)
+
+    def finalize(self) -> list[Output]:
+        """The client's `finalize`: end the segment in flight now (its final follows, as
+        at an endpoint), then `finalized` once every final before it has been sent."""
+        if self.stopped:
+            return []
+        outputs = self._vad_outputs(self.segmenter.end_segment())
+        outputs += self._utterance_end_due()
+        outputs.append(Deferred(lambda: [protocol.finalized_event(self.id, self.segments)]))
+        return outputs
 
     def stop(self) -> list[Output]:
         """End of audio: flush the resampler and the segment in flight."""
@@ -133,6 +163,7 @@ class Session:
                 self.noise_segments += 1
                 return []
             events, number = self._announce(seg.index, last=True)
+            self._last_final = (seg.index, number)
             words = [w.to_json() for w in hyp.words] if hyp is not None else None
             return events + [protocol.final_event(self.id, number, seg.start, seg.end, text,
                                                   words)]
@@ -175,13 +206,32 @@ class Session:
                     self.id, seg.segment, seg.segment_start / RATE, seg.position / RATE
                 )
                 outputs.append(Request("partial", info, seg.active_audio()))
-        return outputs
+        return outputs + self._utterance_end_due()
+
+    def _utterance_end_due(self) -> list[Output]:
+        """`utterance_end` once the silence after the last ended segment's speech reaches
+        the session's `utterance_end_ms` (not while the VAD weighs new voiced frames)."""
+        if self._utterance_end is None or self._quiet_since is None or self.segmenter.candidate:
+            return []
+        index, speech_end = self._quiet_since
+        if self.segmenter.position - speech_end < self._utterance_end:
+            return []
+        self._quiet_since = None
+
+        def events() -> list[dict[str, Any]]:
+            if self._last_final is None or self._last_final[0] != index:
+                return []  # that segment was noise or failed: no final to follow
+            return [protocol.utterance_end_event(self.id, self._last_final[1],
+                                                 speech_end / RATE)]
+
+        return [Deferred(events)]
 
     def _vad_outputs(self, events: list) -> list[Output]:
         outputs: list[Output] = []
         for event in events:
             if isinstance(event, SpeechStarted):
                 self._last_partial, self._spoke = 0, False
+                self._quiet_since = None  # speech again: no utterance end
                 self._held[event.segment] = event.start / RATE  # announced with its words
             elif isinstance(event, SpeechPaused):
                 # The would-be final's audio, as a partial the pipeline may turn into the
@@ -194,6 +244,7 @@ class Session:
             elif isinstance(event, SegmentEnded):
                 info = SegmentInfo(self.id, event.segment, event.start / RATE, event.end / RATE)
                 outputs.append(Request("final", info, event.audio))
+                self._quiet_since = (event.segment, event.speech_end)
         return outputs
 
 
@@ -280,6 +331,9 @@ class SessionRunner:
                     self._room.set()
                 if isinstance(out, Request):
                     for event in await self._recognize(out):
+                        await self._emit(event)
+                elif isinstance(out, Deferred):
+                    for event in out.make():
                         await self._emit(event)
                 else:
                     await self._emit(out)

@@ -33,7 +33,8 @@ class SegmentEnded:
     start: int
     end: int  # exclusive
     audio: np.ndarray  # [end - start] float32
-    reason: Literal["endpoint", "max_length", "flush"]
+    reason: Literal["endpoint", "max_length", "flush", "finalize"]
+    speech_end: int = 0  # end (exclusive) of the last voiced frame: the end padding starts
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,11 @@ class VadSegmenter:
         return self._state == "active"
 
     @property
+    def candidate(self) -> bool:
+        """Voiced frames heard, but not yet enough to confirm a segment."""
+        return self._state == "candidate"
+
+    @property
     def paused(self) -> bool:
         """Active, and silent for at least the end padding (see SpeechPaused)."""
         return (self._state == "active" and self._end_pad_frames > 0
@@ -125,6 +131,16 @@ class VadSegmenter:
         for k in range(n):
             events.extend(self._frame(buf[k * self.frame_len : (k + 1) * self.frame_len]))
         return events
+
+    def end_segment(self) -> list[VadEvent]:
+        """End the active segment now (a client's `finalize`), as the endpoint would have
+        after the audio so far: the end padding as far as it was heard. The stream goes
+        on; samples short of a frame stay pending. Nothing when no segment is active (a
+        candidate is not speech yet and is left to the VAD)."""
+        if self._state != "active":
+            return []
+        end = min(self._last_voiced() + 1 + self._end_pad_frames, self._next_index)
+        return [self._end(end, "finalize")]
 
     def flush(self) -> list[VadEvent]:
         """End the active segment now (a partial frame is dropped) and reset to idle."""
@@ -190,13 +206,16 @@ class VadSegmenter:
     def _last_voiced(self) -> int:
         return max(f.index for f in self._frames if f.voiced)
 
-    def _end(self, end: int, reason: Literal["endpoint", "max_length", "flush"]) -> SegmentEnded:
+    def _end(self, end: int,
+             reason: Literal["endpoint", "max_length", "flush", "finalize"]) -> SegmentEnded:
         """Close the active segment at frame `end` (exclusive); later frames go back to idle."""
         first = self._frames[0].index
         kept = [f for f in self._frames if f.index < end]
+        voiced = [f.index for f in kept if f.voiced]
+        speech_end = (max(voiced) + 1) * self.frame_len if voiced else end * self.frame_len
         event = SegmentEnded(
             self._segment, first * self.frame_len, end * self.frame_len,
-            np.concatenate([f.audio for f in kept]), reason,
+            np.concatenate([f.audio for f in kept]), reason, speech_end,
         )
         self._segment += 1
         self._to_idle([f for f in self._frames if f.index >= end])

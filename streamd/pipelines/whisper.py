@@ -77,10 +77,12 @@ PARTIAL_TAIL_MARGIN_S = 0.3
 # the engine queue, so under load finals do not queue behind partials of other sessions.
 PARTIAL_QUEUE_LIMIT = 1
 # Token budget of a request: TOKEN_BUDGET_BASE + rate x audio seconds, committed prefix
-# included. The shared recordings run at most 4.6 tokens/s (lower-cased references), so the
-# budget never cuts real speech; it stops the loops tiny.en falls into on short padded
-# audio ("and so and so ...") early: a 0.8 s partial cost 160 ms at the bucket's 20-token
-# cap and a third of that at its budget.
+# included. What tiny.en writes for the dev and shared sets runs at most 5.2 tokens per
+# second of audio (median 3.3; `streamd transcribe` on tests/data/audio/dev), so finals
+# (8/s) keep half again of the fastest speech and partials (6/s) a seventh, and partials
+# never commit their last word; the budget stops the loops tiny.en falls into on short
+# padded audio ("and so and so ...") early: a 0.8 s partial cost 160 ms at the bucket's
+# 20-token cap and a third of that at its budget.
 TOKEN_BUDGET_BASE = 4
 PARTIAL_TOKENS_PER_S = 6.0
 FINAL_TOKENS_PER_S = 8.0

@@ -96,14 +96,15 @@ def s16(audio: np.ndarray) -> bytes:
 
 
 def stream(port: int, session: str, audio: np.ndarray, speed: float,
-           during: Any = None, chunk_ms: int = 100) -> list[dict]:
+           during: Any = None, chunk_ms: int = 100, **start: Any) -> list[dict]:
     """Streams at `speed` x real time, then stop; returns every event up to `done`.
-    `during(seconds_sent)` is called after each chunk (test actions mid-stream)."""
+    `during(seconds_sent)` is called after each chunk (test actions mid-stream); a text
+    message it returns is sent. `start`: more fields of the start message."""
     chunk = RATE * chunk_ms // 1000
     events: list[dict] = []
     with connect(f"ws://127.0.0.1:{port}/v1/stream", max_size=None) as ws:
         ws.send(json.dumps({"type": "start", "sample_rate": RATE, "encoding": "pcm_s16le",
-                            "channels": 1, "session": session}))
+                            "channels": 1, "session": session, **start}))
 
         def receive() -> None:
             try:
@@ -122,8 +123,8 @@ def stream(port: int, session: str, audio: np.ndarray, speed: float,
         for i in range(0, len(audio), chunk):
             ws.send(s16(audio[i : i + chunk]))
             sent = (i + chunk) / RATE
-            if during is not None:
-                during(sent)
+            if during is not None and (message := during(sent)) is not None:
+                ws.send(message)
             time.sleep(max(0.0, t0 + sent / speed - time.monotonic()))
         ws.send(json.dumps({"type": "stop"}))
         reader.join(180)
@@ -337,6 +338,41 @@ def test_loud_noise_publishes_nothing(daemon, collector) -> None:
     assert dropped() - before >= 1, "the VAD should have taken some of it for speech"
     time.sleep(0.5)
     assert not [t for t, _ in collector.messages if t.startswith("streamd/noise/")]
+
+
+def test_finalize_and_utterance_end_with_whisper(daemon, manifest) -> None:
+    """A `finalize` mid-sentence ends the segment at once with the real model: its final
+    keeps the stable promise, `finalized` follows it, and the rest of the speech is a new
+    segment; with `utterance_end_ms` every utterance_end follows its segment's final."""
+    entry = manifest["jfk_inaugural_1961.wav"]
+    audio = np.concatenate([load(entry["path"]), np.zeros(RATE * 3 // 2, np.float32)])
+    cut = 2.0  # seconds: within "And so, my fellow Americans"
+    asked: list[float] = []
+
+    def finalize_once(sent: float) -> str | None:
+        if sent >= cut and not asked:
+            asked.append(sent)
+            return json.dumps({"type": "finalize"})
+        return None
+
+    events = stream(daemon.port, "fin", audio, 2.0, finalize_once, utterance_end_ms=1000)
+    finals = check_order(events, "fin")
+    done = [e["type"] for e in events].index("finalized")
+    assert events[done]["segments"] == 1
+    first = [e for e in events[:done] if e["type"] == "final"]
+    assert [f["segment"] for f in first] == [0] and first[0]["text"]
+    assert first[0]["end"] <= asked[0] + 0.001  # ended at the audio heard, not later
+    stable = [e["stable"] for e in events if e["type"] == "partial" and e["segment"] == 0
+              and e.get("stable")]
+    assert first[0]["text"].startswith(stable[-1] if stable else "")
+    assert len(finals) >= 2  # speech after the finalize: new segments
+    assert wer([entry["text"]], [" ".join(f["text"] for f in finals)]) < 0.35
+    ends = [(i, e) for i, e in enumerate(events) if e["type"] == "utterance_end"]
+    assert ends and ends[-1][1]["segment"] == finals[-1]["segment"]  # 1.5 s of silence
+    for i, end in ends:
+        final = next(e for e in events[:i][::-1] if e["type"] == "final")
+        assert final["segment"] == end["segment"]
+        assert end["last_speech_end"] <= final["end"]
 
 
 def test_nothing_compiled_while_serving(daemon) -> None:

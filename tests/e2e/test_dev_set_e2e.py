@@ -13,35 +13,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers.text import normalize, wer
+from helpers.text import normalize, reference_repeats, repeated_tail, wer
 
 from streamd import cli
 
 pytestmark = pytest.mark.e2e
-
-
-def repeated_tail(words: list[str], min_words: int = 3) -> list[str] | None:
-    """The phrase of `min_words` or more words that ends `words` twice in a row, if any."""
-    for k in range(min_words, len(words) // 2 + 1):
-        if words[-k:] == words[-2 * k : -k]:
-            return words[-k:]
-    return None
-
-
-def reference_repeats(reference: list[str], phrase: list[str]) -> bool:
-    """The reference says `phrase` twice in a row too, or (a one-word phrase: "word word
-    word") repeats its word at least as often."""
-    k = len(phrase)
-    doubled = phrase + phrase
-    if any(reference[i : i + 2 * k] == doubled for i in range(len(reference) - 2 * k + 1)):
-        return True
-    if len(set(phrase)) == 1:
-        run = best = 0
-        for w in reference:
-            run = run + 1 if w == phrase[0] else 0
-            best = max(best, run)
-        return best >= k
-    return False
 
 
 def test_repeated_tail_rules():

@@ -8,6 +8,7 @@ files differ in length.
 
 from __future__ import annotations
 
+import functools
 import json
 
 import jax.monitoring
@@ -52,8 +53,9 @@ def test_transcribe_real_speech(shared_manifest, tmp_path, capsys, monkeypatch):
     after_warmup: list[int] = []
     original_warmup = whisper_asr.WhisperTranscriber.warmup
 
-    def warmup(self):
-        original_warmup(self)
+    @functools.wraps(original_warmup)  # keeps its `lengths` parameter visible to the CLI
+    def warmup(self, *args, **kwargs):
+        original_warmup(self, *args, **kwargs)
         after_warmup.append(len(traces))
 
     monkeypatch.setattr(whisper_asr.WhisperTranscriber, "warmup", warmup)

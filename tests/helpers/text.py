@@ -1,4 +1,5 @@
-"""Word error rate as every test that reads transcripts measures it."""
+"""Word error rate and repeated-tail checks as every test and bench that reads
+transcripts measures them."""
 
 from __future__ import annotations
 
@@ -15,3 +16,27 @@ def wer(refs: list[str], hyps: list[str]) -> float:
     import jiwer
 
     return float(jiwer.wer(normalize(" ".join(refs)), normalize(" ".join(hyps))))
+
+
+def repeated_tail(words: list[str], min_words: int = 3) -> list[str] | None:
+    """The phrase of `min_words` or more words that ends `words` twice in a row, if any."""
+    for k in range(min_words, len(words) // 2 + 1):
+        if words[-k:] == words[-2 * k : -k]:
+            return words[-k:]
+    return None
+
+
+def reference_repeats(reference: list[str], phrase: list[str]) -> bool:
+    """The reference says `phrase` twice in a row too, or (a one-word phrase: "word word
+    word") repeats its word at least as often."""
+    k = len(phrase)
+    doubled = phrase + phrase
+    if any(reference[i : i + 2 * k] == doubled for i in range(len(reference) - 2 * k + 1)):
+        return True
+    if len(set(phrase)) == 1:
+        run = best = 0
+        for w in reference:
+            run = run + 1 if w == phrase[0] else 0
+            best = max(best, run)
+        return best >= k
+    return False

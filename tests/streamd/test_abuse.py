@@ -129,7 +129,7 @@ def finals(events: list[dict]) -> list[dict]:
 # Fast timeouts and a tight per-client send buffer, so the slow-client paths run in seconds.
 BASE_ENV = {**test_pipeline_env(), "STREAMD_SERVER_CONNECTION_RATE": "0",
             "STREAMD_SERVER_MAX_SESSIONS": "8", "STREAMD_SERVER_HANDSHAKE_TIMEOUT_S": "2",
-            "STREAMD_SERVER_IDLE_TIMEOUT_S": "3", "STREAMD_SERVER_SEND_TIMEOUT_S": "2",
+            "STREAMD_SERVER_SEND_TIMEOUT_S": "2",
             "STREAMD_SERVER_SEND_BUFFER_BYTES": "4096", "STREAMD_SERVER_SEND_QUEUE": "8"}
 
 
@@ -286,8 +286,9 @@ def test_oversized_json_is_bad_request(daemon: Daemon) -> None:
 
 @pytest.mark.slow
 def test_idle_and_handshake_timeouts_close_1000_connections(daemon: Daemon) -> None:
-    """500 TCP connections that never send a request, 500 WebSockets that never send a
-    message: all closed by the handshake (2 s) and idle (3 s) timeouts; nothing leaks."""
+    """500 TCP connections that never send a request, 500 WebSockets that never send
+    `start`: all closed by the handshake timeout (2 s for the upgrade, 2 s more for
+    `start`), with the idle timeout off (its default); nothing leaks."""
     base = metrics(daemon)
 
     async def run() -> tuple[int, list[int | None]]:
@@ -302,7 +303,7 @@ def test_idle_and_handshake_timeouts_close_1000_connections(daemon: Daemon) -> N
         for ws in wss:
             try:
                 event = json.loads(await asyncio.wait_for(ws.recv(), 20))
-                assert event["code"] == "bad_request" and "no message" in event["message"]
+                assert event["code"] == "bad_request" and "no start" in event["message"]
                 await asyncio.wait_for(ws.recv(), 20)
             except ConnectionClosed as closed:
                 codes.append(closed.rcvd.code if closed.rcvd else None)
@@ -436,7 +437,7 @@ def test_slow_reader_is_dropped_and_delays_nobody(tmp_path: Path, shared_audio_d
     """A client that stops reading while its audio flows: its partials are dropped, then it
     is disconnected after `send_timeout_s` (8 s here); meanwhile a bystander's finals come
     as fast as on an idle daemon."""
-    env = {**BASE_ENV, "STREAMD_SERVER_SEND_TIMEOUT_S": "8", "STREAMD_SERVER_IDLE_TIMEOUT_S": "30"}
+    env = {**BASE_ENV, "STREAMD_SERVER_SEND_TIMEOUT_S": "8"}
     data = pcm(shared_audio_dir)
     with serve(tmp_path, env=env) as d:
         alone = [whole_session(d.url, data, f"alone-{i}", pace=0.01) for i in range(3)]
@@ -540,3 +541,18 @@ def test_metrics_expose_process_gauges(daemon: Daemon) -> None:
                  "streamd_event_loop_tasks", "streamd_connections_open"):
         assert name in m, name
     assert re.match(r"\d", str(int(m["process_resident_memory_bytes"])))
+
+
+def test_keepalives_do_not_replace_start(daemon: Daemon) -> None:
+    """The `start` deadline (handshake_timeout_s, 2 s here) holds for a client that only
+    sends keepalives."""
+    with connect(daemon.url) as ws:
+        t0 = time.monotonic()
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                ws.send(json.dumps({"type": "keepalive"}))
+                with contextlib.suppress(TimeoutError):
+                    event = json.loads(ws.recv(timeout=0.3))
+                    assert event["code"] == "bad_request" and "no start" in event["message"]
+        assert closed.value.rcvd.code == 1008
+        assert 1.9 < time.monotonic() - t0 < 5

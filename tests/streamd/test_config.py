@@ -71,7 +71,7 @@ def test_precedence_file_env_cli(tmp_path: Path) -> None:
     ("[server]\nport = \"eighty\"\n", {}, "server.port"),
     ("[server]\nallowed_origins = [\"app.example\"]\n", {}, "server.allowed_origins"),
     ("", {"STREAMD_SERVER_CONNECTION_RATE": "-1"}, "server.connection_rate"),
-    ("[server]\nidle_timeout_s = 0\n", {}, "server.idle_timeout_s"),
+    ("[server]\nhandshake_timeout_s = 0\n", {}, "server.handshake_timeout_s"),
     ("[server]\nsend_buffer_bytes = 100\n", {}, "server.send_buffer_bytes"),
     ("[server]\nprot = 1\n", {}, "server.prot"),
     ("[serve]\nport = 1\n", {}, "serve"),
@@ -146,3 +146,61 @@ def test_secret_values_not_in_errors(tmp_path: Path) -> None:
         with pytest.raises(ConfigError) as err:
             load_config(path, environ={})
         assert key in str(err.value) and "987654321" not in str(err.value)
+
+
+def test_mqtt_tls_client_id_and_credentials_from_file_env_and_flags(tmp_path: Path) -> None:
+    """Every MQTT connection setting reaches the publisher's settings by all three paths
+    (they once fell on the floor: the reader asked for fields the config lacked)."""
+    from streamd.mqtt import MqttSettings
+
+    ca, cert, key, pw = (tmp_path / n for n in ("ca.pem", "c.pem", "c.key", "pw"))
+    for f in (ca, cert, key):
+        f.write_text("-----BEGIN CERTIFICATE-----\n")
+    pw.write_text("from-file\nignored second line\n")
+    path = tmp_path / "c.toml"
+    path.write_text(f'[mqtt]\nhost = "broker"\nport = 8883\ntls = true\n'
+                    f'tls_ca_file = "{ca}"\nclient_id = "kitchen-asr"\nusername = "u"\n'
+                    f'password_file = "{pw}"\ntls_insecure = true\n')
+    s = MqttSettings.from_config(load_config(path, {}).mqtt)
+    assert (s.host, s.port, s.tls, s.tls_ca_file, s.tls_insecure) == (
+        "broker", 8883, True, str(ca), True)
+    assert (s.client_id, s.username, s.password) == ("kitchen-asr", "u", "from-file")
+    assert s.tls_cert_file is None and s.keepalive == 30 and s.outbox_max == 1000
+
+    env = {"STREAMD_MQTT_HOST": "b2", "STREAMD_MQTT_TLS": "yes",
+           "STREAMD_MQTT_TLS_CA_FILE": str(ca), "STREAMD_MQTT_TLS_CERT_FILE": str(cert),
+           "STREAMD_MQTT_TLS_KEY_FILE": str(key), "STREAMD_MQTT_CLIENT_ID": "env-id",
+           "STREAMD_MQTT_USERNAME": "eu", "STREAMD_MQTT_PASSWORD": "env-secret"}
+    s = MqttSettings.from_config(load_config(None, env).mqtt)
+    assert (s.tls, s.tls_ca_file, s.tls_cert_file, s.tls_key_file) == (
+        True, str(ca), str(cert), str(key))
+    assert (s.client_id, s.username, s.password) == ("env-id", "eu", "env-secret")
+
+    # Flags beat env; a password file named by a flag beats STREAMD_MQTT_PASSWORD.
+    cfg = config_from_args(cli("--mqtt-host", "b3", "--mqtt-tls", "--mqtt-ca", str(ca),
+                               "--mqtt-cert", str(cert), "--mqtt-key", str(key),
+                               "--mqtt-client-id", "flag-id", "--mqtt-username", "fu",
+                               "--mqtt-password-file", str(pw)), env)
+    s = MqttSettings.from_config(cfg.mqtt)
+    assert (s.host, s.tls, s.tls_cert_file, s.client_id, s.username, s.password) == (
+        "b3", True, str(cert), "flag-id", "fu", "from-file")
+    plain = MqttSettings.from_config(config_from_args(cli("--mqtt-host", "b"), {}).mqtt)
+    assert not plain.tls and plain.client_id is None and plain.password is None
+
+
+@pytest.mark.parametrize("mqtt,key", [
+    ({"tls_ca_file": "{ca}"}, "mqtt.tls_ca_file"),  # without tls
+    ({"tls": True, "tls_ca_file": "{missing}"}, "mqtt.tls_ca_file"),
+    ({"tls": True, "tls_cert_file": "{missing}"}, "mqtt.tls_cert_file"),
+    ({"tls": True, "tls_key_file": "{ca}"}, "mqtt.tls_key_file"),  # without a certificate
+    ({"password": "p", "password_file": "{ca}"}, "mqtt.password_file"),
+    ({"password_file": "{missing}"}, "mqtt.password_file"),
+    ({"client_id": "bad\nid"}, "mqtt.client_id"),
+])
+def test_bad_mqtt_connection_settings_name_the_key(tmp_path: Path, mqtt: dict, key: str) -> None:
+    (tmp_path / "ca.pem").write_text("x")
+    paths = {"ca": tmp_path / "ca.pem", "missing": tmp_path / "nope.pem"}
+    mqtt = {k: v.format(**paths) if isinstance(v, str) else v for k, v in mqtt.items()}
+    with pytest.raises(ConfigError) as info:
+        load_config(environ={}, overrides={"mqtt": {"host": "broker", **mqtt}})
+    assert info.value.key == key

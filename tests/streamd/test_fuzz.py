@@ -54,7 +54,9 @@ NEWER_TYPES = {"keepalive", "finalize"}
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory) -> Iterator[Daemon]:
     env = {**test_pipeline_env(), "STREAMD_SERVER_CONNECTION_RATE": "0",
-           "STREAMD_SERVER_MAX_FRAME_BYTES": str(LIMIT), "STREAMD_SERVER_MAX_SESSIONS": "8"}
+           "STREAMD_SERVER_MAX_FRAME_BYTES": str(LIMIT), "STREAMD_SERVER_MAX_SESSIONS": "8",
+           # One connection may see many examples before a `start` succeeds.
+           "STREAMD_SERVER_HANDSHAKE_TIMEOUT_S": "3600"}
     with serve(tmp_path_factory.mktemp("fuzz"), env=env) as d:
         yield d
 

@@ -118,6 +118,32 @@ def test_parse_resume() -> None:
     nan = '{"type": "start", "sample_rate": 16000, "resume": {"session": "s", "offset": NaN}}'
     with pytest.raises(BadRequest, match="offset"):
         parse_control(nan)
+    assert protocol.utterance_end_event("s", 1, 2.34567) == {
+        "type": "utterance_end", "session": "s", "segment": 1, "last_speech_end": 2.346}
+    assert protocol.finalized_event("s", 2) == {"type": "finalized", "session": "s",
+                                                "segments": 2}
+
+
+def test_keepalive_finalize_and_session_timing_fields() -> None:
+    assert parse_control(json.dumps({"type": "keepalive"})) == protocol.Keepalive()
+    assert parse_control(json.dumps({"type": "finalize", "extra": 1})) == protocol.Finalize()
+    msg = parse_control(start(endpoint_ms=800, utterance_end_ms=1200))
+    assert (msg.endpoint_ms, msg.utterance_end_ms) == (800, 1200)
+    plain = parse_control(start())
+    assert plain.endpoint_ms is None and plain.utterance_end_ms is None
+    edges = parse_control(start(endpoint_ms=100, utterance_end_ms=30000))
+    assert (edges.endpoint_ms, edges.utterance_end_ms) == (100, 30000)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("endpoint_ms", 99), ("endpoint_ms", 10001), ("endpoint_ms", 500.0), ("endpoint_ms", "500"),
+    ("endpoint_ms", True), ("utterance_end_ms", 499), ("utterance_end_ms", 30001),
+    ("utterance_end_ms", [1000]),
+])
+def test_timing_fields_out_of_bounds_are_bad_requests(field: str, value: object) -> None:
+    with pytest.raises(BadRequest, match=f"start.{field} must be an integer") as info:
+        parse_control(start(**{field: value}))
+    assert info.value.code == "bad_request"
 
 
 @pytest.mark.parametrize("text", [

@@ -672,3 +672,112 @@ def test_port_in_use_fails_clearly() -> None:
                 await daemon.shutdown()
 
         asyncio.run(main())
+
+
+# --- keepalive, finalize, utterance_end, per-session endpoint (protocol additions) ---
+
+
+def recv_until(ws, kind: str, timeout: float = 10.0) -> list[dict[str, Any]]:
+    """Events up to and including the first of type `kind`."""
+    events: list[dict[str, Any]] = []
+    while not events or events[-1]["type"] != kind:
+        events.append(recv_event(ws, timeout))
+    return events
+
+
+def test_keepalive_and_finalize(url: str, shared_audio_dir, publisher) -> None:
+    """keepalive gets no reply (before start too); finalize mid-utterance ends the segment
+    at once with its final, then `finalized`; the stream goes on into a new segment.
+    With no speech open, finalize sends `finalized` only."""
+    audio = s16(speech(shared_audio_dir))
+    cut = 2 * (8000 + 24000)  # bytes: 0.5 s silence + 1.5 s of the utterance
+    with connect(url) as ws:
+        ws.send(json.dumps({"type": "keepalive"}))
+        ws.send(json.dumps({"type": "finalize"}))
+        error = recv_event(ws)
+        assert error["code"] == "bad_request" and "finalize before start" in error["message"]
+        ws.send(start_msg(session="fin-1"))
+        assert recv_event(ws)["type"] == "ready"  # nothing came for the keepalive
+        ws.send(json.dumps({"type": "finalize"}))  # no speech yet
+        assert recv_event(ws) == {"type": "finalized", "session": "fin-1", "segments": 0}
+        for i in range(0, cut, 3200):
+            ws.send(audio[i : min(i + 3200, cut)])
+            ws.send(json.dumps({"type": "keepalive"}))
+        ws.send(json.dumps({"type": "finalize"}))
+        first = recv_until(ws, "finalized")
+        assert [e["type"] for e in first if e["type"] != "partial"] == [
+            "speech_start", "final", "finalized"]
+        final = first[-2]
+        assert final["segment"] == 0 and final["end"] <= cut / 2 / 16000
+        assert float(final["text"]) == pytest.approx(final["end"] - final["start"], abs=0.011)
+        assert first[-1] == {"type": "finalized", "session": "fin-1", "segments": 1}
+        for i in range(cut, len(audio), 3200):
+            ws.send(audio[i : i + 3200])
+        ws.send(json.dumps({"type": "stop"}))
+        rest = recv_until(ws, "done")
+    assert [e["segment"] for e in rest if e["type"] == "final"] == [1]
+    assert rest[-1] == {"type": "done", "session": "fin-1", "segments": 2}
+    published = [e for e in publisher.events if e.get("session") == "fin-1"]
+    assert final in published  # a finalized final is a final like any other
+
+
+def test_utterance_end_after_the_final(url: str, shared_audio_dir) -> None:
+    audio = speech(shared_audio_dir)  # 1 s of silence after the utterance
+    events = stream_session(url, s16(audio), chunk=3200, session="utt-1", utterance_end_ms=800)
+    kinds = [e["type"] for e in events if e["type"] != "partial"]
+    assert kinds == ["ready", "speech_start", "final", "utterance_end", "done"]
+    final, end = events[-3], events[-2]
+    assert end == {"type": "utterance_end", "session": "utt-1", "segment": 0,
+                   "last_speech_end": pytest.approx(final["end"] - 0.3, abs=0.001)}
+    # Asked for a longer silence than the stream has: none (done ends the stream).
+    events = stream_session(url, s16(audio), session="utt-2", utterance_end_ms=5000)
+    assert "utterance_end" not in [e["type"] for e in events]
+
+
+def test_endpoint_ms_per_session(url: str, shared_audio_dir) -> None:
+    one = speech(shared_audio_dir)
+    two = s16(np.concatenate([one, one]))  # 1.5 s of silence between the utterances
+    assert len(check_segments(stream_session(url, two))) == 2
+    assert len(check_segments(stream_session(url, two, endpoint_ms=2500))) == 1
+    short = check_segments(stream_session(url, two, endpoint_ms=200))
+    assert len(short) >= 2
+    assert all(a["end"] <= b["start"] for a, b in zip(short, short[1:], strict=False))
+
+
+@pytest.mark.parametrize("fields,pattern", [
+    ({"endpoint_ms": 50}, r"start\.endpoint_ms must be an integer 100\.\.10000"),
+    ({"endpoint_ms": "500"}, r"start\.endpoint_ms must be an integer"),
+    ({"utterance_end_ms": 40000}, r"start\.utterance_end_ms must be an integer 500\.\.30000"),
+])
+def test_bad_session_timing_is_a_bad_request(url: str, fields: dict, pattern: str) -> None:
+    """A bad value is refused with `bad_request`; no session starts and the stream goes
+    on (a good start then works)."""
+    run_bad_client(url, str(fields), [start_msg(**fields)], "bad_request", None, pattern)
+
+
+def test_idle_timeout_ends_quiet_connections_keepalive_holds_them(shared_audio_dir) -> None:
+    """With server.idle_timeout_s, a connection that sends nothing is ended as by `stop`
+    (the speech in flight gets its final, then done, close 1000 "idle timeout");
+    keepalives (or audio) keep it open."""
+    audio = s16(speech(shared_audio_dir))[: 2 * 32000]  # 0.5 s silence + 1.5 s of speech
+    with running_daemon(test_config(server={"idle_timeout_s": 0.6})) as d:
+        url = f"ws://127.0.0.1:{d.server.port}/v1/stream"
+        with connect(url) as ws:
+            ws.send(start_msg(session="idle-1"))
+            assert recv_event(ws)["type"] == "ready"
+            for i in range(0, len(audio), 3200):
+                ws.send(audio[i : i + 3200])
+            quiet_from = time.monotonic()
+            for _ in range(8):  # 1.6 s of keepalives 0.2 s apart: longer than the timeout
+                time.sleep(0.2)
+                ws.send(json.dumps({"type": "keepalive"}))
+            kept = time.monotonic() - quiet_from
+            events = recv_until(ws, "done")
+            ended = time.monotonic() - quiet_from
+            with pytest.raises(ConnectionClosed) as closed:
+                ws.recv(timeout=5)
+    assert kept > 1.5 and ended > kept + 0.5  # the keepalives held it open past 0.6 s
+    assert closed.value.rcvd.code == 1000 and closed.value.rcvd.reason == "idle timeout"
+    finals = [e for e in events if e["type"] == "final"]
+    assert len(finals) == 1 and finals[0]["end"] <= 2.0  # the speech in flight, finalized
+    assert events[-1] == {"type": "done", "session": "idle-1", "segments": 1}

@@ -13,7 +13,7 @@ from streamd.config import VadConfig
 from streamd.errors import BadRequest
 from streamd.protocol import Start
 from streamd.recognizer import Hypothesis, SegmentInfo
-from streamd.session import Request, Session, SessionRunner
+from streamd.session import Deferred, Request, Session, SessionRunner
 
 
 def utterance(shared_audio_dir) -> np.ndarray:
@@ -306,3 +306,121 @@ def test_runner_back_pressure_on_backlog() -> None:
 
     emitted = asyncio.run(main())
     assert [e["segment"] for e in emitted if e["type"] == "final"] == [0, 1, 2, 3, 4]
+
+
+# --- finalize, utterance_end, per-session endpoint ----------------------------------
+
+
+def session_with(**start: object) -> Session:
+    return Session(Start(16000, "pcm_f32le", 1, "s1", None, True, **start), VadConfig(),
+                   "test", partial_interval_ms=400)
+
+
+def drive(session: Session, outputs: list, text=lambda r: "words") -> list[dict]:
+    """Resolve outputs in order, as the runner does; `text(request)` is the recognizer."""
+    events: list[dict] = []
+    for out in outputs:
+        if isinstance(out, Request):
+            events += session.resolve(out, Hypothesis(text(out)))
+        elif isinstance(out, Deferred):
+            events += out.make()
+        else:
+            events.append(out)
+    return events
+
+
+def feed_f32(session: Session, audio: np.ndarray, chunk: int = 1600) -> list:
+    outputs = []
+    for i in range(0, len(audio), chunk):
+        outputs += session.feed(audio[i : i + chunk].astype("<f4").tobytes())
+    return outputs
+
+
+def test_finalize_ends_the_segment_in_flight_then_says_finalized(shared_audio_dir) -> None:
+    audio = utterance(shared_audio_dir)
+    cut = 16000 + 24000  # 1.5 s into the first utterance: speech in flight
+    session = session_with()
+    outputs = feed_f32(session, audio[:cut])
+    assert session.segmenter.active
+    finalize = session.finalize()
+    final = [o for o in finalize if isinstance(o, Request)]
+    assert [r.kind for r in final] == ["final"] and isinstance(finalize[-1], Deferred)
+    assert final[0].segment.end <= cut / 16000  # nothing after the audio heard so far
+    events = drive(session, outputs + finalize)
+    assert [e["type"] for e in events if e["type"] != "partial"] == [
+        "speech_start", "final", "finalized"]
+    assert events[-1] == {"type": "finalized", "session": "s1", "segments": 1}
+    # The stream goes on: the rest of the utterance is a new segment with its own final.
+    later = drive(session, feed_f32(session, audio[cut:]) + session.stop())
+    finals_ = [e for e in later if e["type"] == "final"]
+    assert [f["segment"] for f in finals_] == [1, 2]
+    assert finals_[0]["start"] >= events[-2]["end"] - 0.3  # at most the start padding back
+
+
+def test_finalize_without_speech_only_says_finalized(shared_audio_dir) -> None:
+    session = session_with()
+    assert drive(session, feed_f32(session, np.zeros(8000, np.float32))) == []
+    assert drive(session, session.finalize()) == [
+        {"type": "finalized", "session": "s1", "segments": 0}]
+    # A segment that recognition found empty (noise) has no final: finalized only.
+    audio = utterance(shared_audio_dir)
+    outputs = feed_f32(session, audio[8000 : 16000 + 24000]) + session.finalize()
+    events = drive(session, outputs, text=lambda r: "")
+    assert events == [{"type": "finalized", "session": "s1", "segments": 0}]
+    session.stop()
+    assert session.finalize() == []
+
+
+def test_utterance_end_follows_the_final_after_the_silence(shared_audio_dir) -> None:
+    audio = utterance(shared_audio_dir)  # 1 s of silence after each utterance
+    session = session_with(utterance_end_ms=800)
+    outputs = feed_f32(session, audio) + session.stop()
+    events = drive(session, outputs)
+    kinds = [e["type"] for e in events if e["type"] != "partial"]
+    assert kinds == ["speech_start", "final", "utterance_end"] * 2
+    ends = [e for e in events if e["type"] == "utterance_end"]
+    finals_ = [e for e in events if e["type"] == "final"]
+    for end, final in zip(ends, finals_, strict=True):
+        assert end["segment"] == final["segment"]
+        # Closed by the endpoint: the final ends the end padding after the speech.
+        assert end["last_speech_end"] == pytest.approx(final["end"] - 0.3, abs=0.001)
+    # Sent once the silence reached 800 ms: after the final's endpoint (510 ms), so
+    # between the final request and the next speech.
+    first_final = next(i for i, o in enumerate(outputs) if isinstance(o, Request)
+                       and o.kind == "final")
+    deferred = [i for i, o in enumerate(outputs) if isinstance(o, Deferred)]
+    assert first_final < deferred[0]
+
+    # Off unless asked for; none when the silence is shorter than asked; none after noise.
+    for start, text in (({}, "words"), ({"utterance_end_ms": 5000}, "words"),
+                        ({"utterance_end_ms": 800}, "")):
+        session = session_with(**start)
+        events = drive(session, feed_f32(session, audio) + session.stop(),
+                       text=lambda r, t=text: t)
+        assert not [e for e in events if e["type"] == "utterance_end"]
+
+
+def test_speech_before_the_utterance_end_cancels_it(shared_audio_dir) -> None:
+    audio = utterance(shared_audio_dir)
+    session = session_with(utterance_end_ms=1500)  # longer than the 1 s gaps
+    events = drive(session, feed_f32(session, audio[:-16000]) + session.stop())
+    assert [e["type"] for e in events if e["type"] == "utterance_end"] == []
+    session = session_with(utterance_end_ms=1500)  # then 2 s of silence: it comes
+    tail = np.zeros(32000, np.float32)
+    events = drive(session, feed_f32(session, np.concatenate([audio, tail])) + session.stop())
+    assert [e["segment"] for e in events if e["type"] == "utterance_end"] == [1]
+
+
+def test_endpoint_ms_per_session(shared_audio_dir) -> None:
+    audio = utterance(shared_audio_dir)
+    def segments(**start: object) -> list[Request]:
+        session = session_with(**start)
+        return finals(feed_f32(session, audio) + session.stop())
+
+    assert len(segments()) == 2
+    assert len(segments(endpoint_ms=2000)) == 1  # the 1 s gap no longer ends a segment
+    short = segments(endpoint_ms=100)
+    assert len(short) >= 2
+    # The end padding shrinks to fit a short endpoint: segments never overlap.
+    for a, b in zip(short, short[1:], strict=False):
+        assert a.segment.end <= b.segment.start

@@ -160,3 +160,26 @@ def test_chunking_does_not_change_segments(stream) -> None:
     a = spans(segment(part, VadConfig(), chunk=160))
     b = spans(segment(part, VadConfig(), chunk=48000))
     assert a == b and a
+
+
+def test_end_segment_closes_speech_in_flight_and_the_stream_goes_on(shared_audio_dir) -> None:
+    """A client's finalize: the active segment ends at the audio heard so far, its
+    speech_end is where its last voiced frame ends, samples short of a frame stay
+    pending, and later speech is a new segment on the same timeline."""
+    audio, _ = sf.read(shared_audio_dir / "librispeech_61-70968-0002.wav", dtype="float32")
+    signal = np.concatenate([np.zeros(8000, np.float32), audio, np.zeros(16000, np.float32)])
+    vad = VadSegmenter(VadConfig())
+    cut = 8000 + 24000 + 123  # mid-utterance, not on a frame boundary
+    events = vad.accept(signal[:cut])
+    assert vad.active
+    ended = vad.end_segment()
+    assert len(ended) == 1 and isinstance(ended[0], SegmentEnded)
+    e = ended[0]
+    assert e.reason == "finalize" and e.end <= vad.position <= cut
+    assert e.end - e.speech_end <= vad.config.end_pad_ms * 16 and e.speech_end > e.start
+    assert vad.end_segment() == []  # nothing open any more
+    rest = vad.accept(signal[cut:]) + vad.flush()
+    check_pairing(events + ended + rest)
+    later = [x for x in rest if isinstance(x, SegmentEnded)]
+    assert later and later[0].start >= e.end
+    assert vad.position == len(signal) // vad.frame_len * vad.frame_len  # nothing lost
