@@ -175,7 +175,11 @@ def setup_logging(config: Config) -> None:
     handler = logging.StreamHandler(sys.stderr)
     inner = (JsonFormatter() if config.log_format == "json" else
              logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    secrets = (*config.server.tokens, config.mqtt.password)
+    try:
+        mqtt_password = config.mqtt.read_password()
+    except ConfigError:  # reported when the publisher starts
+        mqtt_password = config.mqtt.password
+    secrets = (*config.server.tokens, mqtt_password)
     handler.setFormatter(RedactingFormatter(inner, secrets))
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -556,3 +556,31 @@ def test_keepalives_do_not_replace_start(daemon: Daemon) -> None:
                     assert event["code"] == "bad_request" and "no start" in event["message"]
         assert closed.value.rcvd.code == 1008
         assert 1.9 < time.monotonic() - t0 < 5
+
+
+def test_log_redaction_covers_the_mqtt_password_file(tmp_path: Path) -> None:
+    import logging
+
+    from streamd.config import load_config
+    from streamd.daemon import RedactingFormatter, setup_logging
+
+    (tmp_path / "pw").write_text("hunter2-secret\nsecond line\n")
+    cfg = load_config(environ={}, overrides={
+        "mqtt": {"host": "broker", "password_file": str(tmp_path / "pw")},
+        "server": {"tokens": ["tok-abc"]}, "log_format": "json"})
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        setup_logging(cfg)
+        formatter = root.handlers[0].formatter
+        assert isinstance(formatter, RedactingFormatter)
+        record = logging.makeLogRecord({
+            "msg": "pw hunter2-secret tok tok-abc GET /v1/stream?token=zzz&x=1 "
+                   "Authorization: Bearer qqq", "levelno": logging.INFO, "levelname": "INFO"})
+        text = formatter.format(record)
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    for secret in ("hunter2-secret", "tok-abc", "zzz", "qqq"):
+        assert secret not in text, text
+    assert "token=[redacted]&x=1" in text and "Bearer [redacted]" in text
