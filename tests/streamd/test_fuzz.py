@@ -2,11 +2,12 @@
 test pipeline), with Hypothesis.
 
 Each example is a list of client actions (arbitrary text, JSON values, `start` messages with
-valid and invalid fields, `stop`, binary frames of sizes around every limit, abrupt
-disconnects). One connection carries many examples: it is reopened only when the protocol
-ends it. A model written from docs/protocol.md (not from streamd's code) says what each
-action must get back: `ready`, `done`, an `error` with the documented code (and the
-documented close code), a 1009 close for frames over 4x `max_frame_bytes`, or nothing.
+valid and invalid fields, `stop`, `keepalive`, `finalize`, binary frames of sizes around
+every limit, clean and abrupt disconnects). One connection carries many examples: it is
+reopened only when the protocol ends it. A model written from docs/protocol.md (not from
+streamd's code) says what each action must get back: `ready`, `finalized`, `done`, an
+`error` with the documented code (and the documented close code), a 1009 close for frames
+over 4x `max_frame_bytes`, or nothing.
 Properties: every action gets what the contract says; the daemon never crashes; no session
 or connection leaks (/metrics); a bystander streaming a known recording all along gets the
 finals it gets alone.
@@ -44,9 +45,7 @@ PIPELINE = "test-duration"
 EXAMPLES = int(os.environ.get("STREAMD_FUZZ_EXAMPLES", "2000"))
 BYSTANDER = "bystander"
 ENCODINGS = {"pcm_s16le": 2, "pcm_f32le": 4}
-# Message types another branch adds (keepalive, finalize): left out, so the model stays
-# right whichever version of the protocol the daemon speaks.
-NEWER_TYPES = {"keepalive", "finalize"}
+KNOWN_TYPES = {"start", "stop", "keepalive", "finalize"}
 
 # --- the daemon and the bystander ---------------------------------------------------
 
@@ -142,6 +141,10 @@ start_fields = st.fixed_dictionaries({
         {"session": field_values(valid_ids), "offset": field_values(
             st.floats(0, 1e9) | st.integers(0, 10**6) | st.sampled_from([-1, 1e308])),
          "segment": field_values(st.integers(0, 1000) | st.just(-1))})),
+    "endpoint_ms": st.one_of(st.just(MISSING), st.just(MISSING), json_values,
+                             st.sampled_from([100, 510, 10000, 99, 10001, 500.0])),
+    "utterance_end_ms": st.one_of(st.just(MISSING), st.just(MISSING), json_values,
+                                  st.sampled_from([500, 1000, 30000, 499, 30001])),
     "extra": st.one_of(st.just(MISSING), json_values),  # unknown fields are ignored
 })
 
@@ -182,25 +185,19 @@ def _start_text(fields: dict[str, Any]) -> str:
     return json.dumps({"type": "start", **_present(fields)})
 
 
-def _not_newer(text: str) -> bool:
-    try:
-        msg = json.loads(text)
-    except (ValueError, RecursionError):
-        return True
-    return not (isinstance(msg, dict) and msg.get("type") in NEWER_TYPES)
-
-
 actions = st.one_of(
     start_fields.map(lambda f: ("text", _start_text(f))),
     start_fields.map(lambda f: ("text", _start_text(f))),
     st.just(("text", json.dumps({"type": "stop"}))),
+    st.sampled_from([("text", json.dumps({"type": "keepalive"})),
+                     ("text", json.dumps({"type": "finalize"})),
+                     ("text", json.dumps({"type": "finalize", "extra": [1]}))]),
     binary_frames(),
     binary_frames(),
-    st.text(max_size=40).filter(_not_newer).map(lambda t: ("text", t)),
-    json_values.map(lambda v: ("text", json.dumps(v))).filter(lambda a: _not_newer(a[1])),
+    st.text(max_size=40).map(lambda t: ("text", t)),
+    json_values.map(lambda v: ("text", json.dumps(v))),
     st.dictionaries(st.text(max_size=6), json_values, max_size=3).map(
-        lambda d: ("text", json.dumps({**d, "type": d.get("type", "pause")}))).filter(
-        lambda a: _not_newer(a[1])),
+        lambda d: ("text", json.dumps({**d, "type": d.get("type", "pause")}))),
     st.sampled_from([("text", '{"type": "start", "sample_rate": ' + "9" * 5000 + "}"),
                      ("text", "[" * 8000 + "]" * 8000), ("text", "\ud7ff" * 100),
                      ("text", '{"type": "start", "sample_rate": 16000, "channels": 1e400}'),
@@ -251,6 +248,10 @@ def start_problems(msg: dict[str, Any]) -> tuple[set[str], dict[str, Any]]:
         codes.add(UNSUPPORTED)
     if not isinstance(msg.get("partials", True), bool):
         codes.add(BAD)
+    for key, low, high in (("endpoint_ms", 100, 10000), ("utterance_end_ms", 500, 30000)):
+        value = msg.get(key)
+        if value is not None and (not _is_int(value) or not low <= value <= high):
+            codes.add(BAD)
     resume = msg.get("resume")
     if resume is not None:
         if not isinstance(resume, dict) or not _valid_id(resume.get("session")):
@@ -315,8 +316,12 @@ class Client:
             msg = json.loads(payload)
         except (ValueError, RecursionError):
             return [Expect("error", BAD)]
-        if not isinstance(msg, dict) or msg.get("type") not in ("start", "stop"):
+        if not isinstance(msg, dict) or msg.get("type") not in KNOWN_TYPES:
             return [Expect("error", BAD)]
+        if msg["type"] == "keepalive":
+            return [Expect(None)]
+        if msg["type"] == "finalize":
+            return [Expect("finalized")] if self.started else [Expect("error", BAD)]
         if msg["type"] == "stop":
             return [Expect("done", close=1000)] if self.started else [Expect("error", BAD)]
         if self.started is not None:
@@ -359,6 +364,8 @@ class Client:
         assert got is not None, (action[1][:200], options, closed)
         match = [o for o in options if o.kind == got["type"] and o.code == got.get("code")]
         assert match, (action[1][:200], got, options)
+        if got["type"] == "finalized":
+            assert got["session"] == self.started["id"] and got["segments"] >= 0, got
         if got["type"] == "error":
             assert got["message"]
             assert got.get("session") == (self.started or {}).get("id"), got
@@ -387,7 +394,7 @@ class Client:
                 event = json.loads(self.ws.recv(timeout=10))
             except ConnectionClosed as exc:
                 return None, exc.rcvd.code if exc.rcvd else None
-            if event["type"] in ("speech_start", "partial", "final"):
+            if event["type"] in ("speech_start", "partial", "final", "utterance_end"):
                 assert self.started and event["session"] == self.started["id"], event
                 assert event["segment"] >= 0 and isinstance(event.get("start"), (int, float))
                 continue
