@@ -46,9 +46,35 @@ class ServerConfig:
     # A connection that sends no message at all (audio, keepalive, ...) for this long is
     # ended as by `stop`; 0: never.
     idle_timeout_s: float = 0.0
+    # Browser origins allowed to open streams and pages ("https://app.example"); a request
+    # carrying another Origin gets 403 before the upgrade. Empty: any. Same-origin requests
+    # (Origin = http://<Host header>) and requests without Origin are always allowed.
+    allowed_origins: tuple[str, ...] = ()
+    # New connections per second per client address (token bucket, `connection_burst`
+    # deep); beyond it 429. 0: no limit. Behind a proxy every client has its address.
+    connection_rate: float = 20.0
+    connection_burst: int = 40
+    # The opening of a stream: the HTTP upgrade, and then `start`, must each come within
+    # this long (no upgrade: the socket is closed; no `start`: `bad_request`, close 1008).
+    handshake_timeout_s: float = 10.0
+    # A client that accepts no event for this long (it stopped reading) is disconnected;
+    # its finals still go to MQTT. Kernel send buffer per connection: `send_buffer_bytes`.
+    send_timeout_s: float = 10.0
+    send_buffer_bytes: int = 65536
 
     def __post_init__(self) -> None:
         _check(0 <= self.port <= 65535, "server.port", "must be 0..65535")
+        _check(all(_valid_origin(o) for o in self.allowed_origins), "server.allowed_origins",
+               "each must be scheme://host[:port], e.g. https://app.example")
+        _check(0 <= self.connection_rate <= 1e6, "server.connection_rate", "must be 0..1e6")
+        _check(1 <= self.connection_burst <= 1_000_000, "server.connection_burst",
+               "must be 1..1000000")
+        _check(0 < self.handshake_timeout_s <= 3600, "server.handshake_timeout_s",
+               "must be > 0 and <= 3600")
+        _check(0 < self.send_timeout_s <= 3600, "server.send_timeout_s",
+               "must be > 0 and <= 3600")
+        _check(4096 <= self.send_buffer_bytes <= 64 * 1024 * 1024, "server.send_buffer_bytes",
+               "must be 4096..67108864")
         _check(self.max_sessions >= 1, "server.max_sessions", "must be >= 1")
         _check(self.max_frame_bytes >= 1024, "server.max_frame_bytes", "must be >= 1024")
         _check(self.send_queue >= 2, "server.send_queue", "must be >= 2")
@@ -62,6 +88,11 @@ class ServerConfig:
             f"{self.host!r} is not loopback and no tokens are configured "
             "(set server.tokens or server.allow_insecure = true)",
         )
+
+
+def _valid_origin(origin: str) -> bool:
+    scheme, sep, rest = origin.partition("://")
+    return bool(scheme and sep and rest) and "/" not in rest and origin == origin.strip()
 
 
 def _is_loopback(host: str) -> bool:
@@ -283,6 +314,9 @@ class Config:
         _check(self.log_format in ("json", "text"), "log_format", "json or text")
 
 
+# Keys whose values are credentials: error messages name them, never show them.
+SECRET_KEYS = frozenset({"server.tokens", "mqtt.password"})
+
 SECTIONS: dict[str, type] = {
     "server": ServerConfig,
     "vad": VadConfig,
@@ -325,6 +359,8 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
         if isinstance(items, (list, tuple)):
             return tuple(_coerce(key, item, v.strip() if isinstance(v, str) else v) for v in items)
     name = getattr(hint, "__name__", str(hint))
+    if key in SECRET_KEYS:  # the message goes to stderr and logs: never the value
+        raise ConfigError(key, f"expected {name}, got a {type(value).__name__}")
     raise ConfigError(key, f"expected {name}, got {value!r}")
 
 

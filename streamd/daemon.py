@@ -16,6 +16,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -47,6 +48,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token", action="append", metavar="TOKEN",
                         help="accepted client token (repeatable); enables auth")
     parser.add_argument("--max-sessions", type=int, help="concurrent session limit")
+    parser.add_argument("--allowed-origin", action="append", metavar="ORIGIN",
+                        help="browser Origin allowed (repeatable); others get 403")
+    parser.add_argument("--connection-rate", type=float, metavar="N",
+                        help="new connections per second per client address (0: no limit)")
+    parser.add_argument("--idle-timeout", type=float, metavar="S",
+                        help="end a connection silent for S seconds as by stop (0: never)")
     parser.add_argument("--node", help="daemon name in MQTT payloads and status topic")
     parser.add_argument("--model", help="model folder or name for the pipeline")
     parser.add_argument("--pipeline", help="whisper (default), ctc, conformer, two-pass")
@@ -92,6 +99,9 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = 
     put("server", "port", args.port)
     put("server", "tokens", args.token)
     put("server", "max_sessions", args.max_sessions)
+    put("server", "allowed_origins", args.allowed_origin)
+    put("server", "connection_rate", args.connection_rate)
+    put("server", "idle_timeout_s", args.idle_timeout)
     put(None, "node", args.node)
     put("recognition", "model", args.model)
     put("recognition", "pipeline", args.pipeline)
@@ -140,12 +150,37 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
+class RedactingFormatter(logging.Formatter):
+    """Wraps a formatter: configured secrets, `token=` query values and `Bearer` credentials
+    never reach the log, whatever logged them (websockets logs request lines at debug)."""
+
+    _patterns = (re.compile(r"(?i)(token=)[^&\s\"'\\]+"),
+                 re.compile(r"(?i)(bearer\s+)[^\s\"'\\,]+"))
+
+    def __init__(self, inner: logging.Formatter, secrets: tuple[str, ...]) -> None:
+        super().__init__()
+        self.inner = inner
+        self.secrets = tuple(sorted({s for s in secrets if s}, key=len, reverse=True))
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = self.inner.format(record)
+        for secret in self.secrets:
+            text = text.replace(secret, "[redacted]")
+        for pattern in self._patterns:
+            text = pattern.sub(r"\1[redacted]", text)
+        return text
+
+
 def setup_logging(config: Config) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    if config.log_format == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    inner = (JsonFormatter() if config.log_format == "json" else
+             logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    try:
+        mqtt_password = config.mqtt.read_password()
+    except ConfigError:  # reported when the publisher starts
+        mqtt_password = config.mqtt.password
+    secrets = (*config.server.tokens, mqtt_password)
+    handler.setFormatter(RedactingFormatter(inner, secrets))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(config.log_level.upper())

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
@@ -16,6 +23,8 @@ _RTF_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0)
 class Metrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
+        # process_resident_memory_bytes, process_open_fds, process_cpu_seconds_total (Linux)
+        ProcessCollector(registry=r)
         self.sessions_active = Gauge("streamd_sessions_active", "Open sessions", registry=r)
         self.sessions = Counter("streamd_sessions", "Sessions started", ["source"], registry=r)
         self.rejected = Counter(

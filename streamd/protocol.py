@@ -107,6 +107,9 @@ def parse_control(text: str) -> Start | Stop | Keepalive | Finalize:
         msg = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BadRequest(f"control message is not JSON: {exc.msg}") from None
+    except (ValueError, RecursionError):  # an integer over 4300 digits; nesting too deep
+        raise BadRequest("control message is not JSON: a number too long or nesting too deep"
+                         ) from None
     if not isinstance(msg, dict):
         raise BadRequest("control message must be a JSON object")
     kind = msg.get("type")

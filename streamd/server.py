@@ -2,7 +2,10 @@
 
 The handler only moves bytes and events: a receive loop feeding the sans-I/O Session,
 and a send loop draining a bounded queue to the socket (sibling tasks). Partials are
-dropped when the client reads too slowly; finals wait. Auth (401), the session limit
+dropped when the client reads too slowly; finals wait, and a client that accepts no event
+for `send_timeout_s` is disconnected. `start` must come within `handshake_timeout_s` of
+the upgrade; a connection silent for `idle_timeout_s` (if set) is ended as by `stop`.
+The per-address rate limit (429), the Origin check (403), auth (401), the session limit
 and draining (503) are decided in `process_request`, before the upgrade.
 
 Resume (`start.resume`): a session continues under its id from a stream offset; its
@@ -23,6 +26,9 @@ import json
 import logging
 import mimetypes
 import re
+import socket
+import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -59,12 +65,46 @@ def _response(status: int, body: bytes | str, content_type: str, **headers: str)
     h = Headers({"Content-Type": content_type, "Content-Length": str(len(data))})
     for key, value in headers.items():
         h[key.replace("_", "-")] = value
-    phrase = {200: "OK", 401: "Unauthorized", 404: "Not Found", 503: "Service Unavailable"}
+    phrase = {200: "OK", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+              429: "Too Many Requests", 503: "Service Unavailable"}
     return Response(status, phrase.get(status, ""), h, data)
 
 
 def _json_response(status: int, obj: dict[str, Any], **headers: str) -> Response:
     return _response(status, json.dumps(obj) + "\n", "application/json", **headers)
+
+
+class RateLimiter:
+    """Token bucket per client address: `rate` new connections per second, `burst` deep.
+    At most `max_keys` addresses are tracked (the least recently seen are forgotten)."""
+
+    def __init__(self, rate: float, burst: int, max_keys: int = 65536) -> None:
+        self.rate, self.burst, self.max_keys = rate, burst, max_keys
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # tokens, time
+
+    def allow(self, key: str, now: float | None = None) -> bool:
+        if self.rate <= 0:
+            return True
+        now = time.monotonic() if now is None else now
+        tokens, last = self._buckets.pop(key, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - last) * self.rate)
+        allowed = tokens >= 1.0
+        self._buckets[key] = (tokens - 1.0 if allowed else tokens, now)
+        while len(self._buckets) > self.max_keys:
+            self._buckets.popitem(last=False)
+        return allowed
+
+
+def _origin_allowed(request: HttpRequest, allowed: tuple[str, ...]) -> bool:
+    """No Origin (not a browser), a listed one, or the page's own (same-origin)."""
+    origin = request.headers.get("Origin")
+    if not allowed or origin is None:
+        return True
+    origin = origin.strip().rstrip("/").lower()
+    if origin in {a.rstrip("/").lower() for a in allowed}:
+        return True
+    host = request.headers.get("Host", "").strip().lower()
+    return bool(host) and origin in (f"http://{host}", f"https://{host}")
 
 
 class StreamServer:
@@ -94,6 +134,8 @@ class StreamServer:
         self.reserved_ids: set[str] = set()  # session ids clients may not take ("mic")
         # Sessions that ended here: id -> segments so far (the next number on resume).
         self.ended: OrderedDict[str, int] = OrderedDict()
+        self.limiter = RateLimiter(config.server.connection_rate, config.server.connection_burst)
+        self.connections = 0  # open WebSocket connections, sessions or not
 
     def remember(self, session: str, segments: int) -> None:
         self.ended.pop(session, None)
@@ -122,6 +164,10 @@ class StreamServer:
                 # websockets closes with 1009 before buffering them.
                 max_size=4 * cfg.max_frame_bytes,
                 server_header="streamd",
+                # HTTP request line and header limits are websockets' own (8192 bytes a
+                # line, 128 headers; docs/protocol.md).
+                open_timeout=cfg.handshake_timeout_s,
+                write_limit=cfg.send_buffer_bytes,
             )
         except OSError as exc:
             raise InternalError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror}") from exc
@@ -129,6 +175,12 @@ class StreamServer:
         self.metrics.track_queue(
             "sessions", lambda: sum(c.runner.pending for c in self._active.values() if c.runner)
         )
+        self.metrics.track_gauge("streamd_connections_open", "Open WebSocket connections",
+                                 lambda: self.connections)
+        self.metrics.track_gauge("streamd_event_loop_tasks", "Tasks of the event loop",
+                                 lambda: len(asyncio.all_tasks()))
+        self.metrics.track_gauge("streamd_threads", "Python threads of the process",
+                                 threading.active_count)
 
     async def publish(self, event: dict[str, Any]) -> None:
         """Send a partial/final to every publisher; a failing publisher never breaks a session."""
@@ -187,6 +239,16 @@ class StreamServer:
     ) -> Response | None:
         url = urlsplit(request.path)
         path = url.path
+        peer = connection.remote_address
+        if not self.limiter.allow(str(peer[0]) if peer else ""):
+            self.metrics.rejected.labels(reason="rate_limited").inc()
+            return _json_response(
+                429, protocol.error_event("overloaded", "too many new connections"),
+                Retry_After="1",
+            )
+        if not _origin_allowed(request, self.config.server.allowed_origins):
+            self.metrics.rejected.labels(reason="origin").inc()
+            return _json_response(403, protocol.error_event("unauthorized", "origin not allowed"))
         if path == STREAM_PATH:
             if not self._authorized(request, parse_qs(url.query)):
                 self.metrics.rejected.labels(reason="unauthorized").inc()
@@ -232,9 +294,17 @@ class StreamServer:
     # WebSocket side.
 
     async def _handle(self, ws: ServerConnection) -> None:
+        sock = ws.transport.get_extra_info("socket")
+        if sock is not None:  # bounds what a client that stops reading holds in the kernel
+            size = self.config.server.send_buffer_bytes
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
         conn = _Connection(self, ws)
         conn.task = asyncio.current_task()
-        await conn.run()
+        self.connections += 1
+        try:
+            await conn.run()
+        finally:
+            self.connections -= 1
 
 
 class _Connection:
@@ -297,12 +367,22 @@ class _Connection:
 
     async def _receive_loop(self) -> None:
         idle = self.cfg.server.idle_timeout_s or None
+        wait_start = self.cfg.server.handshake_timeout_s
+        start_by = time.monotonic() + wait_start
         try:
             while True:
+                timeout = idle
+                if self.session is None:  # `start` is part of the opening handshake
+                    left = max(0.0, start_by - time.monotonic())
+                    timeout = left if idle is None else min(idle, left)
                 try:
                     # Cancelling recv() loses nothing (websockets' asyncio API).
-                    message = await asyncio.wait_for(self.ws.recv(), idle)
+                    message = await asyncio.wait_for(self.ws.recv(), timeout)
                 except TimeoutError:
+                    if self.session is None and time.monotonic() >= start_by:
+                        await self._error("bad_request", f"no start within {wait_start:g} s",
+                                          close=1008)
+                        return
                     # Nothing, not even a keepalive: end as a `stop` would (finals, done).
                     log.info("idle connection ended", extra={
                         "session": self.session.id if self.session else None,
@@ -465,9 +545,17 @@ class _Connection:
             if self.gone:
                 continue  # keep draining so producers never block on a dead client
             try:
-                await self.ws.send(protocol.encode_event(event))
+                await asyncio.wait_for(self.ws.send(protocol.encode_event(event)),
+                                       self.cfg.server.send_timeout_s)
             except ConnectionClosed:
                 self.gone = True
+            except TimeoutError:  # it stopped reading: drop it, its finals go to MQTT only
+                self.gone = True
+                self.metrics.drops.labels(reason="slow_client_disconnected").inc()
+                log.warning("client accepted no event for %g s: disconnecting",
+                            self.cfg.server.send_timeout_s,
+                            extra={"session": self.session.id if self.session else None})
+                self.ws.transport.abort()
         if not self.gone:
             await self.ws.close(self._close_code, self._close_reason)
 

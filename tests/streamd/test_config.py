@@ -51,6 +51,16 @@ def test_precedence_file_env_cli(tmp_path: Path) -> None:
     assert cfg.mic.enabled and cfg.mic.device == ""
     assert cfg.recognition.pipeline == "ctc"
     assert cfg.recognition.workers == 3 and cfg.recognition.final_model == "tiny.en"
+    limits = config_from_args(cli("--allowed-origin", "https://a.example", "--allowed-origin",
+                                  "http://b:8080", "--connection-rate", "0",
+                                  "--idle-timeout", "5"),
+                              {"STREAMD_SERVER_ALLOWED_ORIGINS": "https://env.example",
+                               "STREAMD_SERVER_SEND_TIMEOUT_S": "3"})
+    assert limits.server.allowed_origins == ("https://a.example", "http://b:8080")
+    assert limits.server.connection_rate == 0 and limits.server.idle_timeout_s == 5
+    assert limits.server.send_timeout_s == 3
+    env_only = config_from_args(cli(), {"STREAMD_SERVER_ALLOWED_ORIGINS": "https://x,https://y"})
+    assert env_only.server.allowed_origins == ("https://x", "https://y")
     named = config_from_args(cli("--mic", "hw:1", "--node", "n2"), {})
     assert named.mic.device == "hw:1" and named.node == "n2"
 
@@ -59,6 +69,10 @@ def test_precedence_file_env_cli(tmp_path: Path) -> None:
     ("[vad]\naggressiveness = 4\n", {}, "vad.aggressiveness"),
     ("[vad]\nframe_ms = 25\n", {}, "vad.frame_ms"),
     ("[server]\nport = \"eighty\"\n", {}, "server.port"),
+    ("[server]\nallowed_origins = [\"app.example\"]\n", {}, "server.allowed_origins"),
+    ("", {"STREAMD_SERVER_CONNECTION_RATE": "-1"}, "server.connection_rate"),
+    ("[server]\nhandshake_timeout_s = 0\n", {}, "server.handshake_timeout_s"),
+    ("[server]\nsend_buffer_bytes = 100\n", {}, "server.send_buffer_bytes"),
     ("[server]\nprot = 1\n", {}, "server.prot"),
     ("[serve]\nport = 1\n", {}, "serve"),
     ("server = 3\n", {}, "server"),
@@ -122,6 +136,16 @@ def test_several_mqtt_brokers_file_env_flag(tmp_path: Path) -> None:
     assert MqttSettings.from_config(both.mqtt).brokers == (("h", 1883), ("a", 1))
     single = MqttSettings.from_config(load_config(None, {"STREAMD_MQTT_HOST": "x"}).mqtt)
     assert single.brokers == (("x", 1883),)
+
+
+def test_secret_values_not_in_errors(tmp_path: Path) -> None:
+    for text, key in (("[server]\ntokens = [987654321]\n", "server.tokens"),
+                      ("[mqtt]\npassword = 987654321\n", "mqtt.password")):
+        path = tmp_path / "secret.toml"
+        path.write_text(text)
+        with pytest.raises(ConfigError) as err:
+            load_config(path, environ={})
+        assert key in str(err.value) and "987654321" not in str(err.value)
 
 
 def test_mqtt_tls_client_id_and_credentials_from_file_env_and_flags(tmp_path: Path) -> None:

@@ -144,3 +144,14 @@ def test_timing_fields_out_of_bounds_are_bad_requests(field: str, value: object)
     with pytest.raises(BadRequest, match=f"start.{field} must be an integer") as info:
         parse_control(start(**{field: value}))
     assert info.value.code == "bad_request"
+
+
+@pytest.mark.parametrize("text", [
+    '{"type": "start", "sample_rate": ' + "9" * 5000 + "}",  # int over 4300 digits
+    "[" * 5000 + "]" * 5000,  # nesting past the recursion limit
+])
+def test_oversized_json_is_bad_request(text: str) -> None:
+    """Regression (found by tests/streamd/test_fuzz.py): ValueError / RecursionError from
+    json.loads escaped as an internal error (close 1011)."""
+    with pytest.raises(BadRequest, match="not JSON"):
+        parse_control(text)

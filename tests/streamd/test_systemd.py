@@ -91,7 +91,9 @@ def test_unit_security_exposure(systemd_analyze: str, tmp_path: Path) -> None:
                              str(unit)], capture_output=True, text=True, timeout=60)
     match = re.search(r"Overall exposure level for \S+: ([0-9.]+)", result.stdout + result.stderr)
     assert match, result.stdout[-500:]
-    assert float(match.group(1)) <= 3.0  # systemd's scale: 0 (locked down) .. 10 (exposed)
+    score = float(match.group(1))
+    print(f"\nsystemd-analyze security exposure: {score} (0 locked down .. 10 exposed)")
+    assert score <= 3.0
 
 
 def test_install_script_stages(tmp_path: Path) -> None:
