@@ -6,7 +6,8 @@
 
 Every system runs in its own subprocess (so peak memory is its own) on the same files,
 with the same number of threads, after loading and warming up; each file is recognized
-`--repeat` times and the fastest run counts. Systems: streamd as `streamd transcribe` runs
+`--repeat` times and the fastest run counts (wall time, and CPU time of the process: less
+sensitive to other work on a shared machine). Systems: streamd as `streamd transcribe` runs
 it (timestamps, seeking, tail margin, quiet cuts: models/whisper_asr.py) and variants
 (`streamd:<option>=<value>,...` sets WhisperTranscriber fields, e.g.
 `streamd:timestamps=0`, `streamd:tail_margin=0`, `streamd:buckets_s=10/20/30`),
@@ -96,13 +97,14 @@ def _worker(system: str, files: list[dict], threads: int, repeat: int) -> dict:
     results = []
     for entry in files:
         audio = read_audio(entry["path"])
-        best, text = float("inf"), ""
+        best, best_cpu, text = float("inf"), float("inf"), ""
         for _ in range(repeat):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             text = recognize(audio)
             best = min(best, time.perf_counter() - t0)
+            best_cpu = min(best_cpu, time.process_time() - c0)
         results.append({"file": entry["audio"], "text": text, "elapsed_s": best,
-                        "duration_s": len(audio) / 16000})
+                        "cpu_s": best_cpu, "duration_s": len(audio) / 16000})
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"system": system, "load_s": load_s, "warmup_s": warmup_s, "peak_rss_mb": peak_mb,
             "files": results}
@@ -176,9 +178,11 @@ def main() -> int:
     audio_s = sum(e["duration_s"] for e in files)
     reference = runs.get("faster-whisper-f32")
     ref_time = sum(r["elapsed_s"] for r in reference["files"]) if reference else None
+    ref_cpu = sum(r["cpu_s"] for r in reference["files"]) if reference else None
     rows = []
     for system, run in runs.items():
         total = sum(r["elapsed_s"] for r in run["files"])
+        cpu = sum(r["cpu_s"] for r in run["files"])
         bands = {}
         for lo, hi, name in BANDS:
             pairs = [(e, r) for e, r in zip(files, run["files"], strict=True)
@@ -190,11 +194,13 @@ def main() -> int:
             "repeated_tails": len(_repeated_tails(files, run["files"])),
             "recognition_s": round(total, 3), "rtf": round(total / audio_s, 4),
             "vs_fw_f32": round(total / ref_time, 3) if ref_time else None,
+            "cpu_s": round(cpu, 2), "cpu_vs_fw_f32": round(cpu / ref_cpu, 3) if ref_cpu else None,
             "load_s": round(run["load_s"], 2), "warmup_compile_s": round(run["warmup_s"], 2),
             "peak_rss_mb": round(run["peak_rss_mb"], 1),
         })
     header = ("system", "wer_percent", *(f"wer_{name}" for *_, name in BANDS),
-              "repeated_tails", "recognition_s", "rtf", "vs_fw_f32", "load_s",
+              "repeated_tails", "recognition_s", "rtf", "vs_fw_f32", "cpu_s", "cpu_vs_fw_f32",
+              "load_s",
               "warmup_compile_s", "peak_rss_mb")
     counts = {name: sum(lo <= e["duration_s"] < hi for e in files) for lo, hi, name in BANDS}
     print(f"{len(files)} files, {audio_s:.1f} s of audio, {args.threads} threads, "
