@@ -241,13 +241,17 @@ def by_segment(payloads: list[dict]) -> dict[int, list[dict]]:
     return groups
 
 
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
 def test_streamd_node_killed_mid_utterance_client_resumes(
-        tmp_path: Path, nats: NatsCluster, shared_manifest: list[dict]) -> None:
+        tmp_path: Path, nats: NatsCluster, shared_manifest: list[dict],
+        sig: signal.Signals) -> None:
     """streamd-stream plays the 11-utterance recording through HAProxy to two nodes that
     publish to the NATS cluster; the node holding the session gets SIGKILL in the middle
     of an utterance. The client resumes on the other node; the subscriber ends up with a
     final for every utterance (by the manifest's spans), duplicates only of a segment
-    number, and the gap (SIGKILL -> next event) is printed."""
+    number, and the gap (SIGKILL -> next event) is printed. With SIGTERM (no drain) the
+    node ends the session early (its finals, `done`, close 1001): the client resumes the
+    same way."""
     entry = next(e for e in shared_manifest if e.get("segments"))
     spans = [(s["start_s"], s["end_s"]) for s in entry["segments"]]
     first, second, third = nats.nodes
@@ -273,8 +277,8 @@ def test_streamd_node_killed_mid_utterance_client_resumes(
                     and e["end"] - e["start"] > 2.0, 60)
                 (victim,) = [n for n, d in nodes.items() if _healthz(d)[1]["sessions"] == 1]
                 t_kill = time.time()
-                os.killpg(nodes[victim].proc.pid, signal.SIGKILL)
-                nodes[victim].proc.wait(10)
+                os.killpg(nodes[victim].proc.pid, sig)
+                nodes[victim].proc.wait(30)
                 rc = await asyncio.to_thread(client.wait, 120)
                 assert rc == 0, client.stderr_text()
                 events = client.events
@@ -332,7 +336,7 @@ def test_streamd_node_killed_mid_utterance_client_resumes(
                if p["segment"] >= len(finals_before))
 
     after = [(t, e) for t, e in events if t >= t_ready and e["type"] in ("partial", "final")]
-    print(f"\nnode death: SIGKILL of {victim} in utterance 3; resumed on {survivor} "
+    print(f"\nnode death: {sig.name} of {victim} in utterance 3; resumed on {survivor} "
           f"(ready) after {t_ready - t_kill:.3f} s, next partial/final after "
           f"{after[0][0] - t_kill:.3f} s; {len(ws_finals)} finals at the client, "
           f"{len(r['published'])} published ({len(duplicates)} duplicate segment numbers: "
