@@ -217,6 +217,7 @@ async def main_async(args: argparse.Namespace, workdir: Path) -> dict:
         lb = stack.enter_context(HAProxy(workdir, list(nodes.ports.items())))
         async with Subscriber(third, ["streamd/+/final"]) as sub:
             kills = []
+            undisturbed = None
             if args.undisturbed:
                 undisturbed = await failover_run(-1, rng, nodes, lb, sub, entry, args.speed,
                                                  workdir, kill=False)
@@ -228,14 +229,14 @@ async def main_async(args: argparse.Namespace, workdir: Path) -> dict:
         paths = {"haproxy": [lb.port], "direct": list(nodes.ports.values()),
                  "one_node": [nodes.ports["a"]]}
         rounds: dict[str, list[dict]] = {name: [] for name in paths}
-        for _ in range(args.rounds):  # interleaved: a busy moment hits every path alike
+        for _ in range(args.rounds if args.streams else 0):  # interleaved: a busy
+            # moment hits every path alike
             for name, ports in paths.items():
                 rounds[name].append(await asyncio.to_thread(
                     throughput, ports, args.streams, audio, args.stream_speed))
     if args.streams == 0:
-        return {"kills": kills, "throughput": {},
-                "undisturbed": undisturbed if args.undisturbed else None}
-    return {"kills": kills, "undisturbed": undisturbed if args.undisturbed else None,
+        return {"kills": kills, "throughput": {}, "undisturbed": undisturbed}
+    return {"kills": kills, "undisturbed": undisturbed,
             "throughput": {name: {
         "audio_s_per_s_median": statistics.median(r["audio_s_per_s"] for r in runs),
         "audio_s_per_s": [r["audio_s_per_s"] for r in runs],
