@@ -169,7 +169,8 @@ async def failover_run(i: int, rng: random.Random, nodes: Nodes, lb: HAProxy,
             latest[p["segment"]] = p
     lost = uncovered(list(latest.values()), spans)
     texts = [latest[k]["text"] for k in sorted(latest)]
-    error = wer([s["text"] for s in entry["segments"]], texts) if texts else None
+    real = nodes.env == {}  # the test double's text is a duration, not words
+    error = wer([s["text"] for s in entry["segments"]], texts) if texts and real else None
     return {
         "run": i, "kill_at": where, "victim": victim, "client_exit": rc,
         "resumed": "resuming session" in stderr,
