@@ -410,6 +410,22 @@ def test_a_cut_connection_is_resumed(tmp_path: Path, stream_entry: dict):
     assert all(len(g) == 1 for k, g in groups.items() if k != len(before))
 
 
+def test_gives_up_resuming_after_resume_s(tmp_path: Path, stream_entry: dict):
+    """The only daemon dies and stays dead: the client tries for --resume-s, then exits 3."""
+    with run_daemon(tmp_path) as d, StreamClient(
+            d.url, stream_entry["path"], "--resume-s", "2", "--token", TOKEN,
+            workdir=tmp_path) as client:
+        client.wait_for(lambda e: e["type"] == "ready", 30)
+        os.killpg(d.proc.pid, signal.SIGKILL)
+        t_kill = time.monotonic()
+        rc = client.wait(30)
+        waited = time.monotonic() - t_kill
+    assert rc == 3, client.stderr_text()
+    assert "resuming session" in client.stderr_text()
+    assert "could not resume within 2 s" in client.stderr_text()
+    assert 1.0 < waited < 10, waited
+
+
 # --- the real recognizer --------------------------------------------------------------
 
 

@@ -1,6 +1,7 @@
 """Scale-out (docs/scale-out.md) with the real programs on loopback: a 3-node NATS
 cluster as the MQTT transcript bus (deploy/nats/node.conf), streamd daemons on the fast
-test pipeline, and HAProxy in front of two of them (deploy/haproxy/haproxy.cfg)."""
+test pipeline, and HAProxy in front of two of them (deploy/haproxy/haproxy.cfg); a
+streamd node killed under a `streamd-stream` session, which resumes on the other."""
 
 from __future__ import annotations
 
