@@ -15,6 +15,12 @@ partial is shown on one rewritten line when stdout is a terminal. `--json` print
 daemon's events exactly as received, one per line. Ctrl+C sends `stop` and waits for
 the remaining finals; a second Ctrl+C quits at once.
 
+When the connection breaks (the daemon died, restarted or shut down), the client
+reconnects to the same URL with back-off (for up to `--resume-s`, default 60 s) and
+continues the session with `start.resume`: it keeps the audio sent since the `end` of
+the last final it received and sends it again, so every utterance gets a final
+(docs/protocol.md, *Resuming a session*).
+
 Exit status: 0 done; 1 the daemon refused (HTTP 401/503) or sent an error event;
 2 bad usage or unreadable input; 3 daemon unreachable or the connection dropped
 before `done`; 130 interrupted twice.
@@ -27,9 +33,10 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -249,6 +256,94 @@ def _refusal(exc: Exception, url: str) -> ClientError:
     return ClientError(f"cannot reach the daemon at {url}: {exc}", EXIT_UNREACHABLE)
 
 
+def _retryable(exc: Exception) -> bool:
+    """A failed reconnect worth another try: nothing listening, a timeout, a proxy or
+    daemon that says 'busy / try later' (502, 503, 504). Not a 401 or a bad URL."""
+    from websockets.exceptions import InvalidStatus, InvalidURI
+
+    if isinstance(exc, InvalidStatus):
+        return exc.response.status_code in (502, 503, 504)
+    return not isinstance(exc, InvalidURI)
+
+
+# Close codes after which the session is resumed on a new connection: the daemon went
+# away (1001 shutdown, 1012 restart, 1013 try again later, 1014 bad gateway) or the
+# connection broke without a close frame (1006, None). Not after 1008/1009/1011: the
+# daemon refused what we sent, and would again.
+RESUMABLE_CLOSE = frozenset({None, 1001, 1006, 1012, 1013, 1014})
+
+
+@dataclass
+class Resume:
+    """What a client keeps to continue its session on a new connection (no I/O).
+
+    `add` every chunk of audio as it is produced; `event` every event received. The
+    audio since the `end` of the last `final` received is kept (at most `limit_s`
+    seconds; older audio is dropped and counted in `dropped_s`): after a broken
+    connection, `start_resume()` says where the session goes on and `audio_from(i)`
+    re-sends that audio. Positions are sample frames of the source (mono s16le).
+    """
+
+    rate: int
+    limit_s: float = 600.0
+    session: str | None = None
+    next_segment: int = 0  # the segment number after the last final received
+    kept_start: int = 0  # sample index of kept[0] in the stream
+    total: int = 0  # samples produced so far
+    dropped_s: float = 0.0
+    kept: bytearray = field(default_factory=bytearray)
+
+    def add(self, chunk: bytes) -> None:
+        self.kept += chunk
+        self.total += len(chunk) // 2
+        over = len(self.kept) // 2 - round(self.limit_s * self.rate)
+        if over > 0:  # a segment longer than the limit: give up re-sending its start
+            self._trim(self.kept_start + over)
+            self.dropped_s += over / self.rate
+
+    def event(self, event: dict[str, Any]) -> None:
+        kind = event.get("type")
+        if kind == "ready" and isinstance(event.get("session"), str):
+            self.session = event["session"]
+        elif kind == "final" and isinstance(event.get("segment"), int):
+            self.next_segment = max(self.next_segment, event["segment"] + 1)
+            with contextlib.suppress(TypeError, ValueError):
+                self._trim(round(float(event["end"]) * self.rate))
+        elif kind == "done" and isinstance(event.get("segments"), int):
+            self.next_segment = max(self.next_segment, event["segments"])
+
+    def _trim(self, sample: int) -> None:
+        sample = min(sample, self.total)
+        if sample > self.kept_start:
+            del self.kept[: 2 * (sample - self.kept_start)]
+            self.kept_start = sample
+
+    def start_resume(self) -> dict[str, Any] | None:
+        """The `resume` field of the next `start`; None before the first `ready` (then
+        the session starts afresh, with all the kept audio)."""
+        if self.session is None:
+            return None
+        return {"session": self.session, "offset": round(self.kept_start / self.rate, 6),
+                "segment": self.next_segment}
+
+    def audio_from(self, sample: int, max_samples: int) -> bytes:
+        """Kept audio from stream sample `sample` (at least `kept_start`), at most
+        `max_samples` of it."""
+        i = 2 * (max(sample, self.kept_start) - self.kept_start)
+        return bytes(self.kept[i : i + 2 * max_samples])
+
+
+class _Outcome:
+    """How one connection ended."""
+
+    FINISHED = "finished"  # `done` after our `stop`, or the daemon refused (error event)
+    BROKEN = "broken"  # resumable: see RESUMABLE_CLOSE
+    CLOSED = "closed"  # closed without `done` in a way that resuming would not mend
+
+    def __init__(self, kind: str, errors: int, why: str) -> None:
+        self.kind, self.errors, self.why = kind, errors, why
+
+
 async def stream(
     url: str,
     source: FileSource | MicSource,
@@ -257,40 +352,136 @@ async def stream(
     token: str | None = None,
     start_fields: dict[str, Any] | None = None,
     stop: asyncio.Event | None = None,
+    resume_s: float = 60.0,
 ) -> int:
     """Run one session: send `start`, the audio and `stop`; print events until `done`.
 
+    When the connection breaks (the daemon died or shut down; see `RESUMABLE_CLOSE`),
+    reconnect to `url` with back-off for up to `resume_s` seconds, continue the session
+    with `start.resume` and re-send the audio since the last final (0: never resume).
     Setting `stop` (Ctrl+C) ends the audio early; the session still waits for finals.
     Returns the exit status; raises ClientError for refusals and lost connections.
     """
+    stop = stop or asyncio.Event()
+    state = Resume(source.sample_rate)
+    produced = asyncio.Event()  # set whenever `state` has new audio or the source ended
+    ended = False
+
+    async def produce() -> None:
+        nonlocal ended
+        try:
+            async for chunk in source.chunks(stop):
+                state.add(chunk)
+                produced.set()
+        finally:
+            ended = True
+            produced.set()
+
+    def source_ended() -> bool:
+        return ended
+
+    producer = asyncio.create_task(produce())
+    errors = 0
+    try:
+        outcome = await _connection(url, state, console, token, start_fields or {},
+                                    produced, source_ended, resume=None)
+        while True:
+            errors += outcome.errors
+            if outcome.kind == _Outcome.FINISHED:
+                break
+            if resume_s <= 0 or outcome.kind != _Outcome.BROKEN:
+                raise ClientError(outcome.why, EXIT_UNREACHABLE)
+            outcome = await _reconnect(url, state, console, token, start_fields or {},
+                                       produced, source_ended, outcome.why, resume_s)
+    finally:
+        producer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await producer
+    if state.dropped_s:
+        console.message(f"{state.dropped_s:.1f} s of audio could not be kept for resuming")
+    return EXIT_REFUSED if errors else EXIT_OK
+
+
+async def _reconnect(url: str, state: Resume, console: Console, token: str | None,
+                     start_fields: dict[str, Any], produced: asyncio.Event,
+                     source_ended: Callable[[], bool], why: str, resume_s: float) -> _Outcome:
+    """Back-off (0.1 s doubling to 2 s, jittered) until a connection takes the session
+    again, for up to `resume_s` seconds; the outcome of that connection."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + resume_s
+    delay = 0.1
+    resume = state.start_resume()
+    where = (f"resuming session {resume['session']} at {resume['offset']:.2f} s"
+             if resume else "starting again")
+    console.message(f"{why}; {where}")
+    while True:
+        try:
+            return await _connection(url, state, console, token, start_fields, produced,
+                                     source_ended, resume=state.start_resume())
+        except ClientError as exc:
+            cause = exc.__cause__
+            if cause is not None and not _retryable(cause) and not isinstance(
+                    exc, _RefusedResume):
+                raise
+            if loop.time() + delay > deadline:
+                raise ClientError(f"could not resume within {resume_s:g} s: {exc}",
+                                  EXIT_UNREACHABLE) from exc
+        await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+        delay = min(2.0, delay * 2)
+
+
+class _RefusedResume(ClientError):
+    """The daemon answered a resuming `start` with an error (e.g. the session is still
+    open on a node that has not noticed the broken connection yet): try again."""
+
+
+async def _connection(url: str, state: Resume, console: Console, token: str | None,
+                      start_fields: dict[str, Any], produced: asyncio.Event,
+                      source_ended: Callable[[], bool], *,
+                      resume: dict[str, Any] | None) -> _Outcome:
+    """One WebSocket connection of the session: `start` (with `resume` when given), the
+    audio from where the session goes on, `stop` once the source ended; events until
+    `done` or a broken connection."""
     from websockets.asyncio.client import connect
     from websockets.exceptions import ConnectionClosed, WebSocketException
 
-    stop = stop or asyncio.Event()
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
         ws = await connect(url, additional_headers=headers, open_timeout=10)
     except (OSError, TimeoutError, WebSocketException) as exc:
         raise _refusal(exc, url) from exc
 
-    start = {
-        "type": "start",
-        "sample_rate": source.sample_rate,
-        "encoding": "pcm_s16le",
-        "channels": 1,
-        **(start_fields or {}),
-    }
+    start = {"type": "start", "sample_rate": state.rate, "encoding": "pcm_s16le",
+             "channels": 1, **start_fields}
+    if resume is not None:
+        start["resume"] = resume
+        start["session"] = resume["session"]
+    stop_sent = False
 
     async def send_audio() -> None:
         # Audio goes out as soon as `start` is sent; websockets' flow control makes
-        # `send` wait while the daemon is behind, so nothing piles up here.
+        # `send` wait while the daemon is behind, so nothing piles up here. Kept audio
+        # (after a resume) goes out in CHUNK_S messages as fast as the daemon takes it.
+        nonlocal stop_sent
+        cursor = state.kept_start
+        step = max(1, round(state.rate * CHUNK_S))
         with contextlib.suppress(ConnectionClosed):
-            async for chunk in source.chunks(stop):
-                await ws.send(chunk)
+            while True:
+                produced.clear()
+                chunk = state.audio_from(cursor, step)
+                if chunk:
+                    cursor = max(cursor, state.kept_start) + len(chunk) // 2
+                    await ws.send(chunk)
+                elif source_ended():
+                    break
+                else:
+                    await produced.wait()
+            stop_sent = True
             await ws.send(json.dumps({"type": "stop"}))
 
     errors = 0
     done = False
+    ready = False
     async with ws:
         await ws.send(json.dumps(start))
         sender = asyncio.create_task(send_audio())
@@ -303,10 +494,18 @@ async def stream(
                 except ValueError:
                     console.message(f"ignoring a message that is not JSON: {raw[:80]!r}")
                     continue
+                if not isinstance(event, dict):
+                    continue
+                kind = event.get("type")
+                if resume is not None and not ready and kind == "error":
+                    raise _RefusedResume(f"resume refused ({event.get('code')}): "
+                                         f"{event.get('message', '')}", EXIT_UNREACHABLE)
+                ready = ready or kind == "ready"
+                state.event(event)
                 console.event(event, raw)
-                if event.get("type") == "error":
+                if kind == "error":
                     errors += 1
-                elif event.get("type") == "done":
+                elif kind == "done":
                     done = True
                     break
         except ConnectionClosed:
@@ -315,16 +514,17 @@ async def stream(
             sender.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sender
-    if errors:
-        return EXIT_REFUSED
-    if not done:
-        code = ws.close_code
-        reason = f" ({ws.close_reason})" if ws.close_reason else ""
-        raise ClientError(
-            f"connection closed before the daemon finished (close code {code}{reason})",
-            EXIT_UNREACHABLE,
-        )
-    return EXIT_OK
+    if done and (stop_sent or errors):
+        return _Outcome(_Outcome.FINISHED, errors, "done")
+    code = ws.close_code
+    reason = f" ({ws.close_reason})" if ws.close_reason else ""
+    if done:  # the daemon ended the session before our `stop`: it is shutting down
+        return _Outcome(_Outcome.BROKEN, errors,
+                        f"the daemon ended the session early (close code {code}{reason})")
+    why = f"connection closed before the daemon finished (close code {code}{reason})"
+    if errors or code not in RESUMABLE_CLOSE:
+        return _Outcome(_Outcome.FINISHED if errors else _Outcome.CLOSED, errors, why)
+    return _Outcome(_Outcome.BROKEN, errors, why)
 
 
 # --- command line -----------------------------------------------------------------
@@ -362,6 +562,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="file pace, times real time; 0 sends as fast as possible")
     parser.add_argument("--json", action="store_true",
                         help="print the daemon's events as JSON lines, unchanged")
+    parser.add_argument("--resume-s", type=float, default=60.0, metavar="SECONDS",
+                        help="when the connection breaks, reconnect and resume the session "
+                        "for up to this long (default 60; 0: exit at once)")
     parser.add_argument("--session", help="session id to ask for")
     parser.add_argument("--pipeline", help="pipeline name to ask for (e.g. whisper)")
     parser.add_argument("--no-partials", action="store_true", help="ask for finals only")
@@ -396,7 +599,7 @@ async def _main_async(args: argparse.Namespace, console: Console) -> int:
         loop.add_signal_handler(signal.SIGINT, on_interrupt)
     try:
         return await stream(args.url, source, console, token=args.token,
-                            start_fields=fields, stop=stop)
+                            start_fields=fields, stop=stop, resume_s=args.resume_s)
     except asyncio.CancelledError:
         return EXIT_INTERRUPTED
 

@@ -123,6 +123,8 @@ streamd cluster up (logs, pids, stores: $dir)
   NATS monitor http://127.0.0.1:$((base + 41))/jsz (and +42, +43)
 Try:  .venv/bin/streamd-stream --url ws://127.0.0.1:$base/v1/stream streamd/data/jfk.wav
       .venv/bin/streamd-listen --host 127.0.0.1 --port $(nats_mqtt 3)
+      kill -9 the streamd node holding a session (pids in $dir): the client resumes
+      on the other (docs/scale-out.md, "Clients resume on another node")
 Stop: make cluster-down
 EOT
 }

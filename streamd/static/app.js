@@ -5,18 +5,25 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const MAX_PENDING_CHUNKS = 100; // 10 s of audio may wait for `ready`; older chunks drop
 const MAX_BUFFERED_BYTES = 1 << 20; // socket backlog beyond this: drop audio, say so
+const RATE = 16000; // what the worklet sends: stream time = samples / RATE
+// Resume (docs/protocol.md, "Resuming a session"): the audio since the end of the last
+// final is kept; when the connection breaks, the page reconnects to the same URL with
+// back-off for up to RESUME_S and continues the session, re-sending that audio.
+const RESUME_S = 60;
+const RESUMABLE_CLOSE = new Set([1001, 1006, 1012, 1013, 1014]); // daemon gone / restarting
+const MAX_KEPT_S = 600; // longest stretch without a final that can be re-sent
 
 // Read-only view of the session for people and tests (Runtime.evaluate).
 const state = {
-  status: "idle", // idle | starting | running | stopping | done | error
+  status: "idle", // idle | starting | running | reconnecting | stopping | done | error
   session: null,
   finals: [],
   partial: "",
   errors: [],
   droppedChunks: 0,
   sentBytes: 0,
+  resumes: 0, // connections that continued the session (start.resume)
 };
 window.streamd = state;
 
@@ -26,7 +33,12 @@ let opened = false;
 let ready = false;
 let finished = false;
 let stopSent = false;
-let pending = [];
+let stopWanted = false; // Stop pressed: send `stop` once the audio is out
+// The session's audio: chunks {start (sample), pcm} not yet covered by a final, in order.
+let kept = [];
+let streamSamples = 0; // samples in the session's stream so far (sent or to be re-sent)
+let nextSegment = 0; // the segment number after the last final received
+let resuming = null; // {deadline, delay, timer} while reconnecting
 
 function token() {
   return new URLSearchParams(location.search).get("token");
@@ -49,8 +61,9 @@ function setStatus(status, text) {
   state.status = status;
   $("status").textContent = text;
   const button = $("toggle");
-  button.dataset.state = status === "running" ? "running" : "idle";
-  button.textContent = status === "running" || status === "stopping" ? "Stop" : "Start";
+  const live = status === "running" || status === "reconnecting";
+  button.dataset.state = live ? "running" : "idle";
+  button.textContent = live || status === "stopping" ? "Stop" : "Start";
   button.disabled = status === "starting" || status === "stopping";
 }
 
@@ -116,20 +129,38 @@ function onEvent(event) {
     case "ready":
       ready = true;
       state.session = event.session;
-      setStatus("running", `Listening — session ${event.session}, ${event.pipeline}`);
-      for (const chunk of pending) sendAudio(chunk);
-      pending = [];
+      if (event.resume) {
+        state.resumes += 1;
+        clearError();
+      }
+      resuming = null;
+      if (stopWanted) setStatus("stopping", "Finishing the last words…");
+      else setStatus("running", `Listening — session ${event.session}, ${event.pipeline}`);
+      // Everything not covered by a final yet: on a resumed connection, the audio the
+      // daemon may have lost with the old one.
+      for (const chunk of kept) sendChunk(chunk.pcm);
+      if (stopWanted) sendStop();
       break;
     case "partial":
       setPartial(event.text || "", event.stable || "");
       break;
     case "final":
       addFinal(event);
+      nextSegment = Math.max(nextSegment, event.segment + 1);
+      forget(Math.round(event.end * RATE));
       break;
     case "error":
+      if (!ready && state.session && resuming) return; // resume refused: try again
       showError(`${ERROR_TEXT[event.code] || "Error"}: ${event.message || event.code}`);
       break;
     case "done":
+      nextSegment = Math.max(nextSegment, event.segments);
+      if (!stopSent) {
+        // The daemon ended the session before our stop (it is shutting down): go on
+        // with the session elsewhere when the connection closes.
+        ws.endedEarly = true;
+        break;
+      }
       finished = true;
       setStatus("done", `Stopped — ${event.segments} segment(s).`);
       break;
@@ -138,18 +169,32 @@ function onEvent(event) {
   }
 }
 
-function sendAudio(buffer) {
-  if (ws.bufferedAmount > MAX_BUFFERED_BYTES) {
-    state.droppedChunks += 1; // network slower than real time: keep the page live
-    if (state.droppedChunks === 1) showError("The connection is too slow: some audio was dropped.");
-    return;
-  }
+function sendChunk(buffer) {
   ws.send(buffer);
   state.sentBytes += buffer.byteLength;
 }
 
+// Drop kept audio before stream sample `sample` (a final covers it).
+function forget(sample) {
+  while (kept.length && kept[0].start < sample) {
+    const chunk = kept[0];
+    const samples = chunk.pcm.byteLength / 2;
+    if (chunk.start + samples <= sample) {
+      kept.shift();
+    } else {
+      chunk.pcm = chunk.pcm.slice(2 * (sample - chunk.start));
+      chunk.start = sample;
+    }
+  }
+}
+
+function keptStart() {
+  return kept.length ? kept[0].start : streamSamples;
+}
+
 function sendStop() {
-  if (ws && ws.readyState === WebSocket.OPEN && !stopSent && !finished) {
+  stopWanted = true;
+  if (ws && ready && ws.readyState === WebSocket.OPEN && !stopSent && !finished) {
     stopSent = true;
     ws.send(JSON.stringify({ type: "stop" }));
   }
@@ -157,11 +202,21 @@ function sendStop() {
 
 function onAudio(msg) {
   setLevel(msg.rms);
-  if (!ws || finished || stopSent) return;
+  if (finished || stopWanted) return;
   if (msg.pcm.byteLength) {
-    // Until `ready` (or while the socket still opens) audio waits, bounded.
-    if (ready && ws.readyState === WebSocket.OPEN) sendAudio(msg.pcm);
-    else if (pending.push(msg.pcm) > MAX_PENDING_CHUNKS) pending.shift();
+    const live = ws && ready && ws.readyState === WebSocket.OPEN;
+    if (live && ws.bufferedAmount > MAX_BUFFERED_BYTES) {
+      // Network slower than real time: keep the page live. The chunk is not part of the
+      // session's stream (stream times count only what the daemon gets).
+      state.droppedChunks += 1;
+      if (state.droppedChunks === 1) showError("The connection is too slow: some audio was dropped.");
+    } else {
+      // Until `ready` (or while reconnecting) audio waits in `kept`, bounded.
+      kept.push({ start: streamSamples, pcm: msg.pcm });
+      streamSamples += msg.pcm.byteLength / 2;
+      if (streamSamples - keptStart() > MAX_KEPT_S * RATE) forget(streamSamples - MAX_KEPT_S * RATE);
+      if (live) sendChunk(msg.pcm);
+    }
   }
   if (msg.last) sendStop();
 }
@@ -223,13 +278,17 @@ async function explainRefusal() {
 }
 
 function connect() {
-  opened = ready = finished = stopSent = false;
-  pending = [];
+  opened = ready = stopSent = false;
+  const start = { type: "start", sample_rate: RATE, encoding: "pcm_s16le", channels: 1 };
+  if (state.session) {
+    start.session = state.session;
+    start.resume = { session: state.session, offset: keptStart() / RATE, segment: nextSegment };
+  }
   ws = new WebSocket(streamUrl());
   ws.binaryType = "arraybuffer";
   ws.onopen = () => {
     opened = true;
-    ws.send(JSON.stringify({ type: "start", sample_rate: 16000, encoding: "pcm_s16le", channels: 1 }));
+    ws.send(JSON.stringify(start));
   };
   ws.onmessage = (e) => {
     if (typeof e.data !== "string") return;
@@ -241,10 +300,19 @@ function connect() {
   };
   ws.onclose = async (e) => {
     const wasOpened = opened;
+    const endedEarly = ws.endedEarly;
     ws = null;
+    if (finished) {
+      closeMicrophone();
+      return;
+    }
+    const broken = resuming || (wasOpened && (endedEarly || RESUMABLE_CLOSE.has(e.code)));
+    if (broken && reconnect(e)) return;
     closeMicrophone();
-    if (finished) return;
-    if (!wasOpened) {
+    if (resuming) {
+      resuming = null;
+      showError(`Disconnected from the daemon; could not resume the session within ${RESUME_S} s.`);
+    } else if (!wasOpened) {
       showError(await explainRefusal());
     } else if (state.errors.length === 0 || e.code !== 1000) {
       const why = e.reason ? `: ${e.reason}` : "";
@@ -254,10 +322,31 @@ function connect() {
   };
 }
 
+// After a broken connection: try again with back-off (100 ms doubling to 2 s, jittered)
+// until RESUME_S; false when that time is up.
+function reconnect(e) {
+  const now = performance.now();
+  if (!resuming) {
+    resuming = { deadline: now + RESUME_S * 1000, delay: 100 };
+    const why = e.reason ? `: ${e.reason}` : "";
+    showError(`Disconnected from the daemon (code ${e.code}${why}); reconnecting…`);
+    setStatus("reconnecting", "Connection lost — reconnecting…");
+  }
+  if (now + resuming.delay > resuming.deadline) return false;
+  resuming.timer = setTimeout(connect, resuming.delay * (0.5 + Math.random() / 2));
+  resuming.delay = Math.min(2000, resuming.delay * 2);
+  return true;
+}
+
 async function start() {
   clearError();
   setPartial("");
   state.errors = [];
+  state.session = null;
+  kept = [];
+  streamSamples = nextSegment = 0;
+  finished = stopWanted = false;
+  resuming = null;
   setStatus("starting", "Opening the microphone…");
   try {
     audio = await openMicrophone();
@@ -286,6 +375,6 @@ function stop() {
 }
 
 $("toggle").addEventListener("click", () => {
-  if (state.status === "running") stop();
+  if (state.status === "running" || state.status === "reconnecting") stop();
   else if (state.status !== "starting" && state.status !== "stopping") start();
 });

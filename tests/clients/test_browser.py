@@ -22,6 +22,7 @@ import pytest
 import soundfile as sf
 import soxr
 from helpers.chromium import Chromium, DevTools
+from helpers.relay import Relay
 from test_stream import (
     HAS_WHISPER,
     NO_WHISPER,
@@ -318,6 +319,61 @@ def test_daemon_going_away_is_explained(utterance, tmp_path):
     with run_daemon(tmp_path) as daemon:
         shown = asyncio.run(run(daemon))
     assert "Disconnected from the daemon" in shown
+
+
+def test_cut_connection_resumes_the_session(shared_manifest, tmp_path):
+    """Two utterances through the fake mic; the network between page and daemon breaks
+    (a relay resets the connection) 2 s into the second one. The page reconnects, resumes
+    the session (`start.resume`) and re-sends the audio since its first final: both
+    utterances get their final, numbered 0 and 1, and the page ends normally."""
+    by_name = {e["audio"]: e for e in shared_manifest}
+    parts, spans, t = [], [], 0.0
+    for name, gap in (("cmu_arctic_axb_a0004.wav", 0.5),
+                      ("librispeech_2412-153948-0000.wav", 1.5)):
+        audio, rate = sf.read(by_name[name]["path"], dtype="float32")
+        assert rate == 16000
+        parts += [np.zeros(int(gap * rate), np.float32), audio]
+        spans.append((t + gap, t + gap + len(audio) / rate))
+        t = spans[-1][1]
+    reference = np.concatenate([*parts, np.zeros(40000, np.float32)])
+    wav = tmp_path / "two_48k.wav"
+    sf.write(wav, soxr.resample(reference, 16000, 48000), 48000, subtype="PCM_16")
+
+    async def run(url: str, relay: Relay) -> dict:
+        with Chromium(tmp_path, fake_audio=wav) as browser:
+            async with DevTools.connect(browser.page_ws_url()) as page:
+                await page.navigate(url)
+                await page.evaluate(CLICK, gesture=True)
+                await page.wait_for(f"{STATE}.status === 'running'", timeout=30)
+                loop = asyncio.get_running_loop()
+                end = loop.time() + len(reference) / 16000 + 1.0
+                await page.wait_for(f"{STATE}.finals.length === 1 && "
+                                    f"Number({STATE}.partial) > 2", timeout=60)
+                assert relay.cut() >= 1
+                await page.wait_for(f"{STATE}.resumes === 1 && {STATE}.status === 'running'",
+                                    timeout=30)
+                await asyncio.sleep(max(0.0, end - loop.time()))
+                await page.evaluate(CLICK, gesture=True)
+                await page.wait_for(f"{STATE}.status === 'done' || {STATE}.status === 'error'",
+                                    timeout=60)
+                state = await page.evaluate(f"JSON.parse(JSON.stringify({STATE}))")
+                state["console"] = list(page.console)
+                state["shown"] = await page.evaluate(
+                    "document.getElementById('error').hidden")
+                return state
+
+    with run_daemon(tmp_path) as daemon, Relay(daemon.port) as relay:
+        state = asyncio.run(run(f"http://127.0.0.1:{relay.port}/?token={TOKEN}", relay))
+    assert state["status"] == "done", state
+    assert state["resumes"] == 1 and state["shown"]  # the notice went away on resume
+    assert [e for e in state["errors"] if "reconnecting" not in e] == [], state["errors"]
+    assert not [c for c in state["console"] if "exception" in c]
+    finals = state["finals"]
+    print("page finals:", [(f["start"], f["end"], f["text"]) for f in finals])
+    assert [f["segment"] for f in finals] == list(range(len(finals)))
+    for f in finals:  # the test recognizer: the 16 kHz audio the daemon got, in seconds
+        assert abs(float(f["text"]) - (f["end"] - f["start"])) <= 0.021, f
+    check_against_reference([Final(f["start"], f["end"], f["text"]) for f in finals], spans)
 
 
 @pytest.mark.e2e

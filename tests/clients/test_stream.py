@@ -12,6 +12,7 @@ build has one.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib.util
 import json
@@ -31,7 +32,10 @@ import pytest
 import soundfile as sf
 import soxr
 from helpers import free_port
+from helpers.client import StreamClient
 from helpers.daemon import Daemon, serve
+from helpers.mosquitto import Mosquitto, Subscriber
+from helpers.relay import Relay
 from helpers.text import normalize, wer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -321,6 +325,105 @@ def test_unreadable_file(daemon: Daemon, tmp_path: Path):
     out = run_client(daemon, str(bad))
     assert out.returncode == 2
     assert "cannot read" in out.stderr
+
+
+# --- resuming a broken session ---------------------------------------------------------
+
+
+def test_resume_keeps_the_audio_since_the_last_final():
+    from clients.stream import Resume
+
+    r = Resume(rate=8000, limit_s=2.0)
+    assert r.start_resume() is None  # no `ready` yet: start afresh, all audio again
+    r.add(np.arange(8000, dtype="<i2").tobytes())  # 1 s
+    r.event({"type": "ready", "session": "s", "sample_rate": 16000})
+    assert r.start_resume() == {"session": "s", "offset": 0.0, "segment": 0}
+    r.event({"type": "final", "session": "s", "segment": 0, "start": 0.1, "end": 0.25,
+             "text": "x"})
+    assert r.start_resume() == {"session": "s", "offset": 0.25, "segment": 1}
+    assert r.audio_from(0, 10) == np.arange(2000, 2010, dtype="<i2").tobytes()
+    assert r.audio_from(7995, 10) == np.arange(7995, 8000, dtype="<i2").tobytes()
+    r.event({"type": "partial", "session": "s", "segment": 1, "start": 0.3, "end": 0.9,
+             "text": "y"})
+    assert r.start_resume()["offset"] == 0.25  # partials keep everything
+    r.add(np.zeros(16000, "<i2").tobytes())  # 2 s more: over the 2 s limit, 0.75 s dropped
+    assert r.dropped_s == pytest.approx(0.75) and r.kept_start == 8000
+    r.event({"type": "done", "session": "s", "segments": 3})  # ended early by the daemon
+    assert r.start_resume() == {"session": "s", "offset": 1.0, "segment": 3}
+
+
+def test_a_cut_connection_is_resumed(tmp_path: Path, stream_entry: dict):
+    """The network between client and daemon breaks (no close frame) in the middle of
+    the 3rd utterance: the client reconnects, resumes the session and re-sends the audio
+    since its last final; it prints a final for every utterance, each segment number
+    once. On MQTT the daemon also published the cut segment's final (the client never
+    saw it): that segment number comes twice, and the later `ts` is the whole segment."""
+    spans = [(s["start_s"], s["end_s"]) for s in stream_entry["segments"]]
+    session = "cut-1"
+
+    async def main() -> tuple[list[tuple[float, dict]], list[dict], str, int]:
+        with Mosquitto(tmp_path) as broker:
+            async with Subscriber(broker, [f"streamd/{session}/final"]) as sub:
+                with run_daemon(tmp_path, "--mqtt-host", broker.host, "--mqtt-port",
+                                str(broker.port)) as d, Relay(d.port) as relay:
+                    with StreamClient(f"ws://127.0.0.1:{relay.port}/v1/stream",
+                                      stream_entry["path"], "--speed", "4", "--session",
+                                      session, "--token", TOKEN, workdir=tmp_path) as client:
+                        await asyncio.to_thread(
+                            client.wait_for, lambda e: e["type"] == "partial"
+                            and spans[2][0] - 1 < e["start"] < spans[2][1]
+                            and e["end"] - e["start"] > 2.0, 60)
+                        assert relay.cut() == 1
+                        rc = await asyncio.to_thread(client.wait, 120)
+                        assert rc == 0, client.stderr_text()
+                    want = {e["segment"] for _, e in client.events if e["type"] == "final"}
+                    await sub.wait_for(lambda m: want <= {
+                        p["segment"] for p in sub.payloads(f"streamd/{session}/final")},
+                        timeout=20)
+                    return (client.events, sub.payloads(f"streamd/{session}/final"),
+                            client.stderr_text(), relay.connections)
+
+    events, published, stderr, connections = asyncio.run(main())
+    assert f"resuming session {session}" in stderr and connections >= 2
+    readies = [(t, e) for t, e in events if e["type"] == "ready"]
+    assert len(readies) == 2
+    t_ready, resumed = readies[1]
+    before = [e for t, e in events if e["type"] == "final" and t < t_ready]
+    assert resumed["resume"] == {"offset": before[-1]["end"], "segment": len(before)}
+    finals = [e for _, e in events if e["type"] == "final"]
+    assert [f["segment"] for f in finals] == list(range(len(finals)))
+    assert events[-1][1] == {"type": "done", "session": session, "segments": len(finals)}
+    check_against_reference([Final(f["start"], f["end"], f["text"]) for f in finals], spans)
+
+    groups: dict[int, list[dict]] = {}
+    for p in published:
+        groups.setdefault(p["segment"], []).append(p)
+    assert set(groups) == {f["segment"] for f in finals}
+    latest = [max(g, key=lambda p: p["ts"]) for _, g in sorted(groups.items())]
+    assert [(p["start"], p["end"], p["text"]) for p in latest] == [
+        (f["start"], f["end"], f["text"]) for f in finals]  # what the client printed
+    cut = groups[len(before)]
+    assert len(cut) == 2  # the daemon finalized the cut segment on the drop
+    early, late = sorted(cut, key=lambda p: p["ts"])
+    assert early["start"] == pytest.approx(late["start"], abs=0.061)
+    assert early["end"] < late["end"]
+    assert all(len(g) == 1 for k, g in groups.items() if k != len(before))
+
+
+def test_gives_up_resuming_after_resume_s(tmp_path: Path, stream_entry: dict):
+    """The only daemon dies and stays dead: the client tries for --resume-s, then exits 3."""
+    with run_daemon(tmp_path) as d, StreamClient(
+            d.url, stream_entry["path"], "--resume-s", "2", "--token", TOKEN,
+            workdir=tmp_path) as client:
+        client.wait_for(lambda e: e["type"] == "ready", 30)
+        os.killpg(d.proc.pid, signal.SIGKILL)
+        t_kill = time.monotonic()
+        rc = client.wait(30)
+        waited = time.monotonic() - t_kill
+    assert rc == 3, client.stderr_text()
+    assert "resuming session" in client.stderr_text()
+    assert "could not resume within 2 s" in client.stderr_text()
+    assert 1.0 < waited < 10, waited
 
 
 # --- the real recognizer --------------------------------------------------------------

@@ -99,11 +99,13 @@ def serve(
     env: Mapping[str, str] | None = None,
     startup_timeout: float = 60.0,
     log_format: str = "text",
+    port: int | None = None,
 ) -> Iterator[Daemon]:
-    """`python -m streamd.cli serve ARGS` on a free port (its own process group, log in
-    `workdir`), yielded once /healthz says ok; always ended after. `env` is added to
-    `daemon_env()`. Raises if the daemon exits or is not up within `startup_timeout`."""
-    port = free_port()
+    """`python -m streamd.cli serve ARGS` on `port` (default: a free one; its own process
+    group, log in `workdir`), yielded once /healthz says ok; always ended after. `env` is
+    added to `daemon_env()`. Raises if the daemon exits or is not up within
+    `startup_timeout`."""
+    port = port or free_port()
     log_path = workdir / f"serve-{port}.log"
     cmd = [sys.executable, "-m", "streamd.cli", "serve", "--port", str(port),
            "--log-format", log_format, *args]

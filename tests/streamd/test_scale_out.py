@@ -1,12 +1,14 @@
 """Scale-out (docs/scale-out.md) with the real programs on loopback: a 3-node NATS
 cluster as the MQTT transcript bus (deploy/nats/node.conf), streamd daemons on the fast
-test pipeline, and HAProxy in front of two of them (deploy/haproxy/haproxy.cfg)."""
+test pipeline, and HAProxy in front of two of them (deploy/haproxy/haproxy.cfg); a
+streamd node killed under a `streamd-stream` session, which resumes on the other."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
+import os
 import re
 import signal
 import time
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.client import StreamClient
 from helpers.daemon import RATE, Daemon, serve, speech_audio, stream_session, test_pipeline_env
 from helpers.haproxy import HAProxy
 from helpers.mosquitto import Subscriber
@@ -219,3 +222,123 @@ def test_haproxy_balances_and_a_draining_node_finishes_its_session(
         assert sum(e["type"] == "final" for e in events) == 3
         print(f"\ndrain: /healthz 404 at once, HAProxy NOLB after {nolb_s:.2f} s, "
               f"node exited {exit_s:.2f} s after SIGTERM (its session ended)")
+
+
+# --- a streamd node dies mid-utterance: the client resumes on the other ---------------
+
+
+def covered(finals: list[dict], spans: list[tuple[float, float]]) -> list[float]:
+    """Per reference span, the fraction of it inside some final's [start, end]."""
+    return [sum(max(0.0, min(e, f["end"]) - max(s, f["start"])) for f in finals) / (e - s)
+            for s, e in spans]
+
+
+def by_segment(payloads: list[dict]) -> dict[int, list[dict]]:
+    """Published finals grouped by segment number (the de-duplication key with
+    `session`, docs/protocol.md *Resuming a session*)."""
+    groups: dict[int, list[dict]] = {}
+    for p in payloads:
+        groups.setdefault(p["segment"], []).append(p)
+    return groups
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
+def test_streamd_node_killed_mid_utterance_client_resumes(
+        tmp_path: Path, nats: NatsCluster, shared_manifest: list[dict],
+        sig: signal.Signals) -> None:
+    """streamd-stream plays the 11-utterance recording through HAProxy to two nodes that
+    publish to the NATS cluster; the node holding the session gets SIGKILL in the middle
+    of an utterance. The client resumes on the other node; the subscriber ends up with a
+    final for every utterance (by the manifest's spans), duplicates only of a segment
+    number, and the gap (SIGKILL -> next event) is printed. With SIGTERM (no drain) the
+    node ends the session early (its finals, `done`, close 1001): the client resumes the
+    same way."""
+    entry = next(e for e in shared_manifest if e.get("segments"))
+    spans = [(s["start_s"], s["end_s"]) for s in entry["segments"]]
+    first, second, third = nats.nodes
+    mqtt = ("--mqtt-host", first.host, "--mqtt-port", str(first.port),
+            "--mqtt-hosts", f"{second.address},{third.address}")
+    session = "kill-1"
+
+    async def main() -> dict:
+        async with Subscriber(third, [f"streamd/{session}/final"]) as sub:
+            with contextlib.ExitStack() as stack:
+                nodes = {n: stack.enter_context(serve(
+                    tmp_path, "--node", n, *mqtt, env=test_pipeline_env(), log_format="json"))
+                    for n in ("a", "b")}
+                lb = stack.enter_context(HAProxy(tmp_path, [(n, d.port)
+                                                            for n, d in nodes.items()]))
+                client = stack.enter_context(StreamClient(
+                    f"ws://127.0.0.1:{lb.port}/v1/stream", entry["path"], "--speed", "4",
+                    "--session", session, workdir=tmp_path))
+                # Mid-utterance: a partial of the 3rd utterance (17.1-24.0 s), 2 s in.
+                await asyncio.to_thread(
+                    client.wait_for, lambda e: e["type"] == "partial"
+                    and spans[2][0] - 1 < e["start"] < spans[2][1]
+                    and e["end"] - e["start"] > 2.0, 60)
+                (victim,) = [n for n, d in nodes.items() if _healthz(d)[1]["sessions"] == 1]
+                t_kill = time.time()
+                os.killpg(nodes[victim].proc.pid, sig)
+                nodes[victim].proc.wait(30)
+                rc = await asyncio.to_thread(client.wait, 120)
+                assert rc == 0, client.stderr_text()
+                events = client.events
+                ws_finals = [e for _, e in events if e["type"] == "final"]
+                want = {f["segment"] for f in ws_finals}
+                try:
+                    await sub.wait_for(lambda m: want <= {
+                        p["segment"] for p in sub.payloads(f"streamd/{session}/final")},
+                        timeout=20)
+                    restarted = False
+                except TimeoutError:  # accepted by the victim, still in its journal
+                    with serve(tmp_path, "--node", victim, *mqtt, env=test_pipeline_env()):
+                        await sub.wait_for(lambda m: want <= {
+                            p["segment"] for p in sub.payloads(f"streamd/{session}/final")},
+                            timeout=30)
+                    restarted = True
+            return dict(events=events, t_kill=t_kill, victim=victim, restarted=restarted,
+                        stderr=client.stderr_text(),
+                        published=sub.payloads(f"streamd/{session}/final"))
+
+    r = asyncio.run(main())
+    events, t_kill, victim = r["events"], r["t_kill"], r["victim"]
+    survivor = ({"a", "b"} - {victim}).pop()
+    assert f"resuming session {session}" in r["stderr"]
+
+    # The client: one resumed `ready`, segment numbers once each, in order, no gap.
+    readies = [(t, e) for t, e in events if e["type"] == "ready"]
+    assert len(readies) == 2 and "resume" not in readies[0][1]
+    t_ready, resumed = readies[1]
+    finals_before = [e for t, e in events if e["type"] == "final" and t < t_ready]
+    assert resumed["resume"]["segment"] == len(finals_before) >= 2
+    assert resumed["resume"]["offset"] == pytest.approx(finals_before[-1]["end"], abs=0.001)
+    ws_finals = [e for _, e in events if e["type"] == "final"]
+    assert [f["segment"] for f in ws_finals] == list(range(len(ws_finals)))
+    assert events[-1][1] == {"type": "done", "session": session, "segments": len(ws_finals)}
+    for a, b in zip(ws_finals, ws_finals[1:], strict=False):
+        assert a["end"] <= b["start"] + 0.011
+    for f in ws_finals:  # the test recognizer's text: the duration it was given
+        assert float(f["text"]) == pytest.approx(f["end"] - f["start"], abs=0.021)
+    assert min(covered(ws_finals, spans)) >= 0.8, (ws_finals, spans)
+
+    # The subscriber: every segment the client saw, each utterance covered, duplicates
+    # only of a segment number (the victim's final that the client never received,
+    # recognized again by the survivor from the re-sent audio).
+    groups = by_segment(r["published"])
+    assert set(groups) == {f["segment"] for f in ws_finals}
+    deduped = [g[0] for _, g in sorted(groups.items())]
+    assert min(covered(deduped, spans)) >= 0.8
+    duplicates = {k: g for k, g in groups.items() if len(g) > 1}
+    for g in duplicates.values():
+        assert {p["node"] for p in g} == {victim, survivor} or len(
+            {(p["node"], p["seq"]) for p in g}) == 1, g  # another node, or a re-send
+        assert max(p["start"] for p in g) < min(p["end"] for p in g), g  # same audio
+    assert all(p["node"] == survivor for p in r["published"]
+               if p["segment"] >= len(finals_before))
+
+    after = [(t, e) for t, e in events if t >= t_ready and e["type"] in ("partial", "final")]
+    print(f"\nnode death: {sig.name} of {victim} in utterance 3; resumed on {survivor} "
+          f"(ready) after {t_ready - t_kill:.3f} s, next partial/final after "
+          f"{after[0][0] - t_kill:.3f} s; {len(ws_finals)} finals at the client, "
+          f"{len(r['published'])} published ({len(duplicates)} duplicate segment numbers: "
+          f"{sorted(duplicates)}); victim restarted to flush its journal: {r['restarted']}")
