@@ -9,15 +9,12 @@ tests/e2e/test_deepgram_e2e.py.
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
-from deepgram import DeepgramClient, DeepgramClientOptions, LiveTranscriptionEvents
 from deepgram.clients.listen.v1.websocket.response import (
     LiveResultResponse,
     MetadataResponse,
@@ -25,6 +22,7 @@ from deepgram.clients.listen.v1.websocket.response import (
     UtteranceEndResponse,
 )
 from helpers.daemon import Daemon, serve, speech_audio, test_pipeline_env
+from helpers.deepgram_sdk import Listener
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
@@ -33,18 +31,6 @@ from streamd.errors import BadRequest, Unsupported
 
 TOKEN = "dg-s3cret"
 RATE = 16000
-EVENTS = {
-    LiveTranscriptionEvents.Transcript: "result",
-    LiveTranscriptionEvents.SpeechStarted: "speech_started",
-    LiveTranscriptionEvents.UtteranceEnd: "utterance_end",
-    LiveTranscriptionEvents.Metadata: "metadata",
-    LiveTranscriptionEvents.Error: "error",
-    LiveTranscriptionEvents.Close: "close",
-}
-
-
-def s16(audio: np.ndarray) -> bytes:
-    return (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
 
 
 # --- the pure part -----------------------------------------------------------------
@@ -160,58 +146,8 @@ def audio(shared_audio_dir: Path) -> np.ndarray:
     return speech_audio(shared_audio_dir)
 
 
-class Listener:
-    """A `deepgram-sdk` live client on `daemon`; records every event it delivers."""
-
-    def __init__(self, daemon: Daemon, token: str = TOKEN, **options: Any) -> None:
-        config = DeepgramClientOptions(url=f"ws://127.0.0.1:{daemon.port}")
-        self.conn = DeepgramClient(token, config).listen.websocket.v("1")
-        self.events: list[tuple[str, Any]] = []
-        self.closed = threading.Event()
-        self._lock = threading.Lock()
-        for event, key in EVENTS.items():
-            self.conn.on(event, self._handler(key))
-        self.options = {"encoding": "linear16", "sample_rate": RATE, "channels": 1, **options}
-
-    def _handler(self, key: str):
-        def handle(_client: Any, *args: Any, **kwargs: Any) -> None:
-            with self._lock:
-                self.events.append((key, kwargs.get(key)))
-            if key in ("metadata", "close"):
-                self.closed.set()
-        return handle
-
-    def start(self) -> bool:
-        return self.conn.start(self.options)
-
-    def send(self, audio: np.ndarray, chunk_s: float = 0.1, pace: float = 0.01) -> None:
-        step = round(RATE * chunk_s)
-        for i in range(0, len(audio), step):
-            assert self.conn.send(s16(audio[i : i + step]))
-            time.sleep(pace)
-
-    def close_stream(self, timeout: float = 30) -> None:
-        """CloseStream, then wait for Metadata (the server closes after it)."""
-        self.conn.send(json.dumps({"type": "CloseStream"}))
-        assert self.closed.wait(timeout), self.events
-        self.conn.finish()
-
-    def of(self, key: str) -> list[Any]:
-        with self._lock:
-            return [v for k, v in self.events if k == key]
-
-    def finals(self) -> list[LiveResultResponse]:
-        return [r for r in self.of("result") if r.is_final]
-
-    def wait(self, pred, timeout: float = 20) -> None:
-        deadline = time.monotonic() + timeout
-        while not pred():
-            assert time.monotonic() < deadline, self.events
-            time.sleep(0.05)
-
-
 def test_sdk_streams_interim_and_final_results(daemon: Daemon, audio: np.ndarray) -> None:
-    dg = Listener(daemon, interim_results=True, vad_events=True, utterance_end_ms=1000,
+    dg = Listener(daemon.port, TOKEN, interim_results=True, vad_events=True, utterance_end_ms=1000,
                   punctuate=True, smart_format=True, model="nova-2", unknown_option="x")
     assert dg.start()
     dg.send(audio)
@@ -252,7 +188,7 @@ def test_sdk_streams_interim_and_final_results(daemon: Daemon, audio: np.ndarray
 
 
 def test_sdk_defaults_no_interims_no_vad_events(daemon: Daemon, audio: np.ndarray) -> None:
-    dg = Listener(daemon)
+    dg = Listener(daemon.port, TOKEN)
     assert dg.start()
     dg.send(audio[: RATE * 5], pace=0.002)
     dg.close_stream()
@@ -263,7 +199,7 @@ def test_sdk_defaults_no_interims_no_vad_events(daemon: Daemon, audio: np.ndarra
 def test_sdk_finalize(daemon: Daemon, audio: np.ndarray) -> None:
     """Finalize ends the segment in flight: its final carries from_finalize; with nothing
     in flight the answer is an empty from_finalize final."""
-    dg = Listener(daemon, interim_results=True)
+    dg = Listener(daemon.port, TOKEN, interim_results=True)
     assert dg.start()
     dg.send(np.zeros(RATE // 2, np.float32))
     assert dg.conn.finalize()  # nothing heard yet
@@ -287,7 +223,7 @@ def test_sdk_finalize(daemon: Daemon, audio: np.ndarray) -> None:
 def test_sdk_keepalive_holds_an_idle_stream(daemon: Daemon, audio: np.ndarray) -> None:
     """The daemon ends connections silent for 1.5 s (idle_timeout_s); KeepAlive every
     0.5 s holds one for 3 s, and the session then goes on."""
-    dg = Listener(daemon)
+    dg = Listener(daemon.port, TOKEN)
     assert dg.start()
     for _ in range(6):
         assert dg.conn.keep_alive()
@@ -297,7 +233,7 @@ def test_sdk_keepalive_holds_an_idle_stream(daemon: Daemon, audio: np.ndarray) -
     dg.close_stream()
     assert len(dg.finals()) == 1 and not dg.of("error")
     # Without it, the same wait ends the stream (as CloseStream would: Metadata, close).
-    silent = Listener(daemon)
+    silent = Listener(daemon.port, TOKEN)
     assert silent.start()
     assert silent.closed.wait(10)
     silent.conn.finish()
@@ -306,7 +242,7 @@ def test_sdk_keepalive_holds_an_idle_stream(daemon: Daemon, audio: np.ndarray) -
 
 def test_bad_message_and_frame_get_error_and_stream_goes_on(daemon: Daemon,
                                                             audio: np.ndarray) -> None:
-    dg = Listener(daemon)
+    dg = Listener(daemon.port, TOKEN)
     assert dg.start()
     dg.conn.send(json.dumps({"type": "Configure"}))
     dg.conn.send(b"\x00\x01\x02")  # not whole 16-bit samples
@@ -320,7 +256,7 @@ def test_bad_message_and_frame_get_error_and_stream_goes_on(daemon: Daemon,
 
 
 def test_bad_query_refused_before_upgrade(daemon: Daemon) -> None:
-    dg = Listener(daemon, encoding="mulaw")
+    dg = Listener(daemon.port, TOKEN, encoding="mulaw")
     assert dg.start() is False  # the SDK reports the refused handshake
     base = f"ws://127.0.0.1:{daemon.port}/v1/listen"
     auth = {"Authorization": f"Token {TOKEN}"}
@@ -339,7 +275,7 @@ def test_bad_query_refused_before_upgrade(daemon: Daemon) -> None:
 
 
 def test_token_auth(daemon: Daemon, audio: np.ndarray) -> None:
-    wrong = Listener(daemon, token="not-" + TOKEN)
+    wrong = Listener(daemon.port, "not-" + TOKEN)
     assert wrong.start() is False
     base = f"ws://127.0.0.1:{daemon.port}/v1/listen?encoding=linear16&sample_rate=16000"
     for headers in ({"Authorization": "Token nope"}, {}):
@@ -352,7 +288,7 @@ def test_token_auth(daemon: Daemon, audio: np.ndarray) -> None:
         with connect(url, additional_headers=headers) as ws:
             ws.send(json.dumps({"type": "CloseStream"}))
             assert json.loads(ws.recv(timeout=10))["type"] == "Metadata"
-    right = Listener(daemon)
+    right = Listener(daemon.port, TOKEN)
     assert right.start()
     right.send(audio[: RATE * 5], pace=0.002)
     right.close_stream()
