@@ -8,8 +8,10 @@ tests/e2e/test_deepgram_e2e.py.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +25,8 @@ from deepgram.clients.listen.v1.websocket.response import (
 )
 from helpers.daemon import Daemon, serve, speech_audio, test_pipeline_env
 from helpers.deepgram_sdk import Listener
+from helpers.mosquitto import Mosquitto, Subscriber
+from test_server import running_daemon, test_config
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
@@ -293,3 +297,38 @@ def test_token_auth(daemon: Daemon, audio: np.ndarray) -> None:
     right.send(audio[: RATE * 5], pace=0.002)
     right.close_stream()
     assert len(right.finals()) == 1
+
+
+def test_same_sessions_mqtt_and_metrics(tmp_path: Path, audio: np.ndarray) -> None:
+    """A /v1/listen session is a streamd session: its native finals go to MQTT under its
+    request_id, with the SDK's transcripts, and /metrics counts it."""
+    with Mosquitto(tmp_path) as broker:
+        cfg = test_config(mqtt={"host": broker.host, "port": broker.port})
+        with running_daemon(cfg) as d:
+            port = d.server.port
+
+            async def main() -> tuple[Listener, list[dict]]:
+                async with Subscriber(broker, ["streamd/+/final"]) as sub:
+                    dg = Listener(port, "any", interim_results=True)
+
+                    def run() -> None:
+                        assert dg.start()
+                        dg.send(audio, pace=0.002)
+                        dg.close_stream()
+
+                    await asyncio.to_thread(run)
+                    await sub.wait_for(lambda m: len(m) >= 3)
+                return dg, sub.payloads("streamd/+/final")
+
+            dg, published = asyncio.run(main())
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                metrics = r.read().decode()
+    finals = dg.finals()
+    request_id = finals[0].metadata.request_id
+    assert [m["session"] for m in published] == [request_id] * 3
+    assert [m["type"] for m in published] == ["final"] * 3
+    assert [m["text"] for m in published] == [f.channel.alternatives[0].transcript
+                                              for f in finals]
+    assert [m["start"] for m in published] == [f.start for f in finals]
+    assert 'streamd_sessions_total{source="websocket"} 1.0' in metrics
+    assert "streamd_segments_total 3.0" in metrics
