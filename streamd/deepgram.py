@@ -91,7 +91,8 @@ def parse_query(query: str) -> ListenParams:
         raise Unsupported("sample_rate is required with encoding=linear16")
     if not protocol.MIN_RATE <= rate <= protocol.MAX_RATE:
         raise Unsupported(f"sample_rate={rate} outside {protocol.MIN_RATE}..{protocol.MAX_RATE}")
-    channels = _int(q, "channels") or 1
+    channels = _int(q, "channels")
+    channels = 1 if channels is None else channels
     if not 1 <= channels <= protocol.MAX_CHANNELS:
         raise Unsupported(f"channels={channels} outside 1..{protocol.MAX_CHANNELS}")
     if _bool(q, "multichannel", False):

@@ -62,6 +62,7 @@ def test_parse_query_maps_deepgram_options() -> None:
     ("encoding=linear16", Unsupported, "sample_rate is required"),
     ("encoding=linear16&sample_rate=96000", Unsupported, "sample_rate=96000 outside"),
     ("encoding=linear16&sample_rate=16000&channels=9", Unsupported, "channels=9"),
+    ("encoding=linear16&sample_rate=16000&channels=0", Unsupported, "channels=0"),
     ("encoding=linear16&sample_rate=16000&multichannel=true", Unsupported, "multichannel"),
     ("encoding=linear16&sample_rate=abc", BadRequest, "expected an integer"),
     ("encoding=linear16&sample_rate=16000&interim_results=maybe", BadRequest, "true or false"),
