@@ -151,11 +151,13 @@ class JsonFormatter(logging.Formatter):
 
 
 class RedactingFormatter(logging.Formatter):
-    """Wraps a formatter: configured secrets, `token=` query values and `Bearer` credentials
-    never reach the log, whatever logged them (websockets logs request lines at debug)."""
+    """Wraps a formatter: configured secrets, `token=` query values, `Bearer` and `Token`
+    credentials never reach the log, whatever logged them (websockets logs request lines at
+    debug)."""
 
     _patterns = (re.compile(r"(?i)(token=)[^&\s\"'\\]+"),
-                 re.compile(r"(?i)(bearer\s+)[^\s\"'\\,]+"))
+                 re.compile(r"(?i)(bearer\s+)[^\s\"'\\,]+"),
+                 re.compile(r"(?i)(authorization:\s*token\s+)[^\s\"'\\,]+"))
 
     def __init__(self, inner: logging.Formatter, secrets: tuple[str, ...]) -> None:
         super().__init__()

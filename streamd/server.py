@@ -13,6 +13,10 @@ events are shifted here (times by the offset, segment numbers by the segments it
 so the Session itself always counts from zero. The next segment number comes from the
 client (`resume.segment`) or from this server's memory of sessions that ended here.
 
+Deepgram dialect (`/v1/listen`, streamd/deepgram.py): the query string is the `start`
+(checked before the upgrade: 400), the session starts at the upgrade, and the events this
+connection sends are translated by `deepgram.Translator`; publishers see native events.
+
 Draining (`begin_drain()`, SIGTERM): `/healthz` answers 404 `{"status": "draining"}`,
 which a load balancer's health check (HAProxy `http-check disable-on-404`) takes as
 "no new sessions, keep the open ones"; new streams get 503; open sessions go on.
@@ -42,12 +46,12 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request as HttpRequest
 from websockets.http11 import Response
 
-from streamd import protocol
+from streamd import deepgram, protocol
 from streamd.config import Config
 from streamd.errors import BadRequest, InternalError, StreamdError, Unsupported
 from streamd.metrics import Metrics
 from streamd.recognizer import Pipeline
-from streamd.session import Session, SessionRunner
+from streamd.session import Request, Session, SessionRunner
 
 log = logging.getLogger("streamd.server")
 STREAM_PATH = "/v1/stream"
@@ -65,8 +69,8 @@ def _response(status: int, body: bytes | str, content_type: str, **headers: str)
     h = Headers({"Content-Type": content_type, "Content-Length": str(len(data))})
     for key, value in headers.items():
         h[key.replace("_", "-")] = value
-    phrase = {200: "OK", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
-              429: "Too Many Requests", 503: "Service Unavailable"}
+    phrase = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
+              404: "Not Found", 429: "Too Many Requests", 503: "Service Unavailable"}
     return Response(status, phrase.get(status, ""), h, data)
 
 
@@ -230,8 +234,9 @@ class StreamServer:
             return True
         offered: list[str] = list(query.get("token", []))
         auth = request.headers.get("Authorization", "")
-        if auth[:7].lower() == "bearer ":
-            offered.append(auth[7:].strip())
+        scheme, _, credential = auth.partition(" ")
+        if scheme.lower() in ("bearer", "token"):  # Token: what Deepgram clients send
+            offered.append(credential.strip())
         return any(hmac.compare_digest(o.encode(), t.encode()) for o in offered for t in tokens)
 
     def _process_request(
@@ -249,7 +254,7 @@ class StreamServer:
         if not _origin_allowed(request, self.config.server.allowed_origins):
             self.metrics.rejected.labels(reason="origin").inc()
             return _json_response(403, protocol.error_event("unauthorized", "origin not allowed"))
-        if path == STREAM_PATH:
+        if path in (STREAM_PATH, deepgram.LISTEN_PATH):
             if not self._authorized(request, parse_qs(url.query)):
                 self.metrics.rejected.labels(reason="unauthorized").inc()
                 return _json_response(
@@ -268,6 +273,13 @@ class StreamServer:
                     503, protocol.error_event("overloaded", "session limit reached"),
                     Retry_After="1",
                 )
+            if path == deepgram.LISTEN_PATH:
+                try:
+                    deepgram.parse_query(url.query)
+                except StreamdError as exc:
+                    self.metrics.rejected.labels(reason="bad_request").inc()
+                    body = deepgram.error_body(str(exc), deepgram.new_request_id())
+                    return _json_response(400, body, dg_error=str(exc))
             return None
         if path == "/healthz":
             state = "draining" if self.draining else "ok" if self.ready else "starting"
@@ -298,7 +310,12 @@ class StreamServer:
         if sock is not None:  # bounds what a client that stops reading holds in the kernel
             size = self.config.server.send_buffer_bytes
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
-        conn = _Connection(self, ws)
+        listen = None
+        assert ws.request is not None
+        url = urlsplit(ws.request.path)
+        if url.path == deepgram.LISTEN_PATH:  # checked in _process_request
+            listen = deepgram.parse_query(url.query)
+        conn = _Connection(self, ws, listen)
         conn.task = asyncio.current_task()
         self.connections += 1
         try:
@@ -310,7 +327,8 @@ class StreamServer:
 class _Connection:
     """One client connection: receive loop + send loop; cleanup in `finally`."""
 
-    def __init__(self, server: StreamServer, ws: ServerConnection) -> None:
+    def __init__(self, server: StreamServer, ws: ServerConnection,
+                 listen: deepgram.ListenParams | None = None) -> None:
         self.server = server
         self.ws = ws
         self.cfg = server.config
@@ -325,6 +343,8 @@ class _Connection:
         self._close_reason = ""
         self._offset = 0.0  # resume: stream time of the first sample of this connection
         self._base = 0  # resume: segments the session had before this connection
+        self.listen = listen  # a Deepgram `/v1/listen` connection: its query
+        self.dialect: deepgram.Translator | None = None
 
     async def run(self) -> None:
         sender = asyncio.create_task(self._send_loop())
@@ -370,6 +390,12 @@ class _Connection:
         wait_start = self.cfg.server.handshake_timeout_s
         start_by = time.monotonic() + wait_start
         try:
+            if self.listen is not None:  # Deepgram: the query was the start
+                session = deepgram.new_request_id()
+                self.dialect = deepgram.Translator(self.listen, session,
+                                                   self.server.pipeline.name)
+                if await self._start(self.listen.start(session)):
+                    return
             while True:
                 timeout = idle
                 if self.session is None:  # `start` is part of the opening handshake
@@ -405,7 +431,8 @@ class _Connection:
     async def _control(self, text: str) -> bool:
         """Handle a text message; True when the stream ends (stop or fatal error)."""
         try:
-            msg = protocol.parse_control(text)
+            msg = (protocol.parse_control(text) if self.dialect is None
+                   else deepgram.parse_control(text))
         except Unsupported as exc:
             if self.session is None:  # a start we cannot serve: the stream cannot go on
                 await self._error(exc.code, str(exc), close=1008)
@@ -422,7 +449,11 @@ class _Connection:
             if self.session is None or self.runner is None:
                 await self._error("bad_request", "finalize before start")
                 return False
-            self.runner.push(self.session.finalize())
+            outputs = self.session.finalize()
+            if self.dialect is not None:
+                self.dialect.finalize_requested([o.segment.start for o in outputs
+                                                 if isinstance(o, Request) and o.kind == "final"])
+            self.runner.push(outputs)
             return False
         if isinstance(msg, protocol.Stop):
             if self.session is None:
@@ -512,7 +543,13 @@ class _Connection:
                 log.warning("client reads too slowly: dropping partials",
                             extra={"session": self.session.id if self.session else None})
             return
-        await self._out.put(event)
+        if self.dialect is None:
+            await self._out.put(event)
+            return
+        heard = self.session.samples_in if self.session is not None else 0
+        audio_s = heard / protocol.TARGET_RATE
+        for message in self.dialect.translate(event, audio_s):
+            await self._out.put(message)
 
     def _resumed(self, event: dict[str, Any]) -> dict[str, Any]:
         """An event of this connection as the resumed session's: times + offset, segment
