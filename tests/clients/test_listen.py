@@ -68,7 +68,9 @@ class Listener:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
             try:
-                self.proc.wait(10)
+                # Usually well under a second; a fresh clone's first run under load (a new
+                # venv's first imports) once took over 10 s.
+                self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
