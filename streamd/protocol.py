@@ -22,7 +22,10 @@ MIN_RATE, MAX_RATE = 8000, 48000
 MAX_CHANNELS = 8
 _SESSION_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _START_FIELDS = {"type", "sample_rate", "encoding", "channels", "session", "pipeline", "partials",
-                 "resume"}
+                 "resume", "context", "prompt"}
+# `start.prompt`: Whisper's initial prompt (names, jargon); its tokens are capped again by
+# the pipeline (half of recognition.context_tokens).
+MAX_PROMPT_CHARS = 500
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,8 @@ class Start:
     pipeline: str | None = None
     partials: bool = True
     resume: Resume | None = None
+    context: bool | None = None  # None: the daemon's recognition.context
+    prompt: str = ""
 
     @property
     def frame_bytes(self) -> int:
@@ -113,7 +118,21 @@ def parse_control(text: str) -> Start | Stop:
     resume = None
     if msg.get("resume") is not None:
         session, resume = _parse_resume(msg["resume"], msg.get("session"))
-    return Start(rate, encoding, channels, session, pipeline, partials, resume)
+    context = msg.get("context")
+    if context is not None and not isinstance(context, bool):
+        raise BadRequest("start.context must be true or false")
+    return Start(rate, encoding, channels, session, pipeline, partials, resume, context,
+                 _parse_prompt(msg.get("prompt", "")))
+
+
+def _parse_prompt(value: object) -> str:
+    if not isinstance(value, str):
+        raise BadRequest("start.prompt must be a string")
+    if len(value) > MAX_PROMPT_CHARS:
+        raise BadRequest(f"start.prompt is over {MAX_PROMPT_CHARS} characters")
+    if any(not c.isprintable() and not c.isspace() for c in value):
+        raise BadRequest("start.prompt must be printable text")
+    return " ".join(value.split())
 
 
 def _parse_resume(value: object, session: object) -> tuple[str, Resume]:

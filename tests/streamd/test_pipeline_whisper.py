@@ -123,8 +123,15 @@ def test_buckets_and_budgets(pipeline) -> None:
     assert pipeline.spec_for(8000, final=True).seconds == 2.0
     for spec in pipeline.specs:
         assert spec.prompt_width + spec.max_new_tokens <= pipeline.config.max_target_positions
-    # Warm-up compiled every (bucket, batch size) this pipeline can issue, nothing else.
-    assert pipeline.warmup_compiles == sum(len(pipeline.batch_sizes(s)) for s in pipeline.specs)
+    # Warm-up compiled every (bucket, prompt width, batch size) this pipeline can issue,
+    # nothing else: each bucket has a second, wider prompt for previous text.
+    assert set(pipeline.wide) == set(pipeline.specs)
+    for wide in pipeline.wide.values():
+        assert wide.context_width >= 2
+        assert (wide.context_width + wide.prompt_width + wide.max_new_tokens
+                <= pipeline.config.max_target_positions)
+    assert pipeline.warmup_compiles == 2 * sum(len(pipeline.batch_sizes(s))
+                                               for s in pipeline.specs)
 
 
 def test_batch_matches_transformers(pipeline, hf_models, tokenizer) -> None:
