@@ -125,7 +125,7 @@ class RecognitionConfig:
     # (streamd/pipelines/whisper.py).
     context: bool = True
     context_tokens: int = 64
-    context_reset_s: float = 10.0
+    context_reset_s: float = 2.0
 
     def __post_init__(self) -> None:
         _check(

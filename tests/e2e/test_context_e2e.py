@@ -31,7 +31,8 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     workdir = tmp_path_factory.mktemp("context")
     config = workdir / "streamd.toml"
     config.write_text("[recognition]\nbatch_sizes = [1, 2]\n")  # two sessions, short warm-up
-    with serve(workdir, "--config", str(config), "--node", "ctx", startup_timeout=600) as d:
+    with serve(workdir, "--config", str(config), "--node", "ctx", startup_timeout=600,
+               env={"JAX_LOG_COMPILES": "1"}) as d:
         yield d
 
 
@@ -69,18 +70,25 @@ def test_jfk_finals_read_the_whole_sentence(daemon: Daemon) -> None:
     def run(name: str, **start: object) -> None:
         got[name] = stream(daemon, audio, session=name, **start)
 
+    # The second session with a long `prompt`: prompts of any length, one shape.
     off = threading.Thread(target=run, args=("jfk-off",), kwargs={"context": False})
     off.start()
     run("jfk-on")
     off.join(180)
+    run("jfk-prompt", prompt="Inaugural address of John F. Kennedy, 1961. " * 10)
     with_context, alone = finals(got["jfk-on"]), finals(got["jfk-off"])
     print("context on: ", with_context)
     print("context off:", alone)
     assert len(with_context) >= 2  # the VAD splits the recording at its pauses
     assert "ask not what your country can do for you" in normalize(" ".join(with_context))
     # Both sessions saw the same segmentation (same audio, same VAD).
-    spans = [[(e["start"], e["end"]) for e in got[k] if e["type"] == "final"] for k in got]
+    spans = [[(e["start"], e["end"]) for e in got[k] if e["type"] == "final"]
+             for k in ("jfk-on", "jfk-off")]
     assert spans[0] == spans[1]
+    print("with a prompt:", finals(got["jfk-prompt"]))
+    logs = daemon.log_text().split("streamd.daemon: ready", 1)
+    assert len(logs) == 2 and "Compiling" in logs[0], "compiles are logged at warm-up"
+    assert "Compiling" not in logs[1], "something compiled while serving"
 
 
 def test_start_prompt_is_validated(daemon: Daemon) -> None:
