@@ -33,14 +33,15 @@ RATE = 16000
 FRAME = RATE // 10
 
 
-async def finals_of(pipeline: Any, audio: np.ndarray, context: bool) -> list[dict]:
+async def finals_of(pipeline: Any, audio: np.ndarray, context: bool,
+                    partials: bool) -> list[dict]:
     from streamd.config import load_config
     from streamd.protocol import Start
     from streamd.recognizer import RecognizerOptions
     from streamd.session import Request, Session
 
     cfg = load_config(environ={})
-    session = Session(Start(RATE, "pcm_f32le", 1, "bench", None, False), cfg.vad, "whisper",
+    session = Session(Start(RATE, "pcm_f32le", 1, "bench", None, partials), cfg.vad, "whisper",
                       cfg.recognition.partial_interval_ms)
     rec = pipeline.new_recognizer("bench", RecognizerOptions(context=context))
     finals: list[dict] = []
@@ -63,8 +64,8 @@ async def finals_of(pipeline: Any, audio: np.ndarray, context: bool) -> list[dic
     return finals
 
 
-async def sweep(streams: list[tuple[np.ndarray, dict]], settings: list[tuple[int, float]]
-                ) -> list[dict]:
+async def sweep(streams: list[tuple[np.ndarray, dict]], settings: list[tuple[int, float]],
+                partials: str) -> list[dict]:
     from stream import repeated_tail, wer
 
     from models.registry import load_whisper
@@ -76,18 +77,20 @@ async def sweep(streams: list[tuple[np.ndarray, dict]], settings: list[tuple[int
     for tokens, reset in settings:
         engine = Engine(batch_sizes=(1,), workers=1)
         pipeline = WhisperPipeline(engine, model, context_tokens=tokens or 64,
-                                   context_reset_s=reset or 10.0)
+                                   context_reset_s=reset or 10.0,
+                                   context_partials=partials == "context")
         engine.warmup()
         engine.start()
         try:
             for audio, entry in streams:
                 before = pipeline.context_fallbacks
-                finals = await finals_of(pipeline, audio, context=bool(tokens))
+                finals = await finals_of(pipeline, audio, bool(tokens), partials != "off")
                 tails = sum(repeated_tail(f["text"], " ".join(
                     s["text"] for s in entry["segments"]
                     if s["start_s"] < f["end"] and f["start"] < s["end_s"])) for f in finals)
                 rows.append({
                     "file": entry["audio"], "context": "on" if tokens else "off",
+                    "partials": partials,
                     "tokens": tokens, "reset_s": reset,
                     "wer": wer([s["text"] for s in entry["segments"]],
                                [f["text"] for f in finals]),
@@ -97,7 +100,8 @@ async def sweep(streams: list[tuple[np.ndarray, dict]], settings: list[tuple[int
                     "gaps_s": [round(b["start"] - a["end"], 3)
                                for a, b in zip(finals, finals[1:], strict=False)]})
                 r = rows[-1]
-                print(f"| {r['file']} | {r['context']} | {tokens or '-'} | {reset or '-'} | "
+                print(f"| {r['file']} | {partials} | {r['context']} | {tokens or '-'} | "
+                      f"{reset or '-'} | "
                       f"{100 * r['wer']:.2f} | {r['finals']} | {r['fallbacks']} | "
                       f"{r['repeated_tails']} |", flush=True)
         finally:
@@ -114,13 +118,19 @@ def main() -> None:
                              REPO / "tests" / "data" / "audio" / "dev"])
     ap.add_argument("--reset-s", type=float, nargs="+", default=[10.0])
     ap.add_argument("--tokens", type=int, nargs="+", default=[64])
+    ap.add_argument("--partials", choices=("off", "context", "plain"), nargs="+",
+                    default=["off"],
+                    help="off: finals only; context / plain: every partial decoded, with / "
+                         "without the previous text (finals have it either way)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "context.json")
     args = ap.parse_args()
     streams = [shared_stream(folder) for folder in args.audio_dir]
     settings = [(0, 0.0)] + [(t, r) for t in args.tokens for r in args.reset_s]
-    print("| file | context | tokens | reset s | finals WER % | finals | fallbacks | "
-          "repeated tails |\n|---|---|---:|---:|---:|---:|---:|---:|", flush=True)
-    rows = asyncio.run(sweep(streams, settings))
+    print("| file | partials | context | tokens | reset s | finals WER % | finals | fallbacks | "
+          "repeated tails |\n|---|---|---|---:|---:|---:|---:|---:|---:|", flush=True)
+    rows = []
+    for partials in args.partials:
+        rows += asyncio.run(sweep(streams, settings, partials))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"rows": rows}, indent=2) + "\n")
 

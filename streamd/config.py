@@ -126,6 +126,8 @@ class RecognitionConfig:
     context: bool = True
     context_tokens: int = 64
     context_reset_s: float = 2.0
+    # Partials too (off: measured worse, see CONTEXT_PARTIALS in the whisper pipeline).
+    context_partials: bool = False
 
     def __post_init__(self) -> None:
         _check(

@@ -130,5 +130,6 @@ def create(config: Config, engine: Engine) -> TwoPassPipeline:
                              beam_size=config.recognition.beam_size,
                              context=config.recognition.context,
                              context_tokens=config.recognition.context_tokens,
-                             context_reset_s=config.recognition.context_reset_s)
+                             context_reset_s=config.recognition.context_reset_s,
+                             context_partials=config.recognition.context_partials)
     return TwoPassPipeline(partials, finals)
