@@ -557,3 +557,22 @@ def test_context_cleared_after_long_silence_on_request_and_at_close(pipeline,
     prompts = [p for _, p in fake.calls]
     assert prompts[:4] == [prompt, prompt + tuple(tok.encode(" words 0")), prompt, prompt]
     assert prompts[4:] == [prompt, prompt]
+
+
+def test_partials_are_prompted_only_with_context_partials(pipeline, monkeypatch) -> None:
+    """By default only finals see the previous text (prompted partials committed the
+    prompt's guesses); `context_partials` prompts partials too."""
+    tok = pipeline.tokenizer
+    fake = ScriptedDecoder(pipeline, {(k, p): (" ask not what", -0.2)
+                                      for k in range(2) for p in (False, True)})
+    monkeypatch.setattr(pipeline, "recognize", fake)
+
+    async def main() -> None:
+        rec = pipeline.new_recognizer("pp")
+        await rec.final(_segment_audio(0), SegmentInfo("pp", 0, 0, 1))
+        await rec.partial(_segment_audio(1), SegmentInfo("pp", 1, 1.2, 2))
+        monkeypatch.setattr(pipeline, "context_partials", True)
+        await rec.partial(_segment_audio(1), SegmentInfo("pp", 1, 1.2, 2.4))
+
+    asyncio.run(main())
+    assert [p for _, p in fake.calls] == [(), (), tuple(tok.encode(" ask not what"))]
