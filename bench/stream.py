@@ -2,9 +2,15 @@
 
     python bench/stream.py [--streams 1 2 4 8] [--peer] [--out bench/results/stream.json]
                            [--set vad.endpoint_silence_ms=450 --set recognition.beam_size=2]
+                           [--audio-dir tests/data/audio tests/data/audio/dev]
+                           [--context on off]
 
-Each stream plays the shared stream recording (stream_shared_01.wav, utterance spans in
-the manifest) at real time in 100 ms frames, streams offset by a fraction of a second.
+Each stream plays the stream recording of each `--audio-dir` (stream_shared_01.wav,
+stream_dev_01.flac; utterance spans in the manifest) at real time in 100 ms frames,
+streams offset by a fraction of a second. `--context on off` runs every (file, N) twice,
+back to back, with the sessions' `start.context` true then false (the same daemon), and
+adds per run the finals whose text ends with a phrase of 3+ words said twice (the
+reference does not) and the daemon's context fallbacks (`streamd_context_fallbacks`).
 Measured per N:
 - final latency: manifest end of an utterance sent -> the final covering it received;
   also from the endpoint (the moment the VAD could decide: segment end + endpoint
@@ -41,6 +47,16 @@ import soundfile as sf
 REPO = Path(__file__).resolve().parent.parent
 RATE = 16000
 FRAME = RATE // 10  # 100 ms per message
+
+
+def fallbacks(port: int) -> float:
+    """The daemon's `streamd_context_fallbacks` counter (0 when it has none)."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith("streamd_context_fallbacks"))
 
 
 def shared_stream(audio_dir: Path) -> tuple[np.ndarray, dict]:
@@ -119,7 +135,8 @@ class Daemon:
         self._log.close()
 
 
-async def one_stream(port: int, name: str, audio: np.ndarray, delay: float) -> dict[str, Any]:
+async def one_stream(port: int, name: str, audio: np.ndarray, delay: float,
+                     context: bool | None = None) -> dict[str, Any]:
     """Real-time stream; returns events (with receive times) and frame send times."""
     from websockets.asyncio.client import connect
 
@@ -127,8 +144,11 @@ async def one_stream(port: int, name: str, audio: np.ndarray, delay: float) -> d
     events: list[dict] = []
     sent: list[float] = []  # monotonic time at which frame k (samples up to (k+1)*FRAME) went
     async with connect(f"ws://127.0.0.1:{port}/v1/stream", max_size=None) as ws:
-        await ws.send(json.dumps({"type": "start", "sample_rate": RATE,
-                                  "encoding": "pcm_s16le", "channels": 1, "session": name}))
+        start = {"type": "start", "sample_rate": RATE, "encoding": "pcm_s16le",
+                 "channels": 1, "session": name}
+        if context is not None:
+            start["context"] = context
+        await ws.send(json.dumps(start))
 
         async def receive() -> None:
             async for message in ws:
@@ -209,27 +229,32 @@ def config_toml(settings: list[str]) -> tuple[str, dict[str, Any]]:
 
 
 async def run_streamd(daemon: Daemon, n: int, audio: np.ndarray, entry: dict,
-                      vad: dict[str, Any]) -> dict:
+                      vad: dict[str, Any], context: bool | None = None, tag: str = "") -> dict:
     cpu0, t0 = cpu_seconds(daemon.proc.pid), time.monotonic()
-    runs = await asyncio.gather(*(one_stream(daemon.port, f"b{n}-{i}", audio, 0.37 * i)
-                                  for i in range(n)))
+    fb0 = fallbacks(daemon.port)
+    runs = await asyncio.gather(*(one_stream(daemon.port, f"b{n}{tag}-{i}", audio, 0.37 * i,
+                                             context) for i in range(n)))
     cpu = cpu_seconds(daemon.proc.pid) - cpu0
     lat: dict[str, list[float]] = {key: [] for key in LATENCIES}
-    wers = []
-    tails = 0  # finals ending in a phrase said twice (a decoder loop)
+    wers, tails = [], 0
     onsets = speech_onsets(audio, entry)
     for run in runs:
         for key, values in measure(run, entry, vad, onsets).items():
             lat[key] += values
-        finals = [e["text"] for e in run["events"] if e["type"] == "final"]
-        wers.append(wer([s["text"] for s in entry["segments"]], finals))
-        reference = " ".join(s["text"] for s in entry["segments"])
-        tails += sum(repeated_tail(text, reference) for text in finals)
+        finals = [e for e in run["events"] if e["type"] == "final"]
+        wers.append(wer([s["text"] for s in entry["segments"]], [e["text"] for e in finals]))
+        for f in finals:  # the reference text of the utterances the final overlaps
+            ref = " ".join(s["text"] for s in entry["segments"]
+                           if s["start_s"] < f["end"] and f["start"] < s["end_s"])
+            tails += repeated_tail(f["text"], ref)
     audio_s = n * len(audio) / RATE
-    return {"system": "streamd", "streams": n, **summarize(lat),
+    return {"system": "streamd", "file": entry["audio"], "streams": n,
+            "context": {None: "default", True: "on", False: "off"}[context], **summarize(lat),
             "cpu_s_per_audio_s": cpu / audio_s, "wall_s": time.monotonic() - t0,
             "wer": statistics.mean(wers), "finals": len(lat["endpoint"]),
-            "utterances_covered": len(lat["final"]), "finals_repeated_tails": tails}
+            "fallbacks": fallbacks(daemon.port) - fb0, "repeated_tails": tails,
+            "utterances_covered": len(lat["final"]),
+            "finals_text": [e["text"] for e in runs[0]["events"] if e["type"] == "final"]}
 
 
 def repeated_tail(text: str, reference: str) -> bool:
@@ -250,7 +275,7 @@ def offline(audio_dir: Path, entry: dict) -> dict:
          str(audio_dir / entry["audio"])],
         cwd=REPO, capture_output=True, text=True, check=True)
     text = json.loads(proc.stdout.strip().splitlines()[-1])["text"]
-    return {"system": "streamd transcribe (offline)",
+    return {"system": "streamd transcribe (offline)", "file": entry["audio"],
             "wer": wer([s["text"] for s in entry["segments"]], [text])}
 
 
@@ -265,10 +290,10 @@ def table(rows: list[dict]) -> str:
     def f(v: Any) -> str:
         return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
-    cols = ["system", "streams", "final_median_s", "final_p90_s", "endpoint_median_s",
-            "endpoint_p90_s", "first_partial_median_s", "first_partial_p90_s",
+    cols = ["system", "file", "streams", "context", "final_median_s", "final_p90_s",
+            "endpoint_median_s", "endpoint_p90_s", "first_partial_median_s", "first_partial_p90_s",
             "onset_partial_median_s", "onset_partial_p90_s", "cpu_s_per_audio_s", "wer",
-            "finals_repeated_tails"]
+            "fallbacks", "repeated_tails"]
     lines = [" | ".join(cols), " | ".join("---" for _ in cols)]
     lines += [" | ".join(f(r.get(c)) for c in cols) for r in rows]
     return "\n".join(lines)
@@ -277,7 +302,12 @@ def table(rows: list[dict]) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--streams", type=int, nargs="+", default=[1, 2, 4, 8])
-    ap.add_argument("--audio-dir", type=Path, default=REPO / "tests" / "data" / "audio")
+    ap.add_argument("--audio-dir", type=Path, nargs="+",
+                    default=[REPO / "tests" / "data" / "audio"],
+                    help="folders whose manifest lists a stream file (stream_*); each is run")
+    ap.add_argument("--context", nargs="+", choices=("on", "off", "default"),
+                    default=["default"],
+                    help="per run, the sessions' start.context: on, off, or not sent")
     ap.add_argument("--peer", action="store_true",
                     help="also run the WhisperLiveKit LocalAgreement peer")
     ap.add_argument("--offline", action="store_true",
@@ -287,7 +317,8 @@ def main() -> int:
                     help="daemon config value (TOML syntax), e.g. vad.endpoint_silence_ms=450")
     ap.add_argument("daemon_args", nargs="*", help="extra `streamd serve` flags (after --)")
     args = ap.parse_args()
-    audio, entry = shared_stream(args.audio_dir)
+    streams = [shared_stream(folder) for folder in args.audio_dir]
+    contexts = [{"on": True, "off": False, "default": None}[c] for c in args.context]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     toml, vad = config_toml(args.set)
     daemon_args = list(args.daemon_args)
@@ -301,18 +332,24 @@ def main() -> int:
         print(f"daemon ready in {daemon.startup_s:.1f} s (warm-up {daemon.warmup_s} s)",
               flush=True)
         for n in args.streams:
-            rows.append(asyncio.run(run_streamd(daemon, n, audio, entry, vad)))
-            print(table(rows[-1:]), flush=True)
+            for audio, entry in streams:
+                for context in contexts:
+                    tag = {None: "", True: "c", False: "n"}[context]
+                    rows.append(asyncio.run(run_streamd(daemon, n, audio, entry, vad, context,
+                                                        tag)))
+                    print(table(rows[-1:]), flush=True)
     finally:
         daemon.stop()
     if args.offline:
-        rows.append(offline(args.audio_dir, entry))
-        print(table(rows[-1:]), flush=True)
+        for folder, (_, entry) in zip(args.audio_dir, streams, strict=True):
+            rows.append(offline(folder, entry))
+            print(table(rows[-1:]), flush=True)
     if args.peer:
         for n in args.streams:
             rows.append(run_peer(n, args.out.parent / f"peer-{n}.json"))
             print(table(rows[-1:]), flush=True)
-    result = {"audio": entry["audio"], "audio_s": len(audio) / RATE, "cpu_count": os.cpu_count(),
+    result = {"audio": [e["audio"] for _, e in streams],
+              "audio_s": [len(a) / RATE for a, _ in streams], "cpu_count": os.cpu_count(),
               "load_avg_at_end": os.getloadavg(), "daemon_startup_s": daemon.startup_s,
               "daemon_warmup_s": daemon.warmup_s, "settings": args.set, "rows": rows}
     args.out.write_text(json.dumps(result, indent=2))

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import jax
@@ -46,10 +46,14 @@ class IncrementalDecoder(Protocol):
         ...
 
     def step(
-        self, params: Any, cache: Any, cross: Any, tokens: jax.Array, num_valid: jax.Array
+        self, params: Any, cache: Any, cross: Any, tokens: jax.Array, num_valid: jax.Array,
+        logits_at: jax.Array | None = None,
     ) -> tuple[jax.Array, Any]:
         """tokens int32 [B, S], num_valid int32 [B] -> (logits float [B, S, V], cache).
-        Appends the first num_valid tokens of each row to its cache."""
+        Appends the first num_valid tokens of each row to its cache. `logits_at` int32
+        [B, K] (indices into S): logits [B, K, V] at those positions only (the prefill
+        needs two of a long prompt's positions; the vocabulary projection of the others is
+        most of its cost)."""
         ...
 
 
@@ -101,8 +105,17 @@ class ForceTokens:
         return jnp.where((t < len(self.ids)) & others, -jnp.inf, logits)
 
 
-# (prefill logits [B, P, V], prompt int32 [B, P], prompt_len int32 [B]) -> any pytree
-Probe = Callable[[jax.Array, jax.Array, jax.Array], Any]
+class Probe(Protocol):
+    """Reads the prefill's logits at one prompt position per row (e.g. Whisper's
+    no-speech probability at SOT). Must be jittable and hashable."""
+
+    def position(self, prompt: jax.Array, prompt_len: jax.Array) -> jax.Array:
+        """prompt int32 [B, P], prompt_len int32 [B] -> the position read, int32 [B]."""
+        ...
+
+    def __call__(self, logits: jax.Array) -> Any:
+        """logits [B, V] at `position` -> any pytree (SearchResult.probe)."""
+        ...
 
 
 @struct.dataclass
@@ -149,12 +162,16 @@ def _apply_filters(
 
 def _prefill(decoder, params, cross, prompt, prompt_len, probe):
     """Runs the prompt through a fresh cache; returns logits at each row's last prompt
-    token [B, V], the cache and the probe's output on the full prompt logits."""
+    token [B, V], the cache and the probe's reading. Logits are computed at those two
+    positions only, not over the whole prompt."""
     cache = decoder.init_cache(prompt.shape[0])
-    logits, cache = decoder.step(params, cache, cross, prompt, prompt_len)
-    probed = probe(logits, prompt, prompt_len) if probe is not None else None
-    last = jnp.take_along_axis(logits, (prompt_len - 1)[:, None, None], axis=1)[:, 0]
-    return last, cache, probed
+    at = [prompt_len - 1]
+    if probe is not None:
+        at.append(probe.position(prompt, prompt_len).astype(jnp.int32))
+    logits, cache = decoder.step(params, cache, cross, prompt, prompt_len,
+                                 logits_at=jnp.stack(at, axis=1))
+    probed = probe(logits[:, 1]) if probe is not None else None
+    return logits[:, 0], cache, probed
 
 
 def _lengths(tokens: jax.Array, eot: int) -> jax.Array:

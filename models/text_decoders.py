@@ -227,12 +227,13 @@ def _cross_kv(params: Params, config: TextDecoderConfig, encoder_out: jax.Array,
 
 
 def _decode(params: Params, config: TextDecoderConfig, cache: DecoderCache, cross: CrossCache,
-            tokens: jax.Array, num_valid: jax.Array | None = None
-            ) -> tuple[jax.Array, DecoderCache]:
+            tokens: jax.Array, num_valid: jax.Array | None = None,
+            logits_at: jax.Array | None = None) -> tuple[jax.Array, DecoderCache]:
     """tokens int32 [B, S] -> (logits float32 [B, S, V], cache advanced by num_valid [B]).
 
     Row b's S new keys/values are written at cache.length[b]; tokens past num_valid[b] are
-    padding the next call overwrites. Each S compiles once.
+    padding the next call overwrites. `logits_at` int32 [B, K]: logits [B, K, V] of those
+    positions only (models/whisper.py `decode`). Each S compiles once.
     """
     c = config
     tokens = tokens.astype(jnp.int32)
@@ -251,11 +252,13 @@ def _decode(params: Params, config: TextDecoderConfig, cache: DecoderCache, cros
         layers.append(kv)
     if c.final_norm:
         x = layer_norm(params["final_norm"], x, c.layer_norm_eps)
+    if logits_at is not None:
+        x = jnp.take_along_axis(x, logits_at[:, :, None], axis=1)
     head = params.get("lm_head", params["embed"])  # [V, D]; tied unless stored apart
     # Contract [B*S, D] rows with the [V, D] table's last axis directly, so XLA does not
     # materialise a transposed copy of the table every step (as in models/whisper.py).
     flat = jax.lax.dot_general(x.reshape(-1, x.shape[-1]), head, (((1,), (1,)), ((), ())))
-    logits = flat.reshape(b, s, -1)
+    logits = flat.reshape(b, x.shape[1], -1)
     overflow = cache.length + s > max_len
     logits = jnp.where(overflow[:, None, None], jnp.nan, logits)
     return logits, DecoderCache(layers=tuple(layers), length=cache.length + num_valid)
@@ -277,8 +280,9 @@ class TextDecoder:
         return init_cache(self.config, batch, self.max_len)
 
     def step(self, params: Any, cache: Any, cross: Any, tokens: jax.Array,
-             num_valid: jax.Array) -> tuple[jax.Array, Any]:
-        return decode(params["decoder"], self.config, cache, cross, tokens, num_valid)
+             num_valid: jax.Array, logits_at: jax.Array | None = None) -> tuple[jax.Array, Any]:
+        return decode(params["decoder"], self.config, cache, cross, tokens, num_valid,
+                      logits_at)
 
 
 # --------------------------------------------------------------------------- conversion

@@ -356,7 +356,8 @@ class Decoder(nn.Module):
         return CrossCache(layers=layers, mask=encoder_mask)
 
     def __call__(
-        self, cache: DecoderCache, cross: CrossCache, tokens: jax.Array, num_valid: jax.Array
+        self, cache: DecoderCache, cross: CrossCache, tokens: jax.Array, num_valid: jax.Array,
+        logits_at: jax.Array | None = None,
     ) -> tuple[jax.Array, DecoderCache]:
         n_new = tokens.shape[1]
         max_len = cache.layers[0].values.shape[2]
@@ -372,6 +373,8 @@ class Decoder(nn.Module):
             x, kv = layer(x, kv, cache.length, self_mask, ckv, cross_mask)
             layers.append(kv)
         x = self.layer_norm(x)
+        if logits_at is not None:  # only these positions' logits: [B, K, D]
+            x = jnp.take_along_axis(x, logits_at[:, :, None], axis=1)
         # Output tied to the embedding; contracting its last axis directly on [B*S, D] rows
         # keeps XLA from materialising a transposed copy of the [V, D] table every step.
         emb = self.embed_tokens.embedding.astype(self.config.dtype)
@@ -432,18 +435,23 @@ def _decode(
     cross: CrossCache,
     tokens: jax.Array,
     num_valid: jax.Array | None = None,
+    logits_at: jax.Array | None = None,
 ) -> tuple[jax.Array, DecoderCache]:
     """tokens int32 [B, S], num_valid int32 [B] | None -> (logits float32 [B, S, V], cache).
 
     Writes row b's S new keys/values at cache.length[b] (positions length + arange(S)),
     then advances length by num_valid (default S); tokens past num_valid are padding whose
-    cache entries the next call overwrites. Donates `cache`. Each S (and passing num_valid
-    or not) compiles once. Rows with length + S > max_len get NaN logits (module doc).
+    cache entries the next call overwrites. `logits_at` int32 [B, K] (indices into S):
+    logits [B, K, V] of those positions only (a prefill reads one or two of them; the
+    projection onto the vocabulary is most of a long prompt's cost). Donates `cache`.
+    Each S (and passing num_valid, logits_at or not, each K) compiles once. Rows with
+    length + S > max_len get NaN logits (module doc).
     """
     if num_valid is None:
         num_valid = jnp.full(tokens.shape[:1], tokens.shape[1], jnp.int32)
     return Decoder(config).apply(
-        {"params": params["decoder"]}, cache, cross, tokens.astype(jnp.int32), num_valid
+        {"params": params["decoder"]}, cache, cross, tokens.astype(jnp.int32), num_valid,
+        logits_at,
     )
 
 

@@ -57,6 +57,8 @@ TAIL_MARGIN = 0.25
 # segment the cap cuts is decoded again from its start in the next window (seeking).
 MAX_TOKENS_PER_S = 7
 MIN_TOKEN_CAP = 32
+# Previous-text tokens after <|startofprev|>: Whisper's limit, half the text context - 1.
+PROMPT_LIMIT = 223
 EncoderWindow = Literal["bucketed", "padded"]
 
 
@@ -119,12 +121,27 @@ class WhisperTranscriber:
     timestamps: bool = True
     tail_margin: float = TAIL_MARGIN
     quiet_cuts: bool = True
+    # Windows after the first are decoded with the text before them as a <|startofprev|>
+    # prompt (openai's `condition_on_previous_text`); reset after a window that fell back
+    # above temperature 0.5, as openai.
+    context: bool = False
+    # Whisper's `initial_prompt` (names, jargon): before the previous text of every window
+    # (openai's `carry_initial_prompt`), at most half of the prompt's room.
+    prompt: str = ""
 
     def __post_init__(self) -> None:
         self.base_options = DecodeOptions(
             beam_size=self.beam_size if self.beam_size > 1 else None, timestamps=self.timestamps
         )
         self.decoder = WhisperDecoder(self.model.config, self.model.config.max_target_positions)
+        text = " ".join(self.prompt.split())
+        ids = self.model.tokenizer.encode(" " + text) if text else []
+        self.initial: tuple[int, ...] = tuple(ids[-(PROMPT_LIMIT // 2):])
+
+    def previous(self, history: list[int]) -> tuple[int, ...]:
+        """The prompt of the next window: the initial prompt, then the newest history."""
+        room = PROMPT_LIMIT - len(self.initial)
+        return self.initial + tuple(history[-room:] if history else ())
 
     def window_samples(self, n_samples: int) -> int:
         """The static encoder input length for `n_samples` of audio."""
@@ -148,6 +165,7 @@ class WhisperTranscriber:
         Without timestamps every window is kept whole."""
         audio = np.asarray(audio, np.float32)
         texts: list[str] = []
+        history: list[int] = []  # text tokens since the last prompt reset (context on)
         seek = 0
         window_max = WINDOW_S * SAMPLE_RATE
         while len(audio) - seek >= HOP_LENGTH * 2:
@@ -156,30 +174,39 @@ class WhisperTranscriber:
                 end = quietest_cut(audio, seek, window_max)
             window = audio[seek:end]
             size = self.window_samples(len(window))
-            result = self._decode(self.encode(window, size), size)
+            result = self._decode(self.encode(window, size), size, self.previous(history))
             text_ids, consumed = timestamped_segments(result.tokens, self.model.tokenizer)
             if not result.no_speech:
                 text = self.model.tokenizer.decode(text_ids).strip()
                 if text:
                     texts.append(text)
+                    if self.context:
+                        history += text_ids
+            if result.temperature > 0.5:
+                history = []  # a poor window must not prompt the next one (openai)
             seek += consumed if 0 < consumed < len(window) else len(window)
         return " ".join(texts)
 
-    def _decode(self, encoder_out: jax.Array, window_samples: int) -> DecodeResult:
+    def _decode(self, encoder_out: jax.Array, window_samples: int,
+                previous: tuple[int, ...] = ()) -> DecodeResult:
         cap = MIN_TOKEN_CAP + MAX_TOKENS_PER_S * window_samples // SAMPLE_RATE
         options = dataclasses.replace(
             self.base_options, max_new_tokens=min(cap, self.base_options.max_new_tokens)
         )
+        if previous:  # one prompt shape for previous text of any length
+            sot = self.model.tokenizer.sot_sequence(timestamps=self.timestamps)
+            options = dataclasses.replace(options, prompt_width=1 + PROMPT_LIMIT + len(sot))
         return decode_segment(
             self.decoder, self.model.params, self.model.tokenizer,
-            encoder_out=encoder_out, options=options,
+            encoder_out=encoder_out, options=options, previous=[previous] if previous else None,
         )[0]  # fmt: skip
 
     def warmup(self, lengths: Sequence[int] | None = None) -> None:
         """Compiles the encoder shapes and the decoder that audio of `lengths` samples
         needs (default: every shape), so timings exclude compiles. A window only shrinks
         as decoding seeks through it, so audio gets its own bucket and every smaller one;
-        audio over 30 s is windowed at quiet points: it gets every bucket."""
+        audio over 30 s is windowed at quiet points: it gets every bucket. With context or
+        a prompt, the shape with a previous-text prompt too."""
         every = [WINDOW_S] if self.encoder_window == "padded" else [*self.buckets_s, WINDOW_S]
         sizes = {s * SAMPLE_RATE for s in every}
         if lengths is not None and all(n <= WINDOW_S * SAMPLE_RATE for n in lengths):
@@ -187,4 +214,7 @@ class WhisperTranscriber:
                           default=0)
             sizes = {n for n in sizes if n <= largest}
         for n in sorted(sizes):
-            self._decode(self.encode(np.zeros(n, np.float32), n), n)
+            encoded = self.encode(np.zeros(n, np.float32), n)
+            self._decode(encoded, n)
+            if self.context or self.initial:  # the shape with a previous-text prompt
+                self._decode(encoded, n, (self.model.tokenizer.eot - 1,))

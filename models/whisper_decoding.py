@@ -34,9 +34,10 @@ class WhisperDecoder:
         return whisper.init_cache(self.config, batch, self.max_len)
 
     def step(
-        self, params: Any, cache: Any, cross: Any, tokens: jax.Array, num_valid: jax.Array
+        self, params: Any, cache: Any, cross: Any, tokens: jax.Array, num_valid: jax.Array,
+        logits_at: jax.Array | None = None,
     ) -> tuple[jax.Array, Any]:
-        return whisper.decode(params, self.config, cache, cross, tokens, num_valid)
+        return whisper.decode(params, self.config, cache, cross, tokens, num_valid, logits_at)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,15 +90,17 @@ class TimestampRules:
 
 @dataclasses.dataclass(frozen=True)
 class NoSpeechProbe:
-    """Probability of `<|nospeech|>` at each row's SOT position (before any filter)."""
+    """Probability of `<|nospeech|>` at each row's SOT position (before any filter); the
+    SOT follows a `<|startofprev|>` prompt when there is one (as openai/whisper)."""
 
     sot: int
     no_speech: int
 
-    def __call__(self, logits: jax.Array, prompt: jax.Array, prompt_len: jax.Array) -> jax.Array:
-        sot_index = jnp.argmax(prompt == self.sot, axis=1)
-        at_sot = jnp.take_along_axis(logits, sot_index[:, None, None], axis=1)[:, 0]
-        return jax.nn.softmax(at_sot.astype(jnp.float32), axis=-1)[:, self.no_speech]
+    def position(self, prompt: jax.Array, prompt_len: jax.Array) -> jax.Array:
+        return jnp.argmax(prompt == self.sot, axis=1)
+
+    def __call__(self, logits: jax.Array) -> jax.Array:
+        return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[:, self.no_speech]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +122,9 @@ class DecodeOptions:
     suppress_blank: bool = True  # begin-suppress the config's list (" " and the end token)
     renormalize: bool = True  # log-softmax after filters (openai); False as transformers
     seed: int = 0
+    # Pad prompts to at least this width: previous text of any length then shares one
+    # compiled shape (None: as wide as the longest row).
+    prompt_width: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,7 +184,8 @@ def _prompts(
         head = [tokenizer.sot_prev, *prev] if prev else []
         rows.append(head + sot_seq + (list(prefixes[b]) if prefixes else []))
     lengths = np.array([len(r) for r in rows], np.int32)
-    prompt = np.full((batch, int(lengths.max())), tokenizer.eot, np.int32)
+    width = max(int(lengths.max()), options.prompt_width or 0)
+    prompt = np.full((batch, width), tokenizer.eot, np.int32)
     for b, r in enumerate(rows):
         prompt[b, : len(r)] = r
     return prompt, lengths

@@ -34,6 +34,12 @@ def _add_transcribe(subparsers) -> None:
                         "streamed text equals the offline text (layer-norm layouts)")
     p.add_argument("--encoder-window", choices=("bucketed", "padded"), default=None,
                    help="Whisper: encode audio in length buckets or always pad to 30 s")
+    p.add_argument("--prompt", default="", metavar="TEXT",
+                   help="Whisper: text before every window's decode (initial prompt: names, "
+                        "jargon, spelling); at most 500 characters")
+    p.add_argument("--context", action=argparse.BooleanOptionalAction, default=False,
+                   help="Whisper: decode each 30 s window of a long file after the text of "
+                        "the windows before it (default: off)")
     p.set_defaults(run=lambda args: __import__("streamd.transcribe").transcribe.main(args))
 
 

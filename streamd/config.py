@@ -154,6 +154,15 @@ class RecognitionConfig:
     compile_cache_dir: str = ""
     # Beam width of finals (whisper); 1 is greedy. Partials are always greedy.
     beam_size: int = 1
+    # whisper (and two-pass finals): decode after a prompt of the session's recent final
+    # text (sessions may say `context: false`); at most `context_tokens` of it (Whisper's
+    # limit: 223), dropped after `context_reset_s` of silence between finals
+    # (streamd/pipelines/whisper.py).
+    context: bool = True
+    context_tokens: int = 64
+    context_reset_s: float = 2.0
+    # Partials too (off: measured worse, see CONTEXT_PARTIALS in the whisper pipeline).
+    context_partials: bool = False
 
     def __post_init__(self) -> None:
         _check(
@@ -176,6 +185,9 @@ class RecognitionConfig:
         _check(self.engine_queue >= 1, "recognition.engine_queue", "must be >= 1")
         _check(1 <= self.workers <= 64, "recognition.workers", "must be 1..64")
         _check(1 <= self.beam_size <= 16, "recognition.beam_size", "must be 1..16")
+        _check(0 <= self.context_tokens <= 223, "recognition.context_tokens", "must be 0..223")
+        _check(0 < self.context_reset_s <= 86400, "recognition.context_reset_s",
+               "must be > 0 and <= 86400")
 
 
 def parse_broker(text: str, default_port: int = 1883) -> tuple[str, int]:

@@ -24,6 +24,9 @@ _SESSION_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 # Bounds of the per-session timing fields of `start` (milliseconds, inclusive).
 ENDPOINT_MS = (100, 10000)
 UTTERANCE_END_MS = (500, 30000)
+# `start.prompt`: Whisper's initial prompt (names, jargon); its tokens are capped again by
+# the pipeline (half of recognition.context_tokens).
+MAX_PROMPT_CHARS = 500
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,8 @@ class Start:
     resume: Resume | None = None
     endpoint_ms: int | None = None  # None: the daemon's vad.endpoint_silence_ms
     utterance_end_ms: int | None = None  # None: no utterance_end events
+    context: bool | None = None  # None: the daemon's recognition.context
+    prompt: str = ""
 
     @property
     def frame_bytes(self) -> int:
@@ -147,9 +152,23 @@ def parse_control(text: str) -> Start | Stop | Keepalive | Finalize:
     resume = None
     if msg.get("resume") is not None:
         session, resume = _parse_resume(msg["resume"], msg.get("session"))
+    context = msg.get("context")
+    if context is not None and not isinstance(context, bool):
+        raise BadRequest("start.context must be true or false")
     return Start(rate, encoding, channels, session, pipeline, partials, resume,
                  endpoint_ms=_ms_field(msg, "endpoint_ms", ENDPOINT_MS),
-                 utterance_end_ms=_ms_field(msg, "utterance_end_ms", UTTERANCE_END_MS))
+                 utterance_end_ms=_ms_field(msg, "utterance_end_ms", UTTERANCE_END_MS),
+                 context=context, prompt=_parse_prompt(msg.get("prompt", "")))
+
+
+def _parse_prompt(value: object) -> str:
+    if not isinstance(value, str):
+        raise BadRequest("start.prompt must be a string")
+    if len(value) > MAX_PROMPT_CHARS:
+        raise BadRequest(f"start.prompt is over {MAX_PROMPT_CHARS} characters")
+    if any(not c.isprintable() and not c.isspace() for c in value):
+        raise BadRequest("start.prompt must be printable text")
+    return " ".join(value.split())
 
 
 def _parse_resume(value: object, session: object) -> tuple[str, Resume]:

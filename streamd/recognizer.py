@@ -52,6 +52,18 @@ class SegmentInfo:
     closing: bool = False
 
 
+@dataclass(frozen=True)
+class RecognizerOptions:
+    """Per-session recognition options from `start` (docs/protocol.md).
+
+    context: decode with the session's recent final text as a prompt (None: the
+    daemon's `recognition.context`); prompt: text that always precedes it (Whisper's
+    `initial_prompt`: names, jargon). Pipelines without a text prompt ignore both."""
+
+    context: bool | None = None
+    prompt: str = ""
+
+
 class SegmentRecognizer(Protocol):
     """Per-session recognizer. Calls for one session never overlap."""
 
@@ -75,11 +87,21 @@ PipelineCounters = dict[str, tuple[str, Callable[[], float]]]
 class Pipeline(Protocol):
     name: str
 
-    def new_recognizer(self, session: str) -> SegmentRecognizer: ...
+    def new_recognizer(
+        self, session: str, options: RecognizerOptions | None = None
+    ) -> SegmentRecognizer: ...
 
     def counters(self) -> PipelineCounters:
         """The pipeline's own counters for /metrics (may be empty)."""
         ...
+
+
+def clear_context(recognizer: SegmentRecognizer) -> None:
+    """Forget the session's previous text (a `finalize`, a topic change): the next
+    segment is decoded without it. A no-op for recognizers without context."""
+    clear = getattr(recognizer, "clear_context", None)
+    if clear is not None:
+        clear()
 
 
 PipelineFactory = Callable[[Config, Engine], Pipeline]

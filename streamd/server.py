@@ -50,7 +50,7 @@ from streamd import deepgram, protocol
 from streamd.config import Config
 from streamd.errors import BadRequest, InternalError, StreamdError, Unsupported
 from streamd.metrics import Metrics
-from streamd.recognizer import Pipeline
+from streamd.recognizer import Pipeline, RecognizerOptions
 from streamd.session import Request, Session, SessionRunner
 
 log = logging.getLogger("streamd.server")
@@ -493,7 +493,8 @@ class _Connection:
         self.server._idle.clear()
         self.metrics.sessions_active.inc()
         self.metrics.sessions.labels(source="websocket").inc()
-        recognizer = self.server.pipeline.new_recognizer(start.session)
+        recognizer = self.server.pipeline.new_recognizer(
+            start.session, RecognizerOptions(context=start.context, prompt=start.prompt))
         self.runner = SessionRunner(self.session, recognizer, self._emit, self.metrics)
         self.runner.start()
         log.info("session started", extra={

@@ -15,6 +15,7 @@ import numpy as np
 
 from models.checkpoint import ModelLoadError
 from streamd.audio import SAMPLE_RATE, AudioError, audio_length, read_audio
+from streamd.protocol import MAX_PROMPT_CHARS
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,12 @@ def load_transcriber(args: argparse.Namespace) -> FileTranscriber:
         from models.whisper_asr import WhisperTranscriber
 
         window = args.encoder_window or "bucketed"
+        prompt = getattr(args, "prompt", "") or ""
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise ValueError(f"--prompt is over {MAX_PROMPT_CHARS} characters")
         model = registry.load_whisper(args.model)
-        return WhisperTranscriber(model, beam_size=args.beam_size, encoder_window=window)
+        return WhisperTranscriber(model, beam_size=args.beam_size, encoder_window=window,
+                                  context=bool(getattr(args, "context", False)), prompt=prompt)
     loader = _FAMILY_LOADERS.get(family)
     if loader is None:
         raise ModelLoadError(f"{folder}: the {family} family cannot transcribe yet")

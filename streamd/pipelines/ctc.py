@@ -44,7 +44,13 @@ from models.mel import SAMPLE_RATE
 from streamd.config import Config
 from streamd.engine import Engine
 from streamd.errors import ConfigError
-from streamd.recognizer import Hypothesis, PipelineCounters, SegmentInfo, Word
+from streamd.recognizer import (
+    Hypothesis,
+    PipelineCounters,
+    RecognizerOptions,
+    SegmentInfo,
+    Word,
+)
 
 log = logging.getLogger("streamd.pipelines.ctc")
 
@@ -122,7 +128,9 @@ class CTCPipeline:
     def counters(self) -> PipelineCounters:
         return {}
 
-    def new_recognizer(self, session: str) -> CTCRecognizer:
+    def new_recognizer(self, session: str,
+                       options: RecognizerOptions | None = None) -> CTCRecognizer:
+        """`options` (context, prompt) do not apply to CTC."""
         return CTCRecognizer(self)
 
     async def step(self, state: wav2vec2.StreamState, chunk: np.ndarray,

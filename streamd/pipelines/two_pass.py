@@ -44,7 +44,7 @@ from streamd.pipelines.whisper import (
     WhisperPipeline,
     WhisperRecognizer,
 )
-from streamd.recognizer import Hypothesis, PipelineCounters, SegmentInfo
+from streamd.recognizer import Hypothesis, PipelineCounters, RecognizerOptions, SegmentInfo
 
 # Whisper decodes finals only, so the short partial buckets would just be compiled for nothing.
 FINAL_BUCKETS_S = tuple(b for b in DEFAULT_BUCKETS_S if b >= FINAL_MIN_S)
@@ -62,9 +62,10 @@ class TwoPassPipeline:
     def counters(self) -> PipelineCounters:
         return {**self.partials.counters(), **self.finals.counters()}
 
-    def new_recognizer(self, session: str) -> TwoPassRecognizer:
+    def new_recognizer(self, session: str,
+                       options: RecognizerOptions | None = None) -> TwoPassRecognizer:
         return TwoPassRecognizer(self.partials.new_recognizer(session),
-                                 self.finals.new_recognizer(session))
+                                 self.finals.new_recognizer(session, options))
 
 
 class TwoPassRecognizer:
@@ -103,6 +104,10 @@ class TwoPassRecognizer:
         # Whisper reuses the early decode if the audio is the paused audio, else decodes.
         return await self._whisper.final(audio_16k, segment)
 
+    def clear_context(self) -> None:
+        """Forget the previous text of Whisper's finals (streamd.recognizer.clear_context)."""
+        self._whisper.clear_context()
+
     def close(self) -> None:
         if self._early is not None:
             self._early.cancel()
@@ -122,5 +127,9 @@ def create(config: Config, engine: Engine) -> TwoPassPipeline:
     partials = CTCPipeline(engine, ctc_model, family, holdback_samples=0)
     finals = WhisperPipeline(engine, whisper_model, buckets_s=FINAL_BUCKETS_S,
                              max_segment_s=config.vad.max_segment_s,
-                             beam_size=config.recognition.beam_size)
+                             beam_size=config.recognition.beam_size,
+                             context=config.recognition.context,
+                             context_tokens=config.recognition.context_tokens,
+                             context_reset_s=config.recognition.context_reset_s,
+                             context_partials=config.recognition.context_partials)
     return TwoPassPipeline(partials, finals)

@@ -29,6 +29,21 @@ other sessions then never wait behind a pile of partials.
 
 No-speech guard (as openai/whisper): a segment whose `<|nospeech|>` probability is over
 0.6 and whose average log-probability is under -1 gives an empty final and no partials.
+
+Context (issue 17): a session's finals (and, with `context_partials`, its partials) are
+decoded after a prompt of its recent final text, `<|startofprev|> previous... SOT ...`
+(how Whisper was trained; openai/whisper's `condition_on_previous_text`), so a sentence
+the VAD split keeps its beginning and a fragment is not written as a sentence of its own.
+An optional per-session `prompt` (Whisper's `initial_prompt`) always comes first. The previous text
+is prefilled into the same fixed-size KV cache as the committed prefix: each bucket has
+a second, wider prompt shape (`context_width` positions before the SOT sequence),
+compiled at warm-up and used for a batch when one of its rows has previous text. Guards
+against what conditioning does wrong: a final whose prompted decode fails openai's
+checks (compression ratio over 2.4, average log-probability under -1, or no-speech
+probability over 0.6) is decoded again without the prompt, that decode is the final,
+and the session's context is cleared (openai resets its prompt after a fallback above
+temperature 0.5); the context is also cleared after `context_reset_s` of silence
+between finals and when the session ends.
 """
 
 from __future__ import annotations
@@ -57,7 +72,13 @@ from streamd.config import Config
 from streamd.engine import Engine
 from streamd.errors import ConfigError
 from streamd.pipelines.stabilize import LocalAgreement, loop_start
-from streamd.recognizer import Hypothesis, PipelineCounters, SegmentInfo, register_pipeline
+from streamd.recognizer import (
+    Hypothesis,
+    PipelineCounters,
+    RecognizerOptions,
+    SegmentInfo,
+    register_pipeline,
+)
 
 log = logging.getLogger("streamd.pipelines.whisper")
 
@@ -93,6 +114,25 @@ FINAL_TOKENS_PER_S = 8.0
 # before it came. Dev stream file (38 finals): with 2, 5 redone, 6.31 %; with 3, 3 redone,
 # 5.99 % (fresh: 5.68 %); 62 % (vs 79 %) stable before the final.
 STABLE_AGREEMENT = 3
+# Previous-text tokens a decode may see (recognition.context_tokens). Whisper's own limit
+# is half the text context (223 after <|startofprev|>); the prefill of every request pays
+# for each one (tiny.en, 10 s bucket, 2 CPU cores: 0.03 s for today's 47-token prompt,
+# 0.19 s with 224 more), so the default is the last couple of sentences.
+CONTEXT_TOKENS = 64
+WHISPER_PROMPT_LIMIT = 223
+# Silence between a session's finals (one's end to the next one's start, pads included)
+# after which the previous text is dropped (recognition.context_reset_s). Measured with
+# bench/context.py (finals in process, partials off) on the two stream files, unrelated
+# utterances 0-5 s apart: finals WER shared / dev 4.05 / 5.36 % without context; with it,
+# reset 0.5 s: 4.05 / 5.36; 1 s: 4.05 / 5.36; 2 s: 4.05 / 5.05; 10 s: 4.05 / 5.36. A
+# sentence the VAD splits at a pause (JFK) continues well within 2 s.
+CONTEXT_RESET_S = 2.0
+# Partials are decoded without the previous text: on a fraction of a sentence the prompt
+# outweighs the audio ("asked not" after "my fellow Americans"), LocalAgreement commits
+# that, and the final must keep it. bench/context.py with every partial decoded, reset
+# 2 s, finals WER shared / dev: no context 4.05 / 5.68 %; partials and finals prompted
+# 4.73 / 5.99; finals only 4.05 / 5.05.
+CONTEXT_PARTIALS = False
 NO_SPEECH_THRESHOLD = 0.6
 COMPRESSION_RATIO_THRESHOLD = 2.4
 LOGPROB_THRESHOLD = -1.0
@@ -113,6 +153,8 @@ class BucketSpec:
     filters: tuple[Any, ...]
     probe: NoSpeechProbe
     beams: int = 1
+    # Positions before the SOT sequence for `<|startofprev|>` + previous text (0: none).
+    context_width: int = 0
 
     @property
     def seconds(self) -> float:
@@ -124,8 +166,9 @@ def recognize_batch(
     params: Any, audio: jax.Array, prompt: jax.Array, prompt_len: jax.Array,
     budget: jax.Array, spec: BucketSpec,
 ) -> SearchResult:
-    """audio float32 [B, spec.samples] (zero-padded), prompt int32 [B, P], prompt_len [B],
-    budget int32 [B] (most new tokens per row; greedy only, beams run to their end)
+    """audio float32 [B, spec.samples] (zero-padded), prompt int32 [B, P] with
+    P = spec.context_width + spec.prompt_width, prompt_len [B], budget int32 [B] (most new
+    tokens per row; greedy only, beams run to their end)
     -> SearchResult (tokens [B, T] after the prompt; probe = no-speech probability [B]).
 
     One compile per (spec, B). The encoder sees the whole padded bucket (as Whisper sees
@@ -134,7 +177,7 @@ def recognize_batch(
     cfg = spec.config
     enc = whisper.encode(params, cfg, log_mel(audio, cfg.n_mels))
     cross = whisper.cross_kv(params, cfg, enc, None)
-    decoder = WhisperDecoder(cfg, spec.prompt_width + spec.max_new_tokens)
+    decoder = WhisperDecoder(cfg, spec.context_width + spec.prompt_width + spec.max_new_tokens)
     common = dict(eot=spec.eot, max_new_tokens=spec.max_new_tokens, prompt_len=prompt_len,
                   filters=spec.filters, probe=spec.probe)
     if spec.beams > 1:
@@ -144,11 +187,13 @@ def recognize_batch(
 
 @dataclasses.dataclass(frozen=True)
 class Job:
-    """One request to the engine: segment audio [N] float32 and the tokens to force."""
+    """One request to the engine: segment audio [N] float32, the tokens to force after the
+    SOT sequence (`prefix`) and the previous text before it (`previous`, newest last)."""
 
     audio: np.ndarray
     prefix: tuple[int, ...] = ()
     tokens_per_s: float = FINAL_TOKENS_PER_S
+    previous: tuple[int, ...] = ()
 
     def budget(self) -> int:
         """New tokens this request may generate (see TOKEN_BUDGET_BASE)."""
@@ -168,6 +213,14 @@ class Decoded:
     @property
     def silent(self) -> bool:
         return self.no_speech_prob > NO_SPEECH_THRESHOLD and self.avg_logprob < LOGPROB_THRESHOLD
+
+    def fails(self, text: str) -> bool:
+        """openai/whisper's fallback tests (any one): a repetitive text, a low average
+        log-probability, or likely no speech. A final decoded after previous text that
+        fails is decoded again without it."""
+        return (compression_ratio(text) > COMPRESSION_RATIO_THRESHOLD
+                or self.avg_logprob < LOGPROB_THRESHOLD
+                or self.no_speech_prob > NO_SPEECH_THRESHOLD)
 
 
 # --------------------------------------------------------------------------- pipeline
@@ -205,6 +258,10 @@ class WhisperPipeline:
         beam_size: int = 1,
         tokens_per_second: float = 5.0,
         final_min_s: float = FINAL_MIN_S,
+        context: bool = True,
+        context_tokens: int = CONTEXT_TOKENS,
+        context_reset_s: float = CONTEXT_RESET_S,
+        context_partials: bool = CONTEXT_PARTIALS,
     ) -> None:
         self.engine = engine
         self.config: whisper.WhisperConfig = model.config
@@ -227,6 +284,15 @@ class WhisperPipeline:
         self.partials_skipped = 0  # partials not computed because the engine was busy
         self.finals_early = 0  # finals computed on a closing partial (not at the endpoint)
         self.finals_restabilized = 0  # fresh finals redone to keep the stable prefix
+        self.context = context  # sessions' default (start.context overrides)
+        self.context_tokens = min(context_tokens, WHISPER_PROMPT_LIMIT)
+        self.context_reset_s = context_reset_s
+        # Partials prompted too (see CONTEXT_PARTIALS); by default finals only.
+        self.context_partials = context_partials
+        self.context_fallbacks = 0  # finals decoded again without the previous text
+        self.sot_prev = tok.sot_prev
+        # Each bucket's shape with room for previous text (absent: no context at all).
+        self.wide: dict[BucketSpec, BucketSpec] = {}
         max_len = self.config.max_target_positions
         ladder = bucket_ladder(max_segment_s, buckets_s, final_min_s)
         for seconds in ladder:
@@ -237,13 +303,21 @@ class WhisperPipeline:
             spec = BucketSpec(self.config, int(seconds * SAMPLE_RATE), width, new, self.eot,
                               filters, probe)
             self.specs.append(spec)
-            engine.add_kind(self.kind(spec), functools.partial(self._run, spec), PAD)
+            self._add_kind(spec)
             if seconds < final_min_s and seconds != ladder[-1]:
                 continue  # too short a window for a final
             if beam_size > 1:
                 spec = dataclasses.replace(spec, beams=beam_size)
-                engine.add_kind(self.kind(spec), functools.partial(self._run, spec), PAD)
+                self._add_kind(spec)
             self.final_specs.append(spec)
+
+    def _add_kind(self, spec: BucketSpec) -> None:
+        """One engine kind per bucket; its wider shape (previous text) shares the kind."""
+        room = self.config.max_target_positions - spec.prompt_width - spec.max_new_tokens
+        width = min(self.context_tokens + 1, room)  # + <|startofprev|>
+        if self.context_tokens and width >= 2:
+            self.wide[spec] = dataclasses.replace(spec, context_width=width)
+        self.engine.add_kind(self.kind(spec), functools.partial(self._run, spec), PAD)
 
     @staticmethod
     def kind(spec: BucketSpec) -> str:
@@ -281,20 +355,34 @@ class WhisperPipeline:
             "streamd_finals_restabilized": ("Finals decoded again with the stable prefix "
                                             "forced (the fresh decode had other words)",
                                             lambda: self.finals_restabilized),
+            "streamd_context_fallbacks": ("Finals decoded again without the previous text "
+                                          "(the prompted decode failed a check)",
+                                          lambda: self.context_fallbacks),
         }
 
-    def new_recognizer(self, session: str) -> WhisperRecognizer:
-        return WhisperRecognizer(self)
+    def new_recognizer(self, session: str,
+                       options: RecognizerOptions | None = None) -> WhisperRecognizer:
+        return WhisperRecognizer(self, options or RecognizerOptions())
+
+    def prompt_tokens(self, text: str) -> tuple[int, ...]:
+        """A session's `prompt` as tokens: at most half the context room, its last ones
+        (openai keeps the newest), so recent finals always fit after it."""
+        text = " ".join(text.split())
+        if not text or not self.context_tokens:
+            return ()
+        ids = tuple(self.tokenizer.encode(" " + text))
+        return ids[-max(self.context_tokens // 2, 1):]
 
     async def recognize(self, audio: np.ndarray, prefix: tuple[int, ...] = (),
-                        final: bool = False) -> Decoded:
+                        final: bool = False, previous: tuple[int, ...] = ()) -> Decoded:
         spec = self.spec_for(len(audio), final)
         if len(audio) > spec.samples:
             log.warning("segment of %.1f s cut to the %.0f s bucket", len(audio) / SAMPLE_RATE,
                         spec.seconds)
         priority = FINAL_PRIORITY if final else 0
         rate = FINAL_TOKENS_PER_S if final else PARTIAL_TOKENS_PER_S
-        return await self.engine.submit(self.kind(spec), Job(audio, prefix, rate), priority)
+        job = Job(audio, prefix, rate, previous if spec in self.wide else ())
+        return await self.engine.submit(self.kind(spec), job, priority)
 
     # -- worker thread
 
@@ -307,6 +395,8 @@ class WhisperPipeline:
         if not real:
             if len(items) in sizes:
                 self._call(spec, [PAD] * len(items))
+                if spec in self.wide:  # the wide shape too: compiled at warm-up, not later
+                    self._call(spec, [PAD] * len(items), wide=True)
             return out
         for start in range(0, len(real), sizes[-1]):
             rows = real[start : start + sizes[-1]]
@@ -316,16 +406,23 @@ class WhisperPipeline:
                 out[i] = result
         return out
 
-    def _call(self, spec: BucketSpec, jobs: list[Job]) -> list[Decoded]:
+    def _call(self, spec: BucketSpec, jobs: list[Job], wide: bool = False) -> list[Decoded]:
+        """One device call. The bucket's wide shape when a row has previous text (or
+        `wide`); rows without it are then padded: their prompt is today's, unmoved."""
+        if wide or any(job.previous for job in jobs):
+            spec = self.wide[spec]
         batch = len(jobs)
         audio = np.zeros((batch, spec.samples), np.float32)
-        prompt = np.full((batch, spec.prompt_width), self.eot, np.int32)
+        prompt = np.full((batch, spec.context_width + spec.prompt_width), self.eot, np.int32)
         prompt_len = np.zeros(batch, np.int32)
         budget = np.ones(batch, np.int32)  # the engine's empty rows stop at once
         for row, job in enumerate(jobs):
             clip = job.audio[: spec.samples]
             audio[row, : len(clip)] = clip
-            tokens = (self.sot_sequence + job.prefix)[: spec.prompt_width]
+            head: tuple[int, ...] = ()
+            if job.previous and spec.context_width >= 2:  # newest last, as openai
+                head = (self.sot_prev, *job.previous[-(spec.context_width - 1):])
+            tokens = head + (self.sot_sequence + job.prefix)[: spec.prompt_width]
             prompt[row, : len(tokens)] = tokens
             prompt_len[row] = len(tokens)
             if job is not PAD:
@@ -385,17 +482,57 @@ class WhisperPipeline:
         return words[:cut]
 
 
-class WhisperRecognizer:
-    """Per session: LocalAgreement state of the segment in flight, and the final computed
-    early on a closing partial (`SegmentInfo.closing`)."""
+@dataclasses.dataclass(frozen=True)
+class _Final:
+    """A final's hypothesis and what it adds to the session's context."""
 
-    def __init__(self, pipeline: WhisperPipeline) -> None:
+    hyp: Hypothesis
+    tokens: tuple[int, ...]  # the final's text tokens
+    fell_back: bool  # decoded again without the previous text (the context is cleared)
+
+
+class WhisperRecognizer:
+    """Per session: LocalAgreement state of the segment in flight, the final computed
+    early on a closing partial (`SegmentInfo.closing`), and the previous text (recent
+    finals' tokens, newest last) that prompts its decodes."""
+
+    def __init__(self, pipeline: WhisperPipeline,
+                 options: RecognizerOptions | None = None) -> None:
+        options = options or RecognizerOptions()
         self.pipeline = pipeline
         self.policy: LocalAgreement[tuple[int, ...]] = LocalAgreement(STABLE_AGREEMENT)
         self._segment: int | None = None
         self._last_text: str | None = None
         # (segment index, start, samples) -> the final's hypothesis for exactly that audio
-        self._early: tuple[tuple[int, float, int], Hypothesis] | None = None
+        self._early: tuple[tuple[int, float, int], _Final] | None = None
+        self.context = pipeline.context if options.context is None else options.context
+        self.initial = pipeline.prompt_tokens(options.prompt)
+        self._previous: tuple[int, ...] = ()  # recent finals' tokens (context on)
+        self._previous_end: float | None = None  # stream time the last of them ended
+
+    def previous(self) -> tuple[int, ...]:
+        """The prompt of the next decode: the session's `prompt`, then as many of the
+        recent finals' tokens as fit (newest last)."""
+        room = self.pipeline.context_tokens - len(self.initial)
+        recent = self._previous[-room:] if room > 0 and self._previous else ()
+        return self.initial + recent
+
+    def clear_context(self) -> None:
+        """Forget the previous finals (the `prompt` stays). Called after a fallback, after
+        a long silence and at the end of the session; a `finalize` may call it too."""
+        self._previous, self._previous_end = (), None
+
+    def _reset_after_silence(self, segment: SegmentInfo) -> None:
+        end = self._previous_end
+        if end is not None and segment.start - end > self.pipeline.context_reset_s:
+            self.clear_context()
+
+    def _remember(self, final: _Final, segment: SegmentInfo) -> None:
+        if final.fell_back or not self.context or not final.tokens:
+            return
+        keep = self.pipeline.context_tokens
+        self._previous = (self._previous + final.tokens)[-keep:]
+        self._previous_end = segment.end
 
     def _enter(self, segment: int) -> None:
         if segment != self._segment:
@@ -406,6 +543,7 @@ class WhisperRecognizer:
 
     async def partial(self, audio_16k: np.ndarray, segment: SegmentInfo) -> Hypothesis | None:
         self._enter(segment.index)
+        self._reset_after_silence(segment)
         p = self.pipeline
         if segment.closing:
             return await self._final_early(audio_16k, segment)
@@ -414,7 +552,8 @@ class WhisperRecognizer:
             return None
         committed = self.policy.committed
         prefix = p.tokens(committed)
-        result = await p.recognize(audio_16k, prefix)
+        previous = self.previous() if p.context_partials else ()
+        result = await p.recognize(audio_16k, prefix, previous=previous)
         if result.silent and not prefix:
             return None
         # Generated words are grouped on their own, so committed units never regroup.
@@ -446,23 +585,31 @@ class WhisperRecognizer:
             self.pipeline.partials_skipped += 1
             return None
         committed = self.policy.committed
-        hyp = await self._decode_final(audio_16k, committed)
-        self._early = ((segment.index, segment.start, len(audio_16k)), hyp)
-        if not hyp.text:
+        final = await self._decode_final(audio_16k, committed)
+        self._early = ((segment.index, segment.start, len(audio_16k)), final)
+        if not final.hyp.text:
             return None
-        return self._say(Hypothesis(hyp.text, stable=self.pipeline.words_text(committed)))
+        return self._say(Hypothesis(final.hyp.text, stable=self.pipeline.words_text(committed)))
 
     async def _decode_final(self, audio_16k: np.ndarray,
-                            committed: tuple[tuple[int, ...], ...]) -> Hypothesis:
+                            committed: tuple[tuple[int, ...], ...]) -> _Final:
         """The whole segment decoded afresh (no committed prefix forced): measured on the
         stream recording, forcing the partials' LocalAgreement prefix kept their early
         mistakes ("will be ever", "what you are country"): WER 6.1 % vs 4.1 % free.
         The final keeps what partials promised (the `committed`, stable, words): a fresh
         result that starts with the same words in another case or punctuation takes the
         stable spelling; one that starts with other words is decoded again with the
-        stable words forced."""
+        stable words forced. With previous text, a decode that fails openai's checks is
+        done again without it (and the context cleared)."""
         p = self.pipeline
-        result = await p.recognize(audio_16k, (), final=True)
+        previous = self.previous()
+        result = await p.recognize(audio_16k, (), final=True, previous=previous)
+        fell_back = False
+        if previous and result.fails(p.text(result.tokens)):
+            p.context_fallbacks += 1
+            fell_back, previous = True, ()
+            self.clear_context()
+            result = await p.recognize(audio_16k, (), final=True)
         words = [] if result.silent else p.cut_loop(p.words(result.tokens), 0)
         k = len(committed)
         if k and p.plain_words(words[:k]) == p.plain_words(committed):
@@ -471,11 +618,12 @@ class WhisperRecognizer:
             words = list(committed) + words[k:]
         elif k:
             p.finals_restabilized += 1
-            result = await p.recognize(audio_16k, p.tokens(committed), final=True)
+            result = await p.recognize(audio_16k, p.tokens(committed), final=True,
+                                       previous=previous)
             words = p.cut_loop(list(committed) + p.words(result.tokens), k)
-        if not words:
-            return Hypothesis("")  # not speech: nothing is published for the segment
-        return Hypothesis(p.words_text(words))
+        if not words:  # not speech: nothing is published for the segment
+            return _Final(Hypothesis(""), (), fell_back)
+        return _Final(Hypothesis(p.words_text(words)), p.tokens(words), fell_back)
 
     async def final(self, audio_16k: np.ndarray, segment: SegmentInfo) -> Hypothesis:
         early = self._early  # keyed by the audio it decoded: index, start and length
@@ -484,12 +632,17 @@ class WhisperRecognizer:
         self.policy.reset()
         if early is not None and early[0] == (segment.index, segment.start, len(audio_16k)):
             self.pipeline.finals_early += 1
-            return early[1]
-        return await self._decode_final(audio_16k, committed)
+            final = early[1]
+        else:
+            self._reset_after_silence(segment)
+            final = await self._decode_final(audio_16k, committed)
+        self._remember(final, segment)
+        return final.hyp
 
     def close(self) -> None:
         self.policy.reset()
         self._early = None
+        self.clear_context()
 
 
 def load_configured(name: str, key: str) -> Any:
@@ -507,8 +660,12 @@ def load_configured(name: str, key: str) -> Any:
 def create(config: Config, engine: Engine) -> WhisperPipeline:
     """Factory for `streamd serve`: loads `recognition.model` (default tiny.en)."""
     model = load_configured(config.recognition.model, "recognition.model")
+    rec = config.recognition
     return WhisperPipeline(engine, model, max_segment_s=config.vad.max_segment_s,
-                           beam_size=config.recognition.beam_size)
+                           beam_size=rec.beam_size, context=rec.context,
+                           context_tokens=rec.context_tokens,
+                           context_reset_s=rec.context_reset_s,
+                           context_partials=rec.context_partials)
 
 
 register_pipeline("whisper", create)

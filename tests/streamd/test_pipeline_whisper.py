@@ -24,8 +24,14 @@ from models.registry import WhisperModel, resolve_model  # noqa: E402
 from models.tokenizer import WhisperTokenizer  # noqa: E402
 from models.whisper import WhisperConfig, params_from_hf  # noqa: E402
 from streamd.engine import Engine  # noqa: E402
-from streamd.pipelines.whisper import PAD, Job, WhisperPipeline, bucket_ladder  # noqa: E402
-from streamd.recognizer import SegmentInfo  # noqa: E402
+from streamd.pipelines.whisper import (  # noqa: E402
+    PAD,
+    Decoded,
+    Job,
+    WhisperPipeline,
+    bucket_ladder,
+)
+from streamd.recognizer import RecognizerOptions, SegmentInfo, clear_context  # noqa: E402
 
 RATE = 16000
 HF_KW = dict(
@@ -84,20 +90,22 @@ def pipeline(model) -> WhisperPipeline:
     return pipe
 
 
-def reference_decode(hf, tok, pipe, audio, prefix, seconds, budget=None):
+def reference_decode(hf, tok, pipe, audio, prefix, seconds, budget=None, previous=()):
     """transformers forward + greedy with the pipeline's suppression rules, stopping after
-    `budget` new tokens (default: the bucket's cap)."""
+    `budget` new tokens (default: the bucket's cap); `previous`: `<|startofprev|>` text
+    before the SOT sequence."""
     fe = transformers.WhisperFeatureExtractor(feature_size=80, chunk_length=int(seconds))
     feats = fe(audio, sampling_rate=RATE, return_tensors="pt").input_features
     spec = pipe.spec_for(len(audio))
     assert spec.seconds == seconds
     suppress = torch.tensor(spec.filters[0].ids)
-    ids = list(pipe.sot_sequence) + list(prefix)
+    head = [tok.sot_prev, *previous] if previous else []
+    ids = head + list(pipe.sot_sequence) + list(prefix)
     out, logprob = [], 0.0
     with torch.no_grad():
         enc = hf.model.encoder(feats).last_hidden_state
         first = hf(encoder_outputs=(enc,), decoder_input_ids=torch.tensor([ids])).logits[0]
-        no_speech = torch.softmax(first[0], -1)[tok.no_speech].item()
+        no_speech = torch.softmax(first[len(head)], -1)[tok.no_speech].item()
         for t in range(min(spec.max_new_tokens, budget or spec.max_new_tokens)):
             logits = hf(encoder_outputs=(enc,), decoder_input_ids=torch.tensor([ids + out]))
             x = logits.logits[0, -1].double()
@@ -123,8 +131,15 @@ def test_buckets_and_budgets(pipeline) -> None:
     assert pipeline.spec_for(8000, final=True).seconds == 2.0
     for spec in pipeline.specs:
         assert spec.prompt_width + spec.max_new_tokens <= pipeline.config.max_target_positions
-    # Warm-up compiled every (bucket, batch size) this pipeline can issue, nothing else.
-    assert pipeline.warmup_compiles == sum(len(pipeline.batch_sizes(s)) for s in pipeline.specs)
+    # Warm-up compiled every (bucket, prompt width, batch size) this pipeline can issue,
+    # nothing else: each bucket has a second, wider prompt for previous text.
+    assert set(pipeline.wide) == set(pipeline.specs)
+    for wide in pipeline.wide.values():
+        assert wide.context_width >= 2
+        assert (wide.context_width + wide.prompt_width + wide.max_new_tokens
+                <= pipeline.config.max_target_positions)
+    assert pipeline.warmup_compiles == 2 * sum(len(pipeline.batch_sizes(s))
+                                               for s in pipeline.specs)
 
 
 def test_batch_matches_transformers(pipeline, hf_models, tokenizer) -> None:
@@ -273,7 +288,7 @@ def test_final_takes_the_stable_spelling_of_the_same_words(pipeline, monkeypatch
     tok = pipeline.tokenizer
     calls = []
 
-    async def fake_recognize(audio, prefix=(), final=False):
+    async def fake_recognize(audio, prefix=(), final=False, previous=()):
         calls.append(prefix)
         return Decoded(tuple(tok.encode(" The narrative, would be tedious.")), -0.1, 0.0)
 
@@ -348,3 +363,216 @@ def test_partials_never_commit_the_last_word(pipeline) -> None:
             assert len(committed) == min(len(hyp) - 1, fits)
             checked += fits >= 1  # committing every agreed word would commit one more
     assert checked
+
+
+def test_previous_text_matches_transformers(pipeline, hf_models, tokenizer) -> None:
+    """Rows with previous text run in the bucket's wide shape, `<|startofprev|> previous`
+    before the SOT sequence, as transformers decodes that prompt; a row without previous
+    text in the same (wide) call keeps its own result, and previous text longer than the
+    room keeps its newest tokens."""
+    rng = np.random.default_rng(6)
+    spec = pipeline.specs[0]
+    room = pipeline.wide[spec].context_width - 1
+    long = tuple(int(t) for t in rng.integers(300, 5000, room + 9))
+    jobs = [
+        Job(rng.standard_normal(9000).astype(np.float32) * 0.1, previous=(464, 3797, 318)),
+        Job(rng.standard_normal(11000).astype(np.float32) * 0.1, prefix=(314,)),
+        Job(rng.standard_normal(10000).astype(np.float32) * 0.1, prefix=(262,), previous=long),
+    ]
+    results = pipeline._run(spec, jobs + [PAD])
+    for job, got in zip(jobs, results, strict=False):
+        tokens, avg_lp, no_speech = reference_decode(
+            hf_models[1.0], tokenizer, pipeline, job.audio, job.prefix, 1.0, job.budget(),
+            previous=job.previous[-room:])
+        assert list(got.tokens) == tokens
+        assert got.avg_logprob == pytest.approx(avg_lp, abs=2e-3)
+        assert got.no_speech_prob == pytest.approx(no_speech, abs=1e-4)
+
+
+def test_context_false_reproduces_finals_and_no_compile_with_any_prompt(pipeline) -> None:
+    """`context: false`: every request carries no previous text, so finals are exactly
+    the fresh decodes of the narrow shape (today's finals). Context on, with a prompt of
+    any length (empty, short, longer than the room): nothing compiles after warm-up."""
+    engine = pipeline.engine
+    before = pipeline.compiled_shapes()
+    rng = np.random.default_rng(7)
+    audio = [rng.standard_normal(int(1.2 * RATE)).astype(np.float32) * 0.2 for _ in range(3)]
+    submitted: list[Job] = []
+    submit = engine.submit
+
+    async def spy(kind, job, priority=0):
+        submitted.append(job)
+        return await submit(kind, job, priority)
+
+    def whole(result) -> str:
+        return pipeline.words_text(pipeline.cut_loop(pipeline.words(result.tokens), 0))
+
+    async def main():
+        off = pipeline.new_recognizer("off", RecognizerOptions(context=False))
+        finals = []
+        for k, a in enumerate(audio):
+            info = SegmentInfo("off", k, 2.0 * k, 2.0 * k + 1.2)
+            for n in (6400, 12800):
+                await off.partial(a[:n], info)
+            finals.append((await off.final(a, info)).text)
+        off_jobs = list(submitted)
+        alone = [whole(await pipeline.recognize(a, (), final=True)) for a in audio]
+        for words in (" Kennedy", " ask not " * 3, " what your country " * 40):
+            on = pipeline.new_recognizer("on", RecognizerOptions(prompt=words))
+            assert on.previous() and len(on.previous()) <= pipeline.context_tokens // 2
+            info = SegmentInfo("on", 0, 0.0, 1.2)
+            await on.partial(audio[0][:12800], info)
+            await on.final(audio[0], info)
+            await pipeline.recognize(audio[1], (), previous=tuple(range(300, 300 + len(words))))
+        return finals, alone, off_jobs
+
+    finals, alone, off_jobs = asyncio.run(_with_spy(engine, spy, main))
+    assert all(job.previous == () for job in off_jobs)
+    assert [f.strip() for f in finals] == [a.strip() for a in alone]
+    assert pipeline.compiled_shapes() == before
+
+
+async def _with_spy(engine, spy, main):
+    """Runs `main()` with the engine started and its `submit` replaced by `spy`."""
+    engine.submit = spy
+    engine.start()
+    try:
+        return await main()
+    finally:
+        del engine.submit  # the method again
+        await engine.stop()
+
+
+class ScriptedDecoder:
+    """A fake `pipeline.recognize`: text per (segment audio, prompted or not), so the
+    context's bookkeeping is checked without a model that says sentences."""
+
+    def __init__(self, pipeline, script: dict[tuple[int, bool], tuple[str, float]]) -> None:
+        self.pipeline, self.script = pipeline, script
+        self.calls: list[tuple[int, tuple[int, ...]]] = []
+
+    async def __call__(self, audio, prefix=(), final=False, previous=()):
+        segment = int(audio[0])  # the test marks each segment's audio with its number
+        self.calls.append((segment, tuple(previous)))
+        text, logprob = self.script[(segment, bool(previous))]
+        ids = tuple(self.pipeline.tokenizer.encode(text)) if text else ()
+        return Decoded(ids, logprob, 0.0)
+
+
+def _segment_audio(k: int) -> np.ndarray:
+    audio = np.zeros(RATE, np.float32)
+    audio[0] = k
+    return audio
+
+
+def test_fallback_clears_the_context_and_does_not_poison_the_next(pipeline, monkeypatch):
+    """Segment 0's final becomes the prompt of segment 1. Segment 1's prompted decode is a
+    hallucinated loop: it is decoded again without the prompt (that is its final), the
+    context is cleared, so segment 2 is decoded without any previous text; segment 3 then
+    sees only segment 2's final."""
+    tok = pipeline.tokenizer
+    fake = ScriptedDecoder(pipeline, {
+        (0, False): (" Ask not", -0.2),
+        (1, True): (" what a loop" * 12, -0.3),  # compression ratio far over 2.4
+        (1, False): (" what your country can do for you.", -0.3),
+        (2, False): (" And so, my fellow Americans,", -0.2),
+        (3, True): (" ask not.", -0.2),
+    })
+    monkeypatch.setattr(pipeline, "recognize", fake)
+    rec = pipeline.new_recognizer("fb")
+    before = pipeline.context_fallbacks
+
+    async def main() -> list[str]:
+        out = []
+        for k in range(4):
+            out.append((await rec.final(_segment_audio(k), SegmentInfo("fb", k, k, k + 1))).text)
+        return out
+
+    finals = asyncio.run(main())
+    assert pipeline.context_fallbacks - before == 1
+    assert finals[1].strip() == "what your country can do for you."
+    prompts = dict(fake.calls)  # the last call per segment
+    assert [c for c in fake.calls if c[0] == 1][0][1] == tuple(tok.encode(" Ask not"))
+    assert prompts[2] == ()  # the hallucination never became context
+    assert prompts[3] == tuple(tok.encode(" And so, my fellow Americans,"))
+
+
+@pytest.mark.parametrize("failure", ["logprob", "no_speech"])
+def test_low_confidence_prompted_final_falls_back(pipeline, monkeypatch, failure) -> None:
+    """A prompted final with a low average log-probability, or a likely no-speech
+    probability, is decoded again without the prompt (openai's fallback tests)."""
+    fake = ScriptedDecoder(pipeline, {(0, False): (" Ask not", -0.2),
+                                      (1, False): (" fine words", -0.2)})
+    bad = Decoded(tuple(pipeline.tokenizer.encode(" odd")), -1.5 if failure == "logprob" else -0.2,
+                  0.1 if failure == "logprob" else 0.9)
+
+    async def recognize(audio, prefix=(), final=False, previous=()):
+        if previous:
+            fake.calls.append((int(audio[0]), tuple(previous)))
+            return bad
+        return await fake(audio, prefix, final, previous)
+
+    monkeypatch.setattr(pipeline, "recognize", recognize)
+    rec = pipeline.new_recognizer("lp")
+
+    async def main():
+        await rec.final(_segment_audio(0), SegmentInfo("lp", 0, 0, 1))
+        return await rec.final(_segment_audio(1), SegmentInfo("lp", 1, 1, 2))
+
+    before = pipeline.context_fallbacks
+    assert asyncio.run(main()).text.strip() == "fine words"
+    assert pipeline.context_fallbacks == before + 1 and rec.previous() == ()
+
+
+def test_context_cleared_after_long_silence_on_request_and_at_close(pipeline,
+                                                                    monkeypatch) -> None:
+    """The previous text is dropped when the next segment starts more than
+    `context_reset_s` after the last final ended, by `clear_context` (what a `finalize`
+    calls), and at close; a session's `prompt` stays first in every case, and
+    `context: false` with a prompt prompts with it alone."""
+    tok = pipeline.tokenizer
+    fake = ScriptedDecoder(pipeline, {(k, p): (f" words {k}", -0.2)
+                                      for k in range(4) for p in (False, True)})
+    monkeypatch.setattr(pipeline, "recognize", fake)
+    gap = pipeline.context_reset_s
+    prompt = tuple(tok.encode(" Kennedy"))
+
+    async def final(rec, k, start):
+        return await rec.final(_segment_audio(k), SegmentInfo("r", k, start, start + 1))
+
+    async def main():
+        rec = pipeline.new_recognizer("r", RecognizerOptions(prompt="Kennedy"))
+        await final(rec, 0, 0.0)
+        await final(rec, 1, 1.5)  # a short pause: segment 0 prompts it
+        await final(rec, 2, 2.5 + gap + 0.1)  # a long silence: only the prompt
+        clear_context(rec)
+        await final(rec, 3, 3.5 + gap + 0.2)
+        rec.close()
+        assert rec.previous() == prompt
+        plain = pipeline.new_recognizer("q", RecognizerOptions(context=False, prompt="Kennedy"))
+        await final(plain, 0, 0.0)
+        await final(plain, 1, 1.5)
+
+    asyncio.run(main())
+    prompts = [p for _, p in fake.calls]
+    assert prompts[:4] == [prompt, prompt + tuple(tok.encode(" words 0")), prompt, prompt]
+    assert prompts[4:] == [prompt, prompt]
+
+
+def test_partials_are_prompted_only_with_context_partials(pipeline, monkeypatch) -> None:
+    """By default only finals see the previous text (prompted partials committed the
+    prompt's guesses); `context_partials` prompts partials too."""
+    tok = pipeline.tokenizer
+    fake = ScriptedDecoder(pipeline, {(k, p): (" ask not what", -0.2)
+                                      for k in range(2) for p in (False, True)})
+    monkeypatch.setattr(pipeline, "recognize", fake)
+
+    async def main() -> None:
+        rec = pipeline.new_recognizer("pp")
+        await rec.final(_segment_audio(0), SegmentInfo("pp", 0, 0, 1))
+        await rec.partial(_segment_audio(1), SegmentInfo("pp", 1, 1.2, 2))
+        monkeypatch.setattr(pipeline, "context_partials", True)
+        await rec.partial(_segment_audio(1), SegmentInfo("pp", 1, 1.2, 2.4))
+
+    asyncio.run(main())
+    assert [p for _, p in fake.calls] == [(), (), tuple(tok.encode(" ask not what"))]

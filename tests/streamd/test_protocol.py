@@ -27,6 +27,15 @@ def test_parse_start_and_stop() -> None:
     assert parse_control(start(encoding="pcm_f32le", channels=2)).frame_bytes == 8
 
 
+def test_parse_context_and_prompt() -> None:
+    """`context` and `prompt` are optional: absent, the daemon's default and no prompt."""
+    auto = parse_control(start())
+    assert auto.context is None and auto.prompt == ""
+    msg = parse_control(start(context=False, prompt="  Kennedy,\n Fellow  Americans "))
+    assert msg.context is False and msg.prompt == "Kennedy, Fellow Americans"
+    assert parse_control(start(context=True, prompt="x" * 500)).context is True
+
+
 @pytest.mark.parametrize("text,error,match", [
     ("{oops", BadRequest, "not JSON"),
     ("[1, 2]", BadRequest, "object"),
@@ -39,6 +48,10 @@ def test_parse_start_and_stop() -> None:
     (start(session="a/b"), BadRequest, "session"),
     (start(partials="yes"), BadRequest, "partials"),
     (start(pipeline=3), BadRequest, "pipeline"),
+    (start(context="yes"), BadRequest, "context"),
+    (start(prompt=3), BadRequest, "prompt"),
+    (start(prompt="x" * 501), BadRequest, "500"),
+    (start(prompt="names\x00"), BadRequest, "prompt"),
     (start(encoding="opus"), Unsupported, "opus"),
     (start(sample_rate=7999), Unsupported, "7999"),
     (start(sample_rate=48001), Unsupported, "48001"),

@@ -70,7 +70,7 @@ class DurationPipeline:
         return {"streamd_test_batches": ("Batches the test pipeline ran",
                                          lambda: len(self.batch_sizes_seen))}
 
-    def new_recognizer(self, session: str) -> _DurationRecognizer:
+    def new_recognizer(self, session: str, options: object = None) -> _DurationRecognizer:
         return _DurationRecognizer(self.engine, self.delay)
 
 

@@ -26,9 +26,11 @@ def _bare_transcriber(monkeypatch, window: str = "bucketed") -> tuple[object, li
     t = whisper_asr.WhisperTranscriber.__new__(whisper_asr.WhisperTranscriber)
     t.encoder_window, t.buckets_s = window, whisper_asr.BUCKETS_S
     t.tail_margin = whisper_asr.TAIL_MARGIN
+    t.context, t.initial = False, ()
     seen: list[int] = []
     monkeypatch.setattr(t, "encode", lambda audio, n=None: n or len(audio), raising=False)
-    monkeypatch.setattr(t, "_decode", lambda _enc, n: seen.append(n), raising=False)
+    monkeypatch.setattr(t, "_decode", lambda _enc, n, previous=(): seen.append(n),
+                        raising=False)
     return t, seen
 
 
