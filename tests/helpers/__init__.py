@@ -9,7 +9,9 @@ fixtures (`mosquitto`, `pulse`) in a test module, write
 
 from __future__ import annotations
 
+import signal
 import socket
+import subprocess
 
 import pytest
 
@@ -23,3 +25,15 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def terminate(proc: subprocess.Popen | None, grace: float = 5.0) -> None:
+    """SIGTERM a still-running process, SIGKILL it after `grace` seconds; wait for it."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from . import free_port
+from . import free_port, terminate
 
 REPO = Path(__file__).resolve().parents[2]
 NATS_CONF = REPO / "deploy" / "nats" / "node.conf"
@@ -84,13 +84,7 @@ class NatsNode:
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        terminate(proc, 10)
 
     def mqtt_ready(self) -> bool:
         """True when the node accepts an MQTT connection (CONNACK 0): JetStream is up."""

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import threading
@@ -26,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from . import terminate
 
 PULSEAUDIO = shutil.which("pulseaudio") or "/usr/bin/pulseaudio"
 PACTL = shutil.which("pactl") or "/usr/bin/pactl"
@@ -158,13 +159,7 @@ class PulseAudio:
         self._feeders.clear()
         proc, self._proc = self._proc, None
         try:
-            if proc is not None and proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(5)
+            terminate(proc, 5)
         finally:
             for key, value in self._saved_env.items():
                 if value is None:
