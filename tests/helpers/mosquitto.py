@@ -284,3 +284,13 @@ class Subscriber:
     def payloads(self, wildcard: str) -> list[dict]:
         """Decoded JSON payloads of the messages whose topic matches `wildcard`."""
         return [json.loads(m.payload) for m in self.messages if m.topic.matches(wildcard)]
+
+
+def first_seen(payloads: list[dict]) -> list[dict]:
+    """Drop at-least-once duplicates (same session and seq), keeping arrival order."""
+    seen, out = set(), []
+    for p in payloads:
+        if (p["session"], p["seq"]) not in seen:
+            seen.add((p["session"], p["seq"]))
+            out.append(p)
+    return out

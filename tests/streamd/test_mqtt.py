@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers.mosquitto import Mosquitto, Subscriber
+from helpers.mosquitto import Mosquitto, Subscriber, first_seen
 
 from streamd.config import MqttConfig
 from streamd.errors import BadRequest, ConfigError
@@ -32,16 +32,6 @@ def _settings(broker: Mosquitto, **kw: object) -> MqttSettings:
 def _final(session: str, k: int) -> dict:
     return {"type": "final", "session": session, "segment": k, "start": float(k),
             "end": k + 0.5, "text": f"segment {k}"}
-
-
-def _first_seen(payloads: list[dict]) -> list[dict]:
-    """Drop at-least-once duplicates (same session and seq), keeping arrival order."""
-    seen, out = set(), []
-    for p in payloads:
-        if (p["session"], p["seq"]) not in seen:
-            seen.add((p["session"], p["seq"]))
-            out.append(p)
-    return out
 
 
 async def _status(broker: Mosquitto, node: str, want: str, timeout: float = 10) -> dict:
@@ -271,8 +261,8 @@ def test_outbox_bound_and_back_pressure(tmp_path: Path) -> None:
         assert await pub.stop(10) == 0
         async with Subscriber(broker, ["streamd/bp/final"], persistent=True,
                               client_id=sub_id) as sub:
-            await sub.wait_for(lambda m: len(_first_seen(sub.payloads("streamd/bp/final"))) >= 4)
-        finals = _first_seen(sub.payloads("streamd/bp/final"))
+            await sub.wait_for(lambda m: len(first_seen(sub.payloads("streamd/bp/final"))) >= 4)
+        finals = first_seen(sub.payloads("streamd/bp/final"))
         assert [f["segment"] for f in finals] == [0, 1, 2, 3]
         assert [f["seq"] for f in finals] == [0, 1, 2, 3]
 
@@ -306,14 +296,14 @@ def test_broker_restart_mid_stream_keeps_every_final(tmp_path: Path) -> None:
             await asyncio.to_thread(broker.restart, down_s=0.5)
             await asyncio.wait_for(producer, 20)
             assert await pub.wait_connected(10)
-            await sub.wait_for(lambda m: len(_first_seen(sub.payloads("streamd/ms/final"))) >= n,
+            await sub.wait_for(lambda m: len(first_seen(sub.payloads("streamd/ms/final"))) >= n,
                                timeout=20)
             assert await pub.stop(10) == 0
             assert pub.reconnects >= 1 and sub.connects >= 2
             online = [s for s in sub.payloads("streamd/status/node5") if s["state"] == "online"]
             assert online[-1]["ts"] >= t_restart  # re-announced after the restart
 
-        finals = _first_seen(sub.payloads("streamd/ms/final"))
+        finals = first_seen(sub.payloads("streamd/ms/final"))
         assert [f["segment"] for f in finals] == list(range(n))
         assert [f["seq"] for f in finals] == list(range(n))
 
@@ -343,9 +333,9 @@ def test_unacknowledged_finals_are_sent_again(tmp_path: Path) -> None:
             assert pub.outbox_depth == 5
             broker.stop(kill=True)  # the bytes it had not read die with it
             broker.start()
-            await sub.wait_for(lambda m: len(_first_seen(sub.payloads("streamd/ua/final"))) >= 10)
+            await sub.wait_for(lambda m: len(first_seen(sub.payloads("streamd/ua/final"))) >= 10)
             assert await pub.stop(10) == 0
-        finals = _first_seen(sub.payloads("streamd/ua/final"))
+        finals = first_seen(sub.payloads("streamd/ua/final"))
         assert [f["seq"] for f in finals] == list(range(10))
 
     try:
@@ -439,10 +429,10 @@ def test_moves_to_the_next_broker_with_the_outbox_intact(tmp_path: Path) -> None
             def both() -> list[dict]:
                 return sub1.payloads("streamd/mb/final") + sub2.payloads("streamd/mb/final")
 
-            await sub2.wait_for(lambda m: len(_first_seen(both())) >= n)
+            await sub2.wait_for(lambda m: len(first_seen(both())) >= n)
             assert pub.broker == (second.host, second.port) and pub.reconnects == 1
             assert await pub.stop(5) == 0
-        finals = _first_seen(both())
+        finals = first_seen(both())
         assert [f["seq"] for f in finals] == list(range(n))
         assert sub2.payloads("streamd/mb/final")  # the second broker took over
 

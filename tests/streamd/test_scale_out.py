@@ -21,22 +21,13 @@ import pytest
 from helpers.client import StreamClient
 from helpers.daemon import RATE, Daemon, serve, speech_audio, stream_session, test_pipeline_env
 from helpers.haproxy import HAProxy
-from helpers.mosquitto import Subscriber
+from helpers.mosquitto import Subscriber, first_seen
 from helpers.nats import NatsCluster
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 CONTRACT = ("node", "seq", "ts")  # what MQTT payloads add to the WebSocket event
-
-
-def _first_seen(payloads: list[dict]) -> list[dict]:
-    seen, out = set(), []
-    for p in payloads:
-        if (p["session"], p["seq"]) not in seen:
-            seen.add((p["session"], p["seq"]))
-            out.append(p)
-    return out
 
 
 def _same_finals(ws_finals: list[dict], published: list[dict], node: str) -> None:
@@ -72,7 +63,7 @@ def test_finals_cross_the_nats_cluster(tmp_path: Path, nats: NatsCluster,
                                                  speed=10)
                 finals = [e for e in events if e["type"] == "final"]
                 await sub.wait_for(lambda m: len(m) >= len(finals), timeout=30)
-        return finals, _first_seen(sub.payloads("streamd/+/final"))
+        return finals, first_seen(sub.payloads("streamd/+/final"))
 
     finals, published = asyncio.run(main())
     assert len(finals) == 3
@@ -103,11 +94,11 @@ def test_nats_node_killed_mid_stream_loses_no_final(tmp_path: Path, nats: NatsCl
                 events = await session
                 finals = [e for e in events if e["type"] == "final"]
                 await sub.wait_for(
-                    lambda m: len(_first_seen(sub.payloads("streamd/+/final"))) >= len(finals),
+                    lambda m: len(first_seen(sub.payloads("streamd/+/final"))) >= len(finals),
                     timeout=60)
             delays = [t - json.loads(m.payload)["ts"] for m, t in zip(
                 sub.messages, sub.arrived, strict=True)]
-        return finals, _first_seen(sub.payloads("streamd/+/final")), t_kill, daemon, delays
+        return finals, first_seen(sub.payloads("streamd/+/final")), t_kill, daemon, delays
 
     finals, published, t_kill, daemon, delays = asyncio.run(main())
     assert len(finals) == 5
