@@ -341,6 +341,7 @@ class _MicSession:
                                cfg.recognition.partial_interval_ms)
         self.runner = SessionRunner(self.session, daemon.pipeline.new_recognizer(start.session),
                                     daemon.server.publish, daemon.metrics)
+        self.publish = daemon.server.publish
         self.metrics = daemon.metrics
         self.device = cfg.mic.device or None
         self.source: Any = None
@@ -368,9 +369,11 @@ class _MicSession:
         self.runner.push(self.session.stop())
         try:
             await asyncio.wait_for(self.runner.finish(), timeout)
-            return True
         except TimeoutError:
-            return False
+            return False  # finals still in flight: a `done` now would overtake them
+        # Like a WebSocket session's end: subscribers learn the session is over.
+        await self.publish(self.session.done())
+        return True
 
 
 def main(args: argparse.Namespace) -> int:

@@ -39,8 +39,10 @@ each counted in `dropped_partials`. Partials and outbox entries reach the wire i
 publication order, so a partial never overtakes the final published before it.
 
 `seq` counts every event of a session, dropped partials included (a gap is a dropped
-partial); it restarts after the session's `done` (or once 4096 more recently active
-sessions pushed it out). `ts` is the Unix time at which `publish` accepted the event.
+partial). It goes on after the session's `done`, so a session resumed on this node (a new
+connection, same id) keeps increasing it; it restarts only once 4096 more recently active
+sessions pushed the session out. `ts` is the Unix time at which `publish` accepted the
+event.
 
 Connection handling follows aiomqtt's reconnection recipe: aiomqtt 2.x clients are
 not reusable across connections, so every attempt builds a new `aiomqtt.Client`, with
@@ -295,11 +297,8 @@ class MqttPublisher:
             with contextlib.suppress(ValueError, KeyError, TypeError):
                 event = json.loads(payload)
                 session, seq = event["session"], int(event["seq"])
-                if event.get("type") == "done":
-                    self._seq.pop(session, None)
-                else:
-                    self._seq.pop(session, None)
-                    self._seq[session] = seq + 1
+                self._seq.pop(session, None)  # re-inserted: most recent last
+                self._seq[session] = seq + 1
         self.recovered = self._enqueued = len(self._outbox)
         if self.recovered:
             log.warning("mqtt: %d undelivered events from %s go first", self.recovered,
@@ -400,8 +399,6 @@ class MqttPublisher:
             jid = self._journal.append(topic, payload) if self._journal is not None else None
             self._outbox.append(_Entry(topic, payload, jid=jid))
             self._enqueued += 1
-        if etype == "done":
-            self._seq.pop(session, None)  # the session is over; keep the map bounded
         self._wake.set()
 
     def _stamp(self, event: dict, session: str) -> dict:

@@ -56,7 +56,9 @@ from streamd.session import Request, Session, SessionRunner
 log = logging.getLogger("streamd.server")
 STREAM_PATH = "/v1/stream"
 STATIC_DIR = Path(__file__).resolve().parent / "static"
-PUBLISHED = ("partial", "final")  # event types that go to publishers (MQTT)
+# Event types that go to publishers (MQTT, its journal), in emission order; `ready`,
+# `error` and the dialect-specific replies concern one WebSocket client only.
+PUBLISHED = ("speech_start", "partial", "final", "done")
 ENDED_MAX = 4096  # sessions remembered after they end, for resume (least recent go first)
 
 
@@ -187,7 +189,8 @@ class StreamServer:
                                  threading.active_count)
 
     async def publish(self, event: dict[str, Any]) -> None:
-        """Send a partial/final to every publisher; a failing publisher never breaks a session."""
+        """Send a published event (`PUBLISHED`) to every publisher; a failing publisher never
+        breaks a session."""
         if event.get("type") not in PUBLISHED:
             return
         for pub in self.publishers:
