@@ -257,7 +257,26 @@ class Daemon:
                                        lambda: self.mqtt.reconnects)
             self.metrics.track_counter("streamd_mqtt_dropped_partials", "MQTT partials dropped",
                                        lambda: self.mqtt.dropped_partials)
+            self.metrics.track_gauge("streamd_mqtt_connected",
+                                     "1 while connected to an MQTT broker, else 0",
+                                     lambda: float(self.mqtt.connected))
+            self.metrics.track_gauge("streamd_mqtt_outbox_waiters",
+                                     "Events waiting for room in the full MQTT outbox "
+                                     "(sessions held up by back-pressure)",
+                                     lambda: self.mqtt.outbox_waiters)
+            self.metrics.track_labeled_counter(
+                "streamd_mqtt_connect_failures", "Failed MQTT connection attempts", "reason",
+                lambda: self.mqtt.connect_failures_by_reason)
+            self.metrics.track_counter("streamd_mqtt_published",
+                                       "MQTT QoS 1 events acknowledged by the broker",
+                                       lambda: self.mqtt.published)
+            self.metrics.track_counter(
+                "streamd_mqtt_backpressure_seconds",
+                "Seconds sessions waited for room in the full MQTT outbox, summed",
+                lambda: self.mqtt.backpressure_s)
         self.server = StreamServer(cfg, self.pipeline, self.metrics, self.publishers)
+        if self.mqtt is not None:
+            self.server.health_details["mqtt"] = self.mqtt.health
         await self.server.start()
         if cfg.mic.enabled:
             self._mic = _MicSession(self)
