@@ -260,6 +260,9 @@ class Daemon:
             self.metrics.track_gauge("streamd_mqtt_connected",
                                      "1 while connected to an MQTT broker, else 0",
                                      lambda: float(self.mqtt.connected))
+            self.metrics.track_gauge("streamd_mqtt_backpressure_max_seconds",
+                                     "Longest single wait for room in the MQTT outbox",
+                                     lambda: self.mqtt.backpressure_max_s)
             self.metrics.track_gauge("streamd_mqtt_outbox_waiters",
                                      "Events waiting for room in the full MQTT outbox "
                                      "(sessions held up by back-pressure)",
