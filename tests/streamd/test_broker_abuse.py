@@ -188,6 +188,8 @@ def test_broker_outage_under_load_loses_nothing(tmp_path: Path,
                     return first_seen([json.loads(x.payload) for x in sub.messages])
 
             got = asyncio.run(collect())
+            # Delivered to the subscriber can come just before the daemon reads its PUBACK.
+            wait_until(lambda: healthz(daemon)[1]["mqtt"]["outbox"] == 0, 10, "outbox empty")
             assert metric(daemon, 'streamd_queue_depth{queue="mqtt_outbox"}') == 0
             log = daemon.log_text()
     finally:
