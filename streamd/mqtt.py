@@ -86,7 +86,6 @@ from streamd.journal import Journal
 log = logging.getLogger("streamd.mqtt")
 
 _PARTIAL = "partial"
-STATES = ("connecting", "connected", "unreachable", "refused")
 FAILURE_REASONS = ("unreachable", "refused", "tls")  # why a connection attempt failed
 _SEQ_SESSIONS_MAX = 4096  # per-session counters kept; the least recently used go first
 
