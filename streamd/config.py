@@ -238,6 +238,9 @@ class MqttConfig:
     tls_insecure: bool = False  # skip the host name check (the chain is still verified)
     keepalive_s: int = 30
     outbox_size: int = 1000
+    # Back-off between failed connection rounds: doubles from min to max, jittered.
+    reconnect_min_s: float = 0.5
+    reconnect_max_s: float = 30.0
     # More brokers ("host:port"), tried in turn after `host`:`port` when one is lost.
     hosts: tuple[str, ...] = ()
     # The on-disk outbox: "" = default file under the state directory, "off" = memory only,

@@ -257,7 +257,29 @@ class Daemon:
                                        lambda: self.mqtt.reconnects)
             self.metrics.track_counter("streamd_mqtt_dropped_partials", "MQTT partials dropped",
                                        lambda: self.mqtt.dropped_partials)
+            self.metrics.track_gauge("streamd_mqtt_connected",
+                                     "1 while connected to an MQTT broker, else 0",
+                                     lambda: float(self.mqtt.connected))
+            self.metrics.track_gauge("streamd_mqtt_backpressure_max_seconds",
+                                     "Longest single wait for room in the MQTT outbox",
+                                     lambda: self.mqtt.backpressure_max_s)
+            self.metrics.track_gauge("streamd_mqtt_outbox_waiters",
+                                     "Events waiting for room in the full MQTT outbox "
+                                     "(sessions held up by back-pressure)",
+                                     lambda: self.mqtt.outbox_waiters)
+            self.metrics.track_labeled_counter(
+                "streamd_mqtt_connect_failures", "Failed MQTT connection attempts", "reason",
+                lambda: self.mqtt.connect_failures_by_reason)
+            self.metrics.track_counter("streamd_mqtt_published",
+                                       "MQTT QoS 1 events acknowledged by the broker",
+                                       lambda: self.mqtt.published)
+            self.metrics.track_counter(
+                "streamd_mqtt_backpressure_seconds",
+                "Seconds sessions waited for room in the full MQTT outbox, summed",
+                lambda: self.mqtt.backpressure_s)
         self.server = StreamServer(cfg, self.pipeline, self.metrics, self.publishers)
+        if self.mqtt is not None:
+            self.server.health_details["mqtt"] = self.mqtt.health
         await self.server.start()
         if cfg.mic.enabled:
             self._mic = _MicSession(self)
@@ -341,6 +363,7 @@ class _MicSession:
                                cfg.recognition.partial_interval_ms)
         self.runner = SessionRunner(self.session, daemon.pipeline.new_recognizer(start.session),
                                     daemon.server.publish, daemon.metrics)
+        self.publish = daemon.server.publish
         self.metrics = daemon.metrics
         self.device = cfg.mic.device or None
         self.source: Any = None
@@ -368,9 +391,11 @@ class _MicSession:
         self.runner.push(self.session.stop())
         try:
             await asyncio.wait_for(self.runner.finish(), timeout)
-            return True
         except TimeoutError:
-            return False
+            return False  # finals still in flight: a `done` now would overtake them
+        # Like a WebSocket session's end: subscribers learn the session is over.
+        await self.publish(self.session.done())
+        return True
 
 
 def main(args: argparse.Namespace) -> int:

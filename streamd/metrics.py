@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import (
     CollectorRegistry,
@@ -87,6 +87,12 @@ class Metrics:
         """Expose a counter kept elsewhere (e.g. `MqttPublisher.reconnects`)."""
         self._external.counters[name] = (doc, value)
 
+    def track_labeled_counter(self, name: str, doc: str, label: str,
+                              values: Callable[[], Mapping[str, float]]) -> None:
+        """Expose counters kept elsewhere, one series per `label` value (e.g.
+        `MqttPublisher.connect_failures_by_reason`)."""
+        self._external.labeled[name] = (doc, label, values)
+
     def track_gauge(self, name: str, doc: str, value: Callable[[], float]) -> None:
         """Expose a gauge sampled at scrape time (e.g. the MQTT journal's size)."""
         Gauge(name, doc, registry=self.registry).set_function(value)
@@ -98,7 +104,13 @@ class Metrics:
 class _ExternalCounters(Collector):
     def __init__(self) -> None:
         self.counters: dict[str, tuple[str, Callable[[], float]]] = {}
+        self.labeled: dict[str, tuple[str, str, Callable[[], Mapping[str, float]]]] = {}
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         for name, (doc, value) in self.counters.items():
             yield CounterMetricFamily(name, doc, value=float(value()))
+        for name, (doc, label, values) in self.labeled.items():
+            family = CounterMetricFamily(name, doc, labels=[label])
+            for key, count in values().items():
+                family.add_metric([key], float(count))
+            yield family

@@ -39,8 +39,19 @@ each counted in `dropped_partials`. Partials and outbox entries reach the wire i
 publication order, so a partial never overtakes the final published before it.
 
 `seq` counts every event of a session, dropped partials included (a gap is a dropped
-partial); it restarts after the session's `done` (or once 4096 more recently active
-sessions pushed it out). `ts` is the Unix time at which `publish` accepted the event.
+partial). It goes on after the session's `done`, so a session resumed on this node (a new
+connection, same id) keeps increasing it; it restarts only once 4096 more recently active
+sessions pushed the session out. `ts` is the Unix time at which `publish` accepted the
+event.
+
+Link state (`state`, `health()`, `/healthz`): `connecting` (at start, and after a lost
+link until an attempt fails), `connected`, `unreachable` (the last attempt found no broker:
+TCP refused or timed out, no CONNACK in time), `refused` (a broker answered and said no:
+CONNACK refused, e.g. bad credentials or not authorised, or the TLS handshake failed).
+Logs: one line per change of state, broker or error, not one per retry (the repeats are
+at debug level); the line names the broker and the reason, never the password. Failed
+attempts are counted per reason (`connect_failures_by_reason`: `unreachable`, `refused`,
+`tls`).
 
 Connection handling follows aiomqtt's reconnection recipe: aiomqtt 2.x clients are
 not reusable across connections, so every attempt builds a new `aiomqtt.Client`, with
@@ -67,6 +78,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import aiomqtt
+from aiomqtt.exceptions import MqttConnectError  # not exported by aiomqtt 2.x
 
 from streamd.errors import BadRequest, ConfigError
 from streamd.journal import Journal
@@ -74,6 +86,7 @@ from streamd.journal import Journal
 log = logging.getLogger("streamd.mqtt")
 
 _PARTIAL = "partial"
+FAILURE_REASONS = ("unreachable", "refused", "tls")  # why a connection attempt failed
 _SEQ_SESSIONS_MAX = 4096  # per-session counters kept; the least recently used go first
 
 
@@ -250,9 +263,12 @@ class MqttPublisher:
     """Publishes contract events for one daemon node; see the module docstring.
 
     Counters for metrics: `reconnects` (connections made after the first),
-    `connect_failures`, `dropped_partials`, `published` (acknowledged outbox entries),
-    `recovered` (entries found in the journal at start), the `outbox_depth` and
-    `journal_bytes` properties. `broker` is the (host, port) in use or tried last.
+    `connect_failures` (and `connect_failures_by_reason`), `dropped_partials`,
+    `published` (acknowledged outbox entries), `recovered` (entries found in the journal
+    at start), `backpressure_s` (seconds `publish` callers waited for outbox room, summed;
+    `backpressure_max_s` the longest single wait), the `outbox_depth` and `journal_bytes`
+    properties. `broker` is the (host, port) in use or tried last; `state` and
+    `last_error` describe the link (module docstring).
     """
 
     def __init__(self, settings: MqttSettings, node: str) -> None:
@@ -265,6 +281,19 @@ class MqttPublisher:
         self.status_topic = f"{settings.prefix}/status/{node}"
         self.reconnects = 0
         self.connect_failures = 0
+        self.connect_failures_by_reason: dict[str, int] = dict.fromkeys(FAILURE_REASONS, 0)
+        self.state = "connecting"
+        self.last_error = ""
+        # Back-pressure: publish() calls waiting for outbox room now (-> start time), and
+        # the waits that ended (their sum and the longest).
+        self._waiting: dict[object, float] = {}
+        self._backpressure_done_s = 0.0
+        self._backpressure_max_done_s = 0.0
+        # (broker, error) pairs already logged since the link was last up: repeats of a
+        # failed attempt go to debug, so a long outage is one warning, not one per retry.
+        self._failures_logged: set[tuple[tuple[str, int], str]] = set()
+        self._down_since: float | None = time.monotonic()  # None while connected
+        self._outage_failures = 0  # failed attempts since the link was last up
         self.dropped_partials = 0
         self.published = 0
         self._outbox: deque[_Entry] = deque()
@@ -295,11 +324,8 @@ class MqttPublisher:
             with contextlib.suppress(ValueError, KeyError, TypeError):
                 event = json.loads(payload)
                 session, seq = event["session"], int(event["seq"])
-                if event.get("type") == "done":
-                    self._seq.pop(session, None)
-                else:
-                    self._seq.pop(session, None)
-                    self._seq[session] = seq + 1
+                self._seq.pop(session, None)  # re-inserted: most recent last
+                self._seq[session] = seq + 1
         self.recovered = self._enqueued = len(self._outbox)
         if self.recovered:
             log.warning("mqtt: %d undelivered events from %s go first", self.recovered,
@@ -322,6 +348,31 @@ class MqttPublisher:
     @property
     def connected(self) -> bool:
         return self._client is not None
+
+    @property
+    def backpressure_s(self) -> float:
+        """Seconds publish() callers waited for outbox room, summed (waits going on too)."""
+        now = time.monotonic()
+        return self._backpressure_done_s + sum(now - t for t in self._waiting.values())
+
+    @property
+    def backpressure_max_s(self) -> float:
+        """The longest single wait for outbox room so far (one going on included)."""
+        ongoing = time.monotonic() - min(self._waiting.values()) if self._waiting else 0.0
+        return max(self._backpressure_max_done_s, ongoing)
+
+    @property
+    def outbox_waiters(self) -> int:
+        """publish() calls waiting for outbox room now (sessions held up)."""
+        return len(self._waiting)
+
+    def health(self) -> dict[str, Any]:
+        """The link for `/healthz`: state, broker (host:port), outbox entries and bound,
+        publish() calls waiting for room, the last connection error ("" once connected)."""
+        host, port = self.broker
+        return {"state": self.state, "broker": f"{host}:{port}",
+                "outbox": len(self._outbox), "outbox_max": self.settings.outbox_max,
+                "waiting": len(self._waiting), "last_error": self.last_error}
 
     async def wait_connected(self, timeout: float | None = None) -> bool:
         """True once connected (online status published), False after `timeout` s."""
@@ -391,8 +442,16 @@ class MqttPublisher:
             return
         async with self._space:
             # Back-pressure: wait for room (FIFO among waiters keeps their order).
-            await self._space.wait_for(
-                lambda: self._closed or len(self._outbox) < self.settings.outbox_max)
+            if len(self._outbox) >= self.settings.outbox_max:
+                waiter = object()
+                self._waiting[waiter] = time.monotonic()
+                try:
+                    await self._space.wait_for(
+                        lambda: self._closed or len(self._outbox) < self.settings.outbox_max)
+                finally:
+                    waited = time.monotonic() - self._waiting.pop(waiter)
+                    self._backpressure_done_s += waited
+                    self._backpressure_max_done_s = max(self._backpressure_max_done_s, waited)
             if self._closed:
                 raise RuntimeError("MqttPublisher stopped while waiting for outbox room")
             payload = _encode(self._stamp(event, session))
@@ -400,8 +459,6 @@ class MqttPublisher:
             jid = self._journal.append(topic, payload) if self._journal is not None else None
             self._outbox.append(_Entry(topic, payload, jid=jid))
             self._enqueued += 1
-        if etype == "done":
-            self._seq.pop(session, None)  # the session is over; keep the map bounded
         self._wake.set()
 
     def _stamp(self, event: dict, session: str) -> dict:
@@ -465,7 +522,7 @@ class MqttPublisher:
                                          timeout=self.settings.connect_timeout)
                     self._client = client
                     self._connected.set()
-                    log.info("mqtt connected to %s:%d as %s", *self.broker, self.client_id)
+                    self._link_up()
                     if self._dropped_logged:
                         log.info("mqtt: %d partials dropped so far", self.dropped_partials)
                         self._dropped_logged = False
@@ -481,12 +538,7 @@ class MqttPublisher:
                     await self._say_offline(client)
                     return
             except Exception as exc:  # noqa: BLE001 - the loop must outlive any one link
-                self.connect_failures += not up
-                log.log(logging.WARNING if isinstance(exc, aiomqtt.MqttError) else logging.ERROR,
-                        "mqtt %s %s:%d: %r%s",
-                        "connection lost to" if up else "cannot connect to",
-                        *self.broker, exc, self.settings.describe_failure(exc),
-                        exc_info=not isinstance(exc, aiomqtt.MqttError))
+                self._link_failed(exc, was_up=up and self._connected.is_set())
             finally:
                 self._client = None
                 self._connected.clear()
@@ -503,6 +555,58 @@ class MqttPublisher:
             if position == n - 1:
                 await asyncio.sleep(self._backoff(rounds))
             failures += 1
+
+    def _link_up(self) -> None:
+        """Connected (online status acknowledged): state, and one line about the outage."""
+        outage = ""
+        if self._down_since is not None and (self.reconnects or self._outage_failures):
+            outage = (f" after {time.monotonic() - self._down_since:.1f} s without a broker "
+                      f"({self._outage_failures} failed attempts; {len(self._outbox)} "
+                      "events waiting)")
+        log.info("mqtt connected to %s:%d as %s%s", *self.broker, self.client_id, outage)
+        self.state, self.last_error = "connected", ""
+        self._failures_logged.clear()
+        self._down_since, self._outage_failures = None, 0
+
+    def _link_failed(self, exc: Exception, *, was_up: bool) -> None:
+        """A lost link or a failed attempt: counters, state, and a log line when the state,
+        broker or error is new (not on every retry)."""
+        broker = self.broker
+        detail = f"{exc!r}{self.settings.describe_failure(exc)}"
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+        if not isinstance(exc, aiomqtt.MqttError):  # a bug, not the network: always loud
+            log.error("mqtt link to %s:%d failed: %s", *broker, detail, exc_info=exc)
+        if was_up:
+            self.state, self.last_error = "connecting", f"connection lost: {exc}"
+            self._failures_logged.clear()
+            if isinstance(exc, aiomqtt.MqttError):
+                log.warning("mqtt connection lost to %s:%d: %s; reconnecting", *broker, detail)
+            return
+        reason = self._failure_reason(exc)
+        self.connect_failures += 1
+        self._outage_failures += 1
+        self.connect_failures_by_reason[reason] += 1
+        self.state = "unreachable" if reason == "unreachable" else "refused"
+        self.last_error = f"{reason}: {exc}{self.settings.describe_failure(exc)}"
+        key = (broker, self.last_error)
+        if key in self._failures_logged or not isinstance(exc, aiomqtt.MqttError):
+            log.debug("mqtt cannot connect to %s:%d: %s (again)", *broker, detail)
+            return
+        if len(self._failures_logged) >= 64:  # errors that keep changing: bounded anyway
+            self._failures_logged.clear()
+        self._failures_logged.add(key)
+        log.warning("mqtt cannot connect to %s:%d: %s (%s; retrying with back-off, outbox %d "
+                    "of %d; logged again when this changes)", *broker, detail,
+                    self.state, len(self._outbox), self.settings.outbox_max)
+
+    def _failure_reason(self, exc: BaseException) -> str:
+        """`refused` (the broker said no in its CONNACK), `tls`, or `unreachable`."""
+        if isinstance(exc, MqttConnectError):
+            return "refused"
+        if self.settings.describe_failure(exc):
+            return "tls"
+        return "unreachable"
 
     async def _say_offline(self, client: aiomqtt.Client) -> None:
         self._client = None  # no new partials for this link

@@ -17,6 +17,9 @@ Deepgram dialect (`/v1/listen`, streamd/deepgram.py): the query string is the `s
 (checked before the upgrade: 400), the session starts at the upgrade, and the events this
 connection sends are translated by `deepgram.Translator`; publishers see native events.
 
+`/healthz` also shows each `health_details` entry (the MQTT link: state, broker, outbox)
+without letting it change the status code (docs/protocol.md says why).
+
 Draining (`begin_drain()`, SIGTERM): `/healthz` answers 404 `{"status": "draining"}`,
 which a load balancer's health check (HAProxy `http-check disable-on-404`) takes as
 "no new sessions, keep the open ones"; new streams get 503; open sessions go on.
@@ -56,7 +59,9 @@ from streamd.session import Request, Session, SessionRunner
 log = logging.getLogger("streamd.server")
 STREAM_PATH = "/v1/stream"
 STATIC_DIR = Path(__file__).resolve().parent / "static"
-PUBLISHED = ("partial", "final")  # event types that go to publishers (MQTT)
+# Event types that go to publishers (MQTT, its journal), in emission order; `ready`,
+# `error` and the dialect-specific replies concern one WebSocket client only.
+PUBLISHED = ("speech_start", "partial", "final", "done")
 ENDED_MAX = 4096  # sessions remembered after they end, for resume (least recent go first)
 
 
@@ -136,6 +141,8 @@ class StreamServer:
         self._ws: WsServer | None = None
         self.extra_sessions: Callable[[], int] = lambda: 0  # e.g. the mic session
         self.reserved_ids: set[str] = set()  # session ids clients may not take ("mic")
+        # More /healthz fields, sampled per request (e.g. "mqtt": the publisher's link).
+        self.health_details: dict[str, Callable[[], Any]] = {}
         # Sessions that ended here: id -> segments so far (the next number on resume).
         self.ended: OrderedDict[str, int] = OrderedDict()
         self.limiter = RateLimiter(config.server.connection_rate, config.server.connection_burst)
@@ -187,7 +194,8 @@ class StreamServer:
                                  threading.active_count)
 
     async def publish(self, event: dict[str, Any]) -> None:
-        """Send a partial/final to every publisher; a failing publisher never breaks a session."""
+        """Send a published event (`PUBLISHED`) to every publisher; a failing publisher never
+        breaks a session."""
         if event.get("type") not in PUBLISHED:
             return
         for pub in self.publishers:
@@ -285,6 +293,9 @@ class StreamServer:
             state = "draining" if self.draining else "ok" if self.ready else "starting"
             body = {"status": state, "node": self.config.node, "sessions": self.session_count,
                     "pipeline": self.pipeline.name}
+            body.update({name: detail() for name, detail in self.health_details.items()})
+            # Not the MQTT link: finals wait in the journal through a broker outage, so a
+            # load balancer must not pull every node because their broker went away.
             code = {"ok": 200, "draining": 404}.get(state, 503)
             return _json_response(code, body)
         if path == "/metrics":

@@ -320,7 +320,7 @@ def noise(kind: str, seconds: float, dbfs: float, seed: int) -> np.ndarray:
 
 def test_loud_noise_publishes_nothing(daemon, collector) -> None:
     """Noise loud enough for the VAD to open segments: recognition finds no words in
-    them, so no event at all (no speech_start, no empty final) reaches the client or
+    them, so no event but `done` (no speech_start, no empty final) reaches the client or
     MQTT; the metrics show the VAD did open segments that were dropped."""
     def dropped() -> float:
         with urllib.request.urlopen(f"{daemon.http}/metrics") as r:
@@ -337,7 +337,8 @@ def test_loud_noise_publishes_nothing(daemon, collector) -> None:
     assert events[-1]["segments"] == 0
     assert dropped() - before >= 1, "the VAD should have taken some of it for speech"
     time.sleep(0.5)
-    assert not [t for t, _ in collector.messages if t.startswith("streamd/noise/")]
+    assert [t for t, _ in collector.messages if t.startswith("streamd/noise/")] == [
+        "streamd/noise/done"]
 
 
 def test_finalize_and_utterance_end_with_whisper(daemon, manifest) -> None:

@@ -4,10 +4,12 @@ Mosquitto with TLS listeners; the recognizer is the duration double of test_serv
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -121,6 +123,11 @@ def test_serve_says_clearly_when_the_ca_does_not_match(tmp_path: Path) -> None:
         with serve(tmp_path, "--mqtt-host", broker.host, "--mqtt-port", str(broker.port),
                    "--mqtt-tls", "--mqtt-ca", str(wrong_ca), env=TEST_PIPELINE) as daemon:
             log = _wait_for_log(daemon, "certificate verify failed")
+            with urllib.request.urlopen(f"{daemon.http}/healthz", timeout=5) as r:
+                health = json.load(r)
+    # The broker answered and the handshake failed: `refused`, not `unreachable`.
+    assert health["status"] == "ok" and health["mqtt"]["state"] == "refused"
+    assert health["mqtt"]["last_error"].startswith("tls: ")
     line = next(x for x in log.splitlines() if "certificate verify failed" in x)
     assert f"mqtt cannot connect to {broker.host}:{broker.port}" in line
     assert f"does not verify against mqtt.tls_ca_file '{wrong_ca}'" in line

@@ -301,15 +301,17 @@ def test_token_auth(daemon: Daemon, audio: np.ndarray) -> None:
 
 
 def test_same_sessions_mqtt_and_metrics(tmp_path: Path, audio: np.ndarray) -> None:
-    """A /v1/listen session is a streamd session: its native finals go to MQTT under its
-    request_id, with the SDK's transcripts, and /metrics counts it."""
+    """A /v1/listen session is a streamd session: its native speech_start, finals and done
+    go to MQTT under its request_id, in order, the finals with the SDK's transcripts, and
+    /metrics counts it."""
     with Mosquitto(tmp_path) as broker:
         cfg = test_config(mqtt={"host": broker.host, "port": broker.port})
         with running_daemon(cfg) as d:
             port = d.server.port
 
             async def main() -> tuple[Listener, list[dict]]:
-                async with Subscriber(broker, ["streamd/+/final"]) as sub:
+                async with Subscriber(broker, [f"streamd/+/{kind}" for kind in
+                                               ("speech_start", "final", "done")]) as sub:
                     dg = Listener(port, "any", interim_results=True)
 
                     def run() -> None:
@@ -318,16 +320,20 @@ def test_same_sessions_mqtt_and_metrics(tmp_path: Path, audio: np.ndarray) -> No
                         dg.close_stream()
 
                     await asyncio.to_thread(run)
-                    await sub.wait_for(lambda m: len(m) >= 3)
-                return dg, sub.payloads("streamd/+/final")
+                    await sub.wait_for(lambda m: bool(sub.payloads("streamd/+/done")))
+                return dg, sub.payloads("streamd/+/+")
 
             dg, published = asyncio.run(main())
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
                 metrics = r.read().decode()
     finals = dg.finals()
     request_id = finals[0].metadata.request_id
-    assert [m["session"] for m in published] == [request_id] * 3
-    assert [m["type"] for m in published] == ["final"] * 3
+    assert [m["session"] for m in published] == [request_id] * 7
+    assert [m["type"] for m in published] == ["speech_start", "final"] * 3 + ["done"]
+    assert published[-1]["segments"] == 3
+    seqs = [m["seq"] for m in published]
+    assert seqs == sorted(set(seqs))
+    published = [m for m in published if m["type"] == "final"]
     assert [m["text"] for m in published] == [f.channel.alternatives[0].transcript
                                               for f in finals]
     assert [m["start"] for m in published] == [f.start for f in finals]

@@ -123,11 +123,12 @@ def test_publisher_killed_while_broker_away_resends_from_journal(tmp_path: Path)
 
 def test_daemon_killed_while_broker_away_republishes_accepted_finals(
         tmp_path: Path, shared_audio_dir: Path) -> None:
-    """Broker down, a session streamed (finals accepted), SIGKILL, restart, broker up: a
-    subscriber gets every accepted final once more, in order, with the same payloads."""
+    """Broker down, a session streamed (its speech_starts, finals and done accepted),
+    SIGKILL, restart, broker up: a subscriber gets every accepted event once more, in
+    order, with the same payloads (same seq)."""
     broker = Mosquitto(tmp_path, persistence=True)
     sub_id = f"journal-{os.getpid()}"
-    topics = ["streamd/+/final"]
+    topics = [f"streamd/+/{kind}" for kind in ("speech_start", "final", "done")]
 
     async def subscribe_once() -> None:  # a persistent session that the broker keeps
         async with Subscriber(broker, topics, persistent=True, client_id=sub_id):
@@ -143,31 +144,33 @@ def test_daemon_killed_while_broker_away_republishes_accepted_finals(
             events = stream_session(daemon.port, speech_audio(shared_audio_dir), speed=20)
             os.killpg(daemon.proc.pid, signal.SIGKILL)
             daemon.proc.wait(10)
-        finals = [e for e in events if e["type"] == "final"]
-        assert len(finals) == 3
-        accepted = _rows(journal)
+        journaled = [e for e in events if e["type"] in ("speech_start", "final", "done")]
+        assert [e["type"] for e in journaled] == ["speech_start", "final"] * 3 + ["done"]
+        accepted = _rows(journal)  # partials are not journaled
+        assert [t for t, _ in accepted] == [f"streamd/{e['session']}/{e['type']}"
+                                            for e in journaled]
         seqs = [json.loads(p)["seq"] for _, p in accepted]
-        assert seqs == sorted(set(seqs)) and len(seqs) == 3
+        assert seqs == sorted(set(seqs)) and len(seqs) == 7
 
         async def deliver() -> list[tuple[str, bytes]]:
             with serve(tmp_path, *args, env=test_pipeline_env()) as again:
                 broker.start()
                 async with Subscriber(broker, topics, persistent=True,
                                       client_id=sub_id) as sub:
-                    await sub.wait_for(lambda m: len(m) >= 3)
+                    await sub.wait_for(lambda m: len(m) >= 7)
                     await asyncio.sleep(0.5)  # nothing more comes
                 with urllib.request.urlopen(f"{again.http}/metrics", timeout=5) as r:
                     metrics = r.read().decode()
-            assert "streamd_mqtt_recovered_total 3.0" in metrics
+            assert "streamd_mqtt_recovered_total 7.0" in metrics
             assert 'streamd_queue_depth{queue="mqtt_outbox"} 0.0' in metrics
             assert "streamd_mqtt_journal_bytes " in metrics
             return [(str(m.topic), m.payload) for m in sub.messages]
 
         got = asyncio.run(deliver())
-        assert got == accepted  # every accepted final, once, in order, byte for byte
-        for final, (_, payload) in zip(finals, got, strict=True):
+        assert got == accepted  # every accepted event, once, in order, byte for byte
+        for event, (_, payload) in zip(journaled, got, strict=True):
             published = json.loads(payload)
-            assert {k: published[k] for k in final} == final
+            assert {k: published[k] for k in event} == event
             assert published["node"] == "jn"
         assert _rows(journal) == []
     finally:

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from signal import SIGTERM
 
 import numpy as np
 import pytest
@@ -311,7 +312,8 @@ def test_daemon_mic_session_final_reaches_mqtt(
         pulse: PulseAudio, mosquitto: Mosquitto, tmp_path: Path, shared_audio_dir: Path) -> None:
     """`streamd serve --mic pulse` captures the pipe source through real PortAudio; the mic
     session's final (the test recognizer's text: the segment's duration) reaches an MQTT
-    subscriber with start/end where the speech is in what was played."""
+    subscriber with start/end where the speech is in what was played, after its
+    speech_start; on SIGTERM the session's `done` follows."""
     speech, rate = sf.read(str(shared_audio_dir / "cmu_arctic_axb_a0005.wav"), dtype="int16")
     assert rate == 16000
     lead_s = 1.0
@@ -329,7 +331,7 @@ def test_daemon_mic_session_final_reaches_mqtt(
     }
     assert daemon_env(**env)["PULSE_SERVER"] == pulse.server
 
-    async def collect() -> list[dict]:
+    async def collect(daemon_pid: int) -> list[dict]:
         async with Subscriber(mosquitto, ["streamd/mic/#"]) as sub:
             # The daemon opened the capture before /healthz said ok; a pipe source with no
             # writer delivers nothing, so the mic session's time 0 is the feeder's sample 0.
@@ -337,17 +339,23 @@ def test_daemon_mic_session_final_reaches_mqtt(
             await sub.wait_for(lambda _: bool(sub.payloads("streamd/mic/final")), timeout=20)
             assert feeder.started_at is not None
             assert time.monotonic() - feeder.started_at < len(signal) / rate + 5  # live pace
-            return sub.payloads("streamd/mic/final")
+            os.killpg(daemon_pid, SIGTERM)  # the mic session ends with the daemon
+            await sub.wait_for(lambda _: bool(sub.payloads("streamd/mic/done")), timeout=20)
+            return [p for p in sub.payloads("streamd/mic/+") if p["type"] != "partial"]
 
     with serve(tmp_path, "--mic", "pulse", "--node", "mictest", "--mqtt-host", mosquitto.host,
                "--mqtt-port", str(mosquitto.port), env=env, log_format="json") as daemon:
-        finals = asyncio.run(collect())
+        published = asyncio.run(collect(daemon.proc.pid))
+        daemon.proc.wait(30)
         log = daemon.log_text()
     started = [json.loads(line) for line in log.splitlines()
                if '"microphone session started"' in line]
     assert started and started[0]["device"] == "pulse", log[-2000:]
-    assert len(finals) == 1, finals
-    final = finals[0]
+    assert [p["type"] for p in published] == ["speech_start", "final", "done"], published
+    seqs = [p["seq"] for p in published]
+    assert seqs == sorted(set(seqs))
+    assert published[-1]["segments"] == 1
+    final = published[1]
     assert final["session"] == "mic" and final["segment"] == 0, final
     assert final["start"] == pytest.approx(want_start, abs=0.3), (final, want_start)
     assert final["end"] == pytest.approx(want_end, abs=0.3), (final, want_end)

@@ -41,7 +41,8 @@ def test_resume_continues_times_segments_and_seq(tmp_path: Path,
             url = f"ws://127.0.0.1:{d.server.port}/v1/stream"
 
             async def main() -> tuple[list[dict], list[dict], list[dict], list[dict]]:
-                async with Subscriber(broker, ["streamd/r1/final"]) as sub:
+                async with Subscriber(broker, [f"streamd/r1/{kind}" for kind in
+                                               ("speech_start", "final", "done")]) as sub:
                     whole = await asyncio.to_thread(_events, url, s16(audio), session="w1")
                     # The same audio as two connections: into the silence after the 2nd
                     # utterance, then the rest, resumed at that offset.
@@ -51,8 +52,8 @@ def test_resume_continues_times_segments_and_seq(tmp_path: Path,
                     second = await asyncio.to_thread(
                         _events, url, s16(audio[cut:]),
                         resume={"session": "r1", "offset": cut / RATE})
-                    await sub.wait_for(lambda m: len(m) >= 3)
-                return whole, first, second, sub.payloads("streamd/r1/final")
+                    await sub.wait_for(lambda m: len(sub.payloads("streamd/r1/done")) >= 2)
+                return whole, first, second, sub.payloads("streamd/r1/+")
 
             whole, first, second, published = asyncio.run(main())
 
@@ -89,10 +90,14 @@ def test_resume_continues_times_segments_and_seq(tmp_path: Path,
         assert float(resumed["text"]) == pytest.approx(resumed["end"] - resumed["start"],
                                                        abs=0.011)
     assert second[-1] == {"type": "done", "session": "r1", "segments": 3}
-    # MQTT: the same session's seq increases across the two connections.
-    assert [p["segment"] for p in published] == [0, 1, 2]
+    # MQTT: each connection's events and its done; the session's seq increases across
+    # the two connections (the first one's `done` does not restart it).
+    assert [p["type"] for p in published] == ["speech_start", "final"] * 2 + ["done"] + [
+        "speech_start", "final", "done"]
+    assert [p["segment"] for p in published if p["type"] == "final"] == [0, 1, 2]
+    assert [p["segments"] for p in published if p["type"] == "done"] == [2, 3]
     seqs = [p["seq"] for p in published]
-    assert seqs == sorted(seqs) and len(set(seqs)) == 3
+    assert seqs == sorted(set(seqs))
     assert [e["segment"] for e in other if e["type"] == "final"] == [7]
     assert other[-1]["segments"] == 8
     assert all(e["start"] >= 50.0 for e in other if e["type"] == "final")

@@ -224,10 +224,13 @@ def test_healthy_session_events(url: str, shared_audio_dir, publisher: MemoryPub
     for p in partials:
         assert p["segment"] == 0 and float(p["text"]) == pytest.approx(p["end"] - p["start"],
                                                                        abs=0.011)
-    # Finals and partials also went to the publisher, unchanged.
+    # speech_start, partials, the final and done also went to the publisher, unchanged
+    # and in order (`ready` concerns the client only).
     published = [e for e in publisher.events if e.get("session") == "healthy-1"]
     assert finals[0] in published
-    assert {e["type"] for e in published} == {"partial", "final"}
+    assert [e for e in published if e["type"] != "partial"] == [
+        e for e in events if e["type"] in ("speech_start", "final", "done")]
+    assert {e["type"] for e in published} == {"speech_start", "partial", "final", "done"}
 
 
 @pytest.mark.parametrize("rate,encoding,channels", [(8000, "pcm_s16le", 1),
@@ -561,6 +564,43 @@ def test_vanished_client_still_publishes_final(url, shared_audio_dir, reference_
         e for e in events if e["type"] == "final"][0]
 
 
+def test_session_events_reach_mqtt_in_order(tmp_path, shared_audio_dir) -> None:
+    """A WebSocket session on a daemon publishing to a real Mosquitto: the subscriber gets
+    its speech_start, final (one per utterance) and done, at QoS 1, in the WebSocket's
+    order and with the same fields, each with a greater `seq` than the one before."""
+    from helpers.daemon import speech_audio
+    from helpers.mosquitto import Mosquitto, Subscriber
+
+    audio = speech_audio(shared_audio_dir)  # 3 utterances
+    published_kinds = ("speech_start", "final", "done")
+    with Mosquitto(tmp_path) as broker:
+        cfg = test_config(mqtt={"host": broker.host, "port": broker.port})
+        with running_daemon(cfg) as d:
+            url = f"ws://127.0.0.1:{d.server.port}/v1/stream"
+
+            async def main() -> tuple[list[dict], list]:
+                async with Subscriber(broker, ["streamd/order-1/+"]) as sub:
+                    events = await asyncio.to_thread(stream_session, url, s16(audio),
+                                                     pace=0.002, session="order-1")
+                    await sub.wait_for(lambda _: sub.payloads("streamd/order-1/done"))
+                return events, list(sub.messages)
+
+            events, messages = asyncio.run(main())
+    expected = [e for e in events if e["type"] in published_kinds]
+    assert [e["type"] for e in expected] == ["speech_start", "final"] * 3 + ["done"]
+    payloads = [json.loads(m.payload) for m in messages]
+    assert all(str(m.topic) == f"streamd/order-1/{p['type']}"
+               for m, p in zip(messages, payloads, strict=True))
+    assert all(m.qos == (0 if p["type"] == "partial" else 1)
+               for m, p in zip(messages, payloads, strict=True))
+    seqs = [p["seq"] for p in payloads]  # partials included: one counter per session
+    assert seqs == sorted(set(seqs)), seqs
+    got = [p for p in payloads if p["type"] in published_kinds]
+    assert [{k: v for k, v in p.items() if k not in ("node", "seq", "ts")} for p in got] == \
+        expected
+    assert {p["node"] for p in got} == {"testnode"}
+
+
 def test_silence_and_noise_give_no_final(url) -> None:
     rng = np.random.default_rng(0)
     noise = (rng.standard_normal(16000 * 3) * 1e-4).astype(np.float32)  # -80 dBFS
@@ -647,6 +687,10 @@ def test_mic_session_publishes_and_finishes_on_shutdown(monkeypatch, shared_audi
             time.sleep(0.02)
     finals = [e for e in publisher.events if e["type"] == "final"]
     assert [f["session"] for f in finals] == ["mic", "mic"]
+    # Like a WebSocket session: announced segments, and `done` once the daemon stopped.
+    assert [e["type"] for e in publisher.events if e["type"] != "partial"] == [
+        "speech_start", "final", "speech_start", "final", "done"]
+    assert publisher.events[-1] == {"type": "done", "session": "mic", "segments": 2}
     assert [f["segment"] for f in finals] == [0, 1]
     assert finals[1]["end"] <= len(FakeMic.audio) / 16000 + 1e-6
     for f in finals:
