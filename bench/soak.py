@@ -229,7 +229,8 @@ async def soak(args: argparse.Namespace, http: str, url: str, broker: Mosquitto,
                 print(json.dumps(samples[-1]), flush=True)
                 if time.monotonic() >= stop_at and all(c.done() for c in clients):
                     break
-                await asyncio.sleep(args.interval)
+                # After the end, the last sample as soon as the last session is done.
+                await asyncio.wait(clients, timeout=args.interval)
             # The last finals on their way to the subscriber: the outbox empty, then quiet.
             deadline = time.monotonic() + 60
             count = -1
@@ -238,7 +239,7 @@ async def soak(args: argparse.Namespace, http: str, url: str, broker: Mosquitto,
                 if count == len(run.mqtt_finals) and not metrics.get(SERIES["mqtt_outbox"][0]):
                     break
                 count = len(run.mqtt_finals)
-                await asyncio.sleep(2)
+                await asyncio.sleep(1)
         finally:
             for task in (*clients, collector):
                 task.cancel()
