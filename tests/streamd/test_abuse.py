@@ -507,6 +507,7 @@ def test_slow_reader_is_dropped_and_delays_nobody(tmp_path: Path, shared_audio_d
           f"while it was stuck, {lat_alone} ms alone")
     assert 7 < state.get("ended", 0) < 20
     assert m['streamd_drops_total{reason="slow_client_disconnected"}'] == 1
+    assert drops.get("partial_coalesced", 0) > 0  # its partials dropped before that
     assert stuck and len(busy) >= 2
     assert all(finals(e) == finals(alone[0][0]) for e, _ in busy)
     assert max(lat_busy) < max(lat_alone) + 100
