@@ -1,21 +1,32 @@
-"""Soak test: `streamd serve` with MQTT on a real Mosquitto, N sessions reconnecting for as
-long as asked, resources sampled every few seconds.
+"""Soak test: `streamd serve` (tiny.en by default) publishing to a real Mosquitto, N
+real-time sessions reconnecting for as long as asked, resources sampled every 10 s, and
+the issue's pass/fail criteria at the end.
 
-    python bench/soak.py --duration 1800                  # 30 min, real pipeline (whisper)
-    python bench/soak.py --duration 120 --test-pipeline   # 2-min smoke run, test double
-    python bench/soak.py --duration 600 --pipeline ctc --model /path/to/ctc
+    python bench/soak.py --minutes 30                          # the soak (tiny.en, CPU)
+    python bench/soak.py --minutes 3 --out /tmp/soak-3min.json # a validation run
+    python bench/soak.py --minutes 2 --test-pipeline           # smoke run, test double
 
 Each of `--sessions` (4) clients streams a recording from tests/data/audio at real time in
 100 ms frames, sends `stop`, waits for `done`, and starts over on a new connection with
-the next recording; one session in `--abort-every` (5) is dropped mid-audio instead (its
-finals still go to MQTT). A subscriber on the broker receives the finals.
-Every `--interval` (10) s a sample (counts are per interval): daemon RSS, open fds,
-threads, event-loop tasks, sessions and connections open, engine queue and MQTT outbox
-depth (from /metrics), final latency over the interval (WebSocket: the audio at the
-final's `end` sent -> the final received, so it includes the endpoint's silence, about
-0.2 s at real time; MQTT: the final's `ts` -> its arrival at the subscriber), finals and
-sessions done. The series goes to bench/results/soak-<pipeline>-<time>.json (`--out`), with
-a PNG next to it when matplotlib is installed.
+the next recording; one session in `--abort-every` (5) is dropped mid-speech instead (its
+final still goes to MQTT). A subscriber on the broker receives every final.
+Every `--interval` (10) s a sample: daemon RSS, open fds, threads, event-loop tasks,
+sessions and connections open, engine queue and MQTT outbox depth (all from /metrics),
+final latency over the interval (WebSocket: the audio at the final's `end` sent -> the
+final received, so it includes the endpoint's silence; MQTT: the final's `ts` -> its
+arrival at the subscriber), finals and sessions done.
+
+The criteria (the first and last window are 5 minutes, or a fifth of a shorter run):
+RSS at the end within 10 % of RSS after the first window; open fds and threads flat (the
+last window's highest sample no higher than the first window's; fds may differ by the
+sessions that are reconnecting at the instant of a sample); final latency p90 over the
+last window within 20 % of the first window's; zero finals lost (every session that
+finished has each of its WebSocket finals, same segment and text, on the subscriber and
+at least one; every session dropped mid-speech has at least one final there); no client
+error. Exit status 0 when all pass.
+
+Writes the series and the criteria to bench/results/soak.json (`--out`) and a plot of
+RSS and latency over time next to it (.png; matplotlib, from the bench extra).
 """
 
 from __future__ import annotations
@@ -25,11 +36,11 @@ import asyncio
 import contextlib
 import json
 import random
-import statistics
 import sys
 import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,24 +51,62 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
 from helpers.daemon import serve, test_pipeline_env  # noqa: E402
-from helpers.mosquitto import Mosquitto  # noqa: E402
+from helpers.mosquitto import Mosquitto, Subscriber  # noqa: E402
 
 RATE = 16000
-FRAME = RATE // 10  # 100 ms per message
+FRAME_BYTES = RATE // 10 * 2  # 100 ms of s16le per message
+LEAD_S, TAIL_S = 0.5, 1.0  # silence around each recording: one utterance per session
+WINDOW_S = 300.0  # the criteria's first and last window, on a run of 25 minutes or more
+RSS_TOLERANCE = 0.10
+LATENCY_TOLERANCE = 0.20
 
 
-def recordings(audio_dir: Path) -> list[tuple[str, bytes]]:
-    """The shared utterance recordings (not the long stream file) as s16le with 0.5 s of
-    silence before and 1 s after."""
+@dataclass
+class Recording:
+    name: str
+    pcm: bytes  # s16le with the silence around it
+    speech_bytes: tuple[int, int]  # where the utterance lies in `pcm`
+
+
+def recordings(audio_dir: Path) -> list[Recording]:
+    """The shared utterance recordings (not the long stream file)."""
     out = []
     for path in sorted(audio_dir.glob("*.wav")):
         audio, rate = sf.read(path, dtype="float32")
         if rate != RATE or audio.ndim != 1 or len(audio) > 30 * RATE:
             continue
-        audio = np.concatenate([np.zeros(RATE // 2, np.float32), audio,
-                                np.zeros(RATE, np.float32)])
-        out.append((path.name, (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()))
+        lead = int(LEAD_S * RATE)
+        padded = np.concatenate([np.zeros(lead, np.float32), audio,
+                                 np.zeros(int(TAIL_S * RATE), np.float32)])
+        pcm = (np.clip(padded, -1, 1) * 32767).astype("<i2").tobytes()
+        out.append(Recording(path.name, pcm, (2 * lead, 2 * (lead + len(audio)))))
     return out
+
+
+@dataclass
+class Session:
+    """One connection of one client: what it sent and what it got back."""
+
+    id: str
+    recording: str
+    aborted: bool = False
+    done: bool = False
+    ws_finals: dict[int, str] = field(default_factory=dict)  # segment -> text
+
+
+@dataclass
+class Run:
+    """Everything measured, shared by the clients, the subscriber and the sampler."""
+
+    t0: float = field(default_factory=time.monotonic)
+    sessions: list[Session] = field(default_factory=list)
+    ws_latency: list[tuple[float, float]] = field(default_factory=list)  # (t, seconds)
+    mqtt_latency: list[tuple[float, float]] = field(default_factory=list)
+    mqtt_finals: dict[tuple[str, int], str] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+
+    def now(self) -> float:
+        return time.monotonic() - self.t0
 
 
 def scrape(http: str) -> dict[str, float]:
@@ -71,95 +120,73 @@ def pct(values: list[float], q: float) -> float | None:
     return round(float(np.percentile(values, q)), 4) if values else None
 
 
-class Stats:
-    def __init__(self) -> None:
-        self.ws_latency: list[float] = []
-        self.mqtt_latency: list[float] = []
-        self.finals = 0
-        self.mqtt_finals = 0
-        self.sessions = 0
-        self.aborted = 0
-        self.errors: list[dict] = []
-        self.errors_reported = 0
-
-    def take(self) -> dict[str, Any]:
-        out = {"final_latency_p50_s": pct(self.ws_latency, 50),
-               "final_latency_p95_s": pct(self.ws_latency, 95),
-               "final_latency_max_s": pct(self.ws_latency, 100),
-               "mqtt_latency_p50_s": pct(self.mqtt_latency, 50),
-               "mqtt_latency_p95_s": pct(self.mqtt_latency, 95),
-               "finals": self.finals, "mqtt_finals": self.mqtt_finals,
-               "sessions_done": self.sessions, "sessions_aborted": self.aborted,
-               "errors": len(self.errors) - self.errors_reported}
-        self.ws_latency, self.mqtt_latency = [], []
-        self.finals = self.mqtt_finals = self.sessions = self.aborted = 0
-        self.errors_reported = len(self.errors)
-        return out
-
-
-async def _read(ws: Any, sent: list[tuple[float, float]], stats: Stats) -> None:
+async def _read(ws: Any, session: Session, sent: list[tuple[float, float]], run: Run) -> None:
     """Events up to `done`; a final's latency: from sending the audio at its `end`."""
     async for message in ws:
         event = json.loads(message)
         if event["type"] == "final":
             due = next((t for pos, t in sent if pos >= event["end"]), None)
             if due is not None:
-                stats.ws_latency.append(time.monotonic() - due)
-            stats.finals += 1
+                run.ws_latency.append((run.now(), time.monotonic() - due))
+            session.ws_finals[event["segment"]] = event["text"]
         elif event["type"] == "error":
-            stats.errors.append(event)
+            run.errors.append(f"{session.id}: {event}")
         elif event["type"] == "done":
+            session.done = True
             return
 
 
-async def client(url: str, clips: list[tuple[str, bytes]], index: int, stats: Stats,
-                 stop_at: float, abort_every: int, rng: random.Random) -> None:
+async def client(url: str, clips: list[Recording], index: int, run: Run, stop_at: float,
+                 abort_every: int, rng: random.Random) -> None:
     from websockets.asyncio.client import connect
 
     turn = index
     while time.monotonic() < stop_at:
-        name, data = clips[turn % len(clips)]
+        clip = clips[turn % len(clips)]
         turn += 1
-        abort = abort_every > 0 and rng.randrange(abort_every) == 0
-        cut = rng.randrange(FRAME * 2, len(data)) if abort else len(data)
-        sent: list[tuple[float, float]] = []
+        session = Session(f"soak{index}-{turn}", clip.name,
+                          aborted=abort_every > 0 and rng.randrange(abort_every) == 0)
+        run.sessions.append(session)
+        # Dropped sessions are cut in the second half of the speech, so each has an
+        # utterance whose final the daemon must still publish.
+        begin, end = clip.speech_bytes
+        cut = (rng.randrange((begin + end) // 2, end) // 2 * 2 if session.aborted
+               else len(clip.pcm))
+        sent: list[tuple[float, float]] = []  # (audio seconds sent, monotonic time)
         try:
             async with connect(url, open_timeout=30) as ws:
                 await ws.send(json.dumps({"type": "start", "sample_rate": RATE,
-                                          "session": f"soak{index}-{turn}"}))
-
-                reader = asyncio.create_task(_read(ws, sent, stats))
+                                          "session": session.id}))
+                reader = asyncio.create_task(_read(ws, session, sent, run))
                 t0 = time.monotonic()
-                for i in range(0, cut, FRAME * 2):
+                for i in range(0, cut, FRAME_BYTES):
                     await asyncio.sleep(max(0.0, t0 + i / 2 / RATE - time.monotonic()))
-                    sent.append(((i + FRAME * 2) / 2 / RATE, time.monotonic()))
-                    await ws.send(data[i : min(i + FRAME * 2, cut)])
-                if abort:
+                    chunk = clip.pcm[i : min(i + FRAME_BYTES, cut)]
+                    sent.append(((i + len(chunk)) / 2 / RATE, time.monotonic()))
+                    await ws.send(chunk)
+                if session.aborted:
                     reader.cancel()
                     ws.transport.abort()
-                    stats.aborted += 1
                     continue
                 await ws.send(json.dumps({"type": "stop"}))
                 await asyncio.wait_for(reader, 120)
-                stats.sessions += 1
         except Exception as exc:  # noqa: BLE001 - recorded, the soak goes on
-            stats.errors.append({"type": "client", "message": repr(exc)[:200]})
+            run.errors.append(f"{session.id}: {exc!r:.200}")
             await asyncio.sleep(1)
 
 
-async def subscriber(broker: Mosquitto, stats: Stats) -> None:
-    import aiomqtt
-
+async def collect_finals(sub: Subscriber, run: Run) -> None:
+    """Moves the subscriber's finals into `run` as they arrive (duplicates dropped)."""
+    seen = 0
     while True:
-        try:
-            async with aiomqtt.Client(broker.host, broker.port, timeout=5) as mqtt:
-                await mqtt.subscribe("streamd/+/final", qos=1)
-                async for message in mqtt.messages:
-                    payload = json.loads(message.payload)
-                    stats.mqtt_finals += 1
-                    stats.mqtt_latency.append(time.time() - payload["ts"])
-        except aiomqtt.MqttError:
-            await asyncio.sleep(0.5)
+        await asyncio.sleep(0.2)
+        for message, arrived in zip(sub.messages[seen:], sub.arrived[seen:], strict=True):
+            payload = json.loads(message.payload)
+            key = (payload["session"], payload["segment"])
+            if key not in run.mqtt_finals:
+                run.mqtt_finals[key] = payload["text"]
+                run.mqtt_latency.append((run.now(), arrived - payload["ts"]))
+        seen = len(sub.messages)
 
 
 SERIES = {"rss_mb": ("process_resident_memory_bytes", 1 / 2**20),
@@ -171,91 +198,159 @@ SERIES = {"rss_mb": ("process_resident_memory_bytes", 1 / 2**20),
           "mqtt_outbox": ('streamd_queue_depth{queue="mqtt_outbox"}', 1)}
 
 
+def sample(metrics: dict[str, float], run: Run, since: float) -> dict[str, Any]:
+    out: dict[str, Any] = {"t_s": round(run.now(), 1)}
+    for key, (name, scale) in SERIES.items():
+        out[key] = round(metrics.get(name, float("nan")) * scale, 2)
+    ws = [x for t, x in run.ws_latency if t >= since]
+    mqtt = [x for t, x in run.mqtt_latency if t >= since]
+    out.update(final_latency_p50_s=pct(ws, 50), final_latency_p90_s=pct(ws, 90),
+               mqtt_latency_p90_s=pct(mqtt, 90), finals=len(ws), mqtt_finals=len(mqtt),
+               sessions_started=len(run.sessions), errors=len(run.errors))
+    return out
+
+
 async def soak(args: argparse.Namespace, http: str, url: str, broker: Mosquitto,
-               clips: list[tuple[str, bytes]]) -> list[dict[str, Any]]:
-    stats = Stats()
+               clips: list[Recording]) -> tuple[Run, list[dict[str, Any]]]:
+    run = Run()
     rng = random.Random(args.seed)
-    t0 = time.monotonic()
-    stop_at = t0 + args.duration
-    sub = asyncio.create_task(subscriber(broker, stats))
-    clients = [asyncio.create_task(client(url, clips, i, stats, stop_at, args.abort_every, rng))
-               for i in range(args.sessions)]
-    samples = []
-    try:
-        while True:
-            m = await asyncio.to_thread(scrape, http)
-            sample = {"t_s": round(time.monotonic() - t0, 1)}
-            for key, (name, scale) in SERIES.items():
-                sample[key] = round(m.get(name, float("nan")) * scale, 2)
-            sample.update(stats.take())
-            samples.append(sample)
-            print(json.dumps(sample), flush=True)
-            if time.monotonic() >= stop_at and all(c.done() for c in clients):
-                break
-            await asyncio.sleep(args.interval)
-    finally:
-        for task in (*clients, sub):
-            task.cancel()
-        await asyncio.gather(*clients, sub, return_exceptions=True)
-    if stats.errors:
-        print(f"errors: {stats.errors[:5]}", file=sys.stderr)
-    return samples
+    stop_at = run.t0 + args.minutes * 60
+    samples: list[dict[str, Any]] = []
+    async with Subscriber(broker, ["streamd/+/final"]) as sub:
+        collector = asyncio.create_task(collect_finals(sub, run))
+        clients = [asyncio.create_task(client(url, clips, i, run, stop_at, args.abort_every,
+                                              rng)) for i in range(args.sessions)]
+        try:
+            since = 0.0
+            while True:
+                metrics = await asyncio.to_thread(scrape, http)
+                samples.append(sample(metrics, run, since))
+                since = samples[-1]["t_s"]
+                print(json.dumps(samples[-1]), flush=True)
+                if time.monotonic() >= stop_at and all(c.done() for c in clients):
+                    break
+                # After the end, the last sample as soon as the last session is done.
+                await asyncio.wait(clients, timeout=args.interval)
+            # The last finals on their way to the subscriber: the outbox empty, then quiet.
+            deadline = time.monotonic() + 60
+            count = -1
+            while time.monotonic() < deadline:
+                metrics = await asyncio.to_thread(scrape, http)
+                if count == len(run.mqtt_finals) and not metrics.get(SERIES["mqtt_outbox"][0]):
+                    break
+                count = len(run.mqtt_finals)
+                await asyncio.sleep(1)
+        finally:
+            for task in (*clients, collector):
+                task.cancel()
+            await asyncio.gather(*clients, collector, return_exceptions=True)
+    return run, samples
 
 
-def summary(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    # The first minute is warm-up (allocator arenas, first compilations of new shapes).
-    settled = [s for s in samples if s["t_s"] >= 60] or samples
-    rss = [s["rss_mb"] for s in settled]
-    latency = [s["final_latency_p95_s"] for s in samples if s["final_latency_p95_s"] is not None]
-    return {"rss_mb_first": samples[0]["rss_mb"], "rss_mb_settled_first": rss[0],
-            "rss_mb_last": rss[-1], "rss_mb_max": max(rss),
-            "open_fds_first": samples[0]["open_fds"], "open_fds_last": samples[-1]["open_fds"],
-            "threads_max": max(s["threads"] for s in samples),
-            "finals": sum(s["finals"] for s in samples),
-            "mqtt_finals": sum(s["mqtt_finals"] for s in samples),
-            "sessions_done": sum(s["sessions_done"] for s in samples),
-            "sessions_aborted": sum(s["sessions_aborted"] for s in samples),
-            "errors": sum(s["errors"] for s in samples),
-            "final_latency_p95_median_s": statistics.median(latency) if latency else None,
-            "final_latency_p95_worst_s": max(latency) if latency else None}
+def lost_finals(run: Run) -> list[str]:
+    """Sessions with an utterance whose final did not reach the subscriber."""
+    by_session: dict[str, dict[int, str]] = {}
+    for (sid, segment), text in run.mqtt_finals.items():
+        by_session.setdefault(sid, {})[segment] = text
+    lost = []
+    for s in run.sessions:
+        published = by_session.get(s.id, {})
+        if s.aborted:
+            if not published:
+                lost.append(f"{s.id} (dropped mid-speech): no final on MQTT")
+        elif s.done:
+            missing = {k: v for k, v in s.ws_finals.items() if published.get(k) != v}
+            if missing or not s.ws_finals:
+                lost.append(f"{s.id}: WebSocket {s.ws_finals} MQTT {published}")
+    return lost
 
 
-def plot(samples: list[dict[str, Any]], path: Path) -> bool:
-    try:
-        import matplotlib
+def criteria(run: Run, samples: list[dict[str, Any]], duration_s: float,
+             sessions: int) -> dict[str, Any]:
+    """The issue's must-show figures, each with its limit and pass/fail."""
+    window = min(WINDOW_S, duration_s / 5)
+    first = [s for s in samples if s["t_s"] <= window]
+    last = [s for s in samples if s["t_s"] >= duration_s - window]
+    rss_ref = next(s["rss_mb"] for s in samples if s["t_s"] >= window or s is samples[-1])
+    rss_end = samples[-1]["rss_mb"]
+    lat_first = pct([x for t, x in run.ws_latency if t <= window], 90)
+    lat_last = pct([x for t, x in run.ws_latency if t >= duration_s - window], 90)
+    fds_first, fds_last = max(s["open_fds"] for s in first), max(s["open_fds"] for s in last)
+    thr_first, thr_last = max(s["threads"] for s in first), max(s["threads"] for s in last)
+    lost = lost_finals(run)
+    done = sum(s.done for s in run.sessions)
+    dropped = sum(s.aborted for s in run.sessions)
+    checks = {
+        "rss_end_within_10pct": {
+            "rss_mb_after_first_window": rss_ref, "rss_mb_end": rss_end,
+            "change_pct": round(100 * (rss_end - rss_ref) / rss_ref, 2),
+            "pass": abs(rss_end - rss_ref) <= RSS_TOLERANCE * rss_ref},
+        "open_fds_flat": {"max_first_window": fds_first, "max_last_window": fds_last,
+                          "pass": fds_last <= fds_first + sessions},
+        "threads_flat": {"max_first_window": thr_first, "max_last_window": thr_last,
+                         "pass": thr_last <= thr_first},
+        "latency_p90_within_20pct": {
+            "p90_first_window_s": lat_first, "p90_last_window_s": lat_last,
+            "pass": (lat_first is not None and lat_last is not None
+                     and lat_last <= (1 + LATENCY_TOLERANCE) * lat_first)},
+        "zero_finals_lost": {
+            "sessions_done": done, "sessions_dropped_mid_speech": dropped,
+            "websocket_finals": sum(len(s.ws_finals) for s in run.sessions),
+            "mqtt_finals": len(run.mqtt_finals), "lost": lost[:20], "lost_count": len(lost),
+            "pass": not lost and done > 0},
+        "no_client_errors": {"errors": run.errors[:20], "error_count": len(run.errors),
+                             "pass": not run.errors},
+    }
+    return {"window_s": window, "checks": checks,
+            "pass": all(c["pass"] for c in checks.values())}
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
+
+def plot(samples: list[dict[str, Any]], run: Run, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     t = [s["t_s"] / 60 for s in samples]
-    panels = [("rss_mb", "RSS (MB)"), ("open_fds", "open fds"), ("threads", "threads"),
-              ("engine_queue", "engine queue"), ("mqtt_outbox", "MQTT outbox"),
-              ("final_latency_p95_s", "final latency p95 (s)")]
-    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2 * len(panels)), sharex=True)
-    for ax, (key, label) in zip(axes, panels, strict=True):
-        ax.plot(t, [s[key] if s[key] is not None else float("nan") for s in samples])
-        ax.set_ylabel(label)
-    axes[-1].set_xlabel("minutes")
+    fig, axes = plt.subplots(4, 1, figsize=(8, 9), sharex=True)
+    axes[0].plot(t, [s["rss_mb"] for s in samples])
+    axes[0].set_ylabel("RSS (MiB)")
+    axes[0].set_ylim(bottom=0)
+    axes[1].scatter([x / 60 for x, _ in run.ws_latency], [y for _, y in run.ws_latency], s=4,
+                    alpha=0.4, label="each final")
+    axes[1].plot(t, [s["final_latency_p90_s"] if s["final_latency_p90_s"] is not None
+                     else float("nan") for s in samples], color="C1", label="p90 per sample")
+    axes[1].set_ylabel("final latency (s)")
+    axes[1].set_ylim(bottom=0)
+    axes[1].legend(loc="upper right", fontsize="small")
+    for key in ("open_fds", "threads"):
+        axes[2].plot(t, [s[key] for s in samples], label=key)
+    axes[2].set_ylim(bottom=0)
+    axes[2].legend(loc="upper right", fontsize="small")
+    for key in ("engine_queue", "mqtt_outbox"):
+        axes[3].plot(t, [s[key] for s in samples], label=key)
+    axes[3].legend(loc="upper right", fontsize="small")
+    axes[3].set_xlabel("minutes")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    return True
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--duration", type=float, default=1800, help="seconds (default 1800)")
+    parser.add_argument("--minutes", type=float, default=30.0, help="length (default 30)")
     parser.add_argument("--sessions", type=int, default=4)
     parser.add_argument("--interval", type=float, default=10.0, help="sample period, seconds")
     parser.add_argument("--abort-every", type=int, default=5,
-                        help="one session in N is dropped mid-audio (0: never)")
+                        help="one session in N is dropped mid-speech (0: never)")
     parser.add_argument("--pipeline", default=None, help="daemon pipeline (default whisper)")
-    parser.add_argument("--model", default=None)
+    parser.add_argument("--model", default=None, help="default: the pipeline's (tiny.en)")
     parser.add_argument("--test-pipeline", action="store_true",
                         help="the tests' fast double instead of a model (smoke runs)")
     parser.add_argument("--audio-dir", type=Path, default=REPO / "tests" / "data" / "audio")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "soak.json")
+    parser.add_argument("--no-plot", action="store_true",
+                        help="no PNG (matplotlib comes with the bench extra only)")
     args = parser.parse_args()
 
     clips = recordings(args.audio_dir)
@@ -263,8 +358,6 @@ def main() -> int:
         print(f"no 16 kHz recordings in {args.audio_dir}", file=sys.stderr)
         return 2
     pipeline = "test" if args.test_pipeline else (args.pipeline or "whisper")
-    out = args.out or REPO / "bench" / "results" / (
-        f"soak-{pipeline}-{time.strftime('%Y%m%d-%H%M%S')}.json")
     daemon_args = [a for flag, value in (("--pipeline", args.pipeline), ("--model", args.model))
                    if value for a in (flag, value)]
     env = {"STREAMD_SERVER_CONNECTION_RATE": "0",
@@ -277,18 +370,30 @@ def main() -> int:
             "--mqtt-journal", str(work / "journal.sqlite"), *daemon_args, env=env,
             startup_timeout=900))
         started = time.time()
-        samples = asyncio.run(soak(args, daemon.http, daemon.url, broker, clips))
+        run, samples = asyncio.run(soak(args, daemon.http, daemon.url, broker, clips))
+    verdict = criteria(run, samples, args.minutes * 60, args.sessions)
     result = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-              "duration_s": args.duration, "sessions": args.sessions,
-              "pipeline": pipeline, "model": args.model, "interval_s": args.interval,
-              "abort_every": args.abort_every, "recordings": [n for n, _ in clips],
-              "summary": summary(samples), "samples": samples}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    png = out.with_suffix(".png")
-    print(json.dumps(result["summary"], indent=1))
-    print(f"wrote {out}" + (f" and {png}" if plot(samples, png) else " (no matplotlib: no plot)"))
-    return 0
+              "minutes": args.minutes, "sessions": args.sessions, "pipeline": pipeline,
+              "model": args.model or ("tiny.en" if pipeline == "whisper" else None),
+              "interval_s": args.interval, "abort_every": args.abort_every,
+              "recordings": [c.name for c in clips], "criteria": verdict, "samples": samples,
+              "final_latency_s": [[round(t, 1), round(x, 4)] for t, x in run.ws_latency],
+              "mqtt_latency_s": [[round(t, 1), round(x, 4)] for t, x in run.mqtt_latency]}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    png = args.out.with_suffix(".png")
+    if not args.no_plot:
+        plot(samples, run, png)
+    window = verdict["window_s"]
+    print(f"\ncriteria (first and last {window:g} s of {args.minutes * 60:g} s):")
+    for name, check in verdict["checks"].items():
+        figures = {k: v for k, v in check.items() if k not in ("pass", "lost", "errors")}
+        print(f"  {'PASS' if check['pass'] else 'FAIL'}  {name}: {figures}")
+        for line in check.get("lost", []) + check.get("errors", []):
+            print(f"        {line}")
+    print(f"{'PASS' if verdict['pass'] else 'FAIL'}; wrote {args.out}"
+          + ("" if args.no_plot else f" and {png}"))
+    return 0 if verdict["pass"] else 1
 
 
 if __name__ == "__main__":

@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import random
 import re
+import resource
 import socket
 import threading
 import time
@@ -133,8 +135,30 @@ BASE_ENV = {**test_pipeline_env(), "STREAMD_SERVER_CONNECTION_RATE": "0",
             "STREAMD_SERVER_SEND_BUFFER_BYTES": "4096", "STREAMD_SERVER_SEND_QUEUE": "8"}
 
 
+IDLE_CONNECTIONS = 1000
+
+
+def open_files_limit(pid: int) -> int:
+    """The soft RLIMIT_NOFILE of a process."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return int(line.split()[3])
+    raise AssertionError("no open-files limit")
+
+
+def raise_open_files_limit(needed: int) -> None:
+    """The 1,000 idle connections take an fd each in this process and in the daemon it
+    starts (which inherits the limit): raise the soft limit where it is the common 1024.
+    The systemd unit sets LimitNOFILE for the same reason."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        assert hard == resource.RLIM_INFINITY or hard >= needed, f"hard fd limit {hard}"
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+
+
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory) -> Iterator[Daemon]:
+    raise_open_files_limit(IDLE_CONNECTIONS + 1024)
     with serve(tmp_path_factory.mktemp("abuse"), env=BASE_ENV) as d:
         yield d
 
@@ -288,15 +312,19 @@ def test_oversized_json_is_bad_request(daemon: Daemon) -> None:
 def test_idle_and_handshake_timeouts_close_1000_connections(daemon: Daemon) -> None:
     """500 TCP connections that never send a request, 500 WebSockets that never send
     `start`: all closed by the handshake timeout (2 s for the upgrade, 2 s more for
-    `start`), with the idle timeout off (its default); nothing leaks."""
+    `start`), with the idle timeout off (its default); nothing leaks (sessions,
+    connections and event-loop tasks from /metrics; RSS within 50 MB)."""
+    assert open_files_limit(daemon.proc.pid) >= IDLE_CONNECTIONS + 100
+    assert open_files_limit(os.getpid()) >= IDLE_CONNECTIONS + 100
     base = metrics(daemon)
+    half = IDLE_CONNECTIONS // 2
 
     async def run() -> tuple[int, list[int | None]]:
         raw = []
-        for _ in range(500):
+        for _ in range(half):
             raw.append(await asyncio.open_connection("127.0.0.1", daemon.port))
         wss = []
-        for _ in range(500):
+        for _ in range(half):
             wss.append(await aconnect(daemon.url, ping_interval=None, open_timeout=30))
         t0 = time.monotonic()
         codes = []
@@ -318,12 +346,18 @@ def test_idle_and_handshake_timeouts_close_1000_connections(daemon: Daemon) -> N
         return eofs, codes
 
     eofs, codes = asyncio.run(run())
-    assert eofs == 500
-    assert codes == [1008] * 500
     m = wait_metrics(daemon, streamd_connections_open=0, streamd_sessions_active=0)
+    rss = m["process_resident_memory_bytes"] - base["process_resident_memory_bytes"]
+    print(f"\nidle: {IDLE_CONNECTIONS} connections closed; RSS "
+          f"{base['process_resident_memory_bytes'] / 2**20:.1f} -> "
+          f"{m['process_resident_memory_bytes'] / 2**20:.1f} MiB; event-loop tasks "
+          f"{base['streamd_event_loop_tasks']:g} -> {m['streamd_event_loop_tasks']:g}")
+    assert eofs == half
+    assert codes == [1008] * half
     assert m["streamd_connections_open"] == 0 and m["streamd_sessions_active"] == 0
     assert m["streamd_event_loop_tasks"] <= base["streamd_event_loop_tasks"]
-    assert m['streamd_errors_total{code="bad_request"}'] >= 500
+    assert m['streamd_errors_total{code="bad_request"}'] >= half
+    assert rss < 50 * 2**20
 
 
 async def _churn_one(url: str, port: int, data: bytes, rng: random.Random) -> str:
@@ -473,6 +507,7 @@ def test_slow_reader_is_dropped_and_delays_nobody(tmp_path: Path, shared_audio_d
           f"while it was stuck, {lat_alone} ms alone")
     assert 7 < state.get("ended", 0) < 20
     assert m['streamd_drops_total{reason="slow_client_disconnected"}'] == 1
+    assert drops.get("partial_coalesced", 0) > 0  # its partials dropped before that
     assert stuck and len(busy) >= 2
     assert all(finals(e) == finals(alone[0][0]) for e, _ in busy)
     assert max(lat_busy) < max(lat_alone) + 100
