@@ -69,7 +69,8 @@ def test_words_get_the_frames_their_tokens_attend_to(tokenizer) -> None:
     starts = np.concatenate([[0], np.cumsum([len(g) for g in groups])])
     for w, a, b in zip(timed, starts[:-1], starts[1:], strict=True):
         assert (w.start, w.end) == pytest.approx((0.2 * a, 0.2 * b))
-        assert w.probability == pytest.approx(probs[len(prefix) - 1 + a : len(prefix) - 1 + b].mean())
+        own = probs[len(prefix) - 1 + a : len(prefix) - 1 + b]
+        assert w.probability == pytest.approx(own.mean())
 
 
 def test_punctuation_joins_its_word() -> None:
