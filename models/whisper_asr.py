@@ -256,6 +256,17 @@ class WhisperTranscriber:
             seek += consumed if 0 < consumed < len(window) else len(window)
         return segments
 
+    def align(self, audio: np.ndarray, text_ids: Sequence[int]) -> tuple[Word, ...]:
+        """Word timings (seconds from the audio start) of known text tokens over audio of
+        at most 30 s: the daemon's finals, decoded elsewhere, get their words here."""
+        audio = np.asarray(audio[: WINDOW_S * SAMPLE_RATE], np.float32)
+        ids = [t for t in text_ids if t < self.model.tokenizer.eot]
+        if not ids:
+            return ()
+        size = self.window_samples(len(audio))
+        span = [(0.0, len(audio) / SAMPLE_RATE, ids)]
+        return self._timed_segments(self.encode(audio, size), len(audio), span, 0.0, 0.0)[0].words
+
     def _timed_segments(
         self, encoded: jax.Array, n_samples: int, spans: list[tuple[float, float, list[int]]],
         offset: float, last_speech: float,
