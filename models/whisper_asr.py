@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models import whisper
+from models import whisper, whisper_timing
 from models.mel import HOP_LENGTH, SAMPLE_RATE, log_mel
 from models.registry import WhisperModel
 from models.tokenizer import WhisperTokenizer
@@ -88,6 +88,59 @@ def timestamped_segments(tokens: list[int], tokenizer: WhisperTokenizer) -> tupl
     end = pairs[-1]
     consumed = (tokens[end - 1] - begin) * 2 * HOP_LENGTH  # a timestamp step is 2 mel frames
     return [t for t in tokens[:end] if t < tokenizer.eot], consumed
+
+
+@dataclasses.dataclass(frozen=True)
+class Word:
+    """A recognized word: its text as decoded (with its leading space), its start and end
+    in seconds from the audio start, and the mean probability of its tokens."""
+
+    word: str
+    start: float
+    end: float
+    probability: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """A span Whisper closed with timestamps: seconds from the audio start, its text
+    (stripped) and, when asked for, its words."""
+
+    start: float
+    end: float
+    text: str
+    words: tuple[Word, ...] = ()
+
+
+def split_segments(
+    tokens: list[int], tokenizer: WhisperTokenizer, window_s: float
+) -> list[tuple[float, float, list[int]]]:
+    """The segments of one timestamped decode as (start s, end s, text tokens), times from
+    the window start; the spans `timestamped_segments` keeps (openai/whisper's rule).
+
+    Each timestamp pair splits two segments; a decode that ends with a single timestamp
+    closes its last segment there. Without a pair, the window is one segment that ends at
+    its last timestamp (or the window's end, when there is none)."""
+    begin, step = tokenizer.timestamp_begin, 2 * HOP_LENGTH / SAMPLE_RATE
+    is_ts = [t >= begin for t in tokens]
+    single_ending = len(tokens) >= 2 and is_ts[-2:] == [False, True]
+    cuts = [i for i in range(1, len(tokens)) if is_ts[i - 1] and is_ts[i]]
+    if not cuts:
+        stamps = [t for t in tokens if t >= begin]
+        end = (stamps[-1] - begin) * step if stamps and stamps[-1] > begin else window_s
+        return [(0.0, min(end, window_s), [t for t in tokens if t < tokenizer.eot])]
+    if single_ending:
+        cuts.append(len(tokens))
+    spans, last = [], 0
+    for cut in cuts:
+        piece = tokens[last:cut]
+        start = (piece[0] - begin) * step if piece[0] >= begin else 0.0
+        end = (piece[-1] - begin) * step if piece[-1] >= begin else window_s
+        # A bucket pads the window: a timestamp can point past the audio.
+        spans.append((min(start, window_s), min(end, window_s),
+                      [t for t in piece if t < tokenizer.eot]))
+        last = cut
+    return spans
 
 
 def quietest_cut(audio: np.ndarray, start: int, max_len: int, search_s: float = 8.0) -> int:
@@ -159,33 +212,87 @@ class WhisperTranscriber:
         )
 
     def transcribe(self, audio: np.ndarray) -> str:
+        """The text of `transcribe_segments`, segments joined by spaces."""
+        return " ".join(segment.text for segment in self.transcribe_segments(audio))
+
+    def transcribe_segments(
+        self, audio: np.ndarray, *, word_timestamps: bool = False
+    ) -> list[Segment]:
         """openai/whisper's long-form loop: decode a window with timestamps, keep its
         complete segments, and go on from the end of the last complete one (a segment the
         window cut short, or one the token cap cut, is decoded again in the next window).
-        Without timestamps every window is kept whole."""
+        Without timestamps every window is kept whole, as one segment."""
         audio = np.asarray(audio, np.float32)
-        texts: list[str] = []
+        segments: list[Segment] = []
         history: list[int] = []  # text tokens since the last prompt reset (context on)
         seek = 0
         window_max = WINDOW_S * SAMPLE_RATE
+        tokenizer = self.model.tokenizer
         while len(audio) - seek >= HOP_LENGTH * 2:
             end = min(len(audio), seek + window_max)
             if end < len(audio) and self.quiet_cuts:
                 end = quietest_cut(audio, seek, window_max)
             window = audio[seek:end]
             size = self.window_samples(len(window))
-            result = self._decode(self.encode(window, size), size, self.previous(history))
-            text_ids, consumed = timestamped_segments(result.tokens, self.model.tokenizer)
+            encoded = self.encode(window, size)
+            result = self._decode(encoded, size, self.previous(history))
+            text_ids, consumed = timestamped_segments(result.tokens, tokenizer)
             if not result.no_speech:
-                text = self.model.tokenizer.decode(text_ids).strip()
-                if text:
-                    texts.append(text)
-                    if self.context:
-                        history += text_ids
+                offset, window_s = seek / SAMPLE_RATE, len(window) / SAMPLE_RATE
+                spans = [(start, stop, ids) for start, stop, ids
+                         in split_segments(result.tokens, tokenizer, window_s)
+                         if tokenizer.decode(ids).strip()]  # fmt: skip
+                if word_timestamps:
+                    segments += self._timed_segments(encoded, len(window), spans, offset,
+                                                     segments[-1].end if segments else 0.0)
+                else:
+                    segments += [Segment(offset + start, offset + stop,
+                                         tokenizer.decode(ids).strip())
+                                 for start, stop, ids in spans]  # fmt: skip
+                if self.context and tokenizer.decode(text_ids).strip():
+                    history += text_ids
             if result.temperature > 0.5:
                 history = []  # a poor window must not prompt the next one (openai)
             seek += consumed if 0 < consumed < len(window) else len(window)
-        return " ".join(texts)
+        return segments
+
+    def align(self, audio: np.ndarray, text_ids: Sequence[int]) -> tuple[Word, ...]:
+        """Word timings (seconds from the audio start) of known text tokens over audio of
+        at most 30 s: the daemon's finals, decoded elsewhere, get their words here."""
+        audio = np.asarray(audio[: WINDOW_S * SAMPLE_RATE], np.float32)
+        ids = [t for t in text_ids if t < self.model.tokenizer.eot]
+        if not ids:
+            return ()
+        size = self.window_samples(len(audio))
+        span = [(0.0, len(audio) / SAMPLE_RATE, ids)]
+        return self._timed_segments(self.encode(audio, size), len(audio), span, 0.0, 0.0)[0].words
+
+    def _timed_segments(
+        self, encoded: jax.Array, n_samples: int, spans: list[tuple[float, float, list[int]]],
+        offset: float, last_speech: float,
+    ) -> list[Segment]:
+        """The window's segments with their words (whisper_timing). A segment spans its
+        words, as openai's; words never start before the previous one ends."""
+        tokenizer = self.model.tokenizer
+        prefix = tokenizer.sot_sequence(self.base_options.language, self.base_options.task)
+        heads = self.model.alignment_heads or whisper_timing.default_heads(self.model.config)
+        timed = whisper_timing.window_words(
+            self.model.params, self.model.config, tokenizer, heads, encoded,
+            n_samples // (2 * HOP_LENGTH), spans, prefix, last_speech - offset,
+        )  # fmt: skip
+        segments = []
+        for (start, stop, ids), words in zip(spans, timed, strict=True):
+            kept: list[Word] = []
+            for w in words:
+                floor = kept[-1].end if kept else (segments[-1].end if segments else last_speech)
+                begin = max(round(offset + w.start, 2), floor)
+                kept.append(Word(w.word, begin, max(round(offset + w.end, 2), begin),
+                                 w.probability))
+            if kept:
+                start, stop = kept[0].start - offset, kept[-1].end - offset
+            segments.append(Segment(offset + start, offset + stop,
+                                    tokenizer.decode(ids).strip(), tuple(kept)))
+        return segments
 
     def _decode(self, encoder_out: jax.Array, window_samples: int,
                 previous: tuple[int, ...] = ()) -> DecodeResult:
