@@ -264,6 +264,7 @@ class WhisperPipeline:
         context_partials: bool = CONTEXT_PARTIALS,
     ) -> None:
         self.engine = engine
+        self.whisper_model = model  # file transcription too (streamd/openai_api.py)
         self.config: whisper.WhisperConfig = model.config
         self.params = model.params
         self.tokenizer = model.tokenizer
