@@ -150,8 +150,9 @@ def decode_audio(data: bytes, max_audio_s: float) -> np.ndarray:
                                "audio_too_long")
             samples = sound.read(dtype="float32", always_2d=False)
     except (soundfile.LibsndfileError, RuntimeError, TypeError) as exc:
+        reason = getattr(exc, "error_string", "") or str(exc)  # not the BytesIO's repr
         raise ApiError(400, "could not decode the audio file (WAV, FLAC, OGG, MP3 and other "
-                            f"formats libsndfile reads are supported): {exc}", "file",
+                            f"formats libsndfile reads are supported): {reason}", "file",
                        "invalid_value") from exc
     samples = to_mono(samples)
     if not np.all(np.isfinite(samples)):
