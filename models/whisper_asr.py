@@ -90,6 +90,59 @@ def timestamped_segments(tokens: list[int], tokenizer: WhisperTokenizer) -> tupl
     return [t for t in tokens[:end] if t < tokenizer.eot], consumed
 
 
+@dataclasses.dataclass(frozen=True)
+class Word:
+    """A recognized word: its text as decoded (with its leading space), its start and end
+    in seconds from the audio start, and the mean probability of its tokens."""
+
+    word: str
+    start: float
+    end: float
+    probability: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """A span Whisper closed with timestamps: seconds from the audio start, its text
+    (stripped) and, when asked for, its words."""
+
+    start: float
+    end: float
+    text: str
+    words: tuple[Word, ...] = ()
+
+
+def split_segments(
+    tokens: list[int], tokenizer: WhisperTokenizer, window_s: float
+) -> list[tuple[float, float, list[int]]]:
+    """The segments of one timestamped decode as (start s, end s, text tokens), times from
+    the window start; the spans `timestamped_segments` keeps (openai/whisper's rule).
+
+    Each timestamp pair splits two segments; a decode that ends with a single timestamp
+    closes its last segment there. Without a pair, the window is one segment that ends at
+    its last timestamp (or the window's end, when there is none)."""
+    begin, step = tokenizer.timestamp_begin, 2 * HOP_LENGTH / SAMPLE_RATE
+    is_ts = [t >= begin for t in tokens]
+    single_ending = len(tokens) >= 2 and is_ts[-2:] == [False, True]
+    cuts = [i for i in range(1, len(tokens)) if is_ts[i - 1] and is_ts[i]]
+    if not cuts:
+        stamps = [t for t in tokens if t >= begin]
+        end = (stamps[-1] - begin) * step if stamps and stamps[-1] > begin else window_s
+        return [(0.0, min(end, window_s), [t for t in tokens if t < tokenizer.eot])]
+    if single_ending:
+        cuts.append(len(tokens))
+    spans, last = [], 0
+    for cut in cuts:
+        piece = tokens[last:cut]
+        start = (piece[0] - begin) * step if piece[0] >= begin else 0.0
+        end = (piece[-1] - begin) * step if piece[-1] >= begin else window_s
+        # A bucket pads the window: a timestamp can point past the audio.
+        spans.append((min(start, window_s), min(end, window_s),
+                      [t for t in piece if t < tokenizer.eot]))
+        last = cut
+    return spans
+
+
 def quietest_cut(audio: np.ndarray, start: int, max_len: int, search_s: float = 8.0) -> int:
     """The middle of the quietest 100 ms within the last `search_s` seconds before
     `start + max_len`: where a window of long audio ends without splitting a word."""
@@ -159,15 +212,22 @@ class WhisperTranscriber:
         )
 
     def transcribe(self, audio: np.ndarray) -> str:
+        """The text of `transcribe_segments`, segments joined by spaces."""
+        return " ".join(segment.text for segment in self.transcribe_segments(audio))
+
+    def transcribe_segments(
+        self, audio: np.ndarray, *, word_timestamps: bool = False
+    ) -> list[Segment]:
         """openai/whisper's long-form loop: decode a window with timestamps, keep its
         complete segments, and go on from the end of the last complete one (a segment the
         window cut short, or one the token cap cut, is decoded again in the next window).
-        Without timestamps every window is kept whole."""
+        Without timestamps every window is kept whole, as one segment."""
         audio = np.asarray(audio, np.float32)
-        texts: list[str] = []
+        segments: list[Segment] = []
         history: list[int] = []  # text tokens since the last prompt reset (context on)
         seek = 0
         window_max = WINDOW_S * SAMPLE_RATE
+        tokenizer = self.model.tokenizer
         while len(audio) - seek >= HOP_LENGTH * 2:
             end = min(len(audio), seek + window_max)
             if end < len(audio) and self.quiet_cuts:
@@ -175,17 +235,19 @@ class WhisperTranscriber:
             window = audio[seek:end]
             size = self.window_samples(len(window))
             result = self._decode(self.encode(window, size), size, self.previous(history))
-            text_ids, consumed = timestamped_segments(result.tokens, self.model.tokenizer)
+            text_ids, consumed = timestamped_segments(result.tokens, tokenizer)
             if not result.no_speech:
-                text = self.model.tokenizer.decode(text_ids).strip()
-                if text:
-                    texts.append(text)
-                    if self.context:
-                        history += text_ids
+                offset, window_s = seek / SAMPLE_RATE, len(window) / SAMPLE_RATE
+                for start, stop, ids in split_segments(result.tokens, tokenizer, window_s):
+                    text = tokenizer.decode(ids).strip()
+                    if text:
+                        segments.append(Segment(offset + start, offset + stop, text))
+                if self.context and tokenizer.decode(text_ids).strip():
+                    history += text_ids
             if result.temperature > 0.5:
                 history = []  # a poor window must not prompt the next one (openai)
             seek += consumed if 0 < consumed < len(window) else len(window)
-        return " ".join(texts)
+        return segments
 
     def _decode(self, encoder_out: jax.Array, window_samples: int,
                 previous: tuple[int, ...] = ()) -> DecodeResult:
