@@ -1,0 +1,237 @@
+"""OpenAI-compatible `POST /v1/audio/transcriptions`: its form rules, decoding and response
+formats as functions, and its errors through the real `openai` client against one
+`streamd serve` on the test double (no model: every answer here is decided before
+recognition). The real tiny.en answers in every format in tests/e2e/test_openai_e2e.py.
+"""
+
+from __future__ import annotations
+
+import io
+import urllib.request
+from collections.abc import Iterator
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import soundfile as sf
+from helpers import free_port
+from helpers.daemon import REPO, Daemon, serve, test_pipeline_env
+
+from models.whisper_asr import Segment, Word
+from streamd.openai_api import (
+    ApiError,
+    TranscriptionRequest,
+    decode_audio,
+    parse_fields,
+    render,
+)
+
+TOKEN = "openai-test-token"
+MAX_BYTES = 256 * 1024  # jfk.wav (352 KB) is over it
+JFK = REPO / "streamd" / "data" / "jfk.wav"
+
+
+def tone(seconds: float, rate: int, channels: int = 1) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    mono = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    return np.stack([mono] * channels, axis=1) if channels > 1 else mono
+
+
+def encoded(audio: np.ndarray, rate: int, fmt: str, subtype: str) -> bytes:
+    buffer = io.BytesIO()
+    sf.write(buffer, audio, rate, format=fmt, subtype=subtype)
+    return buffer.getvalue()
+
+
+# --- the form, decoding and the formats, as functions --------------------------------
+
+
+def test_fields_defaults_and_any_model_name() -> None:
+    request = parse_fields({"model": ["whisper-1"]})
+    assert request == TranscriptionRequest("whisper-1")
+    assert request.granularities == {"segment"} and not request.words
+    words = parse_fields({"model": ["tiny.en"], "response_format": ["verbose_json"],
+                          "timestamp_granularities[]": ["word", "segment"],
+                          "language": ["EN"], "prompt": ["Kennedy"], "temperature": ["0.2"]})
+    assert words.words and words.granularities == {"word", "segment"}
+    assert (words.language, words.prompt, words.temperature) == ("en", "Kennedy", 0.2)
+
+
+@pytest.mark.parametrize(("fields", "param", "code"), [
+    ({}, "model", "missing_required_parameter"),
+    ({"model": ["m"], "response_format": ["xml"]}, "response_format", "invalid_value"),
+    ({"model": ["m"], "timestamp_granularities[]": ["word"]}, "timestamp_granularities[]",
+     "invalid_value"),  # needs verbose_json
+    ({"model": ["m"], "response_format": ["verbose_json"],
+      "timestamp_granularities[]": ["sentence"]}, "timestamp_granularities[]", "invalid_value"),
+    ({"model": ["m"], "language": ["de"]}, "language", "unsupported_language"),
+    ({"model": ["m"], "prompt": ["x" * 501]}, "prompt", "invalid_value"),
+    ({"model": ["m"], "temperature": ["1.5"]}, "temperature", "invalid_value"),
+    ({"model": ["m"], "temperature": ["hot"]}, "temperature", "invalid_value"),
+    ({"model": ["m"], "stream": ["true"]}, "stream", "unsupported_value"),
+    ({"model": ["a", "b"]}, "model", None),
+])
+def test_fields_refused_naming_the_field(fields, param, code) -> None:
+    with pytest.raises(ApiError) as caught:
+        parse_fields(fields)
+    error = caught.value.body()["error"]
+    assert caught.value.status == 400
+    assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", param,
+                                                              code)
+    assert error["message"]
+
+
+@pytest.mark.parametrize(("fmt", "subtype", "rate"), [
+    ("WAV", "PCM_16", 44100), ("FLAC", "PCM_24", 22050), ("OGG", "VORBIS", 44100),
+    ("OGG", "OPUS", 48000), ("MP3", "MPEG_LAYER_III", 44100),
+])
+def test_decode_any_container_to_16k_mono(fmt: str, subtype: str, rate: int) -> None:
+    audio = decode_audio(encoded(tone(1.0, rate, channels=2), rate, fmt, subtype), 60)
+    assert audio.dtype == np.float32 and audio.ndim == 1
+    assert len(audio) == pytest.approx(16000, abs=1200)  # lossy codecs pad a frame
+    # Still the 440 Hz tone after the resampling.
+    spectrum = np.abs(np.fft.rfft(audio[2000:14000]))
+    assert np.argmax(spectrum) * 16000 / 12000 == pytest.approx(440, abs=5)
+
+
+@pytest.mark.parametrize(("data", "code"), [
+    (b"RIFF\x00\x00not audio at all", "invalid_value"),
+    (b"", "invalid_value"),
+    (encoded(tone(0.05, 16000), 16000, "WAV", "PCM_16"), "audio_too_short"),
+    (encoded(tone(3.0, 8000), 8000, "WAV", "PCM_16"), "audio_too_long"),
+])
+def test_decode_refuses(data: bytes, code: str) -> None:
+    with pytest.raises(ApiError) as caught:
+        decode_audio(data, max_audio_s=2.0)
+    assert (caught.value.status, caught.value.param, caught.value.code) == (400, "file", code)
+
+
+SEGMENTS = [
+    Segment(0.0, 2.5, "Hello there.", (Word(" Hello", 0.0, 0.6, 0.9),
+                                       Word(" there.", 0.7, 1.2, 0.8))),
+    Segment(3725.25, 3727.0, "Bye.", (Word(" Bye.", 3725.3, 3726.0, 0.95),)),
+]
+
+
+def test_render_every_format() -> None:
+    def body(fmt: str, *granularities: str):
+        return render(TranscriptionRequest("m", fmt, frozenset(granularities or ("segment",))),
+                      SEGMENTS, 3727.4)
+
+    assert body("json") == ({"text": "Hello there. Bye.",
+                             "usage": {"type": "duration", "seconds": 3728}},
+                            "application/json")
+    assert body("text") == ("Hello there. Bye.\n", "text/plain; charset=utf-8")
+    assert body("srt")[0] == ("1\n00:00:00,000 --> 00:00:02,500\nHello there.\n\n"
+                              "2\n01:02:05,250 --> 01:02:07,000\nBye.\n\n")
+    assert body("vtt") == ("WEBVTT\n\n00:00:00.000 --> 00:00:02.500\nHello there.\n\n"
+                           "01:02:05.250 --> 01:02:07.000\nBye.\n\n", "text/vtt; charset=utf-8")
+    verbose, _ = body("verbose_json")
+    assert (verbose["task"], verbose["language"], verbose["duration"]) == (
+        "transcribe", "english", 3727.4)
+    assert [(s["id"], s["start"], s["end"], s["text"]) for s in verbose["segments"]] == [
+        (0, 0.0, 2.5, "Hello there."), (1, 3725.25, 3727.0, "Bye.")]
+    assert all(s["compression_ratio"] > 0 for s in verbose["segments"])
+    assert "words" not in verbose
+    words, _ = body("verbose_json", "word")
+    assert "segments" not in words
+    assert [(w["word"], w["start"], w["end"]) for w in words["words"]] == [
+        ("Hello", 0.0, 0.6), ("there.", 0.7, 1.2), ("Bye.", 3725.3, 3726.0)]
+    both, _ = body("verbose_json", "word", "segment")
+    assert len(both["segments"]) == 2 and len(both["words"]) == 3
+
+
+# --- errors through the real client, one daemon on the test double -------------------
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemon, int]]:
+    http_port = free_port()
+    env = {**test_pipeline_env(), "STREAMD_SERVER_HTTP_MAX_BYTES": str(MAX_BYTES)}
+    with serve(tmp_path_factory.mktemp("openai"), "--token", TOKEN,
+               "--http-port", str(http_port), env=env) as running:
+        yield running, http_port
+
+
+def client(port: int, key: str = TOKEN) -> openai.OpenAI:
+    return openai.OpenAI(api_key=key, base_url=f"http://127.0.0.1:{port}/v1", max_retries=0)
+
+
+SHORT_WAV = encoded(tone(1.0, 16000), 16000, "WAV", "PCM_16")
+
+
+def refused(port: int, key: str = TOKEN, **kwargs) -> openai.APIStatusError:
+    kwargs.setdefault("file", ("short.wav", SHORT_WAV))
+    kwargs.setdefault("model", "whisper-1")
+    with pytest.raises(openai.APIStatusError) as caught:
+        client(port, key).audio.transcriptions.create(**kwargs)
+    body = caught.value.response.json()
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    return caught.value
+
+
+def test_wrong_or_missing_token(daemon) -> None:
+    _, port = daemon
+    error = refused(port, key="wrong")
+    assert isinstance(error, openai.AuthenticationError) and error.status_code == 401
+    assert error.code == "invalid_api_key"
+    response = httpx.post(f"http://127.0.0.1:{port}/v1/audio/transcriptions",
+                          data={"model": "whisper-1"}, files={"file": SHORT_WAV})
+    assert response.status_code == 401
+    assert response.headers["WWW-Authenticate"] == "Bearer"
+
+
+def test_bad_response_format(daemon) -> None:
+    error = refused(daemon[1], response_format="xml")
+    assert isinstance(error, openai.BadRequestError)
+    assert (error.status_code, error.param) == (400, "response_format")
+
+
+def test_unsupported_language(daemon) -> None:
+    error = refused(daemon[1], language="fr")
+    assert (error.status_code, error.param, error.code) == (400, "language",
+                                                            "unsupported_language")
+    assert "English only" in error.message
+
+
+def test_garbage_bytes(daemon) -> None:
+    error = refused(daemon[1], file=("speech.mp3", b"\x00\xff garbage " * 64))
+    assert (error.status_code, error.param) == (400, "file")
+    assert "could not decode the audio file" in error.message
+
+
+def test_too_large(daemon) -> None:
+    error = refused(daemon[1], file=("jfk.wav", JFK.read_bytes()))
+    assert (error.status_code, error.code) == (413, "request_too_large")
+    assert str(MAX_BYTES) in error.message
+
+
+def test_no_file_and_not_multipart(daemon) -> None:
+    url = f"http://127.0.0.1:{daemon[1]}/v1/audio/transcriptions"
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    # A form without a file (multipart all the same: a dummy field forces it).
+    response = httpx.post(url, headers=auth, data={"model": "whisper-1"},
+                          files={"note": (None, b"no audio")})
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "file"
+    response = httpx.post(url, headers=auth, json={"model": "whisper-1"})
+    assert response.status_code == 400
+    assert "multipart/form-data" in response.json()["error"]["message"]
+    response = httpx.get(f"http://127.0.0.1:{daemon[1]}/v1/models", headers=auth)
+    assert response.status_code == 404 and response.json()["error"]["code"] == "unknown_url"
+
+
+def test_pipeline_without_whisper_and_metrics(daemon) -> None:
+    """A valid request reaches the pipeline: the test double has no Whisper, so it says
+    so (param `model`); every answer above was counted by format and status."""
+    running, port = daemon
+    error = refused(port, response_format="srt")
+    assert (error.status_code, error.param, error.code) == (400, "model",
+                                                            "model_not_supported")
+    with urllib.request.urlopen(f"{running.http}/metrics", timeout=5) as r:
+        metrics = r.read().decode()
+    assert 'streamd_transcriptions_total{format="srt",status="400"}' in metrics
+    assert 'streamd_queue_depth{queue="transcriptions"} 0.0' in metrics
+    assert 'streamd_connections_rejected_total{reason="unauthorized"}' in metrics
+    assert "listening (HTTP)" in running.log_text()
