@@ -7,8 +7,11 @@ recognition). The real tiny.en answers in every format in tests/e2e/test_openai_
 from __future__ import annotations
 
 import io
+import json
+import time
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -17,6 +20,7 @@ import pytest
 import soundfile as sf
 from helpers import free_port
 from helpers.daemon import REPO, Daemon, serve, test_pipeline_env
+from helpers.haproxy import HAProxy
 
 from models.whisper_asr import Segment, Word
 from streamd.openai_api import (
@@ -235,3 +239,24 @@ def test_pipeline_without_whisper_and_metrics(daemon) -> None:
     assert 'streamd_queue_depth{queue="transcriptions"} 0.0' in metrics
     assert 'streamd_connections_rejected_total{reason="unauthorized"}' in metrics
     assert "listening (HTTP)" in running.log_text()
+
+
+def test_one_address_behind_haproxy(daemon, tmp_path: Path) -> None:
+    """deploy/haproxy/haproxy.cfg: /v1/audio/ goes to the node's HTTP port, the rest
+    (here /healthz) to its WebSocket port, both through the frontend's one port."""
+    running, http_port = daemon
+    with HAProxy(tmp_path, [("a", running.port)], http_ports={"a": http_port}) as lb:
+        url = f"http://127.0.0.1:{lb.port}"
+        deadline = time.monotonic() + 15
+        while True:  # the files backend's server is UP after its second health check
+            response = httpx.post(f"{url}/v1/audio/transcriptions",
+                                  headers={"Authorization": f"Bearer {TOKEN}"},
+                                  data={"model": "whisper-1", "language": "de"},
+                                  files={"file": SHORT_WAV})
+            if response.status_code != 503 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert response.status_code == 400
+        assert response.json()["error"]["param"] == "language"
+        with urllib.request.urlopen(f"{url}/healthz", timeout=5) as r:
+            assert json.load(r)["status"] == "ok"
