@@ -44,8 +44,9 @@ def cli_text() -> str:
 
 
 def transcribe(api: openai.OpenAI, **kwargs):
+    kwargs.setdefault("model", "whisper-1")  # any name means the loaded model
     with open(JFK, "rb") as f:
-        return api.audio.transcriptions.create(model="whisper-1", file=f, **kwargs)
+        return api.audio.transcriptions.create(file=f, **kwargs)
 
 
 def test_json_is_streamd_transcribe(api: openai.OpenAI, cli_text: str) -> None:
@@ -80,7 +81,7 @@ def test_verbose_json_segments(api: openai.OpenAI, cli_text: str) -> None:
     segments = result.segments
     assert segments and [s.id for s in segments] == list(range(len(segments)))
     assert " ".join(s.text for s in segments) == cli_text
-    ends = [0.0] + [s.end for s in segments]
+    ends = [0.0] + [s.end for s in segments[:-1]]
     for seg, previous_end in zip(segments, ends, strict=True):
         assert previous_end <= seg.start < seg.end <= DURATION_S + 0.01
     assert result.words is None
