@@ -136,6 +136,9 @@ class WhisperModel:
     params: Any
     tokenizer: Any  # models.tokenizer.WhisperTokenizer
     folder: Path
+    # (decoder layer, head) pairs whose cross-attention follows the audio (word timings);
+    # empty when the checkpoint does not list them.
+    alignment_heads: tuple[tuple[int, int], ...] = ()
 
 
 def load_whisper(name_or_path: str | Path | None = None) -> WhisperModel:
@@ -161,4 +164,15 @@ def load_whisper(name_or_path: str | Path | None = None) -> WhisperModel:
     if not (folder / "tokenizer.json").is_file():
         raise ModelLoadError(f"{folder / 'tokenizer.json'} is missing; Whisper needs it")
     config = whisper.WhisperConfig.from_hf_config(hf_config)
-    return WhisperModel(config, params, WhisperTokenizer.from_file(folder), folder)
+    return WhisperModel(config, params, WhisperTokenizer.from_file(folder), folder,
+                        alignment_heads(folder, hf_config))
+
+
+def alignment_heads(folder: Path, hf_config: dict) -> tuple[tuple[int, int], ...]:
+    """The alignment heads of a checkpoint: CTranslate2 carries them in config.json (read
+    into `hf_config`), Hugging Face in generation_config.json."""
+    heads = hf_config.get("alignment_heads")
+    generation = folder / "generation_config.json"
+    if not heads and generation.is_file():
+        heads = json.loads(generation.read_text()).get("alignment_heads")
+    return tuple((int(layer), int(head)) for layer, head in heads or ())

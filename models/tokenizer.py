@@ -142,17 +142,25 @@ class WhisperTokenizer:
 
     def split_to_word_tokens(self, ids: Sequence[int]) -> tuple[list[str], list[list[int]]]:
         """Groups text tokens into words: a new word starts at a token beginning with a
-        space, and punctuation stands alone. For space-delimited languages only."""
+        space, and punctuation stands alone. For space-delimited languages only. Tokens
+        that hold parts of one character (byte-level pieces) stay in one group, so the
+        words joined give the decoded text."""
         words: list[str] = []
         groups: list[list[int]] = []
-        for token_id in (int(i) for i in ids if int(i) < self.eot):
-            piece = self._tok.decode([token_id], skip_special_tokens=False)
+        text_ids = [int(i) for i in ids if int(i) < self.eot]
+        pending: list[int] = []
+        for k, token_id in enumerate(text_ids):
+            pending.append(token_id)
+            piece = self._tok.decode(pending, skip_special_tokens=False)
+            if "\ufffd" in piece and k + 1 < len(text_ids):
+                continue  # a character split across tokens: wait for its other bytes
             if not groups or piece.startswith(" ") or _is_punct(piece) or _is_punct(words[-1]):
                 words.append(piece)
-                groups.append([token_id])
+                groups.append(pending)
             else:
                 words[-1] += piece
-                groups[-1].append(token_id)
+                groups[-1].extend(pending)
+            pending = []
         return words, groups
 
 

@@ -9,6 +9,9 @@ Public entry points (all take `params` from `params_from_hf` and a static `confi
 - `init_cache(config, batch, max_len) -> DecoderCache`: fixed-size self-attention cache.
 - `decode(params, config, cache, cross, tokens [B, S], num_valid) -> (logits, cache)`:
   S = prompt length is prefill (`prefill` is the same function), `decode_step` is S = 1.
+- `alignment_attention(params, config, encoder_out, tokens [S], n_frames, heads)`: a
+  forced pass over decoded tokens for word timings: the alignment heads' cross-attention
+  [A, S, T] and each next token's probability.
 
 Jitting: `config` is a static argument (hashable frozen dataclass; each distinct config is
 a separate compile, and so is each distinct input shape: T, B, S, max_len). The decoder
@@ -337,6 +340,22 @@ class DecoderLayer(nn.Module):
         x = x + self.encoder_attn.output(_attend(q, cross.keys, cross.values, cross_mask))
         return x + self.mlp(self.final_layer_norm(x)), kv
 
+    def forced(
+        self, x: jax.Array, self_mask: jax.Array, cross: LayerKV
+    ) -> tuple[jax.Array, jax.Array]:
+        """The layer over a whole token sequence without a cache (word alignment): x
+        [B, S, D] -> (x, cross-attention scores before the softmax, float32 [B, H, S, T])."""
+        h = self.self_attn_layer_norm(x)
+        kv = self.self_attn.key_value(h)
+        x = x + self.self_attn.output(_attend(self.self_attn.query(h), kv.keys, kv.values,
+                                              self_mask))
+        h = self.encoder_attn_layer_norm(x)
+        q = self.encoder_attn.query(h)
+        scores = jnp.einsum("bshd,bhdt->bhst", q, cross.keys, preferred_element_type=jnp.float32)
+        weights = jax.nn.softmax(scores, axis=-1).astype(cross.values.dtype)
+        x = x + self.encoder_attn.output(jnp.einsum("bhst,bhtd->bshd", weights, cross.values))
+        return x + self.mlp(self.final_layer_norm(x)), scores
+
 
 class Decoder(nn.Module):
     config: WhisperConfig
@@ -386,6 +405,24 @@ class Decoder(nn.Module):
         overflow = cache.length + n_new > max_len
         logits = jnp.where(overflow[:, None, None], jnp.nan, logits)
         return logits, DecoderCache(layers=tuple(layers), length=cache.length + num_valid)
+
+    def forced(
+        self, tokens: jax.Array, encoder_out: jax.Array
+    ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+        """One pass over whole sequences tokens [B, S] (no cache) -> (logits float32
+        [B, S, V], per layer the cross-attention scores before the softmax [B, H, S, T])."""
+        n = tokens.shape[1]
+        x = self.embed_tokens(tokens) + self.embed_positions[:n].astype(self.config.dtype)
+        self_mask = (jnp.arange(n)[None, :] <= jnp.arange(n)[:, None])[None, None]
+        scores = []
+        for layer in self.layers:
+            x, layer_scores = layer.forced(x, self_mask, layer.cross_kv(
+                encoder_out.astype(self.config.dtype)))
+            scores.append(layer_scores)
+        x = self.layer_norm(x)
+        emb = self.embed_tokens.embedding.astype(self.config.dtype)
+        logits = jnp.einsum("bsd,vd->bsv", x, emb, preferred_element_type=jnp.float32)
+        return logits, tuple(scores)
 
     def init_all(self, tokens: jax.Array, encoder_out: jax.Array) -> jax.Array:
         """Touches every parameter (used only by `init_params`)."""
@@ -463,12 +500,40 @@ def _decode_step(
     return logits[:, 0], cache
 
 
+def _alignment_attention(
+    params: Params, config: WhisperConfig, encoder_out: jax.Array, tokens: jax.Array,
+    n_frames: jax.Array, heads: tuple[tuple[int, int], ...],
+) -> tuple[jax.Array, jax.Array]:
+    """A forced pass for word timings (openai/whisper's `find_alignment`): the decoder runs
+    once over a whole token row against one window's encoder output.
+
+    encoder_out [1, T, D], tokens int32 [S] (padded to a width bucket: positions only see
+    the tokens before them, so padding changes nothing before it), n_frames int32: the
+    encoder frames that hold audio. Returns (the cross-attention of the `heads` (layer,
+    head) pairs, softmax over the first n_frames frames only, float32 [A, S, T]; the
+    probability of each next token among the text tokens, float32 [S - 1]: position i
+    predicting tokens[i + 1], softmax over the ids below the end token, as openai)."""
+    logits, scores = Decoder(config).apply(
+        {"params": params["decoder"]}, tokens[None].astype(jnp.int32), encoder_out,
+        method="forced",
+    )
+    picked = jnp.stack([scores[layer][0, head] for layer, head in heads])  # [A, S, T]
+    audio = jnp.arange(picked.shape[-1]) < n_frames
+    weights = jax.nn.softmax(jnp.where(audio, picked, -jnp.inf), axis=-1)
+    text_logits = logits[0, :-1, : config.eos_token_id]
+    next_ids = jnp.minimum(tokens[1:], config.eos_token_id - 1)  # specials get a dummy
+    probs = jnp.take_along_axis(jax.nn.softmax(text_logits, axis=-1), next_ids[:, None], 1)
+    return weights, probs[:, 0]
+
+
 # One jitted function per phase; config is static (hashable), the cache is donated.
 encode = jax.jit(_encode, static_argnames="config")
 cross_kv = jax.jit(_cross_kv, static_argnames="config")
 decode = jax.jit(_decode, static_argnames="config", donate_argnames="cache")
 prefill = decode  # the same function with S = prompt length
 decode_step = jax.jit(_decode_step, static_argnames="config", donate_argnames="cache")
+# Apart from the decode loop: each (T, S, heads) compiles once.
+alignment_attention = jax.jit(_alignment_attention, static_argnames=("config", "heads"))
 
 
 def init_params(config: WhisperConfig, key: jax.Array) -> Params:

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models import whisper
+from models import whisper, whisper_timing
 from models.mel import HOP_LENGTH, SAMPLE_RATE, log_mel
 from models.registry import WhisperModel
 from models.tokenizer import WhisperTokenizer
@@ -234,19 +234,64 @@ class WhisperTranscriber:
                 end = quietest_cut(audio, seek, window_max)
             window = audio[seek:end]
             size = self.window_samples(len(window))
-            result = self._decode(self.encode(window, size), size, self.previous(history))
+            encoded = self.encode(window, size)
+            result = self._decode(encoded, size, self.previous(history))
             text_ids, consumed = timestamped_segments(result.tokens, tokenizer)
             if not result.no_speech:
                 offset, window_s = seek / SAMPLE_RATE, len(window) / SAMPLE_RATE
-                for start, stop, ids in split_segments(result.tokens, tokenizer, window_s):
-                    text = tokenizer.decode(ids).strip()
-                    if text:
-                        segments.append(Segment(offset + start, offset + stop, text))
+                spans = [(start, stop, ids) for start, stop, ids
+                         in split_segments(result.tokens, tokenizer, window_s)
+                         if tokenizer.decode(ids).strip()]  # fmt: skip
+                if word_timestamps:
+                    segments += self._timed_segments(encoded, len(window), spans, offset,
+                                                     segments[-1].end if segments else 0.0)
+                else:
+                    segments += [Segment(offset + start, offset + stop,
+                                         tokenizer.decode(ids).strip())
+                                 for start, stop, ids in spans]  # fmt: skip
                 if self.context and tokenizer.decode(text_ids).strip():
                     history += text_ids
             if result.temperature > 0.5:
                 history = []  # a poor window must not prompt the next one (openai)
             seek += consumed if 0 < consumed < len(window) else len(window)
+        return segments
+
+    def align(self, audio: np.ndarray, text_ids: Sequence[int]) -> tuple[Word, ...]:
+        """Word timings (seconds from the audio start) of known text tokens over audio of
+        at most 30 s: the daemon's finals, decoded elsewhere, get their words here."""
+        audio = np.asarray(audio[: WINDOW_S * SAMPLE_RATE], np.float32)
+        ids = [t for t in text_ids if t < self.model.tokenizer.eot]
+        if not ids:
+            return ()
+        size = self.window_samples(len(audio))
+        span = [(0.0, len(audio) / SAMPLE_RATE, ids)]
+        return self._timed_segments(self.encode(audio, size), len(audio), span, 0.0, 0.0)[0].words
+
+    def _timed_segments(
+        self, encoded: jax.Array, n_samples: int, spans: list[tuple[float, float, list[int]]],
+        offset: float, last_speech: float,
+    ) -> list[Segment]:
+        """The window's segments with their words (whisper_timing). A segment spans its
+        words, as openai's; words never start before the previous one ends."""
+        tokenizer = self.model.tokenizer
+        prefix = tokenizer.sot_sequence(self.base_options.language, self.base_options.task)
+        heads = self.model.alignment_heads or whisper_timing.default_heads(self.model.config)
+        timed = whisper_timing.window_words(
+            self.model.params, self.model.config, tokenizer, heads, encoded,
+            n_samples // (2 * HOP_LENGTH), spans, prefix, last_speech - offset,
+        )  # fmt: skip
+        segments = []
+        for (start, stop, ids), words in zip(spans, timed, strict=True):
+            kept: list[Word] = []
+            for w in words:
+                floor = kept[-1].end if kept else (segments[-1].end if segments else last_speech)
+                begin = max(round(offset + w.start, 2), floor)
+                kept.append(Word(w.word, begin, max(round(offset + w.end, 2), begin),
+                                 w.probability))
+            if kept:
+                start, stop = kept[0].start - offset, kept[-1].end - offset
+            segments.append(Segment(offset + start, offset + stop,
+                                    tokenizer.decode(ids).strip(), tuple(kept)))
         return segments
 
     def _decode(self, encoder_out: jax.Array, window_samples: int,

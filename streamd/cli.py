@@ -40,6 +40,10 @@ def _add_transcribe(subparsers) -> None:
     p.add_argument("--context", action=argparse.BooleanOptionalAction, default=False,
                    help="Whisper: decode each 30 s window of a long file after the text of "
                         "the windows before it (default: off)")
+    p.add_argument("--word-timestamps", action="store_true",
+                   help="Whisper: print each word with its start and end (seconds) and "
+                        "confidence, from the alignment heads' cross-attention; with --json, "
+                        "a `segments` list with `words`")
     p.set_defaults(run=lambda args: __import__("streamd.transcribe").transcribe.main(args))
 
 

@@ -192,6 +192,9 @@ class RecognitionConfig:
     context_reset_s: float = 2.0
     # Partials too (off: measured worse, see CONTEXT_PARTIALS in the whisper pipeline).
     context_partials: bool = False
+    # whisper: finals carry `words` with times and confidence (one more encoder and
+    # decoder pass per final; docs/protocol.md).
+    word_timestamps: bool = False
 
     def __post_init__(self) -> None:
         _check(

@@ -143,7 +143,8 @@ def parse_control(text: str) -> protocol.Keepalive | protocol.Finalize | protoco
 
 def approximate_words(text: str, start: float, end: float) -> list[dict[str, Any]]:
     """Words of `text` over [start, end], each given time in proportion to its length in
-    characters (Whisper finals carry no word times: these are approximate)."""
+    characters: for results without word times (Whisper partials, and finals unless
+    `recognition.word_timestamps` is on), so these are approximate."""
     tokens = text.split()
     total = sum(len(t) for t in tokens)
     words, t = [], start

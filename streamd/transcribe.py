@@ -118,6 +118,16 @@ def _partial_printer(path: str, as_json: bool) -> Callable[[str], None]:
     return show
 
 
+def _segment_json(segment) -> dict:
+    """A models.whisper_asr.Segment as JSON: start, end, text, words (word, start, end,
+    confidence: the mean probability of its tokens)."""
+    return {"start": round(segment.start, 2), "end": round(segment.end, 2),
+            "text": segment.text,
+            "words": [{"word": w.word.strip(), "start": round(w.start, 2),
+                       "end": round(w.end, 2), "confidence": round(w.probability, 4)}
+                      for w in segment.words]}
+
+
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -126,6 +136,9 @@ def main(args: argparse.Namespace) -> int:
         print(f"loading model: {time.perf_counter() - started:.1f} s", file=sys.stderr)
         if args.stream and not hasattr(transcriber, "stream"):
             raise ValueError("--stream needs a CTC model (wav2vec2, wav2vec2-conformer)")
+        word_timestamps = bool(getattr(args, "word_timestamps", False))
+        if word_timestamps and not hasattr(transcriber, "transcribe_segments"):
+            raise ValueError("--word-timestamps needs a Whisper model")
         started = time.perf_counter()
         _warmup(transcriber, args.files)
         print(f"compiling: {time.perf_counter() - started:.1f} s", file=sys.stderr)
@@ -141,8 +154,12 @@ def main(args: argparse.Namespace) -> int:
             print(f"streamd transcribe: {exc}", file=sys.stderr)
             continue
         started = time.perf_counter()
+        segments = None
         if args.stream:
             text = transcriber.stream(audio, _partial_printer(str(path), args.json))
+        elif word_timestamps:
+            segments = transcriber.transcribe_segments(audio, word_timestamps=True)
+            text = " ".join(segment.text for segment in segments)
         else:
             text = transcriber.transcribe(audio)
         elapsed = time.perf_counter() - started
@@ -153,8 +170,14 @@ def main(args: argparse.Namespace) -> int:
                 "duration_s": round(len(audio) / SAMPLE_RATE, 3),
                 "elapsed_s": round(elapsed, 4),
             }
+            if segments is not None:
+                record["segments"] = [_segment_json(segment) for segment in segments]
             print(json.dumps(record, ensure_ascii=False), flush=True)
         else:
             line = f"final: {text}" if args.stream else text
             print(f"{path}: {line}" if len(args.files) > 1 else line, flush=True)
+            for segment in segments or ():
+                for word in segment.words:
+                    print(f"  {word.start:7.2f} {word.end:7.2f}  {word.probability:.2f}  "
+                          f"{word.word.strip()}", flush=True)
     return 1 if failures else 0

@@ -66,7 +66,7 @@ from models.decoding import (
     greedy_search,
 )
 from models.mel import SAMPLE_RATE, log_mel
-from models.whisper_asr import TAIL_MARGIN
+from models.whisper_asr import TAIL_MARGIN, WhisperTranscriber
 from models.whisper_decoding import NoSpeechProbe, WhisperDecoder, compression_ratio
 from streamd.config import Config
 from streamd.engine import Engine
@@ -77,12 +77,16 @@ from streamd.recognizer import (
     PipelineCounters,
     RecognizerOptions,
     SegmentInfo,
+    Word,
     register_pipeline,
 )
 
 log = logging.getLogger("streamd.pipelines.whisper")
 
 DEFAULT_BUCKETS_S = (2.0, 4.0, 6.0, 10.0, 14.0, 21.0, 30.0)
+# Engine kind of the finals' word timings (`recognition.word_timestamps`) and its empty slot.
+WORDS_KIND = "whisper/words"
+WORDS_PAD: tuple[np.ndarray, tuple[int, ...]] = (np.zeros(0, np.float32), ())
 # Smallest encoder window of a final (see the module docstring).
 FINAL_MIN_S = 10.0
 FINAL_PRIORITY = 1  # engine priority of finals; partials run at 0
@@ -262,6 +266,7 @@ class WhisperPipeline:
         context_tokens: int = CONTEXT_TOKENS,
         context_reset_s: float = CONTEXT_RESET_S,
         context_partials: bool = CONTEXT_PARTIALS,
+        word_timestamps: bool = False,
     ) -> None:
         self.engine = engine
         self.whisper_model = model  # file transcription too (streamd/openai_api.py)
@@ -292,6 +297,9 @@ class WhisperPipeline:
         self.context_partials = context_partials
         self.context_fallbacks = 0  # finals decoded again without the previous text
         self.sot_prev = tok.sot_prev
+        self.word_timestamps = word_timestamps
+        if word_timestamps:
+            self._add_word_kind(model)
         # Each bucket's shape with room for previous text (absent: no context at all).
         self.wide: dict[BucketSpec, BucketSpec] = {}
         max_len = self.config.max_target_positions
@@ -311,6 +319,26 @@ class WhisperPipeline:
                 spec = dataclasses.replace(spec, beams=beam_size)
                 self._add_kind(spec)
             self.final_specs.append(spec)
+
+    def _add_word_kind(self, model: Any) -> None:
+        """Finals' word timings: one forced pass of the final's tokens over its audio
+        (models/whisper_timing.py), on the engine's threads as every device call."""
+        self.aligner = WhisperTranscriber(model)
+        self.engine.add_kind(WORDS_KIND, self._align_run, WORDS_PAD)
+
+    def _align_run(self, items: list[tuple[np.ndarray, tuple[int, ...]]]) -> list[tuple]:
+        if all(item is WORDS_PAD for item in items):  # warm-up: a final's usual shapes
+            for seconds in self.aligner.buckets_s:
+                self.aligner.align(np.zeros(seconds * SAMPLE_RATE // 2, np.float32), (220,))
+            return [()] * len(items)
+        return [() if item is WORDS_PAD else self.aligner.align(*item) for item in items]
+
+    async def timed_words(self, audio: np.ndarray, tokens: tuple[int, ...],
+                    start: float) -> tuple[Word, ...]:
+        """The final's words in stream seconds (`start`: the segment's)."""
+        timed = await self.engine.submit(WORDS_KIND, (audio, tokens), FINAL_PRIORITY)
+        return tuple(Word(w.word.strip(), start + w.start, start + w.end, w.probability)
+                     for w in timed)  # fmt: skip
 
     def _add_kind(self, spec: BucketSpec) -> None:
         """One engine kind per bucket; its wider shape (previous text) shares the kind."""
@@ -638,6 +666,9 @@ class WhisperRecognizer:
             self._reset_after_silence(segment)
             final = await self._decode_final(audio_16k, committed)
         self._remember(final, segment)
+        if self.pipeline.word_timestamps and final.tokens:
+            words = await self.pipeline.timed_words(audio_16k, final.tokens, segment.start)
+            return dataclasses.replace(final.hyp, words=words)
         return final.hyp
 
     def close(self) -> None:
@@ -666,7 +697,8 @@ def create(config: Config, engine: Engine) -> WhisperPipeline:
                            beam_size=rec.beam_size, context=rec.context,
                            context_tokens=rec.context_tokens,
                            context_reset_s=rec.context_reset_s,
-                           context_partials=rec.context_partials)
+                           context_partials=rec.context_partials,
+                           word_timestamps=rec.word_timestamps)
 
 
 register_pipeline("whisper", create)

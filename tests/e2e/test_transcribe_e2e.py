@@ -72,3 +72,30 @@ def test_transcribe_real_speech(shared_manifest, tmp_path, capsys, monkeypatch):
     theirs = _wer(refs, faster_whisper_texts(paths))
     print(f"\nWER streamd {ours:.2f} %  faster-whisper (float32, greedy) {theirs:.2f} %")
     assert ours <= theirs + 1.0
+
+
+# faster-whisper 1.x, tiny.en, word_timestamps=True on jfk.wav: first starts of these words (s).
+FASTER_WHISPER_STARTS = {"And": 0.0, "Americans": 1.76, "ask": 2.26, "what": 4.52,
+                         "country": 6.02, "can": 6.36, "country.": 10.22}
+
+
+def test_word_timestamps_on_jfk(capsys) -> None:
+    """`--word-timestamps --json`: words in order, inside their segment, spelling its text,
+    at faster-whisper's times (within 0.1 s; ours encodes a 10 s bucket, not 30 s)."""
+    assert cli.main(["transcribe", "--json", "--word-timestamps", "streamd/data/jfk.wav"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    segments = record["segments"]
+    assert record["text"] == " ".join(s["text"] for s in segments)
+    assert "ask not what your country can do for you" in record["text"]
+    previous_end, found = 0.0, {}
+    for segment in segments:
+        assert " ".join(w["word"] for w in segment["words"]) == segment["text"]
+        for word in segment["words"]:
+            assert previous_end <= word["start"] <= word["end"]
+            assert segment["start"] <= word["start"] and word["end"] <= segment["end"]
+            assert 0.0 < word["confidence"] <= 1.0
+            previous_end = word["end"]
+            found.setdefault(word["word"], word["start"])
+    assert segments[-1]["end"] <= record["duration_s"]
+    for word, start in FASTER_WHISPER_STARTS.items():
+        assert abs(found[word] - start) <= 0.1, (word, found[word], start)

@@ -329,3 +329,32 @@ def test_real_tiny_en_matches_transformers_and_transcribes(shared_manifest) -> N
     words = "".join(c for c in tokenizer.decode(out).lower() if c.isalnum() or c == " ").split()
     expected = "".join(c for c in entry["text"].lower() if c.isalnum() or c == " ").split()
     assert words == expected
+
+
+def test_alignment_attention_matches_transformers(hf) -> None:
+    """The forced pass for word timings: the chosen heads' cross-attention equals
+    transformers' `output_attentions` (renormalized over the audio frames when fewer frames
+    count), and each next token's probability among the text tokens its logits'."""
+    model, config, params = hf
+    rng = np.random.default_rng(7)
+    encoder_out = rng.normal(size=(1, 40, 64)).astype(np.float32)
+    tokens = _tokens(rng, 1, 12)
+    heads = ((0, 1), (1, 0), (1, 3))
+    model.set_attn_implementation("eager")  # sdpa returns no attention weights
+    with torch.no_grad():
+        out = model(encoder_outputs=(_torch(encoder_out),), use_cache=False,
+                    decoder_input_ids=torch.from_numpy(tokens.astype(np.int64)),
+                    output_attentions=True)
+    model.set_attn_implementation("sdpa")
+    ref = np.stack([out.cross_attentions[layer][0, head].numpy() for layer, head in heads])
+    for n_frames in (40, 25):
+        weights, probs = whisper.alignment_attention(
+            params, config, jnp.asarray(encoder_out), jnp.asarray(tokens[0]),
+            jnp.int32(n_frames), heads,
+        )
+        part = ref[..., :n_frames] / ref[..., :n_frames].sum(-1, keepdims=True)
+        _close(np.asarray(weights)[..., :n_frames], part, 1e-5)
+        assert np.all(np.asarray(weights)[..., n_frames:] == 0)
+    text = torch.softmax(out.logits[0, :-1, :EOS], -1).numpy()
+    expected = text[np.arange(11), tokens[0, 1:]]
+    _close(probs, expected, 1e-5)

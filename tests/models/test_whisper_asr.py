@@ -59,3 +59,4 @@ def test_windows_see_the_text_before_them_until_a_fallback(tokenizer) -> None:
     # The prompt is bounded: the initial prompt's last tokens, at most half the room.
     long = run(tokenizer, [0.0] * 3, prompt="ask not " * 200)[0]
     assert 0 < len(long) <= PROMPT_LIMIT // 2
+
