@@ -6,8 +6,10 @@ recognition). The real tiny.en answers in every format in tests/e2e/test_openai_
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
+import socket
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -21,8 +23,11 @@ import soundfile as sf
 from helpers import free_port
 from helpers.daemon import REPO, Daemon, serve, test_pipeline_env
 from helpers.haproxy import HAProxy
+from test_server import make_test_pipeline, running_daemon, test_config
 
 from models.whisper_asr import Segment, Word
+from streamd.daemon import Daemon as InProcessDaemon
+from streamd.errors import ConfigError, InternalError
 from streamd.openai_api import (
     ApiError,
     TranscriptionRequest,
@@ -260,3 +265,53 @@ def test_one_address_behind_haproxy(daemon, tmp_path: Path) -> None:
         assert response.json()["error"]["param"] == "language"
         with urllib.request.urlopen(f"{url}/healthz", timeout=5) as r:
             assert json.load(r)["status"] == "ok"
+
+
+# --- the HTTP port --------------------------------------------------------------------
+
+
+def port_below_a_taken_one() -> tuple[int, socket.socket]:
+    """A free port P whose P + 1 is held by the returned listening socket."""
+    for _ in range(100):
+        port = free_port()
+        blocker = socket.socket()
+        try:
+            blocker.bind(("127.0.0.1", port + 1))
+            blocker.listen()
+            return port, blocker
+        except OSError:
+            blocker.close()
+    raise RuntimeError("no free port with a free neighbour")
+
+
+def test_http_port_settings() -> None:
+    with pytest.raises(ConfigError, match="server.http_port"):
+        test_config(server={"port": 9000, "http_port": 9000})
+    with pytest.raises(ConfigError, match="server.http_port"):
+        test_config(server={"http_port": -2})
+    port, blocker = port_below_a_taken_one()
+    with blocker:
+        # The default (port + 1) taken: the daemon serves its WebSocket port without it.
+        with running_daemon(test_config(server={"port": port})) as daemon:
+            assert daemon.server.port == port and daemon.http.port is None
+        # The same port asked for explicitly: the start fails, naming the setting.
+        loop = asyncio.new_event_loop()
+        daemon = InProcessDaemon(test_config(server={"port": port, "http_port": port + 1}),
+                                 make_test_pipeline)
+        try:
+            with pytest.raises(InternalError, match="server.http_port"):
+                loop.run_until_complete(daemon.startup())
+        finally:
+            loop.run_until_complete(daemon.shutdown())
+            loop.close()
+    with running_daemon(test_config(server={"http_port": 0})) as daemon:
+        assert daemon.http.port is None  # off
+
+
+def test_draining_refuses_files() -> None:
+    with running_daemon(test_config()) as daemon:
+        url = f"http://127.0.0.1:{daemon.http.port}/v1/audio/transcriptions"
+        daemon.server.begin_drain()
+        response = httpx.post(url, data={"model": "whisper-1"}, files={"file": SHORT_WAV})
+        assert response.status_code == 503 and response.headers["Retry-After"] == "1"
+        assert response.json()["error"]["code"] == "unavailable"
