@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import openai
 import pytest
 import soundfile as sf
-from helpers import free_port
+from helpers import free_port, terminate
 from helpers.daemon import REPO, daemon_env, serve
 from helpers.text import normalize
 
@@ -25,7 +25,19 @@ TIME = r"\d\d:\d\d:\d\d"
 
 
 @pytest.fixture(scope="module")
-def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[openai.OpenAI]:
+def cli_run() -> Iterator[subprocess.Popen[str]]:
+    """`streamd transcribe` of the same file, started first: it loads and compiles while
+    the daemon warms up."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamd.cli", "transcribe", "--json", str(JFK)],
+        cwd=REPO, env=daemon_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    yield proc
+    terminate(proc)
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory: pytest.TempPathFactory,
+        cli_run: subprocess.Popen[str]) -> Iterator[openai.OpenAI]:
     """One daemon for every format: the first request compiles the offline decoder."""
     http_port = free_port()
     # Files never go through the engine: its batch shapes above 1 need not compile.
@@ -36,11 +48,10 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[openai.OpenAI]:
 
 
 @pytest.fixture(scope="module")
-def cli_text() -> str:
-    out = subprocess.run(
-        [sys.executable, "-m", "streamd.cli", "transcribe", "--json", str(JFK)],
-        cwd=REPO, env=daemon_env(), capture_output=True, text=True, timeout=400, check=True)
-    return json.loads(out.stdout.splitlines()[-1])["text"]
+def cli_text(cli_run: subprocess.Popen[str]) -> str:
+    out, err = cli_run.communicate(timeout=400)
+    assert cli_run.returncode == 0, err
+    return json.loads(out.splitlines()[-1])["text"]
 
 
 def transcribe(api: openai.OpenAI, **kwargs):
