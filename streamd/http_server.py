@@ -8,11 +8,12 @@ a load balancer can put both behind one address (deploy/haproxy/haproxy.cfg rout
 Admission mirrors the WebSocket port's: the per-address rate limit (429), Origin (403),
 tokens as `Authorization: Bearer` (401, what the `openai` client sends), not ready or
 draining (503), then the body limit `server.http_max_bytes` (413). Decoding and
-recognition run on `server.http_workers` threads, never on the event loop, so live
-sessions keep their loop; at most `server.http_queue` requests wait for a thread, more
-get 429. Those threads run the Whisper decoder directly, not through the engine, on the
-same cores as the engine's workers: a long file slows live sessions' partials (the
-pipeline skips partials while the engine is busy) but never blocks their I/O.
+recognition run on a thread per request, at most `server.http_workers` at once, never on
+the event loop, so live sessions keep their loop; at most `server.http_queue` requests
+wait for one, more get 429. Those threads run the Whisper decoder directly, not through
+the engine, on the same cores as the engine's workers: a long file slows live sessions'
+partials (the pipeline skips partials while the engine is busy) but never blocks their
+I/O.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
 from aiohttp import BodyPartReader, web
@@ -45,6 +47,36 @@ from streamd.server import StreamServer, authorized, origin_allowed
 
 log = logging.getLogger("streamd.http")
 CHUNK_BYTES = 64 * 1024
+T = TypeVar("T")
+
+
+async def in_thread(work: Callable[[], T]) -> T:
+    """`work()` on a new daemon thread, awaited: like the engine's threads, a file still
+    transcribing when the daemon exits does not hold the exit (a pool's threads would)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, error: BaseException | None) -> None:
+        if future.done():  # the request was cancelled meanwhile
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+
+    def run() -> None:
+        result, error = None, None
+        try:
+            result = work()
+        except BaseException as exc:  # handed to the awaiting request
+            error = exc
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:  # the loop closed meanwhile (daemon exiting): nobody waits
+            pass
+
+    threading.Thread(target=run, name="streamd-file", daemon=True).start()
+    return await future
 
 
 class HttpServer:
@@ -57,8 +89,7 @@ class HttpServer:
         self.metrics = metrics
         self.files = files
         cfg = config.server
-        self._slots = asyncio.Semaphore(cfg.http_workers)
-        self._pool = ThreadPoolExecutor(cfg.http_workers, thread_name_prefix="streamd-files")
+        self._slots = asyncio.Semaphore(cfg.http_workers)  # threads transcribing at once
         self.pending = 0  # requests transcribing or waiting for a thread
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
@@ -105,7 +136,6 @@ class HttpServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = self._site = None
-        self._pool.shutdown(wait=False, cancel_futures=True)
 
     async def _not_found(self, request: web.Request) -> web.Response:
         return _error(ApiError(404, f"Invalid URL ({request.method} {request.path})",
@@ -176,8 +206,7 @@ class HttpServer:
         self.pending += 1
         try:
             async with self._slots:
-                loop = asyncio.get_running_loop()
-                return await loop.run_in_executor(self._pool, self._work, data, form)
+                return await in_thread(lambda: self._work(data, form))
         finally:
             self.pending -= 1
 

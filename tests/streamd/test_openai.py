@@ -10,9 +10,11 @@ import asyncio
 import io
 import json
 import socket
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -21,7 +23,7 @@ import openai
 import pytest
 import soundfile as sf
 from helpers import free_port
-from helpers.daemon import REPO, Daemon, serve, test_pipeline_env
+from helpers.daemon import REPO, Daemon, serve, speech_audio, stream_session, test_pipeline_env
 from helpers.haproxy import HAProxy
 from test_server import make_test_pipeline, running_daemon, test_config
 
@@ -315,3 +317,36 @@ def test_draining_refuses_files() -> None:
         response = httpx.post(url, data={"model": "whisper-1"}, files={"file": SHORT_WAV})
         assert response.status_code == 503 and response.headers["Retry-After"] == "1"
         assert response.json()["error"]["code"] == "unavailable"
+
+
+class HeldFiles:
+    """A file transcriber double that holds each request until `release` is set."""
+
+    def __init__(self) -> None:
+        self.started, self.release = threading.Event(), threading.Event()
+
+    def transcribe(self, audio: np.ndarray, request: TranscriptionRequest) -> list[Segment]:
+        self.started.set()
+        assert self.release.wait(60)
+        return [Segment(0.0, len(audio) / 16000, f"{len(audio)} samples")]
+
+
+def test_live_session_goes_on_while_a_file_is_transcribed(shared_audio_dir: Path) -> None:
+    """A file in recognition holds a thread, not the event loop: a WebSocket session
+    streams and gets its finals meanwhile; then the file's answer comes."""
+    with running_daemon(test_config()) as daemon:
+        held = HeldFiles()
+        daemon.http.files = held
+        url = f"http://127.0.0.1:{daemon.http.port}/v1/audio/transcriptions"
+        with ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(httpx.post, url, timeout=60, files={"file": SHORT_WAV},
+                                 data={"model": "whisper-1", "response_format": "srt"})
+            assert held.started.wait(30)
+            events = stream_session(daemon.server.port, speech_audio(shared_audio_dir),
+                                    message_s=0.2, speed=20)
+            assert not answer.done() and daemon.http.pending == 1
+            held.release.set()
+            response = answer.result(30)
+    assert [e["type"] for e in events if e["type"] == "final"] == ["final"] * 3
+    assert response.status_code == 200
+    assert response.text == "1\n00:00:00,000 --> 00:00:01,000\n16000 samples\n\n"
