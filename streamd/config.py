@@ -74,6 +74,9 @@ class ServerConfig:
     # (sharing the same cores); up to `http_queue` more wait, beyond that 429.
     http_workers: int = 1
     http_queue: int = 8
+    # The whole request body must arrive within this long (408 after): a client that
+    # trickles its upload cannot hold a connection forever.
+    http_body_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
         _check(0 <= self.port <= 65535, "server.port", "must be 0..65535")
@@ -87,6 +90,8 @@ class ServerConfig:
                "must be 1..86400")
         _check(1 <= self.http_workers <= 64, "server.http_workers", "must be 1..64")
         _check(0 <= self.http_queue <= 10000, "server.http_queue", "must be 0..10000")
+        _check(0 < self.http_body_timeout_s <= 86400, "server.http_body_timeout_s",
+               "must be > 0 and <= 86400")
         _check(all(_valid_origin(o) for o in self.allowed_origins), "server.allowed_origins",
                "each must be scheme://host[:port], e.g. https://app.example")
         _check(0 <= self.connection_rate <= 1e6, "server.connection_rate", "must be 0..1e6")

@@ -146,7 +146,14 @@ class HttpServer:
         fmt = "unknown"  # the metrics label until response_format is read
         try:
             self._admit(request)
-            fields, data = await _read_form(request, self.config.server.http_max_bytes)
+            cfg = self.config.server
+            try:
+                async with asyncio.timeout(cfg.http_body_timeout_s):
+                    fields, data = await _read_form(request, cfg.http_max_bytes)
+            except TimeoutError:
+                raise ApiError(408, f"the request body did not arrive within "
+                                    f"{cfg.http_body_timeout_s:g} s", None,
+                               "request_timeout") from None
             form = parse_fields(fields)
             fmt = form.response_format
             if data is None:

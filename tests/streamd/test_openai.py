@@ -350,3 +350,15 @@ def test_live_session_goes_on_while_a_file_is_transcribed(shared_audio_dir: Path
     assert [e["type"] for e in events if e["type"] == "final"] == ["final"] * 3
     assert response.status_code == 200
     assert response.text == "1\n00:00:00,000 --> 00:00:01,000\n16000 samples\n\n"
+
+
+def test_trickled_body_times_out() -> None:
+    with running_daemon(test_config(server={"http_body_timeout_s": 0.5})) as daemon:
+        with socket.create_connection(("127.0.0.1", daemon.http.port), timeout=10) as sock:
+            sock.sendall(b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Type: multipart/form-data; boundary=b\r\n"
+                         b"Content-Length: 100000\r\n\r\n--b\r\n")  # and then nothing
+            reply = sock.recv(65536).decode()
+    status, _, rest = reply.partition("\r\n")
+    assert status == "HTTP/1.1 408 Request Timeout"
+    assert '"code": "request_timeout"' in rest
