@@ -98,6 +98,7 @@ up() {
       JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$repo/.cache/jax}" \
       "${pipeline_env[@]}" \
       -- "$python" -m streamd.cli serve --node "node$i" --port $((base + i)) \
+         --http-port $((base + 10 + i)) \
          --mqtt-host 127.0.0.1 --mqtt-port "$(nats_mqtt $first)" \
          --mqtt-hosts "$(IFS=,; echo "${others[*]}")" --log-format text ${STREAMD_ARGS:-}
   done
@@ -109,6 +110,8 @@ up() {
       -e "s|bind 127.0.0.1:8404|bind 127.0.0.1:$((base + 50))|" \
       -e "s|127.0.0.1:8765|127.0.0.1:$((base + 1))|" \
       -e "s|127.0.0.1:8766|127.0.0.1:$((base + 2))|" \
+      -e "s|127.0.0.1:8775 check port 8765|127.0.0.1:$((base + 11)) check port $((base + 1))|" \
+      -e "s|127.0.0.1:8776 check port 8766|127.0.0.1:$((base + 12)) check port $((base + 2))|" \
       "$repo/deploy/haproxy/haproxy.cfg" >"$dir/haproxy.cfg"
   start haproxy "$dir/haproxy.log" -- "$haproxy" -db -f "$dir/haproxy.cfg"
   wait_for "haproxy" 30 http_status "http://127.0.0.1:$base/healthz" 200
@@ -116,7 +119,7 @@ up() {
   cat <<EOT
 streamd cluster up (logs, pids, stores: $dir)
   WebSocket    ws://127.0.0.1:$base/v1/stream   (HAProxy, leastconn over 2 nodes)
-  HTTP         http://127.0.0.1:$base/  /healthz  /metrics
+  HTTP         http://127.0.0.1:$base/  /healthz  /metrics  POST /v1/audio/transcriptions
   HAProxy      http://127.0.0.1:$((base + 50))/stats
   streamd      node1 http://127.0.0.1:$((base + 1))   node2 http://127.0.0.1:$((base + 2))
   NATS MQTT    127.0.0.1:$(nats_mqtt 1)  127.0.0.1:$(nats_mqtt 2)  127.0.0.1:$(nats_mqtt 3)

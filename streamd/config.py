@@ -61,9 +61,37 @@ class ServerConfig:
     # its finals still go to MQTT. Kernel send buffer per connection: `send_buffer_bytes`.
     send_timeout_s: float = 10.0
     send_buffer_bytes: int = 65536
+    # OpenAI-compatible `POST /v1/audio/transcriptions` (docs/openai.md) has its own HTTP
+    # port, since the WebSocket server answers GET only. -1: `port` + 1 (a free port when
+    # `port` is 0; when port + 1 is taken the endpoint stays off, with a warning); 0: off.
+    http_port: int = -1
+    # Request bodies above this get 413 (OpenAI's own limit is 25 MB).
+    http_max_bytes: int = 25 * 1024 * 1024
+    # Longer audio gets 400: a file is decoded whole into memory (4 bytes per sample at
+    # 16 kHz: 230 MB per hour) before it is transcribed.
+    http_max_audio_s: float = 3600.0
+    # Files decoded and transcribed at once, each on a thread beside the engine's workers
+    # (sharing the same cores); up to `http_queue` more wait, beyond that 429.
+    http_workers: int = 1
+    http_queue: int = 8
+    # The whole request body must arrive within this long (408 after): a client that
+    # trickles its upload cannot hold a connection forever.
+    http_body_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
         _check(0 <= self.port <= 65535, "server.port", "must be 0..65535")
+        _check(-1 <= self.http_port <= 65535, "server.http_port",
+               "must be -1 (port + 1), 0 (off) or 1..65535")
+        _check(self.http_port <= 0 or self.http_port != self.port, "server.http_port",
+               "must differ from server.port")
+        _check(1024 <= self.http_max_bytes <= 2**31, "server.http_max_bytes",
+               "must be 1024..2147483648")
+        _check(1 <= self.http_max_audio_s <= 86400, "server.http_max_audio_s",
+               "must be 1..86400")
+        _check(1 <= self.http_workers <= 64, "server.http_workers", "must be 1..64")
+        _check(0 <= self.http_queue <= 10000, "server.http_queue", "must be 0..10000")
+        _check(0 < self.http_body_timeout_s <= 86400, "server.http_body_timeout_s",
+               "must be > 0 and <= 86400")
         _check(all(_valid_origin(o) for o in self.allowed_origins), "server.allowed_origins",
                "each must be scheme://host[:port], e.g. https://app.example")
         _check(0 <= self.connection_rate <= 1e6, "server.connection_rate", "must be 0..1e6")

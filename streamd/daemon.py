@@ -27,8 +27,10 @@ from streamd import protocol
 from streamd.config import Config, load_config
 from streamd.engine import Engine
 from streamd.errors import ConfigError, StreamdError
+from streamd.http_server import HttpServer
 from streamd.metrics import Metrics
 from streamd.notify import Notifier
+from streamd.openai_api import whisper_files
 from streamd.recognizer import Pipeline, PipelineFactory, create_pipeline
 from streamd.server import Publisher, StreamServer
 from streamd.session import Session, SessionRunner
@@ -54,6 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="new connections per second per client address (0: no limit)")
     parser.add_argument("--idle-timeout", type=float, metavar="S",
                         help="end a connection silent for S seconds as by stop (0: never)")
+    parser.add_argument("--http-port", type=int, metavar="PORT",
+                        help="port of the OpenAI-compatible POST /v1/audio/transcriptions "
+                             "(default: --port + 1; 0: off)")
     parser.add_argument("--node", help="daemon name in MQTT payloads and status topic")
     parser.add_argument("--model", help="model folder or name for the pipeline")
     parser.add_argument("--pipeline", help="whisper (default), ctc, conformer, two-pass")
@@ -102,6 +107,7 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = 
     put("server", "allowed_origins", args.allowed_origin)
     put("server", "connection_rate", args.connection_rate)
     put("server", "idle_timeout_s", args.idle_timeout)
+    put("server", "http_port", args.http_port)
     put(None, "node", args.node)
     put("recognition", "model", args.model)
     put("recognition", "pipeline", args.pipeline)
@@ -214,6 +220,7 @@ class Daemon:
                              workers=config.recognition.workers)
         self.pipeline: Pipeline | None = None
         self.server: StreamServer | None = None
+        self.http: HttpServer | None = None
         self.mqtt: Any = None
         self._mic: _MicSession | None = None
         self._stop = asyncio.Event()
@@ -281,6 +288,9 @@ class Daemon:
         if self.mqtt is not None:
             self.server.health_details["mqtt"] = self.mqtt.health
         await self.server.start()
+        self.http = HttpServer(cfg, self.server, self.metrics,
+                               whisper_files(self.pipeline, cfg.recognition.beam_size))
+        await self.http.start()
         if cfg.mic.enabled:
             self._mic = _MicSession(self)
             await self._mic.start()
@@ -289,6 +299,7 @@ class Daemon:
         self.server.ready = True
         self.metrics.ready.set(1)
         log.info("ready", extra={"pipeline": self.pipeline.name, "port": self.server.port,
+                                 "http_port": self.http.port,
                                  "warmup_s": round(warm, 3),
                                  "startup_s": round(time.monotonic() - t0, 3)})
         self.notifier.ready(f"serving on port {self.server.port}")
@@ -323,6 +334,8 @@ class Daemon:
             finished = await asyncio.gather(*drains)
             if not all(finished):
                 log.warning("sessions still running at the shutdown bound; finals may be lost")
+        if self.http is not None:  # file requests in flight get the shutdown bound too
+            await self.http.close()
         if self.mqtt is not None:
             await self.mqtt.stop()
         for task in self._tasks:

@@ -67,6 +67,19 @@ class Metrics:
             buckets=_LATENCY_BUCKETS, registry=r,
         )
         self.ready = Gauge("streamd_ready", "1 once warm-up finished", registry=r)
+        # POST /v1/audio/transcriptions (streamd/http_server.py); status is the HTTP code.
+        self.transcriptions = Counter(
+            "streamd_transcriptions", "File transcription requests answered",
+            ["format", "status"], registry=r,
+        )
+        self.transcription_seconds = Histogram(
+            "streamd_transcription_seconds", "File decode and recognition time per request",
+            buckets=(0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0), registry=r,
+        )
+        self.transcription_audio_seconds = Counter(
+            "streamd_transcription_audio_seconds", "Audio of transcribed files, seconds",
+            registry=r,
+        )
 
     def observe_recognition(
         self, kind: str, latency_s: float, compute_s: float, audio_s: float

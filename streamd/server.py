@@ -37,7 +37,7 @@ import socket
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
@@ -83,6 +83,19 @@ def _json_response(status: int, obj: dict[str, Any], **headers: str) -> Response
     return _response(status, json.dumps(obj) + "\n", "application/json", **headers)
 
 
+def authorized(tokens: tuple[str, ...], authorization: str,
+               query_tokens: list[str] | tuple[str, ...] = ()) -> bool:
+    """No tokens configured, or one offered as `Authorization: Bearer T` (OpenAI clients),
+    `Authorization: Token T` (Deepgram clients) or `?token=T` (browsers)."""
+    if not tokens:
+        return True
+    offered = list(query_tokens)
+    scheme, _, credential = authorization.partition(" ")
+    if scheme.lower() in ("bearer", "token"):
+        offered.append(credential.strip())
+    return any(hmac.compare_digest(o.encode(), t.encode()) for o in offered for t in tokens)
+
+
 class RateLimiter:
     """Token bucket per client address: `rate` new connections per second, `burst` deep.
     At most `max_keys` addresses are tracked (the least recently seen are forgotten)."""
@@ -104,15 +117,15 @@ class RateLimiter:
         return allowed
 
 
-def _origin_allowed(request: HttpRequest, allowed: tuple[str, ...]) -> bool:
+def origin_allowed(headers: Mapping[str, str], allowed: tuple[str, ...]) -> bool:
     """No Origin (not a browser), a listed one, or the page's own (same-origin)."""
-    origin = request.headers.get("Origin")
+    origin = headers.get("Origin")
     if not allowed or origin is None:
         return True
     origin = origin.strip().rstrip("/").lower()
     if origin in {a.rstrip("/").lower() for a in allowed}:
         return True
-    host = request.headers.get("Host", "").strip().lower()
+    host = headers.get("Host", "").strip().lower()
     return bool(host) and origin in (f"http://{host}", f"https://{host}")
 
 
@@ -237,15 +250,8 @@ class StreamServer:
     # HTTP side, before any upgrade.
 
     def _authorized(self, request: HttpRequest, query: dict[str, list[str]]) -> bool:
-        tokens = self.config.server.tokens
-        if not tokens:
-            return True
-        offered: list[str] = list(query.get("token", []))
-        auth = request.headers.get("Authorization", "")
-        scheme, _, credential = auth.partition(" ")
-        if scheme.lower() in ("bearer", "token"):  # Token: what Deepgram clients send
-            offered.append(credential.strip())
-        return any(hmac.compare_digest(o.encode(), t.encode()) for o in offered for t in tokens)
+        return authorized(self.config.server.tokens, request.headers.get("Authorization", ""),
+                          query.get("token", []))
 
     def _process_request(
         self, connection: ServerConnection, request: HttpRequest
@@ -259,7 +265,7 @@ class StreamServer:
                 429, protocol.error_event("overloaded", "too many new connections"),
                 Retry_After="1",
             )
-        if not _origin_allowed(request, self.config.server.allowed_origins):
+        if not origin_allowed(request.headers, self.config.server.allowed_origins):
             self.metrics.rejected.labels(reason="origin").inc()
             return _json_response(403, protocol.error_event("unauthorized", "origin not allowed"))
         if path in (STREAM_PATH, deepgram.LISTEN_PATH):

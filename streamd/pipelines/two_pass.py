@@ -58,6 +58,7 @@ class TwoPassPipeline:
     def __init__(self, partials: CTCPipeline, finals: WhisperPipeline) -> None:
         self.partials = partials
         self.finals = finals
+        self.whisper_model = finals.whisper_model  # file transcription (streamd/openai_api.py)
 
     def counters(self) -> PipelineCounters:
         return {**self.partials.counters(), **self.finals.counters()}

@@ -269,6 +269,7 @@ class WhisperPipeline:
         word_timestamps: bool = False,
     ) -> None:
         self.engine = engine
+        self.whisper_model = model  # file transcription too (streamd/openai_api.py)
         self.config: whisper.WhisperConfig = model.config
         self.params = model.params
         self.tokenizer = model.tokenizer

@@ -5,6 +5,8 @@
 
 The config is the deploy file with its frontend `bind`, its stats `bind` and its
 `server` lines rewritten to free loopback ports (`render`); nothing else changes.
+`http_ports` (server name -> its `--http-port`) fills the `streamd_files` backend
+(POST /v1/audio/...); without it that backend has no servers.
 """
 
 from __future__ import annotations
@@ -27,14 +29,22 @@ HAPROXY_CFG = REPO / "deploy" / "haproxy" / "haproxy.cfg"
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 
 
-def render(text: str, port: int, stats_port: int, servers: list[tuple[str, int]]) -> str:
+def render(text: str, port: int, stats_port: int, servers: list[tuple[str, int]],
+           http_ports: dict[str, int] | None = None) -> str:
     """The deploy config with its ports and servers replaced (see the module docstring)."""
-    out, seen_server, binds = [], False, 0
+    out, seen_server, binds, backend, seen_files = [], False, 0, "", False
     for line in text.splitlines():
         stripped = line.strip()
+        if stripped.startswith("backend "):
+            backend = stripped.split()[1]
         if stripped.startswith("bind "):
             out.append(f"    bind 127.0.0.1:{port if binds == 0 else stats_port}")
             binds += 1
+        elif stripped.startswith("server ") and backend == "streamd_files":
+            if not seen_files:  # health from the node's /healthz on its WebSocket port
+                out += [f"    server {name} 127.0.0.1:{http_ports[name]} check port {p}"
+                        for name, p in servers if name in (http_ports or {})]
+                seen_files = True
         elif stripped.startswith("server "):
             if not seen_server:
                 out += [f"    server {name} 127.0.0.1:{p}" for name, p in servers]
@@ -46,12 +56,13 @@ def render(text: str, port: int, stats_port: int, servers: list[tuple[str, int]]
 
 
 class HAProxy:
-    def __init__(self, workdir: Path, servers: list[tuple[str, int]]) -> None:
+    def __init__(self, workdir: Path, servers: list[tuple[str, int]],
+                 http_ports: dict[str, int] | None = None) -> None:
         self.port, self.stats_port = free_port(), free_port()
         self.servers = servers
         self.config_path = Path(workdir) / f"haproxy-{self.port}.cfg"
         self.config_path.write_text(render(HAPROXY_CFG.read_text(), self.port,
-                                           self.stats_port, servers))
+                                           self.stats_port, servers, http_ports))
         self.log_path = Path(workdir) / f"haproxy-{self.port}.log"
         self._proc: subprocess.Popen[bytes] | None = None
 
