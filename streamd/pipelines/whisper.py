@@ -77,7 +77,6 @@ from streamd.recognizer import (
     PipelineCounters,
     RecognizerOptions,
     SegmentInfo,
-    register_pipeline,
 )
 
 log = logging.getLogger("streamd.pipelines.whisper")
@@ -667,5 +666,3 @@ def create(config: Config, engine: Engine) -> WhisperPipeline:
                            context_reset_s=rec.context_reset_s,
                            context_partials=rec.context_partials)
 
-
-register_pipeline("whisper", create)

@@ -41,7 +41,7 @@ from websockets.sync.client import ClientConnection, connect
 
 RATE = 16000
 LIMIT = 4096  # server.max_frame_bytes of the fuzzed daemon
-PIPELINE = "test-duration"
+PIPELINE = "echo"
 EXAMPLES = int(os.environ.get("STREAMD_FUZZ_EXAMPLES", "2000"))
 BYSTANDER = "bystander"
 ENCODINGS = {"pcm_s16le": 2, "pcm_f32le": 4}
