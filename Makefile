@@ -30,7 +30,7 @@ bench-deps: install
 	$(PY) -m pip install -q --no-deps 'whisperlivekit==0.2.26'
 
 # 3 NATS nodes, 2 streamd nodes and HAProxy on loopback ports (docs/scale-out.md);
-# CLUSTER_PIPELINE=test runs the daemons on the test double instead of tiny.en.
+# CLUSTER_PIPELINE=echo runs the daemons on the echo pipeline (no model) instead of tiny.en.
 cluster: system install
 	bash scripts/cluster.sh up
 

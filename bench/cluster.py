@@ -1,14 +1,13 @@
 """Cluster benchmark: node failover as a client sees it, and throughput through HAProxy.
 
     python bench/cluster.py [--kills 4] [--speed 6] [--streams 8] [--stream-speed 20]
-                            [--pipeline test|whisper] [--out bench/results/cluster.json]
+                            [--pipeline echo|whisper] [--out bench/results/cluster.json]
 
 Runs on loopback what docs/scale-out.md describes: a 3-node NATS cluster (the MQTT bus,
 deploy/nats/node.conf), two streamd nodes publishing to it (`mqtt.hosts` = all three),
 HAProxy in front (deploy/haproxy/haproxy.cfg), and a subscriber on the third NATS node.
-`--pipeline test` (default) runs the daemons on the fast test double of
-tests/streamd/test_server.py (a final's text is its duration), so the numbers are the
-cluster's, not a model's.
+`--pipeline echo` (default) runs the daemons on the `echo` pipeline (no model; a final's
+text is its duration), so the numbers are the cluster's, not a model's.
 
 1. Failover, `--kills` times: `streamd-stream` plays the shared stream recording
    (stream_shared_01.wav, 11 utterances, spans in the manifest) at `--speed` x real time
@@ -51,7 +50,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 from helpers import free_port  # noqa: E402
 from helpers.client import StreamClient  # noqa: E402
-from helpers.daemon import Daemon, serve, stream_session, test_pipeline_env  # noqa: E402
+from helpers.daemon import Daemon, serve, stream_session  # noqa: E402
 from helpers.haproxy import HAProxy  # noqa: E402
 from helpers.mosquitto import Subscriber  # noqa: E402
 from helpers.nats import NatsCluster  # noqa: E402
@@ -169,7 +168,7 @@ async def failover_run(i: int, rng: random.Random, nodes: Nodes, lb: HAProxy,
             latest[p["segment"]] = p
     lost = uncovered(list(latest.values()), spans)
     texts = [latest[k]["text"] for k in sorted(latest)]
-    real = nodes.env == {}  # the test double's text is a duration, not words
+    real = "echo" not in nodes.extra  # echo's text is a duration, not words
     error = wer([s["text"] for s in entry["segments"]], texts) if texts and real else None
     return {
         "run": i, "kill_at": where, "victim": victim, "client_exit": rc,
@@ -207,14 +206,13 @@ async def main_async(args: argparse.Namespace, workdir: Path) -> dict:
     entry = stream_entry()
     audio, rate = sf.read(entry["path"], dtype="float32")
     assert rate == 16000
-    env = test_pipeline_env() if args.pipeline == "test" else {}
-    extra = [] if args.pipeline == "test" else ["--pipeline", args.pipeline]
+    extra = ["--pipeline", args.pipeline]
     rng = random.Random(args.seed)
     with NatsCluster(workdir) as nats, contextlib.ExitStack() as stack:
         first, second, third = nats.nodes
         mqtt = ["--mqtt-host", first.host, "--mqtt-port", str(first.port),
                 "--mqtt-hosts", f"{second.address},{third.address}"]
-        nodes = Nodes(stack, workdir, mqtt, env, extra)
+        nodes = Nodes(stack, workdir, mqtt, {}, extra)
         lb = stack.enter_context(HAProxy(workdir, list(nodes.ports.items())))
         async with Subscriber(third, ["streamd/+/final"]) as sub:
             kills = []
@@ -256,8 +254,8 @@ def main() -> None:
                         "fast as the daemon takes it)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="throughput: measurements per path, interleaved")
-    parser.add_argument("--pipeline", default="test",
-                        help="'test' (the test double) or a real pipeline name (whisper)")
+    parser.add_argument("--pipeline", default="echo",
+                        help="the daemons' pipeline: echo (no model) or a real one (whisper)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--undisturbed", action="store_true",
                         help="first one run without a kill (with a real pipeline: the WER "

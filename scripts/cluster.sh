@@ -10,8 +10,8 @@
 # Environment: CLUSTER_DIR (default .cluster: pid files, logs, NATS stores, journals),
 # CLUSTER_PORT (default 18700: HAProxy; streamd nodes +1, +2; NATS MQTT +31..+33, client
 # +11..+13, routes +21..+23, monitoring +41..+43; HAProxy stats +50), CLUSTER_PIPELINE
-# (default: the daemon's, whisper with tiny.en; "test": the test double of
-# tests/streamd/test_server.py, text = segment duration, no model), PYTHON (default
+# (the nodes' `--pipeline`; default: the daemon's, whisper with tiny.en; "echo": no
+# model, text = segment duration), PYTHON (default
 # .venv/bin/python), STREAMD_ARGS (more `streamd serve` flags).
 set -euo pipefail
 
@@ -84,9 +84,8 @@ up() {
   for i in 1 2 3; do wait_for "nats-$i MQTT" 60 mqtt_ready "$(nats_mqtt $i)"; done
 
   local pipeline_env=()
-  if [ "${CLUSTER_PIPELINE:-}" = test ]; then
-    pipeline_env=(STREAMD_TEST_PIPELINE_FACTORY=test_server:make_test_pipeline
-                  PYTHONPATH="$repo:$repo/tests/streamd")
+  if [ -n "${CLUSTER_PIPELINE:-}" ]; then
+    pipeline_env=(STREAMD_RECOGNITION_PIPELINE="$CLUSTER_PIPELINE")
   fi
   for i in 1 2; do
     # node1 publishes to nats-1 first, node2 to nats-2; both fall back on the others.

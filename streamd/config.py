@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from streamd.errors import ConfigError
-
-KNOWN_PIPELINES = ("whisper", "ctc", "conformer", "two-pass")
+from streamd.pipelines import check_pipeline_name
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -175,6 +174,7 @@ class VadConfig:
 
 @dataclass(frozen=True)
 class RecognitionConfig:
+    # A name registered under the `streamd.pipelines` entry points (docs/pipelines.md).
     pipeline: str = "whisper"
     model: str = ""
     # Whisper model of the `two-pass` pipeline's finals (empty: the embedded tiny.en);
@@ -202,11 +202,7 @@ class RecognitionConfig:
     word_timestamps: bool = False
 
     def __post_init__(self) -> None:
-        _check(
-            self.pipeline in KNOWN_PIPELINES,
-            "recognition.pipeline",
-            f"unknown pipeline {self.pipeline!r}; one of {', '.join(KNOWN_PIPELINES)}",
-        )
+        check_pipeline_name(self.pipeline)  # a name some installed package registers
         _check(
             100 <= self.partial_interval_ms <= 5000,
             "recognition.partial_interval_ms",

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
 import json
 import logging
 import os
@@ -31,15 +30,11 @@ from streamd.http_server import HttpServer
 from streamd.metrics import Metrics
 from streamd.notify import Notifier
 from streamd.openai_api import whisper_files
-from streamd.recognizer import Pipeline, PipelineFactory, create_pipeline
+from streamd.recognizer import Pipeline, create_pipeline
 from streamd.server import Publisher, StreamServer
 from streamd.session import Session, SessionRunner
 
 log = logging.getLogger("streamd.daemon")
-
-# Test-only hook: "module:attribute" naming a PipelineFactory. Not a pipeline name users
-# can pick; it exists so daemon tests can run without a model.
-TEST_PIPELINE_ENV = "STREAMD_TEST_PIPELINE_FACTORY"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,7 +56,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: --port + 1; 0: off)")
     parser.add_argument("--node", help="daemon name in MQTT payloads and status topic")
     parser.add_argument("--model", help="model folder or name for the pipeline")
-    parser.add_argument("--pipeline", help="whisper (default), ctc, conformer, two-pass")
+    parser.add_argument("--pipeline",
+                        help="whisper (default), ctc, conformer, two-pass, echo (no model: "
+                             "the text is each segment's duration, for testing clients), "
+                             "or one another package registers (docs/pipelines.md)")
     parser.add_argument("--final-model",
                         help="two-pass: Whisper model of the finals (default tiny.en)")
     parser.add_argument("--workers", type=int, help="engine threads (default 2)")
@@ -194,26 +192,16 @@ def setup_logging(config: Config) -> None:
     root.setLevel(config.log_level.upper())
 
 
-def _test_factory() -> PipelineFactory | None:
-    spec = os.environ.get(TEST_PIPELINE_ENV)
-    if not spec:
-        return None
-    module, _, attr = spec.partition(":")
-    return getattr(importlib.import_module(module), attr)
-
-
 class Daemon:
     def __init__(
         self,
         config: Config,
-        pipeline_factory: PipelineFactory | None = None,
         notifier: Notifier | None = None,
         publishers: list[Publisher] | None = None,
     ) -> None:
         self.config = config
         self.metrics = Metrics()
         self.notifier = notifier or Notifier()
-        self._factory = pipeline_factory
         self.publishers: list[Publisher] = list(publishers or [])
         self.engine = Engine(config.recognition.batch_sizes, config.recognition.engine_queue,
                              observe=self.metrics.observe_batch,
@@ -235,10 +223,7 @@ class Daemon:
         self.notifier.status("loading pipeline")
         # Before the pipeline compiles; main() did it already (a no-op then).
         enable_compilation_cache(cfg.recognition.compile_cache_dir or None)
-        if self._factory is not None:
-            self.pipeline = self._factory(cfg, self.engine)
-        else:
-            self.pipeline = create_pipeline(cfg.recognition.pipeline, cfg, self.engine)
+        self.pipeline = create_pipeline(cfg.recognition.pipeline, cfg, self.engine)
         self.notifier.status("compiling")
         warm = await asyncio.to_thread(self.engine.warmup)  # every bucket, before READY
         self.engine.start()
@@ -420,12 +405,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     setup_logging(config)
     enable_compilation_cache(config.recognition.compile_cache_dir or None)  # before JAX
-    try:
-        factory = _test_factory()
-    except (ImportError, AttributeError) as exc:
-        print(f"streamd: {TEST_PIPELINE_ENV}: {exc}", file=sys.stderr)
-        return 2
-    return asyncio.run(Daemon(config, factory).run())
+    return asyncio.run(Daemon(config).run())
 
 
 if __name__ == "__main__":

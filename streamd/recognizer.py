@@ -1,4 +1,4 @@
-"""The interface a recognition pipeline implements, and the registry of pipelines by name.
+"""The interface a recognition pipeline implements, and building one by its registered name.
 
 A `Pipeline` is created once per daemon (it owns params and registers its batch kinds
 with the shared `Engine`); it hands each session a `SegmentRecognizer`, which turns the
@@ -7,16 +7,15 @@ with the shared `Engine`); it hands each session a `SegmentRecognizer`, which tu
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
-from streamd.config import KNOWN_PIPELINES, Config
+from streamd.config import Config
 from streamd.engine import Engine
-from streamd.errors import Unsupported
+from streamd.pipelines import load_pipeline_factory
 
 
 @dataclass(frozen=True)
@@ -106,34 +105,9 @@ def clear_context(recognizer: SegmentRecognizer) -> None:
 
 PipelineFactory = Callable[[Config, Engine], Pipeline]
 
-_REGISTRY: dict[str, PipelineFactory] = {}
-
-
-def register_pipeline(name: str, factory: PipelineFactory) -> None:
-    """Model packages call this when their pipeline exists (name from KNOWN_PIPELINES)."""
-    _REGISTRY[name] = factory
-
-
-def available_pipelines() -> tuple[str, ...]:
-    return tuple(sorted(_REGISTRY))
-
 
 def create_pipeline(name: str, config: Config, engine: Engine) -> Pipeline:
-    """Build a pipeline by name: registered, or `streamd.pipelines.<name>.create`.
-
-    Known names without an implementation yet raise `Unsupported`.
-    """
-    factory = _REGISTRY.get(name)
-    if factory is None and name in KNOWN_PIPELINES:
-        # Model pipelines live in streamd/pipelines/<name>.py and expose `create`.
-        module = f"streamd.pipelines.{name.replace('-', '_')}"
-        try:
-            factory = importlib.import_module(module).create
-        except ModuleNotFoundError as exc:
-            if exc.name not in (module, "streamd.pipelines"):
-                raise
-    if factory is None:
-        if name in KNOWN_PIPELINES:
-            raise Unsupported(f"pipeline {name!r} is not available in this build yet")
-        raise Unsupported(f"unknown pipeline {name!r}")
+    """Build the pipeline registered as `name` (an entry point of the group
+    `streamd.pipelines`, see streamd/pipelines/__init__.py and docs/pipelines.md)."""
+    factory: PipelineFactory = load_pipeline_factory(name)
     return factory(config, engine)

@@ -78,7 +78,6 @@ from streamd.recognizer import (
     RecognizerOptions,
     SegmentInfo,
     Word,
-    register_pipeline,
 )
 
 log = logging.getLogger("streamd.pipelines.whisper")
@@ -700,5 +699,3 @@ def create(config: Config, engine: Engine) -> WhisperPipeline:
                            context_partials=rec.context_partials,
                            word_timestamps=rec.word_timestamps)
 
-
-register_pipeline("whisper", create)

@@ -1,8 +1,8 @@
 """`streamd-stream` as a subprocess (its console script) against a real `streamd serve`.
 
 The daemon runs as a subprocess on a free port. Structure tests use the daemon's test
-recognizer (`STREAMD_TEST_PIPELINE_FACTORY`, the double of tests/streamd/test_server.py:
-a final's text is the length of the audio it was given), so what the client prints is
+recognizer (`--pipeline echo`, streamd/pipelines/echo.py: a final's text is the length
+of the audio it was given), so what the client prints is
 checked against the reference segment spans of the shared stream recording, not against
 itself. The word checks need the real Whisper pipeline and skip, saying so, until the
 build has one.
@@ -40,7 +40,6 @@ from helpers.text import normalize, wer
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-TEST_FACTORY = "test_server:make_test_pipeline"
 TOKEN = "client-test-token"
 FINAL_RE = re.compile(r"^\[(\d+):(\d\d\.\d\d) - (\d+):(\d\d\.\d\d)\] (.*)$")
 PAD_S = 0.75  # VAD start/end padding plus frame rounding around a reference span
@@ -83,8 +82,7 @@ def run_daemon(
     is false, `token` required when given), up once /healthz says ok; always ended."""
     env: dict[str, str] = {}
     if test_pipeline:
-        env["STREAMD_TEST_PIPELINE_FACTORY"] = TEST_FACTORY
-        env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests" / "streamd")])
+        env["STREAMD_RECOGNITION_PIPELINE"] = "echo"
     token_args = ["--token", token] if token else []
     with serve(workdir, "--node", "clients-test", *args, *token_args, env=env,
                startup_timeout=startup_timeout) as daemon:

@@ -39,10 +39,9 @@ STOP_TIMEOUT_S = 30  # the daemon's graceful shutdown, before SIGKILL
 
 
 def test_pipeline_env() -> dict[str, str]:
-    """Environment for `serve(..., env=)` that runs the daemon on the fast test double of
-    tests/streamd/test_server.py (text = the segment's duration), not a model."""
-    return {"STREAMD_TEST_PIPELINE_FACTORY": "test_server:make_test_pipeline",
-            "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests" / "streamd")])}
+    """Environment for `serve(..., env=)` that runs the daemon on the `echo` pipeline
+    (streamd/pipelines/echo.py: text = the segment's duration), not a model."""
+    return {"STREAMD_RECOGNITION_PIPELINE": "echo"}
 
 
 test_pipeline_env.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test

@@ -1,5 +1,6 @@
 """`streamd serve` run as a user runs it (a subprocess with flags) against a real
-Mosquitto with TLS listeners; the recognizer is the duration double of test_server.py."""
+Mosquitto with TLS listeners; the recognizer is the `echo` pipeline (text: the segment's
+duration)."""
 
 from __future__ import annotations
 
@@ -21,10 +22,7 @@ from helpers.mosquitto import Mosquitto, Subscriber, _make_certs
 
 pytestmark = pytest.mark.timeout(180)
 
-TEST_PIPELINE = {
-    "STREAMD_TEST_PIPELINE_FACTORY": "test_server:make_test_pipeline",
-    "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests" / "streamd")]),
-}
+TEST_PIPELINE = {"STREAMD_RECOGNITION_PIPELINE": "echo"}
 USERS = {"streamd": "s3cret"}
 
 

@@ -44,7 +44,7 @@ from websockets.sync.client import ClientConnection, connect
 
 RATE = 16000
 LIMIT = 4096  # server.max_frame_bytes of the fuzzed daemon
-PIPELINE = "test-duration"
+PIPELINE = "echo"
 CI_EXAMPLES = 2000
 # Hypothesis profiles, picked by HYPOTHESIS_PROFILE. Health checks are off: examples
 # include frames of 16 KiB and one Hypothesis call drives many connections, on purpose.

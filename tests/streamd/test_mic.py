@@ -311,7 +311,7 @@ def _speech_span(samples: np.ndarray, rate: int, floor_dbfs: float = -40.0) -> t
 def test_daemon_mic_session_final_reaches_mqtt(
         pulse: PulseAudio, mosquitto: Mosquitto, tmp_path: Path, shared_audio_dir: Path) -> None:
     """`streamd serve --mic pulse` captures the pipe source through real PortAudio; the mic
-    session's final (the test recognizer's text: the segment's duration) reaches an MQTT
+    session's final (the `echo` pipeline's text: the segment's duration) reaches an MQTT
     subscriber with start/end where the speech is in what was played, after its
     speech_start; on SIGTERM the session's `done` follows."""
     speech, rate = sf.read(str(shared_audio_dir / "cmu_arctic_axb_a0005.wav"), dtype="int16")
@@ -323,9 +323,8 @@ def test_daemon_mic_session_final_reaches_mqtt(
     want_start = lead_s + onset - vad.start_pad_ms / 1000
     want_end = lead_s + offset + vad.end_pad_ms / 1000
     env = {
-        # The duration-reporting test double of tests/streamd/test_server.py.
-        "STREAMD_TEST_PIPELINE_FACTORY": "test_server:make_test_pipeline",
-        "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests" / "streamd")]),
+        # The `echo` pipeline: the text is the segment's duration.
+        "STREAMD_RECOGNITION_PIPELINE": "echo",
         "PULSE_SERVER": pulse.env["PULSE_SERVER"],
         "XDG_RUNTIME_DIR": pulse.env["XDG_RUNTIME_DIR"],
     }

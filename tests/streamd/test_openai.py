@@ -25,7 +25,7 @@ import soundfile as sf
 from helpers import free_port
 from helpers.daemon import REPO, Daemon, serve, speech_audio, stream_session, test_pipeline_env
 from helpers.haproxy import HAProxy
-from test_server import make_test_pipeline, running_daemon, test_config
+from test_server import running_daemon, test_config
 
 from models.whisper_asr import Segment, Word
 from streamd.daemon import Daemon as InProcessDaemon
@@ -298,8 +298,7 @@ def test_http_port_settings() -> None:
             assert daemon.server.port == port and daemon.http.port is None
         # The same port asked for explicitly: the start fails, naming the setting.
         loop = asyncio.new_event_loop()
-        daemon = InProcessDaemon(test_config(server={"port": port, "http_port": port + 1}),
-                                 make_test_pipeline)
+        daemon = InProcessDaemon(test_config(server={"port": port, "http_port": port + 1}))
         try:
             with pytest.raises(InternalError, match="server.http_port"):
                 loop.run_until_complete(daemon.startup())

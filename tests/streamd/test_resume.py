@@ -74,7 +74,7 @@ def test_resume_continues_times_segments_and_seq(tmp_path: Path,
     first_finals = [e for e in first if e["type"] == "final"]
     second_finals = [e for e in second if e["type"] == "final"]
     assert len(whole_finals) == 3 and len(first_finals) == 2 and len(second_finals) == 1
-    assert second[0] == {"type": "ready", "session": "r1", "pipeline": "test-duration",
+    assert second[0] == {"type": "ready", "session": "r1", "pipeline": "echo",
                          "sample_rate": 16000, "protocol": 1,
                          "resume": {"offset": round(cut_samples(whole) / RATE, 3),
                                     "segment": 2}}

@@ -1,7 +1,8 @@
 """The WebSocket server and HTTP endpoints, through real sockets on a free port.
 
-The recognizer is a test double (not a user pipeline): its text is the duration of the
-audio it was given, computed through the real Engine, so finals are checkable exactly.
+The recognizer is the `echo` pipeline (streamd/pipelines/echo.py): its text is the
+duration of the audio it was given, computed through the real Engine, so finals are
+checkable exactly.
 """
 
 from __future__ import annotations
@@ -26,62 +27,6 @@ from websockets.sync.client import connect
 
 from streamd.config import Config, load_config
 from streamd.daemon import Daemon
-from streamd.engine import Engine
-from streamd.recognizer import Hypothesis, SegmentInfo
-
-# --- test double pipeline -----------------------------------------------------------
-
-
-class _DurationRecognizer:
-    def __init__(self, engine: Engine, delay: float) -> None:
-        self.engine = engine
-        self.delay = delay
-
-    async def partial(self, audio: np.ndarray, segment: SegmentInfo) -> Hypothesis | None:
-        seconds = await self.engine.submit("duration", audio)
-        return Hypothesis(f"{seconds:.2f}", stable="")
-
-    async def final(self, audio: np.ndarray, segment: SegmentInfo) -> Hypothesis:
-        if self.delay:
-            await asyncio.sleep(self.delay)
-        seconds = await self.engine.submit("duration", audio)
-        return Hypothesis(f"{seconds:.2f}")
-
-    def close(self) -> None:
-        pass
-
-
-class DurationPipeline:
-    """Reports each segment's duration in seconds as its text."""
-
-    name = "test-duration"
-
-    def __init__(self, config: Config, engine: Engine, delay: float = 0.0) -> None:
-        self.engine = engine
-        self.delay = delay
-        self.batch_sizes_seen: list[int] = []
-        engine.add_kind("duration", self._batch, np.zeros(0, np.float32))
-
-    def _batch(self, items: list[np.ndarray]) -> list[float]:
-        self.batch_sizes_seen.append(len(items))
-        return [len(a) / 16000 for a in items]
-
-    def counters(self) -> dict:
-        return {"streamd_test_batches": ("Batches the test pipeline ran",
-                                         lambda: len(self.batch_sizes_seen))}
-
-    def new_recognizer(self, session: str, options: object = None) -> _DurationRecognizer:
-        return _DurationRecognizer(self.engine, self.delay)
-
-
-def make_test_pipeline(config: Config, engine: Engine) -> DurationPipeline:
-    """Factory for the daemon's test hook (STREAMD_TEST_PIPELINE_FACTORY)."""
-    return DurationPipeline(config, engine)
-
-
-def make_slow_test_pipeline(config: Config, engine: Engine) -> DurationPipeline:
-    """Finals take 1 s: a SIGTERM during a segment must still wait for its final."""
-    return DurationPipeline(config, engine, delay=1.0)
 
 
 class MemoryPublisher:
@@ -101,7 +46,7 @@ def running_daemon(config: Config, publisher: MemoryPublisher | None = None) -> 
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    daemon = Daemon(config, make_test_pipeline, publishers=[publisher] if publisher else None)
+    daemon = Daemon(config, publishers=[publisher] if publisher else None)
     asyncio.run_coroutine_threadsafe(daemon.startup(), loop).result(60)
     try:
         yield daemon
@@ -172,7 +117,8 @@ def check_segments(events: list[dict]) -> list[dict]:
 
 
 def test_config(**over: Any) -> Config:
-    base = {"server": {"port": 0, "max_sessions": 4}, "node": "testnode"}
+    base = {"server": {"port": 0, "max_sessions": 4}, "recognition": {"pipeline": "echo"},
+            "node": "testnode"}
     for key, value in over.items():
         base.setdefault(key, {}).update(value) if isinstance(value, dict) else base.update(
             {key: value})
@@ -212,7 +158,7 @@ def http_get(daemon: Daemon, path: str) -> tuple[int, dict[str, str], bytes]:
 def test_healthy_session_events(url: str, shared_audio_dir, publisher: MemoryPublisher) -> None:
     audio = speech(shared_audio_dir)
     events = stream_session(url, s16(audio), chunk=3200, pace=0.02, session="healthy-1")
-    assert events[0] == {"type": "ready", "session": "healthy-1", "pipeline": "test-duration",
+    assert events[0] == {"type": "ready", "session": "healthy-1", "pipeline": "echo",
                          "sample_rate": 16000, "protocol": 1}
     finals = check_segments(events)
     assert len(finals) == 1
@@ -318,7 +264,7 @@ def reference_final(url: str, shared_audio_dir) -> dict:
 def check_bystander(events: list[dict], close_code: int | None, session: str,
                     reference: dict) -> None:
     """The healthy session got exactly what it gets alone: one final, no error."""
-    assert events[0] == {"type": "ready", "session": session, "pipeline": "test-duration",
+    assert events[0] == {"type": "ready", "session": session, "pipeline": "echo",
                          "sample_rate": 16000, "protocol": 1}
     assert not [e for e in events if e["type"] == "error"]
     finals = check_segments(events)
@@ -484,7 +430,7 @@ def test_healthz_and_metrics(url, daemon, shared_audio_dir) -> None:
     assert values['streamd_engine_batch_fill_count{kind="duration"}'] >= 2
     assert "streamd_drops_total" in text and "streamd_mqtt_reconnects_total" in text
     # The pipeline's own counters (whisper: partials skipped, finals decoded early).
-    assert values["streamd_test_batches_total"] >= 2
+    assert values["streamd_echo_batches_total"] >= 2
     status, _, _ = http_get(daemon, "/nope")
     assert status == 404
 
@@ -708,7 +654,7 @@ def test_port_in_use_fails_clearly() -> None:
         cfg = test_config(server={"port": taken.getsockname()[1]})
 
         async def main() -> None:
-            daemon = Daemon(cfg, make_test_pipeline)
+            daemon = Daemon(cfg)
             try:
                 with pytest.raises(InternalError, match="cannot listen on 127.0.0.1"):
                     await daemon.startup()

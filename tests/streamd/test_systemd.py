@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+from helpers.plugins import install_plugin
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
@@ -156,15 +157,12 @@ class NotifyListener:
         self.sock.close()
 
 
-def _spawn(tmp_path: Path, *args: str, factory: str | None = None,
+def _spawn(tmp_path: Path, *args: str, pythonpath: tuple[Path, ...] = (),
            **env: str) -> tuple[subprocess.Popen, NotifyListener]:
     listener = NotifyListener(tmp_path / "notify.sock")
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMD_")}
     full_env.update(NOTIFY_SOCKET=str(listener.path), JAX_PLATFORMS="cpu",
-                    PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests" / "streamd")]),
-                    **env)
-    if factory:
-        full_env["STREAMD_TEST_PIPELINE_FACTORY"] = factory
+                    PYTHONPATH=os.pathsep.join(map(str, [REPO, *pythonpath])), **env)
     proc = subprocess.Popen([sys.executable, "-m", "streamd.daemon", "--port", "0",
                              "--node", "proc", *args], cwd=tmp_path, env=full_env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -225,8 +223,10 @@ def test_sigterm_mid_utterance_delivers_final(tmp_path: Path, shared_audio_dir: 
     broker = _mosquitto(tmp_path)
     mqtt_args = ["--mqtt-host", "127.0.0.1", "--mqtt-port", str(broker[1])] if broker else []
     sub = _Subscriber(broker[1], "streamd/#") if broker else None
-    proc, listener = _spawn(tmp_path, *mqtt_args, factory="test_server:make_slow_test_pipeline",
-                            WATCHDOG_USEC="200000")
+    # slow-echo: a pipeline from another package (tests/plugins/), finals take 1 s.
+    plugin = install_plugin(tmp_path, "streamd-slow-echo")
+    proc, listener = _spawn(tmp_path, *mqtt_args, "--pipeline", "slow-echo",
+                            pythonpath=(plugin,), WATCHDOG_USEC="200000")
     try:
         ready = listener.wait_for("READY=1", 60)
         port = int(re.search(r"serving on port (\d+)", ready).group(1))
