@@ -1,7 +1,9 @@
 """`/v1/listen` on the real tiny.en, one daemon for the module: the `deepgram-sdk`
 client's finals for jfk.wav are streamd's own `/v1/stream` finals for the same audio (one
 daemon, one engine); LiveKit Agents' Deepgram STT plugin (`livekit-plugins-deepgram`),
-pointed at streamd by `base_url`, transcribes it."""
+pointed at streamd by `base_url`, transcribes it. The daemon times words
+(`recognition.word_timestamps`): the finals' `words` and Deepgram's `words[]` come from
+the cross-attention alignment, checked here through both wire formats."""
 
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ JFK_WORDS = "ask not what your country can do for you ask what you can do for yo
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    with serve(tmp_path_factory.mktemp("deepgram-e2e"), startup_timeout=400) as running:
+    with serve(tmp_path_factory.mktemp("deepgram-e2e"), startup_timeout=400,
+               env={"STREAMD_RECOGNITION_WORD_TIMESTAMPS": "true"}) as running:
         yield running
 
 
@@ -64,6 +67,18 @@ def test_sdk_finals_equal_stream_finals(daemon: Daemon) -> None:
     assert "ask not what your country can do for you" in normalize(theirs)
     assert [(r.start, round(r.start + r.duration, 3)) for r in finals] == [
         (f["start"], f["end"]) for f in ours]
+    # Word timings on the native finals: each final's words spell its text, in order,
+    # inside the final's span; Deepgram's words[] carry the same times.
+    for final, result in zip(ours, finals, strict=True):
+        words = final["words"]
+        assert normalize(" ".join(w["word"] for w in words)) == normalize(final["text"])
+        starts = [w["start"] for w in words]
+        assert starts == sorted(starts)
+        assert all(final["start"] - 0.01 <= w["start"] <= w["end"] <= final["end"] + 0.01
+                   and 0 < w["confidence"] <= 1 for w in words)
+        dg_words = result.channel.alternatives[0].words
+        assert [t for w in dg_words for t in (w.start, w.end)] == pytest.approx(
+            [t for w in words for t in (w["start"], w["end"])], abs=0.002)
     (meta,) = dg.of("metadata")
     assert meta.duration == pytest.approx(len(audio) / RATE, abs=0.01)
 
