@@ -23,6 +23,7 @@ import soundfile as sf
 from helpers.daemon import REPO, daemon_env, serve
 from helpers.mosquitto import Mosquitto, Subscriber
 from helpers.pulse import PulseAudio
+from helpers.text import normalize
 
 from streamd import cli
 from streamd.config import VadConfig
@@ -308,12 +309,17 @@ def _speech_span(samples: np.ndarray, rate: int, floor_dbfs: float = -40.0) -> t
     return loud[0] * FRAME_S, (loud[-1] + 1) * FRAME_S
 
 
+@pytest.mark.timeout(600)  # the whisper case loads and warms tiny.en
+@pytest.mark.parametrize("pipeline", ["echo", "whisper"])
 def test_daemon_mic_session_final_reaches_mqtt(
-        pulse: PulseAudio, mosquitto: Mosquitto, tmp_path: Path, shared_audio_dir: Path) -> None:
+        pulse: PulseAudio, mosquitto: Mosquitto, tmp_path: Path, shared_audio_dir: Path,
+        pipeline: str) -> None:
     """`streamd serve --mic pulse` captures the pipe source through real PortAudio; the mic
-    session's final (the `echo` pipeline's text: the segment's duration) reaches an MQTT
-    subscriber with start/end where the speech is in what was played, after its
-    speech_start; on SIGTERM the session's `done` follows."""
+    session's final reaches an MQTT subscriber with start/end where the speech is in what
+    was played, after its speech_start; on SIGTERM the session's `done` follows. With
+    `echo` the text is the segment's duration (the recognizer got exactly the segment's
+    audio); with `whisper` (the real tiny.en) it is the words spoken, and `streamd-listen`
+    on the same broker prints them: the mic and the MQTT listener client end to end."""
     speech, rate = sf.read(str(shared_audio_dir / "cmu_arctic_axb_a0005.wav"), dtype="int16")
     assert rate == 16000
     lead_s = 1.0
@@ -323,15 +329,22 @@ def test_daemon_mic_session_final_reaches_mqtt(
     want_start = lead_s + onset - vad.start_pad_ms / 1000
     want_end = lead_s + offset + vad.end_pad_ms / 1000
     env = {
-        # The `echo` pipeline: the text is the segment's duration.
-        "STREAMD_RECOGNITION_PIPELINE": "echo",
+        "STREAMD_RECOGNITION_PIPELINE": pipeline,
+        "STREAMD_RECOGNITION_BATCH_SIZES": "1",  # one session: warm up batch 1 only
         "PULSE_SERVER": pulse.env["PULSE_SERVER"],
         "XDG_RUNTIME_DIR": pulse.env["XDG_RUNTIME_DIR"],
     }
     assert daemon_env(**env)["PULSE_SERVER"] == pulse.server
 
+    listener_out = tmp_path / "listen.out"
+
     async def collect(daemon_pid: int) -> list[dict]:
         async with Subscriber(mosquitto, ["streamd/mic/#"]) as sub:
+            with open(listener_out, "wb") as out:
+                listener = subprocess.Popen(
+                    [str(Path(sys.executable).parent / "streamd-listen"), "--host",
+                     mosquitto.host, "--port", str(mosquitto.port), "--count", "1"],
+                    stdout=out, stderr=subprocess.STDOUT)
             # The daemon opened the capture before /healthz said ok; a pipe source with no
             # writer delivers nothing, so the mic session's time 0 is the feeder's sample 0.
             feeder = pulse.play(signal)
@@ -340,10 +353,12 @@ def test_daemon_mic_session_final_reaches_mqtt(
             assert time.monotonic() - feeder.started_at < len(signal) / rate + 5  # live pace
             os.killpg(daemon_pid, SIGTERM)  # the mic session ends with the daemon
             await sub.wait_for(lambda _: bool(sub.payloads("streamd/mic/done")), timeout=20)
+            assert await asyncio.to_thread(listener.wait, 20) == 0, listener_out.read_text()
             return [p for p in sub.payloads("streamd/mic/+") if p["type"] != "partial"]
 
     with serve(tmp_path, "--mic", "pulse", "--node", "mictest", "--mqtt-host", mosquitto.host,
-               "--mqtt-port", str(mosquitto.port), env=env, log_format="json") as daemon:
+               "--mqtt-port", str(mosquitto.port), env=env, log_format="json",
+               startup_timeout=400) as daemon:
         published = asyncio.run(collect(daemon.proc.pid))
         daemon.proc.wait(30)
         log = daemon.log_text()
@@ -358,5 +373,10 @@ def test_daemon_mic_session_final_reaches_mqtt(
     assert final["session"] == "mic" and final["segment"] == 0, final
     assert final["start"] == pytest.approx(want_start, abs=0.3), (final, want_start)
     assert final["end"] == pytest.approx(want_end, abs=0.3), (final, want_end)
-    # The recognizer got exactly the segment's audio, captured sample for sample.
-    assert float(final["text"]) == pytest.approx(final["end"] - final["start"], abs=0.011)
+    printed = listener_out.read_text()
+    assert final["text"].strip() in printed and "mic" in printed, printed
+    if pipeline == "echo":
+        # The recognizer got exactly the segment's audio, captured sample for sample.
+        assert float(final["text"]) == pytest.approx(final["end"] - final["start"], abs=0.011)
+    else:
+        assert normalize(final["text"]) == "will we ever forget it", final
