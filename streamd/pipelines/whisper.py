@@ -519,7 +519,8 @@ class WhisperRecognizer:
 
     def clear_context(self) -> None:
         """Forget the previous finals (the `prompt` stays). Called after a fallback, after
-        a long silence and at the end of the session; a `finalize` may call it too."""
+        a long silence, at a client's `finalize` (streamd.session.ClearContext) and at the
+        end of the session."""
         self._previous, self._previous_end = (), None
 
     def _reset_after_silence(self, segment: SegmentInfo) -> None:

@@ -33,9 +33,10 @@ from streamd.recognizer import Hypothesis, SegmentInfo
 
 
 class _DurationRecognizer:
-    def __init__(self, engine: Engine, delay: float) -> None:
-        self.engine = engine
-        self.delay = delay
+    def __init__(self, pipeline: DurationPipeline) -> None:
+        self.pipeline = pipeline
+        self.engine = pipeline.engine
+        self.delay = pipeline.delay
 
     async def partial(self, audio: np.ndarray, segment: SegmentInfo) -> Hypothesis | None:
         seconds = await self.engine.submit("duration", audio)
@@ -46,6 +47,10 @@ class _DurationRecognizer:
             await asyncio.sleep(self.delay)
         seconds = await self.engine.submit("duration", audio)
         return Hypothesis(f"{seconds:.2f}")
+
+    def clear_context(self) -> None:
+        """The pipeline hook a `finalize` calls (streamd.recognizer.clear_context)."""
+        self.pipeline.context_clears += 1
 
     def close(self) -> None:
         pass
@@ -60,6 +65,7 @@ class DurationPipeline:
         self.engine = engine
         self.delay = delay
         self.batch_sizes_seen: list[int] = []
+        self.context_clears = 0
         engine.add_kind("duration", self._batch, np.zeros(0, np.float32))
 
     def _batch(self, items: list[np.ndarray]) -> list[float]:
@@ -68,10 +74,12 @@ class DurationPipeline:
 
     def counters(self) -> dict:
         return {"streamd_test_batches": ("Batches the test pipeline ran",
-                                         lambda: len(self.batch_sizes_seen))}
+                                         lambda: len(self.batch_sizes_seen)),
+                "streamd_test_context_clears": ("Sessions' previous text cleared",
+                                                lambda: self.context_clears)}
 
     def new_recognizer(self, session: str, options: object = None) -> _DurationRecognizer:
-        return _DurationRecognizer(self.engine, self.delay)
+        return _DurationRecognizer(self)
 
 
 def make_test_pipeline(config: Config, engine: Engine) -> DurationPipeline:
@@ -685,11 +693,19 @@ def recv_until(ws, kind: str, timeout: float = 10.0) -> list[dict[str, Any]]:
     return events
 
 
-def test_keepalive_and_finalize(url: str, shared_audio_dir, publisher) -> None:
+def context_clears(daemon: Daemon) -> float:
+    """The test pipeline's count of `clear_context` calls, read from /metrics."""
+    body = http_get(daemon, "/metrics")[2].decode()
+    return float(re.search(r"^streamd_test_context_clears_total (\S+)$", body, re.M)[1])
+
+
+def test_keepalive_and_finalize(url: str, daemon, shared_audio_dir, publisher) -> None:
     """keepalive gets no reply (before start too); finalize mid-utterance ends the segment
     at once with its final, then `finalized`; the stream goes on into a new segment.
-    With no speech open, finalize sends `finalized` only."""
+    With no speech open, finalize sends `finalized` only. Each finalize clears the
+    session's previous text (the pipeline's `clear_context`) before `finalized` comes."""
     audio = s16(speech(shared_audio_dir))
+    clears = context_clears(daemon)
     cut = 2 * (8000 + 24000)  # bytes: 0.5 s silence + 1.5 s of the utterance
     with connect(url) as ws:
         ws.send(json.dumps({"type": "keepalive"}))
@@ -700,6 +716,7 @@ def test_keepalive_and_finalize(url: str, shared_audio_dir, publisher) -> None:
         assert recv_event(ws)["type"] == "ready"  # nothing came for the keepalive
         ws.send(json.dumps({"type": "finalize"}))  # no speech yet
         assert recv_event(ws) == {"type": "finalized", "session": "fin-1", "segments": 0}
+        assert context_clears(daemon) == clears + 1
         for i in range(0, cut, 3200):
             ws.send(audio[i : min(i + 3200, cut)])
             ws.send(json.dumps({"type": "keepalive"}))
@@ -711,12 +728,14 @@ def test_keepalive_and_finalize(url: str, shared_audio_dir, publisher) -> None:
         assert final["segment"] == 0 and final["end"] <= cut / 2 / 16000
         assert float(final["text"]) == pytest.approx(final["end"] - final["start"], abs=0.011)
         assert first[-1] == {"type": "finalized", "session": "fin-1", "segments": 1}
+        assert context_clears(daemon) == clears + 2
         for i in range(cut, len(audio), 3200):
             ws.send(audio[i : i + 3200])
         ws.send(json.dumps({"type": "stop"}))
         rest = recv_until(ws, "done")
     assert [e["segment"] for e in rest if e["type"] == "final"] == [1]
     assert rest[-1] == {"type": "done", "session": "fin-1", "segments": 2}
+    assert context_clears(daemon) == clears + 2  # only finalize calls the hook
     published = [e for e in publisher.events if e.get("session") == "fin-1"]
     assert final in published  # a finalized final is a final like any other
 
