@@ -136,7 +136,7 @@ def test_buckets_and_budgets(pipeline) -> None:
     # <|startofprev|> + context_tokens + the SOT sequence or the decoder's room allows.
     assert set(pipeline.wide) == set(pipeline.specs)
     need = 1 + pipeline.context_tokens + len(pipeline.sot_sequence)
-    for spec, wide in pipeline.wide.items():
+    for wide in pipeline.wide.values():
         assert wide.context_width >= 2
         width = wide.context_width + wide.prompt_width
         assert width == min(need, pipeline.config.max_target_positions - wide.max_new_tokens)
