@@ -116,7 +116,10 @@ def main() -> None:
     ap.add_argument("--audio-dir", type=Path, nargs="+",
                     default=[REPO / "tests" / "data" / "audio",
                              REPO / "tests" / "data" / "audio" / "dev"])
-    ap.add_argument("--reset-s", type=float, nargs="+", default=[10.0])
+    from streamd.pipelines.whisper import CONTEXT_RESET_S
+
+    ap.add_argument("--reset-s", type=float, nargs="+", default=[CONTEXT_RESET_S],
+                    help="silences after which the context is cleared (default: the daemon's)")
     ap.add_argument("--tokens", type=int, nargs="+", default=[64])
     ap.add_argument("--partials", choices=("off", "context", "plain"), nargs="+",
                     default=["off"],

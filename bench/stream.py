@@ -10,7 +10,10 @@ stream_dev_01.flac; utterance spans in the manifest) at real time in 100 ms fram
 streams offset by a fraction of a second. `--context on off` runs every (file, N) twice,
 back to back, with the sessions' `start.context` true then false (the same daemon), and
 adds per run the finals whose text ends with a phrase of 3+ words said twice (the
-reference does not) and the daemon's context fallbacks (`streamd_context_fallbacks`).
+reference does not). Every run reports the pipeline's counters over it: context
+fallbacks, finals decoded again with the stable prefix forced (`restabilized`: a second
+decode before the final), finals decoded early at the speech pause. One unmeasured
+20 s stream runs first (the first run after the start was slower, whatever it measured).
 Measured per N:
 - final latency: manifest end of an utterance sent -> the final covering it received;
   also from the endpoint (the moment the VAD could decide: segment end + endpoint
@@ -47,16 +50,29 @@ import soundfile as sf
 REPO = Path(__file__).resolve().parent.parent
 RATE = 16000
 FRAME = RATE // 10  # 100 ms per message
+WARM_STREAM_S = 20  # the unmeasured stream before the measured runs
 
 
-def fallbacks(port: int) -> float:
-    """The daemon's `streamd_context_fallbacks` counter (0 when it has none)."""
+# The whisper pipeline's counters a run reports (deltas): finals decoded again without the
+# prompt, finals decoded again with the stable prefix forced (a second decode that delays
+# the final), finals decoded early at the speech pause, partials skipped (engine busy).
+PIPELINE_COUNTERS = {"fallbacks": "streamd_context_fallbacks",
+                     "restabilized": "streamd_finals_restabilized",
+                     "finals_early": "streamd_finals_early",
+                     "partials_skipped": "streamd_partials_skipped"}
+
+
+def pipeline_counters(port: int) -> dict[str, float]:
+    """The daemon's PIPELINE_COUNTERS now (0 for those its pipeline does not have)."""
     import urllib.request
 
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
         text = r.read().decode()
-    return sum(float(line.split()[-1]) for line in text.splitlines()
-               if line.startswith("streamd_context_fallbacks"))
+    values = {}
+    for key, name in PIPELINE_COUNTERS.items():
+        values[key] = sum(float(line.split()[-1]) for line in text.splitlines()
+                          if line.startswith(name + "_total ") or line.startswith(name + " "))
+    return values
 
 
 def shared_stream(audio_dir: Path) -> tuple[np.ndarray, dict]:
@@ -231,7 +247,7 @@ def config_toml(settings: list[str]) -> tuple[str, dict[str, Any]]:
 async def run_streamd(daemon: Daemon, n: int, audio: np.ndarray, entry: dict,
                       vad: dict[str, Any], context: bool | None = None, tag: str = "") -> dict:
     cpu0, t0 = cpu_seconds(daemon.proc.pid), time.monotonic()
-    fb0 = fallbacks(daemon.port)
+    counters0 = pipeline_counters(daemon.port)
     runs = await asyncio.gather(*(one_stream(daemon.port, f"b{n}{tag}-{i}", audio, 0.37 * i,
                                              context) for i in range(n)))
     cpu = cpu_seconds(daemon.proc.pid) - cpu0
@@ -248,11 +264,13 @@ async def run_streamd(daemon: Daemon, n: int, audio: np.ndarray, entry: dict,
                            if s["start_s"] < f["end"] and f["start"] < s["end_s"])
             tails += repeated_tail(f["text"], ref)
     audio_s = n * len(audio) / RATE
+    counters = {key: value - counters0[key]
+                for key, value in pipeline_counters(daemon.port).items()}
     return {"system": "streamd", "file": entry["audio"], "streams": n,
             "context": {None: "default", True: "on", False: "off"}[context], **summarize(lat),
             "cpu_s_per_audio_s": cpu / audio_s, "wall_s": time.monotonic() - t0,
             "wer": statistics.mean(wers), "finals": len(lat["endpoint"]),
-            "fallbacks": fallbacks(daemon.port) - fb0, "repeated_tails": tails,
+            **counters, "repeated_tails": tails,
             "utterances_covered": len(lat["final"]),
             "finals_text": [e["text"] for e in runs[0]["events"] if e["type"] == "final"]}
 
@@ -293,7 +311,7 @@ def table(rows: list[dict]) -> str:
     cols = ["system", "file", "streams", "context", "final_median_s", "final_p90_s",
             "endpoint_median_s", "endpoint_p90_s", "first_partial_median_s", "first_partial_p90_s",
             "onset_partial_median_s", "onset_partial_p90_s", "cpu_s_per_audio_s", "wer",
-            "fallbacks", "repeated_tails"]
+            "fallbacks", "restabilized", "finals_early", "repeated_tails"]
     lines = [" | ".join(cols), " | ".join("---" for _ in cols)]
     lines += [" | ".join(f(r.get(c)) for c in cols) for r in rows]
     return "\n".join(lines)
@@ -331,6 +349,10 @@ def main() -> int:
     try:
         print(f"daemon ready in {daemon.startup_s:.1f} s (warm-up {daemon.warmup_s} s)",
               flush=True)
+        # One unmeasured stream first: the first run after the daemon's start was slower
+        # whichever context setting it had (the on/off rows depended on their order).
+        audio, _ = streams[0]
+        asyncio.run(one_stream(daemon.port, "warm", audio[: WARM_STREAM_S * RATE], 0.0))
         for n in args.streams:
             for audio, entry in streams:
                 for context in contexts:

@@ -1,8 +1,9 @@
 """A session: audio bytes in -> resample -> VAD -> recognizer requests -> events out.
 
 `Session` is sans-I/O: `feed()` / `finalize()` / `stop()` return outputs (event dicts to
-emit, `Request`s for the recognizer, and `Deferred` events that depend on the results
-before them); the driver hands recognizer results back with `resolve()`. `SessionRunner`
+emit, `Request`s for the recognizer, `Deferred` events that depend on the results
+before them, and `ClearContext` where the recognizer forgets the session's previous
+text); the driver hands recognizer results back with `resolve()`. `SessionRunner`
 is that driver for asyncio: one ordered queue per session where partials are coalesced
 (only the newest partial of a segment is worth computing) and finals are never dropped.
 
@@ -30,7 +31,7 @@ from streamd import protocol
 from streamd.config import VadConfig
 from streamd.errors import StreamdError
 from streamd.metrics import Metrics
-from streamd.recognizer import Hypothesis, SegmentInfo, SegmentRecognizer
+from streamd.recognizer import Hypothesis, SegmentInfo, SegmentRecognizer, clear_context
 from streamd.vad import RATE, SegmentEnded, SpeechPaused, SpeechStarted, VadSegmenter
 
 log = logging.getLogger("streamd.session")
@@ -52,7 +53,14 @@ class Deferred:
     make: Callable[[], list[dict[str, Any]]]
 
 
-Output = dict[str, Any] | Request | Deferred
+@dataclass
+class ClearContext:
+    """The recognizer forgets the session's previous text here, after the finals before it
+    (`streamd.recognizer.clear_context`): a client's `finalize` ends what came before, so
+    the next segment is not decoded as its continuation."""
+
+
+Output = dict[str, Any] | Request | Deferred | ClearContext
 
 # After a segment's first partial came back empty, the next one waits only this much new
 # audio (not `partial_interval_ms`): 3 of the 13 segments of the stream recording said
@@ -122,6 +130,7 @@ class Session:
             return []
         outputs = self._vad_outputs(self.segmenter.end_segment())
         outputs += self._utterance_end_due()
+        outputs.append(ClearContext())
         outputs.append(Deferred(lambda: [protocol.finalized_event(self.id, self.segments)]))
         return outputs
 
@@ -335,6 +344,8 @@ class SessionRunner:
                 elif isinstance(out, Deferred):
                     for event in out.make():
                         await self._emit(event)
+                elif isinstance(out, ClearContext):
+                    clear_context(self.recognizer)
                 else:
                     await self._emit(out)
         finally:

@@ -25,8 +25,9 @@ RATE = 16000
 
 
 class EchoRecognizer:
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    def __init__(self, pipeline: EchoPipeline) -> None:
+        self.pipeline = pipeline
+        self.engine = pipeline.engine
 
     async def partial(self, audio_16k: np.ndarray, segment: SegmentInfo) -> Hypothesis | None:
         return Hypothesis(await self._seconds(audio_16k), stable="")
@@ -37,6 +38,12 @@ class EchoRecognizer:
     async def _seconds(self, audio_16k: np.ndarray) -> str:
         seconds = await self.engine.submit("duration", audio_16k)
         return f"{seconds:.2f}"
+
+    def clear_context(self) -> None:
+        """The hook `finalize` calls (streamd.recognizer.clear_context): echo keeps no
+        previous text, so it only counts the calls (`streamd_echo_context_clears_total`),
+        which lets a client test see that its `finalize` reached the recognizer."""
+        self.pipeline.context_clears += 1
 
     def close(self) -> None:
         pass
@@ -51,6 +58,7 @@ class EchoPipeline:
         self.engine = engine
         # Sizes of the batches the engine ran (tests check only compiled sizes arrive).
         self.batch_sizes_seen: list[int] = []
+        self.context_clears = 0
         engine.add_kind("duration", self._batch, np.zeros(0, np.float32))
 
     def _batch(self, items: list[np.ndarray]) -> list[float]:
@@ -59,12 +67,14 @@ class EchoPipeline:
 
     def counters(self) -> PipelineCounters:
         return {"streamd_echo_batches": ("Batches the echo pipeline ran",
-                                         lambda: len(self.batch_sizes_seen))}
+                                         lambda: len(self.batch_sizes_seen)),
+                "streamd_echo_context_clears": ("Previous text cleared (finalize)",
+                                                lambda: self.context_clears)}
 
     def new_recognizer(
         self, session: str, options: RecognizerOptions | None = None
     ) -> EchoRecognizer:
-        return EchoRecognizer(self.engine)
+        return EchoRecognizer(self)
 
 
 def create(config: Config, engine: Engine) -> EchoPipeline:

@@ -35,9 +35,10 @@ decoded after a prompt of its recent final text, `<|startofprev|> previous... SO
 (how Whisper was trained; openai/whisper's `condition_on_previous_text`), so a sentence
 the VAD split keeps its beginning and a fragment is not written as a sentence of its own.
 An optional per-session `prompt` (Whisper's `initial_prompt`) always comes first. The previous text
-is prefilled into the same fixed-size KV cache as the committed prefix: each bucket has
-a second, wider prompt shape (`context_width` positions before the SOT sequence),
-compiled at warm-up and used for a batch when one of its rows has previous text. Guards
+is prefilled into the same fixed-size KV cache as the committed prefix: buckets up to
+14 s have a second, wider prompt shape (`context_width` more positions, shared by the
+previous text and the committed prefix), compiled at warm-up and used for a batch when
+one of its rows has previous text; longer buckets' committed room holds it already. Guards
 against what conditioning does wrong: a final whose prompted decode fails openai's
 checks (compression ratio over 2.4, average log-probability under -1, or no-speech
 probability over 0.6) is decoded again without the prompt, that decode is the final,
@@ -340,11 +341,20 @@ class WhisperPipeline:
                      for w in timed)  # fmt: skip
 
     def _add_kind(self, spec: BucketSpec) -> None:
-        """One engine kind per bucket; its wider shape (previous text) shares the kind."""
-        room = self.config.max_target_positions - spec.prompt_width - spec.max_new_tokens
-        width = min(self.context_tokens + 1, room)  # + <|startofprev|>
-        if self.context_tokens and width >= 2:
-            self.wide[spec] = dataclasses.replace(spec, context_width=width)
+        """One engine kind per bucket; its wider shape (previous text) shares the kind.
+
+        The previous text and the committed prefix share the prompt's room: a fresh final
+        (most prompted decodes) has no prefix, so the wide shape only adds what
+        `<|startofprev|>` + `context_tokens` + the SOT sequence need beyond the bucket's
+        committed room (none from the 21 s bucket on: the same shape), and a decode with a
+        long prefix keeps fewer previous tokens. Every prompt position is prefilled, used
+        or not: for tiny.en's 10 s final, 111 positions (SOT room + 65 before it) came to
+        about a tenth more multiply-adds than the unprompted 46, 67 to a twentieth."""
+        room = self.config.max_target_positions - spec.max_new_tokens
+        need = min(1 + self.context_tokens + len(self.sot_sequence), room)
+        if self.context_tokens:
+            extra = max(need - spec.prompt_width, 0)
+            self.wide[spec] = dataclasses.replace(spec, context_width=extra) if extra else spec
         self.engine.add_kind(self.kind(spec), functools.partial(self._run, spec), PAD)
 
     @staticmethod
@@ -423,7 +433,7 @@ class WhisperPipeline:
         if not real:
             if len(items) in sizes:
                 self._call(spec, [PAD] * len(items))
-                if spec in self.wide:  # the wide shape too: compiled at warm-up, not later
+                if self.wide.get(spec, spec) != spec:  # the wide shape too: at warm-up
                     self._call(spec, [PAD] * len(items), wide=True)
             return out
         for start in range(0, len(real), sizes[-1]):
@@ -447,10 +457,12 @@ class WhisperPipeline:
         for row, job in enumerate(jobs):
             clip = job.audio[: spec.samples]
             audio[row, : len(clip)] = clip
+            body = (self.sot_sequence + job.prefix)[: spec.prompt_width]
+            fit = min(spec.context_width + spec.prompt_width - len(body) - 1, len(job.previous))
             head: tuple[int, ...] = ()
-            if job.previous and spec.context_width >= 2:  # newest last, as openai
-                head = (self.sot_prev, *job.previous[-(spec.context_width - 1):])
-            tokens = head + (self.sot_sequence + job.prefix)[: spec.prompt_width]
+            if fit > 0:  # the newest previous tokens that fit, last (as openai)
+                head = (self.sot_prev, *job.previous[-fit:])
+            tokens = head + body
             prompt[row, : len(tokens)] = tokens
             prompt_len[row] = len(tokens)
             if job is not PAD:
@@ -547,7 +559,8 @@ class WhisperRecognizer:
 
     def clear_context(self) -> None:
         """Forget the previous finals (the `prompt` stays). Called after a fallback, after
-        a long silence and at the end of the session; a `finalize` may call it too."""
+        a long silence, at a client's `finalize` (streamd.session.ClearContext) and at the
+        end of the session."""
         self._previous, self._previous_end = (), None
 
     def _reset_after_silence(self, segment: SegmentInfo) -> None:

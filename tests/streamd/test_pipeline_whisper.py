@@ -132,12 +132,15 @@ def test_buckets_and_budgets(pipeline) -> None:
     for spec in pipeline.specs:
         assert spec.prompt_width + spec.max_new_tokens <= pipeline.config.max_target_positions
     # Warm-up compiled every (bucket, prompt width, batch size) this pipeline can issue,
-    # nothing else: each bucket has a second, wider prompt for previous text.
+    # nothing else: each bucket has a second, wider prompt for previous text, as wide as
+    # <|startofprev|> + context_tokens + the SOT sequence or the decoder's room allows.
     assert set(pipeline.wide) == set(pipeline.specs)
+    need = 1 + pipeline.context_tokens + len(pipeline.sot_sequence)
     for wide in pipeline.wide.values():
         assert wide.context_width >= 2
-        assert (wide.context_width + wide.prompt_width + wide.max_new_tokens
-                <= pipeline.config.max_target_positions)
+        width = wide.context_width + wide.prompt_width
+        assert width == min(need, pipeline.config.max_target_positions - wide.max_new_tokens)
+        assert width + wide.max_new_tokens <= pipeline.config.max_target_positions
     assert pipeline.warmup_compiles == 2 * sum(len(pipeline.batch_sizes(s))
                                                for s in pipeline.specs)
 
@@ -372,7 +375,8 @@ def test_previous_text_matches_transformers(pipeline, hf_models, tokenizer) -> N
     room keeps its newest tokens."""
     rng = np.random.default_rng(6)
     spec = pipeline.specs[0]
-    room = pipeline.wide[spec].context_width - 1
+    wide = pipeline.wide[spec]
+    room = wide.context_width + wide.prompt_width - len(pipeline.sot_sequence) - 1
     long = tuple(int(t) for t in rng.integers(300, 5000, room + 9))
     jobs = [
         Job(rng.standard_normal(9000).astype(np.float32) * 0.1, previous=(464, 3797, 318)),
@@ -383,7 +387,7 @@ def test_previous_text_matches_transformers(pipeline, hf_models, tokenizer) -> N
     for job, got in zip(jobs, results, strict=False):
         tokens, avg_lp, no_speech = reference_decode(
             hf_models[1.0], tokenizer, pipeline, job.audio, job.prefix, 1.0, job.budget(),
-            previous=job.previous[-room:])
+            previous=job.previous[-(room - len(job.prefix)):])  # the prefix shares the room
         assert list(got.tokens) == tokens
         assert got.avg_logprob == pytest.approx(avg_lp, abs=2e-3)
         assert got.no_speech_prob == pytest.approx(no_speech, abs=1e-4)

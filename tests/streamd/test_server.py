@@ -675,11 +675,19 @@ def recv_until(ws, kind: str, timeout: float = 10.0) -> list[dict[str, Any]]:
     return events
 
 
-def test_keepalive_and_finalize(url: str, shared_audio_dir, publisher) -> None:
+def context_clears(daemon: Daemon) -> float:
+    """The test pipeline's count of `clear_context` calls, read from /metrics."""
+    body = http_get(daemon, "/metrics")[2].decode()
+    return float(re.search(r"^streamd_echo_context_clears_total (\S+)$", body, re.M)[1])
+
+
+def test_keepalive_and_finalize(url: str, daemon, shared_audio_dir, publisher) -> None:
     """keepalive gets no reply (before start too); finalize mid-utterance ends the segment
     at once with its final, then `finalized`; the stream goes on into a new segment.
-    With no speech open, finalize sends `finalized` only."""
+    With no speech open, finalize sends `finalized` only. Each finalize clears the
+    session's previous text (the pipeline's `clear_context`) before `finalized` comes."""
     audio = s16(speech(shared_audio_dir))
+    clears = context_clears(daemon)
     cut = 2 * (8000 + 24000)  # bytes: 0.5 s silence + 1.5 s of the utterance
     with connect(url) as ws:
         ws.send(json.dumps({"type": "keepalive"}))
@@ -690,6 +698,7 @@ def test_keepalive_and_finalize(url: str, shared_audio_dir, publisher) -> None:
         assert recv_event(ws)["type"] == "ready"  # nothing came for the keepalive
         ws.send(json.dumps({"type": "finalize"}))  # no speech yet
         assert recv_event(ws) == {"type": "finalized", "session": "fin-1", "segments": 0}
+        assert context_clears(daemon) == clears + 1
         for i in range(0, cut, 3200):
             ws.send(audio[i : min(i + 3200, cut)])
             ws.send(json.dumps({"type": "keepalive"}))
@@ -701,12 +710,14 @@ def test_keepalive_and_finalize(url: str, shared_audio_dir, publisher) -> None:
         assert final["segment"] == 0 and final["end"] <= cut / 2 / 16000
         assert float(final["text"]) == pytest.approx(final["end"] - final["start"], abs=0.011)
         assert first[-1] == {"type": "finalized", "session": "fin-1", "segments": 1}
+        assert context_clears(daemon) == clears + 2
         for i in range(cut, len(audio), 3200):
             ws.send(audio[i : i + 3200])
         ws.send(json.dumps({"type": "stop"}))
         rest = recv_until(ws, "done")
     assert [e["segment"] for e in rest if e["type"] == "final"] == [1]
     assert rest[-1] == {"type": "done", "session": "fin-1", "segments": 2}
+    assert context_clears(daemon) == clears + 2  # only finalize calls the hook
     published = [e for e in publisher.events if e.get("session") == "fin-1"]
     assert final in published  # a finalized final is a final like any other
 

@@ -13,7 +13,7 @@ from streamd.config import VadConfig
 from streamd.errors import BadRequest
 from streamd.protocol import Start
 from streamd.recognizer import Hypothesis, SegmentInfo
-from streamd.session import Deferred, Request, Session, SessionRunner
+from streamd.session import ClearContext, Deferred, Request, Session, SessionRunner
 
 
 def utterance(shared_audio_dir) -> np.ndarray:
@@ -324,7 +324,7 @@ def drive(session: Session, outputs: list, text=lambda r: "words") -> list[dict]
             events += session.resolve(out, Hypothesis(text(out)))
         elif isinstance(out, Deferred):
             events += out.make()
-        else:
+        elif not isinstance(out, ClearContext):
             events.append(out)
     return events
 
@@ -345,6 +345,9 @@ def test_finalize_ends_the_segment_in_flight_then_says_finalized(shared_audio_di
     finalize = session.finalize()
     final = [o for o in finalize if isinstance(o, Request)]
     assert [r.kind for r in final] == ["final"] and isinstance(finalize[-1], Deferred)
+    # The previous text is forgotten after that final, before the next segment.
+    clear = [i for i, o in enumerate(finalize) if isinstance(o, ClearContext)]
+    assert len(clear) == 1 and finalize.index(final[0]) < clear[0]
     assert final[0].segment.end <= cut / 16000  # nothing after the audio heard so far
     events = drive(session, outputs + finalize)
     assert [e["type"] for e in events if e["type"] != "partial"] == [
