@@ -310,16 +310,16 @@ class WhisperTranscriber:
 
     def warmup(self, lengths: Sequence[int] | None = None) -> None:
         """Compiles the encoder shapes and the decoder that audio of `lengths` samples
-        needs (default: every shape), so timings exclude compiles. A window only shrinks
-        as decoding seeks through it, so audio gets its own bucket and every smaller one;
-        audio over 30 s is windowed at quiet points: it gets every bucket. With context or
-        a prompt, the shape with a previous-text prompt too."""
+        needs (default: every shape), so timings exclude compiles. Audio of up to 30 s
+        gets its own bucket: a smaller one is needed only when decoding seeks past a cut
+        segment, and then loads from the compilation cache on first use (each shape costs
+        about 1 s to load even when cached: jfk.wav's second run 7.2 -> see
+        bench/results/startup.json). Audio over 30 s is windowed at quiet points: every
+        bucket. With context or a prompt, the shape with a previous-text prompt too."""
         every = [WINDOW_S] if self.encoder_window == "padded" else [*self.buckets_s, WINDOW_S]
         sizes = {s * SAMPLE_RATE for s in every}
         if lengths is not None and all(n <= WINDOW_S * SAMPLE_RATE for n in lengths):
-            largest = max((self.window_samples(n) for n in lengths if n >= HOP_LENGTH * 2),
-                          default=0)
-            sizes = {n for n in sizes if n <= largest}
+            sizes = {self.window_samples(n) for n in lengths if n >= HOP_LENGTH * 2}
         for n in sorted(sizes):
             encoded = self.encode(np.zeros(n, np.float32), n)
             self._decode(encoded, n)
