@@ -21,8 +21,11 @@ system:
 run: system install
 	$(VENV)/bin/streamd transcribe $(SAMPLE)
 
+# Two workers, a test file each at a time (module fixtures such as a daemon stay in one
+# process); TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
 test: system install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # The benchmarks' extras and the peer (bench/peer_localagreement.py); see pyproject.toml.
 bench-deps: install
