@@ -15,6 +15,7 @@ subprocesses): this process's, less any `STREAMD_*` setting, on the CPU unless
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import signal
@@ -91,6 +92,45 @@ class Daemon:
         return self.log_path.read_text(errors="replace")
 
 
+class _PortTaken(RuntimeError):
+    """The daemon could not bind its port: someone else holds it."""
+
+
+def _start(workdir: Path, port: int, args: tuple[str, ...], env: Mapping[str, str] | None,
+           log_format: str) -> Daemon:
+    log_path = workdir / f"serve-{port}.log"
+    cmd = [sys.executable, "-m", "streamd.cli", "serve", "--port", str(port),
+           "--log-format", log_format, *args]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, cwd=REPO,
+                                env=daemon_env(**(env or {})), start_new_session=True)
+    return Daemon(proc, port, log_path)
+
+
+def _wait_until_ready(daemon: Daemon, startup_timeout: float) -> None:
+    """Until /healthz says ok; raises if the daemon exits (_PortTaken when its port was
+    in use) or is not up in time. Answers that are not streamd's (another program on the
+    port) count as not ready."""
+    deadline = time.monotonic() + startup_timeout
+    while True:
+        if daemon.proc.poll() is not None:
+            log = daemon.log_text()
+            kind = _PortTaken if "address already in use" in log.lower() else RuntimeError
+            raise kind(f"streamd serve exited ({daemon.proc.returncode}):\n{log[-3000:]}")
+        with contextlib.suppress(OSError, ValueError, http.client.HTTPException):
+            with urllib.request.urlopen(f"{daemon.http}/healthz", timeout=1) as r:
+                if json.load(r).get("status") == "ok":
+                    return
+        if time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(daemon.proc.pid, signal.SIGKILL)
+            daemon.proc.wait(5)
+            raise TimeoutError(f"streamd serve not ready in {startup_timeout} s:\n"
+                               f"{daemon.log_text()[-3000:]}")
+        time.sleep(0.1)
+
+
 @contextlib.contextmanager
 def serve(
     workdir: Path,
@@ -104,29 +144,18 @@ def serve(
     group, log in `workdir`), yielded once /healthz says ok; always ended after. `env` is
     added to `daemon_env()`. Raises if the daemon exits or is not up within
     `startup_timeout`."""
-    port = port or free_port()
-    log_path = workdir / f"serve-{port}.log"
-    cmd = [sys.executable, "-m", "streamd.cli", "serve", "--port", str(port),
-           "--log-format", log_format, *args]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT, cwd=REPO,
-                                env=daemon_env(**(env or {})), start_new_session=True)
-    daemon = Daemon(proc, port, log_path)
+    for attempt in range(3):
+        daemon = _start(workdir, port or free_port(), args, env, log_format)
+        try:
+            _wait_until_ready(daemon, startup_timeout)
+            break
+        except _PortTaken:
+            # free_port() hands out a port that was free a moment ago; another test's
+            # process (another pytest worker's broker or daemon) may bind it first.
+            if port is not None or attempt == 2:
+                raise
+    proc = daemon.proc
     try:
-        deadline = time.monotonic() + startup_timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"streamd serve exited ({proc.returncode}):\n"
-                                   f"{daemon.log_text()[-3000:]}")
-            with contextlib.suppress(OSError, ValueError):
-                with urllib.request.urlopen(f"{daemon.http}/healthz", timeout=1) as r:
-                    if json.load(r).get("status") == "ok":
-                        break
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"streamd serve not ready in {startup_timeout} s:\n"
-                                   f"{daemon.log_text()[-3000:]}")
-            time.sleep(0.1)
         yield daemon
     finally:
         if proc.poll() is None:

@@ -13,7 +13,8 @@ or connection leaks (/metrics); a bystander streaming a known recording all alon
 finals it gets alone.
 
 Examples: 2,000 (Hypothesis profile `ci`, the default); `HYPOTHESIS_PROFILE=long` runs
-50,000. A crash it finds becomes a regression test of its own (test_abuse.py
+50,000. A second test runs 300 examples of the traffic that never reaches a recognizer
+against a daemon on the real tiny.en, with the bystander recognized by Whisper. A crash it finds becomes a regression test of its own (test_abuse.py
 test_oversized_json_is_bad_request is one).
 """
 
@@ -474,5 +475,80 @@ def test_protocol_fuzz(daemon: Daemon, shared_audio_dir: Path) -> None:
     assert bystander.rounds and all(r == solo for r in bystander.rounds)
     assert examples >= max(CI_EXAMPLES, settings.default.max_examples)
     assert m["streamd_sessions_active"] == 0 and m["streamd_connections_open"] == 0
+    assert 'streamd_errors_total{code="internal"}' not in m
+    assert daemon.proc.poll() is None
+
+
+# --- the same fuzz beside a real-model bystander -------------------------------------
+
+REAL_MODEL_EXAMPLES = 300
+
+
+def _never_starts(action: tuple[str, Any]) -> bool:
+    """True unless `action` is a `start` the daemon could accept, or one that names a
+    pipeline: the model's answer to those depends on the daemon's pipeline (`echo` above).
+    Everything else (bad starts, frames, stray messages, disconnects) is refused before
+    any recognition, so a tiny.en daemon answers exactly as the model says."""
+    if action[0] != "text":
+        return True
+    try:
+        msg = json.loads(action[1])
+    except (ValueError, RecursionError):
+        return True
+    if not isinstance(msg, dict) or msg.get("type") != "start":
+        return True
+    return "pipeline" not in msg and bool(start_problems(msg)[0])
+
+
+@pytest.fixture(scope="module")
+def whisper_daemon(tmp_path_factory) -> Iterator[Daemon]:
+    env = {"STREAMD_RECOGNITION_PIPELINE": "whisper", "STREAMD_SERVER_CONNECTION_RATE": "0",
+           "STREAMD_RECOGNITION_BATCH_SIZES": "1",  # one session recognizes: batch 1 only
+           "STREAMD_SERVER_MAX_FRAME_BYTES": str(LIMIT),
+           "STREAMD_SERVER_HANDSHAKE_TIMEOUT_S": "3600"}
+    with serve(tmp_path_factory.mktemp("fuzz-whisper"), env=env, startup_timeout=400) as d:
+        yield d
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_protocol_fuzz_beside_a_real_model_bystander(whisper_daemon: Daemon,
+                                                      shared_audio_dir: Path) -> None:
+    """The hostile traffic of the fuzz above that never reaches a recognizer, against a
+    `streamd serve` on the real tiny.en, while a bystander streams a recording through
+    Whisper again and again: every answer is the documented one, and the bystander's
+    finals (text and times) are those it gets alone."""
+    daemon = whisper_daemon
+    data = speech_pcm(shared_audio_dir)
+    solo = finals(run_session(daemon.url, data, BYSTANDER, 0.0))
+    assert len(solo) == 1 and "golden fortune" in solo[0][3].lower(), solo
+    bystander = Bystander(daemon.url, data)
+    bystander.start()
+    client = Client(daemon.url)
+    examples = 0
+
+    @settings(max_examples=REAL_MODEL_EXAMPLES)
+    @given(st.lists(actions.filter(_never_starts), min_size=1, max_size=8))
+    def one_example(steps: list[tuple[str, Any]]) -> None:
+        nonlocal examples
+        examples += 1
+        for action in steps:
+            client.run(action)
+        assert daemon.proc.poll() is None, "the daemon exited"
+
+    try:
+        one_example()
+        while len(bystander.rounds) < 2 and bystander.failure is None:
+            time.sleep(0.2)  # at least two whole rounds under the fuzz
+    finally:
+        client.close()
+        bystander.stop.set()
+        bystander.join(60)
+    m = metrics(daemon)
+    print(f"\nfuzz beside tiny.en: {examples} examples, {client.actions} actions on "
+          f"{client.connections} connections; bystander {len(bystander.rounds)} rounds")
+    assert bystander.failure is None, bystander.failure
+    assert all(r == solo for r in bystander.rounds), (solo, bystander.rounds)
+    assert examples >= REAL_MODEL_EXAMPLES
     assert 'streamd_errors_total{code="internal"}' not in m
     assert daemon.proc.poll() is None

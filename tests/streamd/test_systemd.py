@@ -236,7 +236,8 @@ def test_sigterm_mid_utterance_delivers_final(tmp_path: Path, shared_audio_dir: 
         with connect(f"ws://127.0.0.1:{port}/v1/stream") as ws:
             ws.send(json.dumps({"type": "start", "sample_rate": 16000,
                                 "encoding": "pcm_s16le", "channels": 1, "session": "term"}))
-            assert json.loads(ws.recv(timeout=10))["type"] == "ready"
+            ready_event = json.loads(ws.recv(timeout=10))
+            assert ready_event["type"] == "ready", ready_event
             ws.send(pcm.tobytes())  # 2 s in: the speaker is mid-sentence
             assert json.loads(ws.recv(timeout=10))["type"] == "speech_start"
             t0 = time.monotonic()

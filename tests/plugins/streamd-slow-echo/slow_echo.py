@@ -31,7 +31,7 @@ class SlowEchoPipeline(EchoPipeline):
     def new_recognizer(
         self, session: str, options: RecognizerOptions | None = None
     ) -> SlowFinals:
-        return SlowFinals(self.engine)
+        return SlowFinals(self)
 
 
 def create(config: Config, engine: Engine) -> SlowEchoPipeline:
