@@ -14,7 +14,8 @@ finals it gets alone.
 
 Examples: 2,000 (Hypothesis profile `ci`, the default); `HYPOTHESIS_PROFILE=long` runs
 50,000. A second test runs 300 examples of the traffic that never reaches a recognizer
-against a daemon on the real tiny.en, with the bystander recognized by Whisper. A crash it finds becomes a regression test of its own (test_abuse.py
+against a daemon on the real tiny.en, with the bystander recognized by Whisper. A crash
+it finds becomes a regression test of its own (test_abuse.py
 test_oversized_json_is_bad_request is one).
 """
 
