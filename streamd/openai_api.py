@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import io
 import math
-import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -27,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import soundfile
 
+from models.whisper_decoding import compression_ratio
 from streamd.audio import SAMPLE_RATE, resample, to_mono
 from streamd.protocol import MAX_PROMPT_CHARS
 
@@ -162,12 +162,6 @@ def decode_audio(data: bytes, max_audio_s: float) -> np.ndarray:
         raise ApiError(400, f"audio file is too short: at least {MIN_AUDIO_S} s",
                        "file", "audio_too_short")
     return resample(samples, rate, SAMPLE_RATE)
-
-
-def compression_ratio(text: str) -> float:
-    """openai/whisper's repetition measure: text bytes per zlib-compressed byte."""
-    data = text.encode()
-    return len(data) / len(zlib.compress(data)) if data else 0.0
 
 
 def render(request: TranscriptionRequest, segments: Sequence[Segment],
