@@ -71,6 +71,14 @@ def window_for(n_samples: int, buckets_s: tuple[int, ...], tail_margin: float) -
     return WINDOW_S * SAMPLE_RATE
 
 
+def _timestamp_pairs(tokens: list[int], timestamp_begin: int) -> tuple[list[int], bool]:
+    """Where a timestamp pair splits two segments (the index of the pair's second token),
+    and whether the decode ends with a single timestamp closing its last segment."""
+    is_ts = [t >= timestamp_begin for t in tokens]
+    single_ending = len(tokens) >= 2 and is_ts[-2:] == [False, True]
+    return [i for i in range(1, len(tokens)) if is_ts[i - 1] and is_ts[i]], single_ending
+
+
 def timestamped_segments(tokens: list[int], tokenizer: WhisperTokenizer) -> tuple[list[int], int]:
     """Text tokens of the complete segments of a timestamped decode, and the samples of the
     window they consumed (0: the whole window; openai/whisper's `transcribe` rule).
@@ -80,9 +88,7 @@ def timestamped_segments(tokens: list[int], tokenizer: WhisperTokenizer) -> tupl
     pair, unless it ends with its own timestamp, is incomplete: dropped, and the window's
     use stops at that pair."""
     begin = tokenizer.timestamp_begin
-    is_ts = [t >= begin for t in tokens]
-    single_ending = len(tokens) >= 2 and is_ts[-2:] == [False, True]
-    pairs = [i for i in range(1, len(tokens)) if is_ts[i - 1] and is_ts[i]]
+    pairs, single_ending = _timestamp_pairs(tokens, begin)
     if not pairs or single_ending:
         return [t for t in tokens if t < tokenizer.eot], 0
     end = pairs[-1]
@@ -122,9 +128,7 @@ def split_segments(
     closes its last segment there. Without a pair, the window is one segment that ends at
     its last timestamp (or the window's end, when there is none)."""
     begin, step = tokenizer.timestamp_begin, 2 * HOP_LENGTH / SAMPLE_RATE
-    is_ts = [t >= begin for t in tokens]
-    single_ending = len(tokens) >= 2 and is_ts[-2:] == [False, True]
-    cuts = [i for i in range(1, len(tokens)) if is_ts[i - 1] and is_ts[i]]
+    cuts, single_ending = _timestamp_pairs(tokens, begin)
     if not cuts:
         stamps = [t for t in tokens if t >= begin]
         end = (stamps[-1] - begin) * step if stamps and stamps[-1] > begin else window_s
@@ -239,16 +243,16 @@ class WhisperTranscriber:
             text_ids, consumed = timestamped_segments(result.tokens, tokenizer)
             if not result.no_speech:
                 offset, window_s = seek / SAMPLE_RATE, len(window) / SAMPLE_RATE
-                spans = [(start, stop, ids) for start, stop, ids
-                         in split_segments(result.tokens, tokenizer, window_s)
-                         if tokenizer.decode(ids).strip()]  # fmt: skip
+                texts = [(start, stop, ids, tokenizer.decode(ids).strip()) for start, stop, ids
+                         in split_segments(result.tokens, tokenizer, window_s)]  # fmt: skip
+                texts = [span for span in texts if span[3]]
                 if word_timestamps:
+                    spans = [(start, stop, ids) for start, stop, ids, _ in texts]
                     segments += self._timed_segments(encoded, len(window), spans, offset,
                                                      segments[-1].end if segments else 0.0)
                 else:
-                    segments += [Segment(offset + start, offset + stop,
-                                         tokenizer.decode(ids).strip())
-                                 for start, stop, ids in spans]  # fmt: skip
+                    segments += [Segment(offset + start, offset + stop, text)
+                                 for start, stop, _, text in texts]
                 if self.context and tokenizer.decode(text_ids).strip():
                     history += text_ids
             if result.temperature > 0.5:
@@ -313,9 +317,10 @@ class WhisperTranscriber:
         needs (default: every shape), so timings exclude compiles. Audio of up to 30 s
         gets its own bucket: a smaller one is needed only when decoding seeks past a cut
         segment, and then loads from the compilation cache on first use (each shape costs
-        about 1 s to load even when cached: jfk.wav's second run 7.2 -> see
-        bench/results/startup.json). Audio over 30 s is windowed at quiet points: every
-        bucket. With context or a prompt, the shape with a previous-text prompt too."""
+        about 1 s to trace and load even when cached: warming only its own bucket took
+        jfk.wav's second run from 7.2 to 6.4 s, bench/results/startup.json). Audio over
+        30 s is windowed at quiet points: every bucket. With context or a prompt, the shape
+        with a previous-text prompt too."""
         every = [WINDOW_S] if self.encoder_window == "padded" else [*self.buckets_s, WINDOW_S]
         sizes = {s * SAMPLE_RATE for s in every}
         if lengths is not None and all(n <= WINDOW_S * SAMPLE_RATE for n in lengths):
