@@ -432,6 +432,13 @@ class Client:
 # --- the test -----------------------------------------------------------------------
 
 
+def play(client: Client, daemon: Daemon, steps: list[tuple[str, Any]]) -> None:
+    """One example: each action checked against the model, then the daemon still up."""
+    for action in steps:
+        client.run(action)
+    assert daemon.proc.poll() is None, "the daemon exited"
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(0.3 * settings.default.max_examples)  # 600 s for the ci profile
 def test_protocol_fuzz(daemon: Daemon, shared_audio_dir: Path) -> None:
@@ -447,9 +454,7 @@ def test_protocol_fuzz(daemon: Daemon, shared_audio_dir: Path) -> None:
     def one_example(steps: list[tuple[str, Any]]) -> None:
         nonlocal examples
         examples += 1
-        for action in steps:
-            client.run(action)
-        assert daemon.proc.poll() is None, "the daemon exited"
+        play(client, daemon, steps)
         if examples % 200 == 0:
             m = metrics(daemon)
             # This client's session and the bystander's, plus ones still closing.
@@ -533,9 +538,7 @@ def test_protocol_fuzz_beside_a_real_model_bystander(whisper_daemon: Daemon,
     def one_example(steps: list[tuple[str, Any]]) -> None:
         nonlocal examples
         examples += 1
-        for action in steps:
-            client.run(action)
-        assert daemon.proc.poll() is None, "the daemon exited"
+        play(client, daemon, steps)
 
     try:
         one_example()
