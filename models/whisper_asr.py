@@ -147,6 +147,21 @@ def split_segments(
     return spans
 
 
+def initial_prompt(tokenizer: WhisperTokenizer, text: str, limit: int) -> tuple[int, ...]:
+    """Whisper's `initial_prompt` (names, jargon) as tokens: whitespace collapsed, read as
+    words (a leading space), its last `limit` (>= 1) tokens, as openai keeps the newest."""
+    text = " ".join(text.split())
+    return tuple(tokenizer.encode(" " + text))[-limit:] if text else ()
+
+
+def previous_text(initial: tuple[int, ...], history: Sequence[int],
+                  limit: int) -> tuple[int, ...]:
+    """A decode's previous-text prompt of at most `limit` tokens: the initial prompt, then
+    the newest `history` (recent text tokens) that fit."""
+    room = limit - len(initial)
+    return initial + (tuple(history[-room:]) if room > 0 and history else ())
+
+
 def quietest_cut(audio: np.ndarray, start: int, max_len: int, search_s: float = 8.0) -> int:
     """The middle of the quietest 100 ms within the last `search_s` seconds before
     `start + max_len`: where a window of long audio ends without splitting a word."""
@@ -191,14 +206,11 @@ class WhisperTranscriber:
             beam_size=self.beam_size if self.beam_size > 1 else None, timestamps=self.timestamps
         )
         self.decoder = WhisperDecoder(self.model.config, self.model.config.max_target_positions)
-        text = " ".join(self.prompt.split())
-        ids = self.model.tokenizer.encode(" " + text) if text else []
-        self.initial: tuple[int, ...] = tuple(ids[-(PROMPT_LIMIT // 2):])
+        self.initial = initial_prompt(self.model.tokenizer, self.prompt, PROMPT_LIMIT // 2)
 
     def previous(self, history: list[int]) -> tuple[int, ...]:
         """The prompt of the next window: the initial prompt, then the newest history."""
-        room = PROMPT_LIMIT - len(self.initial)
-        return self.initial + tuple(history[-room:] if history else ())
+        return previous_text(self.initial, history, PROMPT_LIMIT)
 
     def window_samples(self, n_samples: int) -> int:
         """The static encoder input length for `n_samples` of audio."""

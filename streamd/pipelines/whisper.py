@@ -67,7 +67,13 @@ from models.decoding import (
     greedy_search,
 )
 from models.mel import SAMPLE_RATE, log_mel
-from models.whisper_asr import TAIL_MARGIN, WhisperTranscriber
+from models.whisper_asr import (
+    PROMPT_LIMIT,
+    TAIL_MARGIN,
+    WhisperTranscriber,
+    initial_prompt,
+    previous_text,
+)
 from models.whisper_decoding import NoSpeechProbe, WhisperDecoder, compression_ratio
 from streamd.config import Config
 from streamd.engine import Engine
@@ -123,7 +129,6 @@ STABLE_AGREEMENT = 3
 # for each one (tiny.en, 10 s bucket, 2 CPU cores: 0.03 s for today's 47-token prompt,
 # 0.19 s with 224 more), so the default is the last couple of sentences.
 CONTEXT_TOKENS = 64
-WHISPER_PROMPT_LIMIT = 223
 # Silence between a session's finals (one's end to the next one's start, pads included)
 # after which the previous text is dropped (recognition.context_reset_s). Measured with
 # bench/context.py (finals in process, partials off) on the two stream files, unrelated
@@ -291,7 +296,7 @@ class WhisperPipeline:
         self.finals_early = 0  # finals computed on a closing partial (not at the endpoint)
         self.finals_restabilized = 0  # fresh finals redone to keep the stable prefix
         self.context = context  # sessions' default (start.context overrides)
-        self.context_tokens = min(context_tokens, WHISPER_PROMPT_LIMIT)
+        self.context_tokens = min(context_tokens, PROMPT_LIMIT)
         self.context_reset_s = context_reset_s
         # Partials prompted too (see CONTEXT_PARTIALS); by default finals only.
         self.context_partials = context_partials
@@ -405,11 +410,9 @@ class WhisperPipeline:
     def prompt_tokens(self, text: str) -> tuple[int, ...]:
         """A session's `prompt` as tokens: at most half the context room, its last ones
         (openai keeps the newest), so recent finals always fit after it."""
-        text = " ".join(text.split())
-        if not text or not self.context_tokens:
+        if not self.context_tokens:
             return ()
-        ids = tuple(self.tokenizer.encode(" " + text))
-        return ids[-max(self.context_tokens // 2, 1):]
+        return initial_prompt(self.tokenizer, text, max(self.context_tokens // 2, 1))
 
     async def recognize(self, audio: np.ndarray, prefix: tuple[int, ...] = (),
                         final: bool = False, previous: tuple[int, ...] = ()) -> Decoded:
@@ -553,9 +556,7 @@ class WhisperRecognizer:
     def previous(self) -> tuple[int, ...]:
         """The prompt of the next decode: the session's `prompt`, then as many of the
         recent finals' tokens as fit (newest last)."""
-        room = self.pipeline.context_tokens - len(self.initial)
-        recent = self._previous[-room:] if room > 0 and self._previous else ()
-        return self.initial + recent
+        return previous_text(self.initial, self._previous, self.pipeline.context_tokens)
 
     def clear_context(self) -> None:
         """Forget the previous finals (the `prompt` stays). Called after a fallback, after
