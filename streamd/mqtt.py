@@ -572,7 +572,8 @@ class MqttPublisher:
         """A lost link or a failed attempt: counters, state, and a log line when the state,
         broker or error is new (not on every retry)."""
         broker = self.broker
-        detail = f"{exc!r}{self.settings.describe_failure(exc)}"
+        hint = self.settings.describe_failure(exc)  # e.g. a TLS listener's hint, or ""
+        detail = f"{exc!r}{hint}"
         if self._down_since is None:
             self._down_since = time.monotonic()
         if not isinstance(exc, aiomqtt.MqttError):  # a bug, not the network: always loud
@@ -583,12 +584,12 @@ class MqttPublisher:
             if isinstance(exc, aiomqtt.MqttError):
                 log.warning("mqtt connection lost to %s:%d: %s; reconnecting", *broker, detail)
             return
-        reason = self._failure_reason(exc)
+        reason = self._failure_reason(exc, hint)
         self.connect_failures += 1
         self._outage_failures += 1
         self.connect_failures_by_reason[reason] += 1
         self.state = "unreachable" if reason == "unreachable" else "refused"
-        self.last_error = f"{reason}: {exc}{self.settings.describe_failure(exc)}"
+        self.last_error = f"{reason}: {exc}{hint}"
         key = (broker, self.last_error)
         if key in self._failures_logged or not isinstance(exc, aiomqtt.MqttError):
             log.debug("mqtt cannot connect to %s:%d: %s (again)", *broker, detail)
@@ -600,11 +601,13 @@ class MqttPublisher:
                     "of %d; logged again when this changes)", *broker, detail,
                     self.state, len(self._outbox), self.settings.outbox_max)
 
-    def _failure_reason(self, exc: BaseException) -> str:
-        """`refused` (the broker said no in its CONNACK), `tls`, or `unreachable`."""
+    @staticmethod
+    def _failure_reason(exc: BaseException, hint: str) -> str:
+        """`refused` (the broker said no in its CONNACK), `tls` (the settings' failure
+        `hint` names one), or `unreachable`."""
         if isinstance(exc, MqttConnectError):
             return "refused"
-        if self.settings.describe_failure(exc):
+        if hint:
             return "tls"
         return "unreachable"
 
