@@ -48,11 +48,11 @@ def _add_transcribe(subparsers) -> None:
 
 
 def _add_serve(subparsers) -> None:
-    from streamd import daemon
+    from streamd.serve_args import add_arguments
 
     p = subparsers.add_parser("serve", help="run the streaming recognition daemon")
-    daemon.add_arguments(p)
-    p.set_defaults(run=daemon.main)
+    add_arguments(p)
+    p.set_defaults(run=lambda args: __import__("streamd.daemon").daemon.main(args))
 
 
 def _add_devices(subparsers) -> None:

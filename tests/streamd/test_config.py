@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from streamd.config import Config, load_config
-from streamd.daemon import add_arguments, config_from_args
 from streamd.errors import ConfigError
+from streamd.serve_args import add_arguments, config_from_args
 
 REPO = Path(__file__).resolve().parents[2]
 
