@@ -84,6 +84,8 @@ async def sweep(streams: list[tuple[np.ndarray, dict]], settings: list[tuple[int
         try:
             for audio, entry in streams:
                 before = pipeline.context_fallbacks
+                redone = pipeline.finals_restabilized
+                spliced = getattr(pipeline, "finals_spliced", 0)
                 finals = await finals_of(pipeline, audio, bool(tokens), partials != "off")
                 tails = sum(repeated_tail(f["text"], " ".join(
                     s["text"] for s in entry["segments"]
@@ -95,6 +97,9 @@ async def sweep(streams: list[tuple[np.ndarray, dict]], settings: list[tuple[int
                     "wer": wer([s["text"] for s in entry["segments"]],
                                [f["text"] for f in finals]),
                     "finals": len(finals), "fallbacks": pipeline.context_fallbacks - before,
+                    # finals decoded again with the stable words forced / spliced onto them
+                    "restabilized": pipeline.finals_restabilized - redone,
+                    "spliced": getattr(pipeline, "finals_spliced", 0) - spliced,
                     "repeated_tails": tails, "texts": [f["text"] for f in finals],
                     # silence between consecutive finals (what context_reset_s compares)
                     "gaps_s": [round(b["start"] - a["end"], 3)
@@ -103,7 +108,8 @@ async def sweep(streams: list[tuple[np.ndarray, dict]], settings: list[tuple[int
                 print(f"| {r['file']} | {partials} | {r['context']} | {tokens or '-'} | "
                       f"{reset or '-'} | "
                       f"{100 * r['wer']:.2f} | {r['finals']} | {r['fallbacks']} | "
-                      f"{r['repeated_tails']} |", flush=True)
+                      f"{r['repeated_tails']} | {r['restabilized']} | {r['spliced']} |",
+                      flush=True)
         finally:
             await engine.stop()
     return rows
@@ -130,7 +136,8 @@ def main() -> None:
     streams = [shared_stream(folder) for folder in args.audio_dir]
     settings = [(0, 0.0)] + [(t, r) for t in args.tokens for r in args.reset_s]
     print("| file | partials | context | tokens | reset s | finals WER % | finals | fallbacks | "
-          "repeated tails |\n|---|---|---|---:|---:|---:|---:|---:|---:|", flush=True)
+          "repeated tails | restabilized | spliced |\n"
+          "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
     rows = []
     for partials in args.partials:
         rows += asyncio.run(sweep(streams, settings, partials))
