@@ -55,9 +55,11 @@ WARM_STREAM_S = 20  # the unmeasured stream before the measured runs
 
 # The whisper pipeline's counters a run reports (deltas): finals decoded again without the
 # prompt, finals decoded again with the stable prefix forced (a second decode that delays
-# the final), finals decoded early at the speech pause, partials skipped (engine busy).
+# the final), finals spliced onto the stable prefix instead, finals decoded early at the
+# speech pause, partials skipped (engine busy).
 PIPELINE_COUNTERS = {"fallbacks": "streamd_context_fallbacks",
                      "restabilized": "streamd_finals_restabilized",
+                     "spliced": "streamd_finals_spliced",
                      "finals_early": "streamd_finals_early",
                      "partials_skipped": "streamd_partials_skipped"}
 
@@ -311,7 +313,7 @@ def table(rows: list[dict]) -> str:
     cols = ["system", "file", "streams", "context", "final_median_s", "final_p90_s",
             "endpoint_median_s", "endpoint_p90_s", "first_partial_median_s", "first_partial_p90_s",
             "onset_partial_median_s", "onset_partial_p90_s", "cpu_s_per_audio_s", "wer",
-            "fallbacks", "restabilized", "finals_early", "repeated_tails"]
+            "fallbacks", "restabilized", "spliced", "finals_early", "repeated_tails"]
     lines = [" | ".join(cols), " | ".join("---" for _ in cols)]
     lines += [" | ".join(f(r.get(c)) for c in cols) for r in rows]
     return "\n".join(lines)

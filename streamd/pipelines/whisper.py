@@ -8,7 +8,9 @@ committed (stable) prefix, which later partials and the final keep (the contract
 never changes). The final decodes the whole segment afresh: forcing the partials' prefix
 kept their early mistakes (WER 6.1 % vs 4.1 % on the stream recording). A fresh final that
 differs from the stable prefix in case or punctuation only takes the stable spelling; one
-with other words is decoded once more with the stable prefix forced.
+with other words for it is spliced (the stable words, then the fresh decode after its
+match of the last stable word: `splice_point`); one that does not align is decoded once
+more with the stable prefix forced.
 Final early: when the VAD reports the speech paused for the end padding, the session asks
 for a `closing` partial on exactly the audio a final at the coming endpoint would get; it
 is decoded as the final (and sent as a partial unless it is empty), and the
@@ -50,6 +52,7 @@ between finals and when the session ends.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import logging
 from collections.abc import Sequence
@@ -295,6 +298,7 @@ class WhisperPipeline:
         self.partials_skipped = 0  # partials not computed because the engine was busy
         self.finals_early = 0  # finals computed on a closing partial (not at the endpoint)
         self.finals_restabilized = 0  # fresh finals redone to keep the stable prefix
+        self.finals_spliced = 0  # fresh finals joined to the stable prefix without a redo
         self.context = context  # sessions' default (start.context overrides)
         self.context_tokens = min(context_tokens, PROMPT_LIMIT)
         self.context_reset_s = context_reset_s
@@ -398,6 +402,9 @@ class WhisperPipeline:
             "streamd_finals_restabilized": ("Finals decoded again with the stable prefix "
                                             "forced (the fresh decode had other words)",
                                             lambda: self.finals_restabilized),
+            "streamd_finals_spliced": ("Finals whose fresh decode had other words for the "
+                                       "stable prefix, joined after its match of the last",
+                                       lambda: self.finals_spliced),
             "streamd_context_fallbacks": ("Finals decoded again without the previous text "
                                           "(the prompted decode failed a check)",
                                           lambda: self.context_fallbacks),
@@ -523,6 +530,29 @@ class WhisperPipeline:
             shorter = loop_start(norm[:-1], keep)
             cut = shorter if shorter < len(norm) - 1 else cut
         return words[:cut]
+
+
+# How far the fresh final's match of the last stable word may sit from the stable word
+# count: a contraction or a number written out moves it by a word or two ("I'll" / "I
+# will"); further off, the match is likelier another occurrence of a common word.
+SPLICE_SHIFT = 2
+
+
+def splice_point(stable: Sequence[str], fresh: Sequence[str]) -> int | None:
+    """Where a fresh final goes on after the stable words (plain: lower case, no
+    punctuation): the index in `fresh` after its match of the last stable word, when
+    the two align there (difflib's longest matching blocks, in order) and the match is
+    within SPLICE_SHIFT words of where it would be; None when they do not align (the
+    final is then decoded again with the stable words forced)."""
+    if not stable or not fresh:
+        return None
+    last = len(stable) - 1
+    matcher = difflib.SequenceMatcher(None, list(stable), list(fresh), autojunk=False)
+    for a, b, size in matcher.get_matching_blocks():
+        if a <= last < a + size:
+            after = b + (last - a) + 1
+            return after if abs(after - len(stable)) <= SPLICE_SHIFT else None
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -654,10 +684,17 @@ class WhisperRecognizer:
             result = await p.recognize(audio_16k, (), final=True)
         words = [] if result.silent else p.cut_loop(p.words(result.tokens), 0)
         k = len(committed)
-        if k and p.plain_words(words[:k]) == p.plain_words(committed):
+        after = splice_point(p.plain_words(committed), p.plain_words(words)) if k else None
+        if k and after == k and p.plain_words(words[:k]) == p.plain_words(committed):
             # The same words, but for case or punctuation ("the" / "The", "him," / "him."):
             # the stable spelling stands, the fresh decode goes on after it.
             words = list(committed) + words[k:]
+        elif after is not None:
+            # Other words for the same speech ("I'll" / "I will", "zero" / "0"): the
+            # stable words stand and the fresh decode goes on after its match of their
+            # last word, with no second decode.
+            p.finals_spliced += 1
+            words = list(committed) + words[after:]
         elif k:
             p.finals_restabilized += 1
             result = await p.recognize(audio_16k, p.tokens(committed), final=True,

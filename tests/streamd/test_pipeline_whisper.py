@@ -305,6 +305,43 @@ def test_final_takes_the_stable_spelling_of_the_same_words(pipeline, monkeypatch
     assert final.text.strip() == "the narrative would be tedious."
 
 
+def test_final_splices_other_words_for_the_stable_prefix(pipeline, monkeypatch) -> None:
+    """A fresh final with other words for the stable prefix ("I'll" for "I will") is not
+    decoded again: the final is the stable words, then the fresh decode after its match
+    of the last stable word. (The decode is faked, as above.)"""
+    from streamd.pipelines.whisper import Decoded
+
+    tok = pipeline.tokenizer
+    calls = []
+
+    async def fake_recognize(audio, prefix=(), final=False, previous=()):
+        calls.append(prefix)
+        return Decoded(tuple(tok.encode(" I'll go home now.")), -0.1, 0.0)
+
+    monkeypatch.setattr(pipeline, "recognize", fake_recognize)
+    rec = pipeline.new_recognizer("spliced")
+    rec._enter(0)
+    rec.policy.committed = tuple(pipeline.words(tok.encode(" I will go")))
+    redone, spliced = pipeline.finals_restabilized, pipeline.finals_spliced
+    final = asyncio.run(rec.final(np.zeros(RATE, np.float32), SegmentInfo("spliced", 0, 0, 1)))
+    assert calls == [()]  # one fresh decode, no forced one
+    assert (pipeline.finals_restabilized, pipeline.finals_spliced) == (redone, spliced + 1)
+    assert final.text.strip() == "I will go home now."
+
+
+def test_splice_point() -> None:
+    """Where a fresh final goes on after the stable words, or None when they do not
+    align near their own length."""
+    from streamd.pipelines.whisper import splice_point
+
+    assert splice_point(["i", "will", "go"], ["ill", "go", "home"]) == 2
+    assert splice_point(["the", "year", "1813"], ["the", "year", "eighteen", "thirteen",
+                                                  "came"]) is None  # "1813" unmatched
+    assert splice_point(["ask", "not"], ["asked", "not", "to"]) == 2
+    assert splice_point(["a", "b"], ["x", "y", "z", "w", "a", "b"]) is None  # too far on
+    assert splice_point(["a"], []) is None and splice_point([], ["a"]) is None
+
+
 def test_closing_partial_is_skipped_when_the_engine_is_busy(pipeline, monkeypatch) -> None:
     """With a request waiting in the engine, a closing partial computes nothing (the
     endpoint's final must not wait behind it) and the final then decodes the audio itself."""
