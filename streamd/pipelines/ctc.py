@@ -39,7 +39,8 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from models import ctc, ctc_asr, wav2vec2
+from models import ctc, wav2vec2
+from models.ctc import transcriber
 from models.mel import SAMPLE_RATE
 from streamd.config import Config
 from streamd.engine import Engine
@@ -54,9 +55,9 @@ from streamd.recognizer import (
 
 log = logging.getLogger("streamd.pipelines.ctc")
 
-CHUNK_MS = ctc_asr.CHUNK_MS  # as durations: the frames depend on the model's layout
-LEFT_MS = ctc_asr.LEFT_MS
-RIGHT_MS = ctc_asr.RIGHT_MS
+CHUNK_MS = transcriber.CHUNK_MS  # as durations: the frames depend on the model's layout
+LEFT_MS = transcriber.LEFT_MS
+RIGHT_MS = transcriber.RIGHT_MS
 FINAL_PRIORITY = 1  # engine priority of finals (and their flush chunks); partials run at 0
 
 
