@@ -17,7 +17,7 @@ Public API
 - `params_from_state_dict(config, tensors)`: PyTorch state-dict names -> params.
 - `forward(params, config, audio [B, N], mask [B, N] | None) -> logits [B, T, V]`
   (jitted; `config` static), `num_frames(config, num_samples)`; `encode(...)` is the
-  same without the CTC head.
+  same without the CTC head; `features` and `project` are its conv front end.
 - Streaming: `StreamConfig` (`StreamConfig.from_ms(config, chunk_ms, left_ms, right_ms)`
   turns durations into this model's frames), `chunk_samples(config, stream)`,
   `init_state(config, batch, stream) -> StreamState`,
@@ -37,7 +37,12 @@ from models.wav2vec2.config import (
 )
 from models.wav2vec2.conformer import Wav2Vec2ConformerConfig
 from models.wav2vec2.encoders import ENCODERS, encoder_for
-from models.wav2vec2.frontend import frame_mask_from_audio_mask, normalize_audio
+from models.wav2vec2.frontend import (
+    features,
+    frame_mask_from_audio_mask,
+    normalize_audio,
+    project,
+)
 from models.wav2vec2.offline import encode, forward
 from models.wav2vec2.params import (
     config_from_hf,
@@ -59,8 +64,8 @@ from models.wav2vec2.streaming import (
 __all__ = [
     "ENCODERS", "SAMPLE_RATE", "ChunkOutput", "StreamConfig", "StreamState",
     "Wav2Vec2Config", "Wav2Vec2ConformerConfig", "chunk_samples", "config_from_hf",
-    "encode", "encode_chunk", "encoder_for", "extractor_normalizes",
-    "frame_mask_from_audio_mask", "forward", "init_state", "load", "normalize_audio",
+    "encode", "encode_chunk", "encoder_for", "extractor_normalizes", "features",
+    "frame_mask_from_audio_mask", "forward", "project", "init_state", "load", "normalize_audio",
     "num_frames", "params_from_state_dict", "pending_chunks", "prepare_stream",
     "reset_slots", "stack_states", "unstack_state",
 ]

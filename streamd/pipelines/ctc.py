@@ -58,6 +58,8 @@ log = logging.getLogger("streamd.pipelines.ctc")
 CHUNK_MS = transcriber.CHUNK_MS  # as durations: the frames depend on the model's layout
 LEFT_MS = transcriber.LEFT_MS
 RIGHT_MS = transcriber.RIGHT_MS
+# The pipeline (and metrics kind) of each wav2vec2 encoder family, by HF model_type.
+PIPELINE_OF_FAMILY = {"wav2vec2": "ctc", "wav2vec2-conformer": "conformer"}
 FINAL_PRIORITY = 1  # engine priority of finals (and their flush chunks); partials run at 0
 
 
@@ -267,11 +269,11 @@ def load_configured(config: Config, name: str, family: str | None = None) -> CTC
         model = load_model(folder)
     except ModelLoadError as exc:
         raise ConfigError("recognition.model", str(exc)) from exc
-    found = "wav2vec2-conformer" if model.config.is_conformer else "wav2vec2"
+    found = model.config.model_type
     if family is not None and found != family:
         raise ConfigError("recognition.model", f"{folder} is a {found} model; the {name} "
                           f"pipeline takes {family} (use --pipeline "
-                          f"{'conformer' if model.config.is_conformer else 'ctc'})")
+                          f"{PIPELINE_OF_FAMILY[found]})")
     return model
 
 

@@ -49,5 +49,6 @@ def test_config_none_position_type(tiny_conformer):
     hf = json.loads((folder / "config.json").read_text())
     config = wav2vec2.Wav2Vec2ConformerConfig.from_hf_config(hf)
     assert config.position_embeddings_type == kind
-    assert config.is_conformer and config.pos_conv_left == 0
+    assert wav2vec2.encoder_for(config) is wav2vec2.ENCODERS["wav2vec2-conformer"]
+    assert config.pos_conv_left == 0
     assert config.conv_depthwise_kernel_size == 7
