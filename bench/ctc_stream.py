@@ -36,7 +36,7 @@ def _build(kind: str):
     import transformers
 
     from models import wav2vec2
-    from models.wav2vec2_conformer import Wav2Vec2ConformerConfig
+    from models.wav2vec2 import Wav2Vec2ConformerConfig
 
     torch.manual_seed(0)
     if kind == "wav2vec2-base":

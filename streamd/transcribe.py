@@ -81,7 +81,7 @@ def _load_seq2seq(module_name: str) -> Callable[..., FileTranscriber]:
 
 
 def _load_ctc(folder, args: argparse.Namespace) -> FileTranscriber:
-    from models.ctc_asr import CTCTranscriber
+    from models.ctc.transcriber import CTCTranscriber
 
     return CTCTranscriber(folder, beam_size=args.beam_size, chunk_ms=args.chunk_ms,
                           left_ms=args.left_ms, right_ms=args.right_ms)
@@ -91,8 +91,8 @@ def _load_ctc(folder, args: argparse.Namespace) -> FileTranscriber:
 _FAMILY_LOADERS: dict[str, Callable[..., FileTranscriber]] = {
     "wav2vec2": _load_ctc,
     "wav2vec2-conformer": _load_ctc,
-    "speech2text": _load_seq2seq("models.speech2text"),
-    "speech-encoder-decoder": _load_seq2seq("models.speech_encoder_decoder"),
+    "speech2text": _load_seq2seq("models.seq2seq.speech2text"),
+    "speech-encoder-decoder": _load_seq2seq("models.seq2seq.speech_encoder_decoder"),
 }
 
 

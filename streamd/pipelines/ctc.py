@@ -39,7 +39,8 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from models import ctc, ctc_asr, wav2vec2
+from models import ctc, wav2vec2
+from models.ctc import transcriber
 from models.mel import SAMPLE_RATE
 from streamd.config import Config
 from streamd.engine import Engine
@@ -54,9 +55,11 @@ from streamd.recognizer import (
 
 log = logging.getLogger("streamd.pipelines.ctc")
 
-CHUNK_MS = ctc_asr.CHUNK_MS  # as durations: the frames depend on the model's layout
-LEFT_MS = ctc_asr.LEFT_MS
-RIGHT_MS = ctc_asr.RIGHT_MS
+CHUNK_MS = transcriber.CHUNK_MS  # as durations: the frames depend on the model's layout
+LEFT_MS = transcriber.LEFT_MS
+RIGHT_MS = transcriber.RIGHT_MS
+# The pipeline (and metrics kind) of each wav2vec2 encoder family, by HF model_type.
+PIPELINE_OF_FAMILY = {"wav2vec2": "ctc", "wav2vec2-conformer": "conformer"}
 FINAL_PRIORITY = 1  # engine priority of finals (and their flush chunks); partials run at 0
 
 
@@ -266,11 +269,11 @@ def load_configured(config: Config, name: str, family: str | None = None) -> CTC
         model = load_model(folder)
     except ModelLoadError as exc:
         raise ConfigError("recognition.model", str(exc)) from exc
-    found = "wav2vec2-conformer" if model.config.is_conformer else "wav2vec2"
+    found = model.config.model_type
     if family is not None and found != family:
         raise ConfigError("recognition.model", f"{folder} is a {found} model; the {name} "
                           f"pipeline takes {family} (use --pipeline "
-                          f"{'conformer' if model.config.is_conformer else 'ctc'})")
+                          f"{PIPELINE_OF_FAMILY[found]})")
     return model
 
 

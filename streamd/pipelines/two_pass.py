@@ -124,7 +124,7 @@ def create(config: Config, engine: Engine) -> TwoPassPipeline:
     whisper_model = whisper.load_configured(config.recognition.final_model,
                                             "recognition.final_model")
     # The CTC kind keeps its family's name (`ctc/320ms`, `conformer/320ms`) in metrics.
-    family = "conformer" if ctc_model.config.is_conformer else "ctc"
+    family = ctc.PIPELINE_OF_FAMILY[ctc_model.config.model_type]
     partials = CTCPipeline(engine, ctc_model, family, holdback_samples=0)
     finals = WhisperPipeline(engine, whisper_model, buckets_s=FINAL_BUCKETS_S,
                              max_segment_s=config.vad.max_segment_s,

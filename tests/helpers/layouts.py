@@ -10,7 +10,7 @@ positional conv, the conformer's position type, the adapter's stride and kernel.
 `exact_stream`: streaming with left context and look-ahead covering the file gives
 exactly the offline logits (layer-norm feature extractor, no input normalization); the
 group-norm layout streams with running statistics, which the existing streaming tests
-accept as a bounded divergence (tests/models/test_streaming.py).
+accept as a bounded divergence (tests/models/wav2vec2/test_wav2vec2_streaming.py).
 """
 
 from __future__ import annotations

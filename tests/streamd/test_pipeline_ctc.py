@@ -2,7 +2,8 @@
 `save_pretrained`), driven in-process through a real Engine and as `streamd serve`
 subprocesses over a real WebSocket. Finals are checked against `streamd transcribe
 --stream` (CTCTranscriber.stream, itself tested against transformers' greedy decode in
-tests/models/test_ctc_asr.py) on the same segment audio, fed in the same 320 ms chunks."""
+tests/models/ctc/test_ctc_transcriber.py) on the same segment audio, fed in the same 320 ms
+chunks."""
 
 from __future__ import annotations
 

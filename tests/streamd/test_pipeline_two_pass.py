@@ -4,7 +4,7 @@
 One `streamd serve --pipeline two-pass` subprocess serves the module's serve test; real
 WebSocket clients stream shared recordings faster than real time. References: partials
 against `streamd transcribe --stream --json` (CTCTranscriber.stream, tested against
-transformers in tests/models/test_ctc_asr.py) on the same segment audio, finals against
+transformers in tests/models/ctc/test_ctc_transcriber.py) on the same segment audio, finals against
 `streamd transcribe --json` (tiny.en offline) on the same segment audio.
 """
 

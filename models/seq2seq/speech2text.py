@@ -1,8 +1,8 @@
 """Speech2Text (fairseq S2T, transformers' `Speech2TextForConditionalGeneration`) in JAX.
 
-Filterbank features (models/s2t_features.py) -> Conv1d+GLU subsampler (stride 2 per
+Filterbank features (models/seq2seq/s2t_features.py) -> Conv1d+GLU subsampler (stride 2 per
 layer) -> scaled, plus sinusoidal positions -> pre-LN transformer encoder -> the shared
-text decoder (models/text_decoders.py, S2T layout) driven by models/decoding.py.
+text decoder (models/seq2seq/text_decoders.py, S2T layout) driven by models/decoding.py.
 
 Public API
 - `Speech2TextConfig.from_hf_config(dict)`; `params_from_hf(config, tensors)`.
@@ -29,10 +29,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models import s2t_features, text_decoders
 from models.checkpoint import ModelLoadError, read_hf_folder
-from models.text_decoders import TextDecoder, TextDecoderConfig, generate_ids
-from models.wav2vec2 import activation, conv1d, dense, layer_norm
+from models.layers import activation, conv1d, dense, layer_norm
+from models.seq2seq import s2t_features, text_decoders
+from models.seq2seq.text_decoders import TextDecoder, TextDecoderConfig, generate_ids
 
 Params = dict[str, Any]
 FEATURE_BUCKET = 256  # feature frames (2.56 s): transcribe pads to a multiple, one compile each

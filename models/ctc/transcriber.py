@@ -14,7 +14,10 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from models import ctc, wav2vec2
+from models import wav2vec2
+from models.ctc.beam import beam_init, beam_results, beam_step, prefix_beam_search
+from models.ctc.greedy import GreedyState, greedy_decode, greedy_result, greedy_step
+from models.ctc.vocab import CTCVocab
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +35,7 @@ class CTCTranscriber:
         look-ahead (see `wav2vec2.StreamConfig.from_ms` for the rounding). Raises
         ModelLoadError, or ValueError for a non-positive chunk or a negative context."""
         self.config, self.params, vocab_dir = wav2vec2.load(folder)
-        self.vocab = ctc.CTCVocab.from_folder(vocab_dir)
+        self.vocab = CTCVocab.from_folder(vocab_dir)
         self.do_normalize = wav2vec2.extractor_normalizes(folder)
         self.beam_size = beam_size
         self.stream_config = wav2vec2.StreamConfig.from_ms(
@@ -46,8 +49,8 @@ class CTCTranscriber:
 
     def _text(self, logits: np.ndarray) -> str:
         if self.beam_size > 1:
-            return ctc.prefix_beam_search(logits, self.vocab, beam_width=self.beam_size)[0].text
-        return ctc.greedy_decode(logits, self.vocab).text
+            return prefix_beam_search(logits, self.vocab, beam_width=self.beam_size)[0].text
+        return greedy_decode(logits, self.vocab).text
 
     def transcribe(self, audio: np.ndarray) -> str:
         """One forward over the whole utterance (compiles once per audio length)."""
@@ -76,8 +79,8 @@ class CTCTranscriber:
         `on_partial(text)` whenever the partial text changes; returns the final text."""
         state = wav2vec2.init_state(self.config, 1, self.stream_config)
         step = self.chunk_samples
-        greedy = ctc.GreedyState()
-        beam = ctc.beam_init(1, self.beam_size) if self.beam_size > 1 else None
+        greedy = GreedyState()
+        beam = beam_init(1, self.beam_size) if self.beam_size > 1 else None
         last = ""
 
         def consume(chunk: np.ndarray, valid: int) -> None:
@@ -88,11 +91,11 @@ class CTCTranscriber:
             )  # fmt: skip
             logits = np.asarray(out.logits[0])[np.asarray(out.mask[0])]
             if beam is not None:
-                beam = ctc.beam_step(beam, logits[None], self.vocab)
-                text = ctc.beam_results(beam, self.vocab, top=1)[0][0].text
+                beam = beam_step(beam, logits[None], self.vocab)
+                text = beam_results(beam, self.vocab, top=1)[0][0].text
             else:
-                greedy = ctc.greedy_step(greedy, logits, self.vocab)
-                text = ctc.greedy_result(greedy, self.vocab).text
+                greedy = greedy_step(greedy, logits, self.vocab)
+                text = greedy_result(greedy, self.vocab).text
             if text != last:
                 last = text
                 on_partial(text)

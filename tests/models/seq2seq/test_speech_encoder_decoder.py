@@ -1,4 +1,4 @@
-"""models/speech_encoder_decoder.py against transformers' SpeechEncoderDecoderModel on tiny
+"""models/seq2seq/speech_encoder_decoder.py against transformers' SpeechEncoderDecoderModel on tiny
 random checkpoints (wav2vec2 + BART with a projection, wav2vec2 + GPT-2, conformer + mBART)."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ sf = pytest.importorskip("soundfile")
 tokenizers = pytest.importorskip("tokenizers")
 
 from models import decoding  # noqa: E402
-from models import speech_encoder_decoder as sed  # noqa: E402
 from models.checkpoint import ModelLoadError  # noqa: E402
+from models.seq2seq import speech_encoder_decoder as sed  # noqa: E402
 from streamd import cli  # noqa: E402
 
 ATOL = 1e-4
@@ -247,7 +247,7 @@ def test_search_is_the_shared_engine(hf, audio: np.ndarray, monkeypatch) -> None
     """generate() drives models/decoding.py's searches with the shared TextDecoder."""
     import inspect
 
-    from models import text_decoders
+    from models.seq2seq import text_decoders
 
     _, _, ours, _ = hf
     seen = []

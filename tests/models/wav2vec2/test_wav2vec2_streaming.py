@@ -17,6 +17,7 @@ from test_wav2vec2_conformer import CONFORMER  # noqa: E402
 
 from models import wav2vec2  # noqa: E402
 from models.wav2vec2 import StreamConfig  # noqa: E402
+from models.wav2vec2.frontend import stream_features  # noqa: E402
 
 MODELS = {
     "w2v_large": (transformers.Wav2Vec2ForCTC, transformers.Wav2Vec2Config,
@@ -102,7 +103,7 @@ def test_feature_extractor_stream_is_exact(loaded):
     config, params = loaded["w2v_large"]
     audio, _ = batch_audio((9_600,), seed=22)
     ref = np.asarray(wav2vec2.features(params, config, jnp.asarray(audio)))[0]
-    step_fn = jax.jit(wav2vec2._stream_features, static_argnums=1)
+    step_fn = jax.jit(stream_features, static_argnums=1)
     for chunk_frames in (1, 3, 7):
         n = chunk_frames * config.total_stride
         state = wav2vec2.init_state(config, 1, StreamConfig(chunk_frames, 4, 4)).features

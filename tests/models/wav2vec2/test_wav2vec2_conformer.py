@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 
 from test_wav2vec2 import TINY, batch_audio, save_tiny, torch_logits  # noqa: E402
 
-from models import wav2vec2, wav2vec2_conformer  # noqa: E402
+from models import wav2vec2  # noqa: E402
 
 CONFORMER = dict(TINY, conv_depthwise_kernel_size=7, hidden_act="swish",
                  conformer_conv_dropout=0.0, max_source_positions=64)
@@ -31,8 +31,8 @@ def tiny_conformer(request, tmp_path_factory):
 
 def test_offline_matches_transformers(tiny_conformer):
     kind, folder, model = tiny_conformer
-    config, params, _ = wav2vec2_conformer.load(folder)
-    assert isinstance(config, wav2vec2_conformer.Wav2Vec2ConformerConfig)
+    config, params, _ = wav2vec2.load(folder)
+    assert isinstance(config, wav2vec2.Wav2Vec2ConformerConfig)
     assert config.position_embeddings_type == kind
     audio, mask = batch_audio((16000, 7000), seed=7)
     ours = np.asarray(wav2vec2.forward(params, config, audio, mask))
@@ -47,7 +47,8 @@ def test_offline_matches_transformers(tiny_conformer):
 def test_config_none_position_type(tiny_conformer):
     kind, folder, _ = tiny_conformer
     hf = json.loads((folder / "config.json").read_text())
-    config = wav2vec2_conformer.Wav2Vec2ConformerConfig.from_hf_config(hf)
+    config = wav2vec2.Wav2Vec2ConformerConfig.from_hf_config(hf)
     assert config.position_embeddings_type == kind
-    assert config.is_conformer and config.pos_conv_left == 0
+    assert wav2vec2.encoder_for(config) is wav2vec2.ENCODERS["wav2vec2-conformer"]
+    assert config.pos_conv_left == 0
     assert config.conv_depthwise_kernel_size == 7

@@ -6,7 +6,7 @@ samples; this state takes 1280"). For every layout of tests/helpers/layouts.py:
 - `streamd transcribe --model DIR FILE` prints transformers' greedy decode;
 - `streamd transcribe --model DIR --stream` with left context and look-ahead covering the
   file prints the same text (exact layouts; the group-norm layout's running statistics
-  are a bounded divergence, as in tests/models/test_streaming.py);
+  are a bounded divergence, as in tests/models/wav2vec2/test_wav2vec2_streaming.py);
 - `--stream` with the default context (the issue's command) runs and prints partials;
 - `--chunk-ms` is rounded to whole output frames, with a warning, or refused clearly.
 """
@@ -27,9 +27,10 @@ transformers = pytest.importorskip("transformers")
 
 from helpers.layouts import LAYOUTS, TINY, reference_text, save_layout  # noqa: E402
 
-from models import ctc_asr, wav2vec2  # noqa: E402
-from models.wav2vec2 import StreamConfig, Wav2Vec2Config  # noqa: E402
-from models.wav2vec2_conformer import Wav2Vec2ConformerConfig  # noqa: E402
+from models import wav2vec2  # noqa: E402
+from models.ctc.transcriber import CTCTranscriber  # noqa: E402
+from models.wav2vec2 import StreamConfig, Wav2Vec2Config, Wav2Vec2ConformerConfig  # noqa: E402
+from models.wav2vec2.adapter import lengths as adapter_lengths  # noqa: E402
 from streamd import cli  # noqa: E402
 
 # The group-norm layout, streamed with full context, must still spell at least this much
@@ -106,7 +107,7 @@ def test_streamed_adapter_emits_the_offline_frame_count(kernel, stride) -> None:
                                  adapter_stride=stride, num_adapter_layers=2)
     conv = torch.nn.Conv1d(1, 1, kernel, stride, padding=1)
     frames = np.arange(1, 60)
-    got = np.asarray(wav2vec2._adapter_lengths(config, jnp.asarray(frames))[-1])
+    got = np.asarray(adapter_lengths(config, jnp.asarray(frames))[-1])
     for n, length in zip(frames, got, strict=True):
         x = torch.zeros(1, 1, int(n))
         for _ in range(2):  # an input shorter than the kernel: no frames (torch refuses)
@@ -168,7 +169,7 @@ def test_stream_with_default_context_runs(layout, wav, capsys) -> None:
     assert len(partials) >= 2 and final == partials[-1]
     # 320 ms of look-ahead instead of the whole file: close to offline, not equal
     assert difflib.SequenceMatcher(None, final, expected).ratio() >= 0.5, (final, expected)
-    transcriber = ctc_asr.CTCTranscriber(folder)
+    transcriber = CTCTranscriber(folder)
     config = transcriber.config
     assert transcriber.chunk_samples % config.output_stride == 0
     assert abs(transcriber.chunk_ms - 320) <= config.frame_s * 500  # nearest whole frame

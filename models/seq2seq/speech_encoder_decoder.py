@@ -1,9 +1,9 @@
 """Speech encoder-decoder (transformers' `SpeechEncoderDecoderModel`) in JAX.
 
-A wav2vec2 or wav2vec2-conformer encoder (models/wav2vec2*.py, encoder part only: conv
+A wav2vec2 or wav2vec2-conformer encoder (models/wav2vec2/, encoder part only: conv
 features, projection, transformer or conformer layers, optional adapter), an optional
 linear `enc_to_dec_proj` when the encoder's width differs from the decoder's, and a text
-decoder with cross-attention (models/text_decoders.py: BART, mBART or GPT-2), searched by
+decoder with cross-attention (models/seq2seq/text_decoders.py: BART, mBART or GPT-2), searched by
 the shared engine in models/decoding.py.
 
 Public API
@@ -26,12 +26,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models import text_decoders, wav2vec2, wav2vec2_conformer
+from models import wav2vec2
 from models.checkpoint import ModelLoadError, read_hf_folder
-from models.text_decoders import TextDecoder, TextDecoderConfig, generate_ids
+from models.layers import dense
+from models.seq2seq import text_decoders
+from models.seq2seq.text_decoders import TextDecoder, TextDecoderConfig, generate_ids
 
 Params = dict[str, Any]
-SUPPORTED_ENCODERS = ("wav2vec2", "wav2vec2-conformer")
+SUPPORTED_ENCODERS = tuple(wav2vec2.ENCODERS)  # "wav2vec2", "wav2vec2-conformer"
 AUDIO_BUCKET = 32000  # samples (2 s): generate pads to a multiple where that is exact
 
 
@@ -53,22 +55,14 @@ class SpeechEncoderDecoderConfig:
         """Whether right-padded audio with a mask encodes exactly as unpadded audio: not for
         group norm (statistics over the padding), the conformer's conv module or the
         adapter's convs, which read padded frames as transformers does."""
-        e = self.encoder
-        return e.feat_extract_norm == "layer" and not e.is_conformer and not e.add_adapter
+        return self.encoder.pads_exactly
 
     @classmethod
     def from_hf_config(cls, hf: Mapping[str, Any]) -> SpeechEncoderDecoderConfig:
         """From a `speech-encoder-decoder` config.json dict. ValueError names an
         unsupported encoder or decoder type and the supported ones."""
         enc_hf, dec_hf = hf.get("encoder") or {}, hf.get("decoder") or {}
-        enc_type = enc_hf.get("model_type")
-        if enc_type == "wav2vec2":
-            enc = wav2vec2.Wav2Vec2Config.from_hf_config(enc_hf)
-        elif enc_type == "wav2vec2-conformer":
-            enc = wav2vec2_conformer.Wav2Vec2ConformerConfig.from_hf_config(enc_hf)
-        else:
-            raise ValueError(f"unsupported encoder model_type {enc_type!r}; supported: "
-                             f"{', '.join(SUPPORTED_ENCODERS)}")
+        enc = wav2vec2.config_from_hf(enc_hf)
         dec = TextDecoderConfig.from_hf_config(dec_hf)
         enc_width = enc.output_hidden_size  # transformers compares this, not hidden_size
 
@@ -96,18 +90,12 @@ def _encode(params: Params, config: SpeechEncoderDecoderConfig, audio: jax.Array
     """audio float [B, N] (normalized as the wav2vec2 feature extractor does), mask
     [B, N] | None -> (encoder states projected to the decoder width [B, T, D], frame mask
     bool [B, T])."""
-    c, p = config.encoder, params["encoder"]
-    frame_mask = wav2vec2.frame_mask_from_audio_mask(c, mask, audio.shape[1], audio.shape[0])
-    x = wav2vec2.project(p, c, wav2vec2.features(p, c, audio))
-    if c.is_conformer:
-        x = wav2vec2_conformer.encode_offline(p, c, x, frame_mask)
-    else:
-        x = wav2vec2._encode_offline(p, c, x, frame_mask)  # the encoder without its CTC head
+    c = config.encoder
+    x, frame_mask = wav2vec2.encode(params["encoder"], c, audio, mask)  # without the CTC head
     if c.add_adapter:
-        x = wav2vec2.adapter(p, c, x)
         frame_mask = _adapter_mask(c, frame_mask, x.shape[1])
     if config.project:
-        x = wav2vec2.dense(params["enc_to_dec"], x)
+        x = dense(params["enc_to_dec"], x)
     return x, frame_mask
 
 

@@ -1,4 +1,4 @@
-"""models/speech2text.py (+ s2t_features, text_decoders) against transformers' PyTorch
+"""models/seq2seq/speech2text.py (+ s2t_features, text_decoders) against transformers' PyTorch
 Speech2Text on a tiny random checkpoint saved with save_pretrained."""
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 sf = pytest.importorskip("soundfile")
 
-from models import decoding, s2t_features, speech2text  # noqa: E402
+from models import decoding  # noqa: E402
+from models.seq2seq import s2t_features, speech2text  # noqa: E402
 from streamd import cli  # noqa: E402
 
 ATOL = 1e-4
@@ -318,7 +319,7 @@ def test_search_is_the_shared_engine(hf, utterance: np.ndarray, monkeypatch) -> 
     """generate() drives models/decoding.py's searches with a TextDecoder; no loop of its own."""
     import inspect
 
-    from models import text_decoders
+    from models.seq2seq import text_decoders
 
     _, ours = hf
     seen = []

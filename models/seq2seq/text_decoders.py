@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from models import decoding
-from models.wav2vec2 import activation, dense, layer_norm
+from models.layers import activation, dense, layer_norm
 from models.whisper import CrossCache, DecoderCache, LayerKV
 
 Params = dict[str, Any]

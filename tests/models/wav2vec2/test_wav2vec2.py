@@ -131,3 +131,14 @@ def test_load_rejects_other_models(tmp_path):
     safetensors_numpy.save_file({"x": np.zeros(1, np.float32)}, str(tmp_path / "model.safetensors"))
     with pytest.raises(ModelLoadError):
         wav2vec2.load(tmp_path)
+
+
+def test_encoder_registry_by_model_type():
+    """Each family's config names its registry entry; unknown types are named errors."""
+    for model_type, encoder in wav2vec2.ENCODERS.items():
+        assert encoder.config_class().model_type == model_type
+        assert wav2vec2.encoder_for(encoder.config_class.tiny()) is encoder
+    with pytest.raises(ValueError, match="supported: wav2vec2, wav2vec2-conformer"):
+        wav2vec2.encoder_for(wav2vec2.Wav2Vec2Config(model_type="hubert"))
+    with pytest.raises(ValueError, match="unsupported encoder model_type 'hubert'"):
+        wav2vec2.config_from_hf({"model_type": "hubert"})

@@ -1,11 +1,11 @@
-"""wav2vec2-conformer CTC encoder in JAX: conformer blocks on the wav2vec2 front end.
+"""The wav2vec2-conformer encoder: conformer blocks on the wav2vec2 front end.
 
-The feature extractor, feature projection, CTC head, loading, offline `forward` and
-streaming driver (`init_state`, `encode_chunk`, ...) are those of `models.wav2vec2`
-(they dispatch here on `config.model_type`); this module holds the conformer parts:
-position embeddings ("rotary", "relative" Transformer-XL style, or None), blocks with
-two half-step feed-forwards, self-attention, the convolution module (pointwise + GLU,
-depthwise conv, batch norm with running stats, swish, pointwise) and the final norm.
+The feature extractor, feature projection, adapter, CTC head, loading and the streaming
+driver are the wav2vec2 package's (`models.wav2vec2.encoders` picks this encoder by
+`model_type`); this module holds the conformer parts: its config, position embeddings
+("rotary", "relative" Transformer-XL style, or None), blocks with two half-step
+feed-forwards, self-attention, the convolution module (pointwise + GLU, depthwise conv,
+batch norm with running stats, swish, pointwise) and the final norm.
 
 As in transformers, the encoder's positional conv weights exist in checkpoints but are
 not used, so the conformer needs no positional-conv look-ahead. In streaming, each
@@ -17,32 +17,27 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models.wav2vec2 import (
-    LayerState,
+from models.layers import (
     Params,
-    StreamConfig,
-    Wav2Vec2Config,
-    _dense_p,
-    _norm_p,
-    _push,
     activation,
     attend,
     dense,
+    dense_from_torch,
     feed_forward,
-    frame_valid,
     heads,
     layer_norm,
+    norm_from_torch,
 )
-from models.wav2vec2 import encode_chunk as encode_chunk  # noqa: F401
-from models.wav2vec2 import forward as forward  # noqa: F401  (re-export: same entry points)
-from models.wav2vec2 import init_state as init_state  # noqa: F401
-from models.wav2vec2 import load as load  # noqa: F401
+from models.wav2vec2.config import StreamConfig, Wav2Vec2Config
+from models.wav2vec2.frontend import frame_valid
+from models.wav2vec2.state import LayerState, push
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,21 +64,36 @@ class Wav2Vec2ConformerConfig(Wav2Vec2Config):
         base.update(overrides)
         return super().tiny(**base)
 
+    @property
+    def pos_conv_left(self) -> int:
+        """The conformer has no positional conv: no left context."""
+        return 0
 
-def layer_params(config: Wav2Vec2Config, t: dict[str, np.ndarray], name: str) -> Params:
+    @property
+    def pos_conv_right(self) -> int:
+        """... and no positional-conv look-ahead."""
+        return 0
+
+    @property
+    def pads_exactly(self) -> bool:
+        """Never: the conv module reads padded frames, as transformers does."""
+        return False
+
+
+def _layer_params(config: Wav2Vec2Config, t: Mapping[str, np.ndarray], name: str) -> Params:
     """One conformer block's PyTorch weights (prefix `name`) -> params."""
     cm = f"{name}.conv_module"
     p = {
-        "ffn1_norm": _norm_p(t, f"{name}.ffn1_layer_norm"),
-        "ffn1_in": _dense_p(t, f"{name}.ffn1.intermediate_dense"),
-        "ffn1_out": _dense_p(t, f"{name}.ffn1.output_dense"),
-        "attn_norm": _norm_p(t, f"{name}.self_attn_layer_norm"),
-        "q": _dense_p(t, f"{name}.self_attn.linear_q"),
-        "k": _dense_p(t, f"{name}.self_attn.linear_k"),
-        "v": _dense_p(t, f"{name}.self_attn.linear_v"),
-        "o": _dense_p(t, f"{name}.self_attn.linear_out"),
+        "ffn1_norm": norm_from_torch(t, f"{name}.ffn1_layer_norm"),
+        "ffn1_in": dense_from_torch(t, f"{name}.ffn1.intermediate_dense"),
+        "ffn1_out": dense_from_torch(t, f"{name}.ffn1.output_dense"),
+        "attn_norm": norm_from_torch(t, f"{name}.self_attn_layer_norm"),
+        "q": dense_from_torch(t, f"{name}.self_attn.linear_q"),
+        "k": dense_from_torch(t, f"{name}.self_attn.linear_k"),
+        "v": dense_from_torch(t, f"{name}.self_attn.linear_v"),
+        "o": dense_from_torch(t, f"{name}.self_attn.linear_out"),
         "conv": {
-            "norm": _norm_p(t, f"{cm}.layer_norm"),
+            "norm": norm_from_torch(t, f"{cm}.layer_norm"),
             "pw1": {"w": t[f"{cm}.pointwise_conv1.weight"][:, :, 0].T},
             "dw": np.transpose(t[f"{cm}.depthwise_conv.weight"], (2, 1, 0)),  # [K, 1, D]
             "bn": {"scale": t[f"{cm}.batch_norm.weight"], "bias": t[f"{cm}.batch_norm.bias"],
@@ -91,16 +101,22 @@ def layer_params(config: Wav2Vec2Config, t: dict[str, np.ndarray], name: str) ->
                    "var": t[f"{cm}.batch_norm.running_var"]},
             "pw2": {"w": t[f"{cm}.pointwise_conv2.weight"][:, :, 0].T},
         },
-        "ffn2_norm": _norm_p(t, f"{name}.ffn2_layer_norm"),
-        "ffn2_in": _dense_p(t, f"{name}.ffn2.intermediate_dense"),
-        "ffn2_out": _dense_p(t, f"{name}.ffn2.output_dense"),
-        "final_norm": _norm_p(t, f"{name}.final_layer_norm"),
+        "ffn2_norm": norm_from_torch(t, f"{name}.ffn2_layer_norm"),
+        "ffn2_in": dense_from_torch(t, f"{name}.ffn2.intermediate_dense"),
+        "ffn2_out": dense_from_torch(t, f"{name}.ffn2.output_dense"),
+        "final_norm": norm_from_torch(t, f"{name}.final_layer_norm"),
     }
     if config.position_embeddings_type == "relative":
         p["pos"] = {"w": t[f"{name}.self_attn.linear_pos.weight"].T,
                     "u": t[f"{name}.self_attn.pos_bias_u"],
                     "v": t[f"{name}.self_attn.pos_bias_v"]}
     return p
+
+
+def params_from_torch(config: Wav2Vec2Config, t: Mapping[str, np.ndarray]) -> Params:
+    """The encoder's weights (names without the model prefix) -> `{"layers"}`."""
+    return {"layers": [_layer_params(config, t, f"encoder.layers.{i}")
+                       for i in range(config.num_hidden_layers)]}
 
 
 # ----------------------------------------------------------------------------- positions
@@ -233,12 +249,27 @@ def encode_offline(params: Params, config: Wav2Vec2Config, x: jax.Array,
     return layer_norm(params["enc_norm"], x, config.layer_norm_eps)
 
 
+def init_layers(config: Wav2Vec2Config, batch: int,
+                stream: StreamConfig) -> tuple[LayerState, ...]:
+    """Empty key/value caches of `left_frames` frames and depthwise-conv tails per block."""
+    f32 = jnp.float32
+    h, dh, d = config.num_attention_heads, config.head_dim, config.hidden_size
+    conv_tail = (config.conv_depthwise_kernel_size - 1) // 2
+    return tuple(
+        LayerState(k=jnp.zeros((batch, stream.left_frames, h, dh), f32),
+                   v=jnp.zeros((batch, stream.left_frames, h, dh), f32),
+                   conv_tail=jnp.zeros((batch, conv_tail, d), f32))
+        for _ in range(config.num_hidden_layers))
+
+
 def encoder_window(params: Params, config: Wav2Vec2Config, stream: StreamConfig,
-                   x: jax.Array, layers: tuple[LayerState, ...], key_index: jax.Array,
+                   frames: jax.Array, layers: tuple[LayerState, ...], key_index: jax.Array,
                    num_samples: jax.Array) -> tuple[jax.Array, tuple[LayerState, ...]]:
-    """Streaming conformer encoder over the window x [B, C + R, D]; `key_index`
-    [B, L + C + R] is the offline frame of every key slot (cache, then window)."""
-    c, left = stream.chunk_frames, stream.left_frames
+    """Streaming conformer encoder over the window x = frames[:, -(C + R):] of projected
+    frames; `key_index` [B, L + C + R] is the offline frame of every key slot (cache, then
+    window)."""
+    c, r, left = stream.chunk_frames, stream.right_frames, stream.left_frames
+    x = frames[:, -(c + r):]
     key_mask = frame_valid(config, key_index, num_samples)
     win_mask = key_mask[:, left:]
     positions = key_index[:, left:]
@@ -247,6 +278,6 @@ def encoder_window(params: Params, config: Wav2Vec2Config, stream: StreamConfig,
     new_layers = []
     for p, ls in zip(params["layers"], layers, strict=True):
         x, k, v, glu = _block(p, config, x, ls, key_mask, positions, q_pos, k_pos, win_mask)
-        new_layers.append(LayerState(k=_push(ls.k, k[:, :c]), v=_push(ls.v, v[:, :c]),
-                                     conv_tail=_push(ls.conv_tail, glu[:, :c])))
+        new_layers.append(LayerState(k=push(ls.k, k[:, :c]), v=push(ls.v, v[:, :c]),
+                                     conv_tail=push(ls.conv_tail, glu[:, :c])))
     return layer_norm(params["enc_norm"], x, config.layer_norm_eps), tuple(new_layers)
