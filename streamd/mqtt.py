@@ -458,9 +458,8 @@ class MqttPublisher:
         """Publish the outbox's messages until stop() drained it; raise MqttError when the
         link fails (unacknowledged entries then go again on the next link).
 
-        Two sibling tasks: the sender, and a watcher on the message iterator, aiomqtt's
-        public way to learn that the connection dropped (we subscribe to nothing), even
-        while idle."""
+        Beside it runs a watcher on the message iterator, aiomqtt's public way to learn
+        that the connection dropped (we subscribe to nothing), even while idle."""
         async def watch() -> None:
             async for _ in client.messages:
                 pass
