@@ -245,10 +245,11 @@ def parse_broker(text: str, default_port: int = 1883) -> tuple[str, int]:
 class MqttConfig:
     """Empty `host` and `hosts` disable MQTT; empty strings mean "not set".
 
-    Keys named as `streamd.mqtt.MqttSettings`'s fields pass to it unchanged (see its
-    `from_config`); `keepalive_s` and `outbox_size` keep their older names. Files named
-    here must be readable at start. The password comes from `password` (best set by
-    STREAMD_MQTT_PASSWORD) or the first line of `password_file`, not both.
+    The one definition of the MQTT settings: `streamd.mqtt.MqttPublisher` takes it as it
+    is. Files named here must be readable at start. The password comes from `password`
+    (best set by STREAMD_MQTT_PASSWORD) or the first line of `password_file`, not both.
+    `tls_insecure` skips the server host name check only (paho's meaning); the
+    certificate is still verified against `tls_ca_file` (or the system CAs).
     """
 
     host: str = ""
@@ -273,10 +274,31 @@ class MqttConfig:
     # The on-disk outbox: "" = default file under the state directory, "off" = memory only,
     # else the file's path (see streamd/journal.py).
     journal: str = ""
+    # QoS 1 events awaiting their PUBACK at once (paho allows 20).
+    inflight_max: int = 16
+    # PUBACK wait (and the shutdown status's); past it the link counts as dead.
+    ack_timeout_s: float = 10.0
+    # CONNACK wait and the online status's PUBACK wait. 0: ack_timeout_s with one broker;
+    # with several, at most 3 s, so that a broker that accepts TCP but cannot answer yet
+    # (a NATS node while the cluster elects new stream leaders) does not hold up trying
+    # the next one for long.
+    connect_timeout_s: float = 0.0
 
     @property
     def enabled(self) -> bool:
         return bool(self.host or self.hosts)
+
+    @property
+    def brokers(self) -> tuple[tuple[str, int], ...]:
+        """`host`:`port` (when `host` is set), then `hosts`, without repeats."""
+        first = [(self.host, self.port)] if self.host else []
+        return tuple(dict.fromkeys([*first, *(parse_broker(h, self.port) for h in self.hosts)]))
+
+    @property
+    def connect_timeout(self) -> float:
+        if self.connect_timeout_s:
+            return self.connect_timeout_s
+        return self.ack_timeout_s if len(self.brokers) <= 1 else min(self.ack_timeout_s, 3.0)
 
     def __post_init__(self) -> None:
         _check(1 <= self.port <= 65535, "mqtt.port", "must be 1..65535")
@@ -287,13 +309,19 @@ class MqttConfig:
                 raise ConfigError("mqtt.hosts", f"{item!r} is not host, host:port or "
                                                 "[v6-address]:port") from None
         _check(
-            bool(self.prefix) and not any(c in self.prefix for c in "#+")
+            bool(self.prefix) and not any(c in self.prefix for c in "#+\0")
             and not self.prefix.endswith("/"),
             "mqtt.prefix",
             "must be a non-empty topic without wildcards or a trailing '/'",
         )
         _check(self.keepalive_s >= 1, "mqtt.keepalive_s", "must be >= 1")
         _check(self.outbox_size >= 1, "mqtt.outbox_size", "must be >= 1")
+        _check(1 <= self.inflight_max <= 20, "mqtt.inflight_max", "must be 1..20")
+        _check(self.ack_timeout_s > 0, "mqtt.ack_timeout_s", "must be > 0")
+        _check(self.connect_timeout_s >= 0, "mqtt.connect_timeout_s",
+               "must be >= 0 (0: from ack_timeout_s)")
+        _check(0 < self.reconnect_min_s <= self.reconnect_max_s, "mqtt.reconnect_min_s",
+               "must be > 0 and <= reconnect_max_s")
         _check(
             len(self.client_id.encode()) <= 65535 and self.client_id.isprintable()
             and self.client_id.strip() == self.client_id,

@@ -135,11 +135,10 @@ class Daemon:
         for name, (doc, value) in self.pipeline.counters().items():
             self.metrics.track_counter(name, doc, value)
         if cfg.mqtt.enabled:
-            from streamd.mqtt import MqttPublisher, MqttSettings, journal_path
+            from streamd.mqtt import MqttPublisher, journal_path
 
             journal = journal_path(cfg.mqtt.journal, cfg.node, os.environ)
-            self.mqtt = MqttPublisher(MqttSettings.from_config(cfg.mqtt, journal=journal),
-                                      cfg.node)
+            self.mqtt = MqttPublisher(cfg.mqtt, cfg.node, journal=journal)
             await self.mqtt.start()
             self.publishers.append(self.mqtt)
             self.metrics.track_queue("mqtt_outbox", lambda: self.mqtt.outbox_depth)

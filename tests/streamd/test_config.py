@@ -121,20 +121,17 @@ def test_engine_workers_come_from_the_config() -> None:
 
 
 def test_several_mqtt_brokers_file_env_flag(tmp_path: Path) -> None:
-    from streamd.mqtt import MqttSettings
-
     path = tmp_path / "c.toml"
     path.write_text('[mqtt]\nhosts = ["n1:4001", "n2", "[::1]:4003"]\nport = 4000\n')
     cfg = load_config(path, {})
     assert cfg.mqtt.enabled and cfg.mqtt.host == ""
-    settings = MqttSettings.from_config(cfg.mqtt)
-    assert settings.brokers == (("n1", 4001), ("n2", 4000), ("::1", 4003))
+    assert cfg.mqtt.brokers == (("n1", 4001), ("n2", 4000), ("::1", 4003))
     env = load_config(None, {"STREAMD_MQTT_HOSTS": "a:1,b:2"})
     assert env.mqtt.hosts == ("a:1", "b:2")
     both = config_from_args(cli("--mqtt-host", "h", "--mqtt-hosts", "a:1,h:1883"), {})
     # host:port first, then the list, without repeats
-    assert MqttSettings.from_config(both.mqtt).brokers == (("h", 1883), ("a", 1))
-    single = MqttSettings.from_config(load_config(None, {"STREAMD_MQTT_HOST": "x"}).mqtt)
+    assert both.mqtt.brokers == (("h", 1883), ("a", 1))
+    single = load_config(None, {"STREAMD_MQTT_HOST": "x"}).mqtt
     assert single.brokers == (("x", 1883),)
 
 
@@ -149,9 +146,9 @@ def test_secret_values_not_in_errors(tmp_path: Path) -> None:
 
 
 def test_mqtt_tls_client_id_and_credentials_from_file_env_and_flags(tmp_path: Path) -> None:
-    """Every MQTT connection setting reaches the publisher's settings by all three paths
-    (they once fell on the floor: the reader asked for fields the config lacked)."""
-    from streamd.mqtt import MqttSettings
+    """Every MQTT connection setting reaches the publisher by all three paths (they once
+    fell on the floor: the reader asked for fields the config lacked)."""
+    from streamd.mqtt import MqttPublisher
 
     ca, cert, key, pw = (tmp_path / n for n in ("ca.pem", "c.pem", "c.key", "pw"))
     for f in (ca, cert, key):
@@ -161,31 +158,35 @@ def test_mqtt_tls_client_id_and_credentials_from_file_env_and_flags(tmp_path: Pa
     path.write_text(f'[mqtt]\nhost = "broker"\nport = 8883\ntls = true\n'
                     f'tls_ca_file = "{ca}"\nclient_id = "kitchen-asr"\nusername = "u"\n'
                     f'password_file = "{pw}"\ntls_insecure = true\n')
-    s = MqttSettings.from_config(load_config(path, {}).mqtt)
+    s = load_config(path, {}).mqtt
     assert (s.host, s.port, s.tls, s.tls_ca_file, s.tls_insecure) == (
         "broker", 8883, True, str(ca), True)
-    assert (s.client_id, s.username, s.password) == ("kitchen-asr", "u", "from-file")
-    assert s.tls_cert_file is None and s.keepalive == 30 and s.outbox_max == 1000
+    assert (s.client_id, s.username, s.read_password()) == ("kitchen-asr", "u", "from-file")
+    assert s.tls_cert_file == "" and s.keepalive_s == 30 and s.outbox_size == 1000
+    pub = MqttPublisher(s, "n")
+    assert pub.client_id == "kitchen-asr" and pub._password == "from-file"
+    assert pub.broker == ("broker", 8883)
 
     env = {"STREAMD_MQTT_HOST": "b2", "STREAMD_MQTT_TLS": "yes",
            "STREAMD_MQTT_TLS_CA_FILE": str(ca), "STREAMD_MQTT_TLS_CERT_FILE": str(cert),
            "STREAMD_MQTT_TLS_KEY_FILE": str(key), "STREAMD_MQTT_CLIENT_ID": "env-id",
            "STREAMD_MQTT_USERNAME": "eu", "STREAMD_MQTT_PASSWORD": "env-secret"}
-    s = MqttSettings.from_config(load_config(None, env).mqtt)
+    s = load_config(None, env).mqtt
     assert (s.tls, s.tls_ca_file, s.tls_cert_file, s.tls_key_file) == (
         True, str(ca), str(cert), str(key))
-    assert (s.client_id, s.username, s.password) == ("env-id", "eu", "env-secret")
+    assert (s.client_id, s.username, s.read_password()) == ("env-id", "eu", "env-secret")
 
     # Flags beat env; a password file named by a flag beats STREAMD_MQTT_PASSWORD.
     cfg = config_from_args(cli("--mqtt-host", "b3", "--mqtt-tls", "--mqtt-ca", str(ca),
                                "--mqtt-cert", str(cert), "--mqtt-key", str(key),
                                "--mqtt-client-id", "flag-id", "--mqtt-username", "fu",
                                "--mqtt-password-file", str(pw)), env)
-    s = MqttSettings.from_config(cfg.mqtt)
-    assert (s.host, s.tls, s.tls_cert_file, s.client_id, s.username, s.password) == (
+    s = cfg.mqtt
+    assert (s.host, s.tls, s.tls_cert_file, s.client_id, s.username, s.read_password()) == (
         "b3", True, str(cert), "flag-id", "fu", "from-file")
-    plain = MqttSettings.from_config(config_from_args(cli("--mqtt-host", "b"), {}).mqtt)
-    assert not plain.tls and plain.client_id is None and plain.password is None
+    plain = MqttPublisher(config_from_args(cli("--mqtt-host", "b"), {}).mqtt, "n")
+    assert not plain.config.tls and plain.client_id.startswith("streamd-n-")
+    assert plain._password is None
 
 
 @pytest.mark.parametrize("mqtt,key", [

@@ -143,11 +143,12 @@ def test_serve_refuses_tls_files_without_tls(tmp_path: Path) -> None:
     assert "'mqtt.tls_ca_file': needs mqtt.tls = true (--mqtt-tls)" in proc.stderr
 
 
-def test_tls_failure_hints() -> None:
+def test_tls_failure_hints(tmp_path: Path) -> None:
     """The log line of a failed connection says what TLS found, naming the setting."""
     import ssl
 
-    from streamd.mqtt import MqttSettings
+    from streamd.config import MqttConfig
+    from streamd.mqtt import describe_failure
 
     def wrapped(cause: BaseException) -> Exception:
         try:
@@ -158,14 +159,18 @@ def test_tls_failure_hints() -> None:
         except RuntimeError as exc:
             return exc
 
-    s = MqttSettings(host="b", port=8883, tls=True, tls_ca_file="/etc/ca.pem")
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    s = MqttConfig(host="b", port=8883, tls=True, tls_ca_file=str(ca))
     verify = ssl.SSLCertVerificationError(1, "certificate verify failed")
-    assert "does not verify against mqtt.tls_ca_file '/etc/ca.pem'" in \
-        s.describe_failure(wrapped(verify))
-    assert "the system CAs" in MqttSettings(host="b", tls=True).describe_failure(
-        wrapped(verify))
-    assert "TLS handshake failed" in s.describe_failure(wrapped(ssl.SSLError(1, "alert")))
-    assert "is b:8883 a TLS listener?" in s.describe_failure(
-        wrapped(ConnectionResetError(104, "reset")))
-    assert MqttSettings(host="b").describe_failure(wrapped(ConnectionResetError())) == ""
-    assert s.describe_failure(RuntimeError("timed out")) == ""
+    assert f"does not verify against mqtt.tls_ca_file {str(ca)!r}" in \
+        describe_failure(s, wrapped(verify))
+    assert "the system CAs" in describe_failure(MqttConfig(host="b", tls=True),
+                                                wrapped(verify))
+    assert "TLS handshake failed" in describe_failure(s, wrapped(ssl.SSLError(1, "alert")))
+    assert "is b:8883 a TLS listener?" in describe_failure(
+        s, wrapped(ConnectionResetError(104, "reset")))
+    assert "is c:1 a TLS listener?" in describe_failure(  # the broker tried, when given
+        s, wrapped(ConnectionResetError(104, "reset")), ("c", 1))
+    assert describe_failure(MqttConfig(host="b"), wrapped(ConnectionResetError())) == ""
+    assert describe_failure(s, RuntimeError("timed out")) == ""

@@ -19,10 +19,10 @@ import pytest
 from helpers.daemon import serve, speech_audio, stream_session, test_pipeline_env
 from helpers.mosquitto import Mosquitto, Subscriber
 
-from streamd.config import load_config
+from streamd.config import MqttConfig, load_config
 from streamd.errors import ConfigError
 from streamd.journal import Journal
-from streamd.mqtt import MqttPublisher, MqttSettings, journal_path
+from streamd.mqtt import MqttPublisher, journal_path
 
 pytestmark = pytest.mark.timeout(120)
 FAST = {"reconnect_min_s": 0.05, "reconnect_max_s": 0.2, "ack_timeout_s": 5.0}
@@ -64,12 +64,13 @@ def test_journal_path_policy(tmp_path: Path) -> None:
 
 _CHILD = textwrap.dedent("""
     import asyncio, sys
-    from streamd.mqtt import MqttPublisher, MqttSettings
+    from streamd.config import MqttConfig
+    from streamd.mqtt import MqttPublisher
 
     async def main():
-        settings = MqttSettings(host="127.0.0.1", port=int(sys.argv[1]), journal=sys.argv[2],
-                                reconnect_min_s=0.05, reconnect_max_s=0.2)
-        pub = MqttPublisher(settings, "doomed")
+        config = MqttConfig(host="127.0.0.1", port=int(sys.argv[1]),
+                            reconnect_min_s=0.05, reconnect_max_s=0.2)
+        pub = MqttPublisher(config, "doomed", journal=sys.argv[2])
         await pub.start()
         for k in range(5):
             await pub.publish({"type": "partial", "session": "j", "segment": k, "text": "p"})
@@ -98,8 +99,8 @@ def test_publisher_killed_while_broker_away_resends_from_journal(tmp_path: Path)
     assert [t for t, _ in before] == ["streamd/j/final"] * 5 + ["streamd/k/final"]
 
     async def main() -> None:
-        pub = MqttPublisher(MqttSettings(host=broker.host, port=broker.port,
-                                         journal=str(path), **FAST), "doomed")
+        pub = MqttPublisher(MqttConfig(host=broker.host, port=broker.port, **FAST), "doomed",
+                            journal=str(path))
         assert pub.recovered == 6 and pub.outbox_depth == 6
         # The session goes on after its recovered events: seq continues (partials count).
         await pub.publish({"type": "final", "session": "j", "segment": 5, "text": "5"})

@@ -17,7 +17,7 @@ from helpers.mosquitto import Mosquitto, Subscriber, first_seen
 
 from streamd.config import MqttConfig
 from streamd.errors import BadRequest, ConfigError
-from streamd.mqtt import MqttPublisher, MqttSettings
+from streamd.mqtt import MqttPublisher
 
 pytest_plugins = ["helpers.mosquitto"]  # the `mosquitto` fixture
 pytestmark = pytest.mark.timeout(60)
@@ -25,8 +25,9 @@ pytestmark = pytest.mark.timeout(60)
 FAST = {"reconnect_min_s": 0.05, "reconnect_max_s": 0.2, "ack_timeout_s": 5.0}
 
 
-def _settings(broker: Mosquitto, **kw: object) -> MqttSettings:
-    return MqttSettings(host=broker.host, port=broker.port, **{**FAST, **kw})
+def _settings(broker: Mosquitto, **kw: object) -> MqttConfig:
+    kw = {**FAST, **kw}
+    return MqttConfig(host=broker.host, port=broker.port, **kw)  # type: ignore[arg-type]
 
 
 def _final(session: str, k: int) -> dict:
@@ -55,17 +56,23 @@ async def _status(broker: Mosquitto, node: str, want: str, timeout: float = 10) 
 
 def test_settings_validation() -> None:
     with pytest.raises(ConfigError, match="mqtt.prefix"):
-        MqttSettings(host="x", prefix="a/#")
+        MqttConfig(host="x", prefix="a/#")
     with pytest.raises(ConfigError, match="mqtt.reconnect_min_s"):
-        MqttSettings(host="x", reconnect_min_s=5, reconnect_max_s=1)
+        MqttConfig(host="x", reconnect_min_s=5, reconnect_max_s=1)
+    with pytest.raises(ConfigError, match="mqtt.inflight_max"):
+        MqttConfig(host="x", inflight_max=21)
     with pytest.raises(ConfigError, match="node"):
-        MqttPublisher(MqttSettings(host="x"), "a/b")
+        MqttPublisher(MqttConfig(host="x"), "a/b")
+    with pytest.raises(ConfigError, match="mqtt.host"):
+        MqttPublisher(MqttConfig(), "n")  # MQTT not enabled
     cfg = MqttConfig(host="broker", port=8883, prefix="site/asr", username="", password="",
                      keepalive_s=7, outbox_size=12)
-    settings = MqttSettings.from_config(cfg, tls=True)
-    assert (settings.host, settings.port, settings.prefix) == ("broker", 8883, "site/asr")
-    assert settings.username is None and settings.password is None
-    assert (settings.keepalive, settings.outbox_max, settings.tls) == (7, 12, True)
+    pub = MqttPublisher(cfg, "n")
+    assert pub.broker == ("broker", 8883) and pub.status_topic == "site/asr/status/n"
+    assert pub.health()["outbox_max"] == 12 and pub.client_id.startswith("streamd-n-")
+    assert cfg.connect_timeout == cfg.ack_timeout_s == 10.0
+    several = MqttConfig(host="a", hosts=("b:1", "a:1883"))
+    assert several.brokers == (("a", 1883), ("b", 1)) and several.connect_timeout == 3.0
 
 
 def test_events_topics_fields_and_order(mosquitto: Mosquitto) -> None:
@@ -178,10 +185,11 @@ def test_stop_gives_up_on_a_hung_broker_in_time(mosquitto: Mosquitto) -> None:
 
 _CHILD = textwrap.dedent("""
     import asyncio, sys
-    from streamd.mqtt import MqttPublisher, MqttSettings
+    from streamd.config import MqttConfig
+    from streamd.mqtt import MqttPublisher
 
     async def main():
-        pub = MqttPublisher(MqttSettings(host="127.0.0.1", port=int(sys.argv[1])), "doomed")
+        pub = MqttPublisher(MqttConfig(host="127.0.0.1", port=int(sys.argv[1])), "doomed")
         await pub.start()
         assert await pub.wait_connected(10)
         print("connected", flush=True)
@@ -249,7 +257,7 @@ def test_outbox_bound_and_back_pressure(tmp_path: Path) -> None:
                               client_id=sub_id):
             pass
         broker.stop()
-        pub = MqttPublisher(_settings(broker, outbox_max=3), "node4")
+        pub = MqttPublisher(_settings(broker, outbox_size=3), "node4")
         await pub.start()
         for k in range(3):
             await asyncio.wait_for(pub.publish(_final("bp", k)), 1)
@@ -377,7 +385,7 @@ def test_tls_and_password(tmp_path: Path) -> None:
 
 
 def test_reconnect_backoff_grows_with_jitter() -> None:
-    pub = MqttPublisher(MqttSettings(host="x", reconnect_min_s=0.5, reconnect_max_s=8), "n")
+    pub = MqttPublisher(MqttConfig(host="x", reconnect_min_s=0.5, reconnect_max_s=8), "n")
     for failures, cap in [(0, 0.5), (1, 1.0), (3, 4.0), (10, 8.0)]:
         delays = [pub._backoff(failures) for _ in range(200)]
         assert cap / 2 <= min(delays) and max(delays) <= cap
@@ -414,8 +422,8 @@ def test_moves_to_the_next_broker_with_the_outbox_intact(tmp_path: Path) -> None
     async def main() -> None:
         async with Subscriber(first, ["streamd/mb/final"]) as sub1, \
                 Subscriber(second, ["streamd/mb/final"]) as sub2:
-            pub = MqttPublisher(_settings(first, hosts=((second.host, second.port),)), "mb")
-            assert pub.settings.brokers == ((first.host, first.port),
+            pub = MqttPublisher(_settings(first, hosts=(f"{second.host}:{second.port}",)), "mb")
+            assert pub.config.brokers == ((first.host, first.port),
                                             (second.host, second.port))
             await pub.start()
             assert await pub.wait_connected(10) and pub.broker == (first.host, first.port)
