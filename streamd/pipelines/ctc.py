@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from models import ctc, ctc_asr, wav2vec2
-from models.mel import SAMPLE_RATE
+from streamd.audio import SAMPLE_RATE
 from streamd.config import Config
 from streamd.engine import Engine
 from streamd.errors import ConfigError
