@@ -8,7 +8,7 @@ Every system runs in its own subprocess (so peak memory is its own) on the same 
 with the same number of threads, after loading and warming up; each file is recognized
 `--repeat` times and the fastest run counts (wall time, and CPU time of the process: less
 sensitive to other work on a shared machine). Systems: streamd as `streamd transcribe` runs
-it (timestamps, seeking, tail margin, quiet cuts: models/whisper_asr.py) and variants
+it (timestamps, seeking, tail margin, quiet cuts: models/whisper/transcriber.py) and variants
 (`streamd:<option>=<value>,...` sets WhisperTranscriber fields, e.g.
 `streamd:timestamps=0`, `streamd:tail_margin=0`, `streamd:buckets_s=10/20/30`),
 faster-whisper float32 and int8 (greedy, no previous-text conditioning, its default
@@ -65,7 +65,7 @@ def _worker(system: str, files: list[dict], threads: int, repeat: int) -> dict:
     started = time.perf_counter()
     if system.startswith("streamd"):
         from models.registry import load_whisper
-        from models.whisper_asr import WhisperTranscriber
+        from models.whisper.transcriber import WhisperTranscriber
 
         options = dict(kv.split("=", 1) for kv in system.partition(":")[2].split(",") if kv)
         transcriber = WhisperTranscriber(

@@ -13,7 +13,7 @@ start minus start_s and the last word's end minus end_s. Reported: median and p9
 absolute errors (seconds), and the segments no word went to.
 
 Systems: `words`: streamd's `transcribe_segments(word_timestamps=True)` (cross-attention
-word timings, models/whisper_timing.py); `segments`: the same without word timings, the
+word timings, models/whisper/timing.py); `segments`: the same without word timings, the
 segment times of Whisper's timestamp tokens with the text spread evenly over them (the
 baseline a client had without word timings); `faster-whisper`: faster-whisper's
 `word_timestamps=True` on the same model (the reference implementation of the method).
@@ -50,7 +50,7 @@ def load_items(folder: Path) -> list[dict]:
 
 def streamd_words(model_name: str, word_timestamps: bool):
     from models.registry import load_whisper
-    from models.whisper_asr import WhisperTranscriber
+    from models.whisper.transcriber import WhisperTranscriber
 
     transcriber = WhisperTranscriber(load_whisper(model_name))
 

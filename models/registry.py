@@ -167,7 +167,7 @@ class WhisperModel:
 
     config: Any  # models.whisper.WhisperConfig
     params: Any
-    tokenizer: Any  # models.tokenizer.WhisperTokenizer
+    tokenizer: Any  # models.whisper.tokenizer.WhisperTokenizer
     folder: Path
     # (decoder layer, head) pairs whose cross-attention follows the audio (word timings);
     # empty when the checkpoint does not list them.
@@ -176,8 +176,10 @@ class WhisperModel:
 
 def load_whisper(name_or_path: str | Path | None = None) -> WhisperModel:
     """Loads a Whisper model: `tiny.en`, a CTranslate2 folder or a Hugging Face folder."""
-    from models import ct2, whisper
-    from models.tokenizer import WhisperTokenizer
+    from models.whisper import ct2
+    from models.whisper.model import WhisperConfig
+    from models.whisper.params import params_from_hf
+    from models.whisper.tokenizer import WhisperTokenizer
 
     folder = resolve_model(name_or_path)
     if (folder / "model.bin").is_file():
@@ -190,13 +192,13 @@ def load_whisper(name_or_path: str | Path | None = None) -> WhisperModel:
 
     def convert() -> tuple[dict, Any]:
         hf_config, tensors = read(folder)
-        config = whisper.WhisperConfig.from_hf_config(hf_config)
-        return hf_config, whisper.params_from_hf(config, tensors)
+        config = WhisperConfig.from_hf_config(hf_config)
+        return hf_config, params_from_hf(config, tensors)
 
     hf_config, params = cached_params(folder, kind, convert)
     if not (folder / "tokenizer.json").is_file():
         raise ModelLoadError(f"{folder / 'tokenizer.json'} is missing; Whisper needs it")
-    config = whisper.WhisperConfig.from_hf_config(hf_config)
+    config = WhisperConfig.from_hf_config(hf_config)
     return WhisperModel(config, params, WhisperTokenizer.from_file(folder), folder,
                         alignment_heads(folder, hf_config))
 

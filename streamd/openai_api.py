@@ -26,12 +26,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import soundfile
 
-from models.whisper_decoding import compression_ratio
+from models.whisper.decoding import compression_ratio
 from streamd.audio import SAMPLE_RATE, resample, to_mono
 from streamd.protocol import MAX_PROMPT_CHARS
 
 if TYPE_CHECKING:
-    from models.whisper_asr import Segment
+    from models.whisper.transcriber import Segment
 
 TRANSCRIPTIONS_PATH = "/v1/audio/transcriptions"
 RESPONSE_FORMATS = ("json", "text", "verbose_json", "srt", "vtt")
@@ -223,7 +223,7 @@ class WhisperFiles:
 
     def transcribe(self, audio: np.ndarray, request: TranscriptionRequest) -> list[Segment]:
         """Runs on a worker thread (JAX releases the GIL while it computes)."""
-        from models.whisper_asr import WhisperTranscriber
+        from models.whisper.transcriber import WhisperTranscriber
 
         # The same settings as `streamd transcribe`, so both give the same text.
         transcriber = WhisperTranscriber(self.model, beam_size=self.beam_size,

@@ -37,7 +37,7 @@ def load_transcriber(args: argparse.Namespace) -> FileTranscriber:
     folder = registry.resolve_model(args.model)
     family = registry.model_family(folder)
     if family == "whisper":
-        from models.whisper_asr import WhisperTranscriber
+        from models.whisper.transcriber import WhisperTranscriber
 
         window = args.encoder_window or "bucketed"
         prompt = getattr(args, "prompt", "") or ""
@@ -119,7 +119,7 @@ def _partial_printer(path: str, as_json: bool) -> Callable[[str], None]:
 
 
 def _segment_json(segment) -> dict:
-    """A models.whisper_asr.Segment as JSON: start, end, text, words (word, start, end,
+    """A models.whisper.transcriber.Segment as JSON: start, end, text, words (word, start, end,
     confidence: the mean probability of its tokens)."""
     return {"start": round(segment.start, 2), "end": round(segment.end, 2),
             "text": segment.text,

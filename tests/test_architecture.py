@@ -21,26 +21,27 @@ PACKAGES = ("models", "streamd", "clients")
 # packages are not checked.
 LAYERS: dict[str, tuple[str, ...]] = {
     "clients": (),  # the wire contract and MQTT only, nothing of the daemon
-    "models": (),  # the rest of models/: Whisper, decoding, registry, checkpoints
+    # the rest of models/: decoding, kv_cache, registry, checkpoints (registry loads Whisper)
+    "models": ("models.whisper",),
     "models.layers": (),
+    "models.whisper": ("models.decoding", "models.kv_cache", "models.checkpoint",
+                       "models.registry"),
     "models.wav2vec2": ("models.layers", "models.checkpoint"),
     "models.ctc": ("models.checkpoint", "models.wav2vec2"),
     "models.seq2seq": ("models.layers", "models.checkpoint", "models.decoding",
-                       "models.wav2vec2", "models.whisper"),
+                       "models.kv_cache", "models.wav2vec2"),
     # the daemon core; `streamd.transcribe` is imported by name (cli), unseen by ast
     "streamd": ("streamd.pipelines", "streamd.transcribe", "streamd.openai_api",
                 "models.disk_cache"),
     "streamd.pipelines": ("streamd", "models"),
     "streamd.transcribe": ("streamd", "models"),
-    "streamd.openai_api": ("streamd", "models.whisper_asr", "models.whisper_decoding"),
+    "streamd.openai_api": ("streamd", "models.whisper.transcriber", "models.whisper.decoding"),
 }
 
 LINE_LIMIT = 550  # lines per file in models/ and streamd/
 # Files over the limit today. The set may only shrink: a listed file that gets under the
 # limit must leave the list, and no other file may go over.
 OVER_LIMIT_TODAY = {
-    "models/whisper.py",
-    "streamd/mqtt.py",
     "streamd/pipelines/whisper.py",
     "streamd/server.py",
 }

@@ -19,7 +19,7 @@ Public API (params from `params_from_bart` / `params_from_gpt2`, config static):
 - `TextDecoder(config, max_len)`: the `models.decoding.IncrementalDecoder` over a model's
   `params["decoder"]`, so Speech2Text and the speech encoder-decoder share the search.
 
-The cache classes are Whisper's (`models.whisper.DecoderCache`, `CrossCache`, `LayerKV`):
+The cache classes are Whisper's (`models.kv_cache.DecoderCache`, `CrossCache`, `LayerKV`):
 keys [B, H, Dh, L], values [B, H, L, Dh], batch first, `length` int32 [B]. Rows whose
 `length + S` exceeds the cache get NaN logits, as in Whisper.
 """
@@ -36,8 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from models import decoding
+from models.kv_cache import CrossCache, DecoderCache, LayerKV
 from models.layers import activation, dense, layer_norm
-from models.whisper import CrossCache, DecoderCache, LayerKV
 
 Params = dict[str, Any]
 _NEG = float(np.finfo(np.float32).min)
@@ -233,7 +233,7 @@ def _decode(params: Params, config: TextDecoderConfig, cache: DecoderCache, cros
 
     Row b's S new keys/values are written at cache.length[b]; tokens past num_valid[b] are
     padding the next call overwrites. `logits_at` int32 [B, K]: logits [B, K, V] of those
-    positions only (models/whisper.py `decode`). Each S compiles once.
+    positions only (models/whisper/model.py `decode`). Each S compiles once.
     """
     c = config
     tokens = tokens.astype(jnp.int32)
@@ -256,7 +256,7 @@ def _decode(params: Params, config: TextDecoderConfig, cache: DecoderCache, cros
         x = jnp.take_along_axis(x, logits_at[:, :, None], axis=1)
     head = params.get("lm_head", params["embed"])  # [V, D]; tied unless stored apart
     # Contract [B*S, D] rows with the [V, D] table's last axis directly, so XLA does not
-    # materialise a transposed copy of the table every step (as in models/whisper.py).
+    # materialise a transposed copy of the table every step (as in models/whisper/model.py).
     flat = jax.lax.dot_general(x.reshape(-1, x.shape[-1]), head, (((1,), (1,)), ((), ())))
     logits = flat.reshape(b, x.shape[1], -1)
     overflow = cache.length + s > max_len

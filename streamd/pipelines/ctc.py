@@ -41,7 +41,7 @@ import numpy as np
 
 from models import ctc, wav2vec2
 from models.ctc import transcriber
-from models.mel import SAMPLE_RATE
+from streamd.audio import SAMPLE_RATE
 from streamd.config import Config
 from streamd.engine import Engine
 from streamd.errors import ConfigError

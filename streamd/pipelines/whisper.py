@@ -18,7 +18,7 @@ endpoint's final reuses it when the audio is unchanged: the final's decode overl
 rest of the endpoint wait instead of following it.
 Finals use a window of at least `final_min_s` (10 s): tiny.en loops or repeats a sentence
 when short speech is padded to a 5-8 s window and is clean from 10 s on (see
-models/whisper_asr.py), while partials keep the short buckets for speed. Finals are
+models/whisper/transcriber.py), while partials keep the short buckets for speed. Finals are
 submitted with a higher engine priority than partials.
 
 Device work: one engine kind per length bucket (`whisper/<seconds>s`); each batch runs
@@ -61,7 +61,6 @@ from typing import Any
 import jax
 import numpy as np
 
-from models import whisper
 from models.decoding import (
     SearchResult,
     SuppressAtBegin,
@@ -69,15 +68,16 @@ from models.decoding import (
     beam_search,
     greedy_search,
 )
-from models.mel import SAMPLE_RATE, log_mel
-from models.whisper_asr import (
+from models.whisper import model as whisper
+from models.whisper.decoding import NoSpeechProbe, WhisperDecoder, compression_ratio
+from models.whisper.mel import SAMPLE_RATE, log_mel
+from models.whisper.transcriber import (
     PROMPT_LIMIT,
     TAIL_MARGIN,
     WhisperTranscriber,
     initial_prompt,
     previous_text,
 )
-from models.whisper_decoding import NoSpeechProbe, WhisperDecoder, compression_ratio
 from streamd.config import Config
 from streamd.engine import Engine
 from streamd.errors import ConfigError
@@ -103,7 +103,7 @@ FINAL_PRIORITY = 1  # engine priority of finals; partials run at 0
 ROW_SECONDS_PER_CALL = 32.0
 # Silence kept after the audio inside a bucket: Whisper says its last phrase again when
 # the speech runs to the window's end. Finals keep the offline transcriber's margin, a
-# quarter of the window (models/whisper_asr.py TAIL_MARGIN, chosen on the dev set);
+# quarter of the window (models/whisper/transcriber.py TAIL_MARGIN, chosen on the dev set);
 # partials keep 0.3 s, for speed: a partial's loop is cut (`cut_loop`) and only words
 # that three partials agree on become stable.
 PARTIAL_TAIL_MARGIN_S = 0.3
@@ -331,7 +331,7 @@ class WhisperPipeline:
 
     def _add_word_kind(self, model: Any) -> None:
         """Finals' word timings: one forced pass of the final's tokens over its audio
-        (models/whisper_timing.py), on the engine's threads as every device call."""
+        (models/whisper/timing.py), on the engine's threads as every device call."""
         self.aligner = WhisperTranscriber(model)
         self.engine.add_kind(WORDS_KIND, self._align_run, WORDS_PAD)
 

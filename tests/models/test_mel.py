@@ -1,4 +1,4 @@
-"""models/mel.py against transformers' WhisperFeatureExtractor on the shared recordings."""
+"""models/whisper/mel.py against transformers' WhisperFeatureExtractor on the shared recordings."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 transformers = pytest.importorskip("transformers")
 soundfile = pytest.importorskip("soundfile")
 
-from models import mel  # noqa: E402
+from models.whisper import mel  # noqa: E402
 
 ATOL = 1e-4
 

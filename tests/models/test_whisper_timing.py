@@ -1,4 +1,4 @@
-"""models/whisper_timing.py on small synthetic cases: DTW, the median filter, word
+"""models/whisper/timing.py on small synthetic cases: DTW, the median filter, word
 splitting and times from a known attention pattern, punctuation merging."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import itertools
 import numpy as np
 import pytest
 
-from models import whisper_timing as wt
 from models.registry import resolve_model
-from models.tokenizer import WhisperTokenizer
+from models.whisper import timing as wt
+from models.whisper.tokenizer import WhisperTokenizer
 
 
 def brute_force_dtw(cost: np.ndarray) -> float:

@@ -27,7 +27,7 @@ from helpers.daemon import REPO, Daemon, serve, speech_audio, stream_session, te
 from helpers.haproxy import HAProxy
 from test_server import running_daemon, test_config
 
-from models.whisper_asr import Segment, Word
+from models.whisper.transcriber import Segment, Word
 from streamd.daemon import Daemon as InProcessDaemon
 from streamd.errors import ConfigError, InternalError
 from streamd.openai_api import (

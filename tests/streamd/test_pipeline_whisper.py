@@ -21,8 +21,9 @@ transformers = pytest.importorskip("transformers")
 
 from models.checkpoint import read_hf_folder  # noqa: E402
 from models.registry import WhisperModel, resolve_model  # noqa: E402
-from models.tokenizer import WhisperTokenizer  # noqa: E402
-from models.whisper import WhisperConfig, params_from_hf  # noqa: E402
+from models.whisper.model import WhisperConfig  # noqa: E402
+from models.whisper.params import params_from_hf  # noqa: E402
+from models.whisper.tokenizer import WhisperTokenizer  # noqa: E402
 from streamd.engine import Engine  # noqa: E402
 from streamd.pipelines.whisper import (  # noqa: E402
     PAD,

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from models import disk_cache, whisper_asr
+from models import disk_cache
+from models.whisper import transcriber as whisper_asr
 from streamd import cli
 from streamd.audio import audio_length, read_audio
 

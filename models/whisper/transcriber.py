@@ -30,11 +30,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models import whisper, whisper_timing
-from models.mel import HOP_LENGTH, SAMPLE_RATE, log_mel
 from models.registry import WhisperModel
-from models.tokenizer import WhisperTokenizer
-from models.whisper_decoding import DecodeOptions, DecodeResult, WhisperDecoder, decode_segment
+from models.whisper import model as whisper
+from models.whisper import timing as whisper_timing
+from models.whisper.decoding import DecodeOptions, DecodeResult, WhisperDecoder, decode_segment
+from models.whisper.mel import HOP_LENGTH, SAMPLE_RATE, log_mel
+from models.whisper.tokenizer import WhisperTokenizer
 
 WINDOW_S = 30
 # Encoder input lengths (seconds) for the bucketed window; every bucket compiles once.

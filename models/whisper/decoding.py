@@ -19,13 +19,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models import decoding, whisper
-from models.tokenizer import WhisperTokenizer
+from models import decoding
+from models.whisper import model as whisper
+from models.whisper.tokenizer import WhisperTokenizer
 
 
 @dataclasses.dataclass(frozen=True)
 class WhisperDecoder:
-    """`IncrementalDecoder` for models/whisper.py: a cache of `max_len` tokens."""
+    """`IncrementalDecoder` for models/whisper/model.py: a cache of `max_len` tokens."""
 
     config: whisper.WhisperConfig
     max_len: int

@@ -3,7 +3,7 @@
 A CTranslate2 folder (`model.bin`, `config.json`, `tokenizer.json`/`vocabulary.txt`) is
 turned into what every family converter takes: a transformers-style config dict and
 float32 numpy arrays under transformers' PyTorch state-dict names. Then the same
-`whisper.params_from_hf` serves both Hugging Face and CTranslate2 folders.
+`models.whisper.params.params_from_hf` serves both Hugging Face and CTranslate2 folders.
 
 `model.bin` layout (little-endian; a string is a uint16 byte count including a final
 NUL, then the bytes): uint32 format version, string spec name, uint32 spec revision

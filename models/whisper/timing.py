@@ -22,8 +22,8 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from models import whisper
-from models.tokenizer import WhisperTokenizer
+from models.whisper import model as whisper
+from models.whisper.tokenizer import WhisperTokenizer
 
 FRAMES_PER_S = 50  # encoder frames: one per 2 mel hops of 10 ms
 MEDIAN_FILTER_WIDTH = 7
