@@ -8,7 +8,8 @@ Runs `streamd transcribe FILE` as a fresh process with an empty cache folder
 parameters and compiles (cold), the next ones read both from the cache (warm), as a user
 sees them on the second call. Wall time is the whole process, interpreter start to exit;
 CPU is its user + system time (less sensitive to other work on the machine than wall
-time); `load`/`compile` are what the CLI prints on stderr. For comparison, faster-whisper on the
+time) and peak RSS its largest resident set, both from the process's own rusage;
+`load`/`compile` are what the CLI prints on stderr. For comparison, faster-whisper on the
 same CTranslate2 tiny.en weights (float32 and its int8, greedy) in a fresh process: the
 process's wall time, and load and transcribe measured inside it. `--baseline DIR` also
 runs another checkout's `streamd transcribe` the same way (e.g. the commit before the
@@ -22,7 +23,6 @@ import json
 import os
 import platform
 import re
-import resource
 import subprocess
 import sys
 import tempfile
@@ -59,18 +59,22 @@ def _clean_env(**extra: str) -> dict[str, str]:
 
 
 def _timed(cmd: list[str], env: dict[str, str],
-           cwd: Path = REPO) -> tuple[float, float, subprocess.CompletedProcess]:
-    """(wall s, CPU s of the process: user + system, proc)."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    started = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=600, check=False)
-    wall = time.perf_counter() - started
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+           cwd: Path = REPO) -> tuple[float, float, subprocess.CompletedProcess, float]:
+    """(wall s, CPU s of the process: user + system, proc, its peak RSS in MB), from the
+    process's own rusage (wait4)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        started = time.perf_counter()
+        child = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(child.pid, 0)
+        wall = time.perf_counter() - started
+        child.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        proc = subprocess.CompletedProcess(cmd, child.returncode, out.read(), err.read())
+    cpu = usage.ru_utime + usage.ru_stime
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return wall, cpu, proc
+    return wall, cpu, proc, usage.ru_maxrss / 1024  # Linux: kB
 
 
 def _stderr_seconds(stderr: str, label: str) -> float | None:
@@ -85,10 +89,10 @@ def streamd_runs(file: str, warm_runs: int, checkout: Path = REPO,
         env = _clean_env(STREAMD_CACHE_DIR=cache)
         cmd = [sys.executable, "-m", "streamd.cli", "transcribe", file]
         for i in range(1 + warm_runs):
-            wall, cpu, proc = _timed(cmd, env, checkout)
+            wall, cpu, proc, peak = _timed(cmd, env, checkout)
             rows.append({
                 "system": system, "run": "cold" if i == 0 else f"warm {i}",
-                "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
+                "wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "peak_rss_mb": round(peak),
                 "load_s": _stderr_seconds(proc.stderr, "loading model"),
                 "compile_s": _stderr_seconds(proc.stderr, "compiling"),
                 "text": proc.stdout.strip(),
@@ -104,13 +108,13 @@ def streamd_runs(file: str, warm_runs: int, checkout: Path = REPO,
 def faster_whisper_runs(file: str, threads: int) -> list[dict]:
     rows = []
     for compute in ("float32", "int8"):
-        wall, cpu, proc = _timed(
+        wall, cpu, proc, peak = _timed(
             [sys.executable, "-c", FASTER_WHISPER, file, compute, str(threads)],
             _clean_env(OMP_NUM_THREADS=str(threads)))
         inner = json.loads(proc.stdout.strip().splitlines()[-1])
         rows.append({
             "system": f"faster-whisper {compute}", "run": "fresh process",
-            "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
+            "wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "peak_rss_mb": round(peak),
             "load_s": round(inner["import_s"] + inner["load_s"], 2),
             "compile_s": None, "transcribe_s": round(inner["transcribe_s"], 2),
             "text": inner["text"],
@@ -147,11 +151,11 @@ def main() -> int:
 
     print(f"\n`streamd transcribe {args.file}` ({duration:.1f} s of audio), fresh process each"
           f" run; load average {load_before[0]:.1f} before, {load_after[0]:.1f} after\n")
-    print("| system | run | wall s | CPU s | load s | compile s |")
-    print("|---|---|---:|---:|---:|---:|")
+    print("| system | run | wall s | CPU s | peak RSS MB | load s | compile s |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     for row in rows:
         print(f"| {row['system']} | {row['run']} | {row['wall_s']:.2f} | {row['cpu_s']:.2f} |"
-              f" {cell(row['load_s'])} | {cell(row['compile_s'])} |")
+              f" {row['peak_rss_mb']} | {cell(row['load_s'])} | {cell(row['compile_s'])} |")
     texts = {row["text"] for row in rows if row["system"].startswith("streamd")}
     if len(texts) != 1:
         print(f"warning: the streamd runs disagree: {texts}", file=sys.stderr)
