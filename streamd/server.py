@@ -17,8 +17,11 @@ Deepgram dialect (`/v1/listen`, streamd/deepgram.py): the query string is the `s
 (checked before the upgrade: 400), the session starts at the upgrade, and the events this
 connection sends are translated by `deepgram.Translator`; publishers see native events.
 
-`/healthz` also shows each `health_details` entry (the MQTT link: state, broker, outbox)
-without letting it change the status code (docs/protocol.md says why).
+`/healthz` reports the load for a load balancer: `sessions` of `max_sessions`, the
+engine's waiting requests and busy share, and `load`, the larger of the two shares
+(docs/scale-out.md, *Overload*). It also shows each `health_details` entry (the MQTT
+link: state, broker, outbox) without letting it change the status code (docs/protocol.md
+says why).
 
 Draining (`begin_drain()`, SIGTERM): `/healthz` answers 404 `{"status": "draining"}`,
 which a load balancer's health check (HAProxy `http-check disable-on-404`) takes as
@@ -51,6 +54,7 @@ from websockets.http11 import Response
 
 from streamd import deepgram, protocol
 from streamd.config import Config
+from streamd.engine import Engine
 from streamd.errors import BadRequest, InternalError, StreamdError, Unsupported
 from streamd.metrics import Metrics
 from streamd.recognizer import Pipeline, RecognizerOptions
@@ -139,9 +143,11 @@ class StreamServer:
         metrics: Metrics,
         publishers: list[Publisher] | None = None,
         static_dir: Path = STATIC_DIR,
+        engine: Engine | None = None,
     ) -> None:
         self.config = config
         self.pipeline = pipeline
+        self.engine = engine  # its queue and busy share go to /healthz
         self.metrics = metrics
         self.publishers = list(publishers or [])
         self.static_dir = static_dir
@@ -175,6 +181,20 @@ class StreamServer:
     @property
     def session_count(self) -> int:
         return len(self._active) + self.extra_sessions()
+
+    def load(self) -> dict[str, Any]:
+        """/healthz's load fields: `load` (0..1) is the larger of sessions / max_sessions
+        and the engine's busy share over the last few seconds."""
+        sessions, limit = self.session_count, self.config.server.max_sessions
+        out: dict[str, Any] = {"sessions": sessions, "max_sessions": limit}
+        share = sessions / limit
+        if self.engine is not None:
+            busy = self.engine.busy_fraction()
+            share = max(share, busy)
+            out["engine"] = {"queue": self.engine.queue_depth, "busy": round(busy, 3),
+                             "workers": self.engine.workers, "shed": self.engine.shed}
+        out["load"] = round(min(share, 1.0), 3)
+        return out
 
     async def start(self) -> None:
         cfg = self.config.server
@@ -297,7 +317,7 @@ class StreamServer:
             return None
         if path == "/healthz":
             state = "draining" if self.draining else "ok" if self.ready else "starting"
-            body = {"status": state, "node": self.config.node, "sessions": self.session_count,
+            body = {"status": state, "node": self.config.node, **self.load(),
                     "pipeline": self.pipeline.name}
             body.update({name: detail() for name, detail in self.health_details.items()})
             # Not the MQTT link: finals wait in the journal through a broker outage, so a
