@@ -27,6 +27,30 @@ def _check(ok: bool, key: str, message: str) -> None:
         raise ConfigError(key, message)
 
 
+# Real-time sessions one CPU core carries with the default pipeline (whisper, tiny.en), so
+# that `server.max_sessions` refuses sessions (503) before the admitted ones' finals slow
+# down. Measured (README, *Measured here*; bench/results/stream-context-latency.json, an
+# idle 2-core machine): 8 concurrent real-time streams kept finals at median 0.81 s / p90
+# 1.31 s (1 stream: 0.51 / 0.76 s) with both cores saturated (0.24 CPU s per audio s
+# each); with other load on the machine, 8 streams were too many (finals 10 s late). So
+# 8 streams on 2 cores, 4 a core. An accelerator, a larger model or another pipeline has
+# another capacity: set `max_sessions` for it.
+SESSIONS_PER_CORE = 4
+MIN_SESSIONS, MAX_DEFAULT_SESSIONS = 4, 256
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. a container's cpuset)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
+
+
+def default_max_sessions() -> int:
+    """`server.max_sessions` when not set: SESSIONS_PER_CORE per available core, 4..256."""
+    return min(MAX_DEFAULT_SESSIONS, max(MIN_SESSIONS, SESSIONS_PER_CORE * available_cores()))
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
@@ -34,7 +58,8 @@ class ServerConfig:
     tokens: tuple[str, ...] = ()
     # Listening beyond loopback without tokens must be asked for explicitly.
     allow_insecure: bool = False
-    max_sessions: int = 16
+    # Concurrent sessions; more get 503. Default: the measured capacity (above).
+    max_sessions: int = field(default_factory=default_max_sessions)
     max_frame_bytes: int = 256 * 1024
     send_queue: int = 64
     shutdown_timeout_s: float = 10.0
