@@ -184,7 +184,14 @@ class Engine:
             self._cond.notify()
         for r in shed:
             r.loop.call_soon_threadsafe(_resolve, r.future, None, None)
-        return await request.future
+        try:
+            return await request.future
+        except asyncio.CancelledError:
+            # The caller gave up (its session ended, or a final superseded this partial):
+            # a request not yet taken by a worker leaves the queue instead of running.
+            with self._cond:
+                self._pending = [r for r in self._pending if r is not request]
+            raise
 
     async def stop(self) -> None:
         """Finish queued requests, then end the worker threads (awaitable with a timeout)."""
