@@ -207,6 +207,37 @@ def test_best_effort_requests_give_way() -> None:
     assert order == [1, 4] and engine.shed == 2
 
 
+def test_cancelled_request_leaves_the_queue() -> None:
+    """A caller that gives up on a request not yet started (its session ended, a final
+    superseded the partial) takes it out of the queue: it never runs."""
+    gate = threading.Event()
+    ran: list[int] = []
+
+    def fn(items: list[int]) -> list[int]:
+        gate.wait(5)
+        ran.extend(items)
+        return items
+
+    async def main() -> None:
+        engine = Engine(batch_sizes=(1,), workers=1)
+        engine.add_kind("k", fn, 0)
+        engine.start()
+        busy = asyncio.create_task(engine.submit("k", 1))
+        await asyncio.sleep(0.05)
+        waiting = asyncio.create_task(engine.submit("k", 2))
+        await asyncio.sleep(0.01)
+        assert engine.queue_depth == 1
+        waiting.cancel()
+        await asyncio.sleep(0.01)
+        assert engine.queue_depth == 0
+        gate.set()
+        assert await busy == 1
+        await engine.stop()
+
+    run(main())
+    assert ran == [1]
+
+
 def test_busy_fraction_counts_running_and_recent_batches() -> None:
     gate = threading.Event()
 
