@@ -56,6 +56,11 @@ except Exception as exc:
 sys.exit(code != int(sys.argv[2]))' "$1" "$2"
 }
 
+max_sessions() {  # HEALTHZ_URL: the node's server.max_sessions, as its /healthz shows it
+  "$python" -c 'import json, sys, urllib.request
+print(int(json.load(urllib.request.urlopen(sys.argv[1], timeout=5))["max_sessions"]))' "$1"
+}
+
 mqtt_ready() {  # PORT: the node answers an MQTT CONNECT (JetStream is up)
   "$python" -c 'import socket, sys
 s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=2)
@@ -105,10 +110,14 @@ up() {
     wait_for "streamd node$i" 900 http_status "http://127.0.0.1:$((base + i))/healthz" 200
   done
 
+  # Each node's maxconn in HAProxy is its max_sessions (docs/scale-out.md, *Overload*).
+  local max1 max2
+  max1="$(max_sessions "http://127.0.0.1:$((base + 1))/healthz")"
+  max2="$(max_sessions "http://127.0.0.1:$((base + 2))/healthz")"
   sed -e "s|bind 127.0.0.1:8080|bind 127.0.0.1:$base|" \
       -e "s|bind 127.0.0.1:8404|bind 127.0.0.1:$((base + 50))|" \
-      -e "s|127.0.0.1:8765|127.0.0.1:$((base + 1))|" \
-      -e "s|127.0.0.1:8766|127.0.0.1:$((base + 2))|" \
+      -e "s|127.0.0.1:8765|127.0.0.1:$((base + 1)) maxconn $max1|" \
+      -e "s|127.0.0.1:8766|127.0.0.1:$((base + 2)) maxconn $max2|" \
       -e "s|127.0.0.1:8775 check port 8765|127.0.0.1:$((base + 11)) check port $((base + 1))|" \
       -e "s|127.0.0.1:8776 check port 8766|127.0.0.1:$((base + 12)) check port $((base + 2))|" \
       "$repo/deploy/haproxy/haproxy.cfg" >"$dir/haproxy.cfg"
