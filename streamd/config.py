@@ -89,6 +89,10 @@ class ServerConfig:
     # port, since the WebSocket server answers GET only. -1: `port` + 1 (a free port when
     # `port` is 0; when port + 1 is taken the endpoint stays off, with a warning); 0: off.
     http_port: int = -1
+    # HAProxy agent-check port (docs/scale-out.md, *Overload*): each connection gets one
+    # line, the node's weight from its engine's busy share and `maxconn:` its session
+    # limit, and is closed. 0: off.
+    agent_port: int = 0
     # Request bodies above this get 413 (OpenAI's own limit is 25 MB).
     http_max_bytes: int = 25 * 1024 * 1024
     # Longer audio gets 400: a file is decoded whole into memory (4 bytes per sample at
@@ -108,6 +112,9 @@ class ServerConfig:
                "must be -1 (port + 1), 0 (off) or 1..65535")
         _check(self.http_port <= 0 or self.http_port != self.port, "server.http_port",
                "must differ from server.port")
+        _check(0 <= self.agent_port <= 65535 and (self.agent_port == 0 or self.agent_port
+               not in (self.port, self.http_port)), "server.agent_port",
+               "must be 0 (off) or 1..65535, not server.port or server.http_port")
         _check(1024 <= self.http_max_bytes <= 2**31, "server.http_max_bytes",
                "must be 1024..2147483648")
         _check(1 <= self.http_max_audio_s <= 86400, "server.http_max_audio_s",

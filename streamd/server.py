@@ -23,6 +23,9 @@ engine's waiting requests and busy share, and `load`, the larger of the two shar
 link: state, broker, outbox) without letting it change the status code (docs/protocol.md
 says why).
 
+HAProxy agent-check (`server.agent_port`): each connection gets `agent_reply()`, one line
+with the node's weight and session limit, and is closed.
+
 Draining (`begin_drain()`, SIGTERM): `/healthz` answers 404 `{"status": "draining"}`,
 which a load balancer's health check (HAProxy `http-check disable-on-404`) takes as
 "no new sessions, keep the open ones"; new streams get 503; open sessions go on.
@@ -158,6 +161,7 @@ class StreamServer:
         self._idle.set()
         self._active: dict[str, _Connection] = {}
         self._ws: WsServer | None = None
+        self._agent: asyncio.Server | None = None
         self.extra_sessions: Callable[[], int] = lambda: 0  # e.g. the mic session
         self.reserved_ids: set[str] = set()  # session ids clients may not take ("mic")
         # More /healthz fields, sampled per request (e.g. "mqtt": the publisher's link).
@@ -196,6 +200,27 @@ class StreamServer:
         out["load"] = round(min(share, 1.0), 3)
         return out
 
+    def agent_reply(self) -> str:
+        """HAProxy's agent-check reply: a weight (percent of the configured one) that falls
+        as the engine gets busy, 100 % idle to 1 % saturated (never 0, which would drain
+        the node), so `leastconn` sends fewer new sessions to a node whose device is
+        busier; and `maxconn:` the sessions it accepts from clients (the microphone's
+        session counts against `max_sessions` too)."""
+        busy = self.engine.busy_fraction() if self.engine is not None else 0.0
+        weight = max(1, round(100 * (1 - busy)))
+        maxconn = max(1, self.config.server.max_sessions - self.extra_sessions())
+        return f"{weight}% maxconn:{maxconn}\n"
+
+    async def _agent_connection(self, reader: asyncio.StreamReader,
+                                writer: asyncio.StreamWriter) -> None:
+        try:
+            writer.write(self.agent_reply().encode())
+            await writer.drain()
+        except OSError:
+            pass  # HAProxy gave up on this check: the next one comes
+        finally:
+            writer.close()
+
     async def start(self) -> None:
         cfg = self.config.server
         try:
@@ -216,6 +241,14 @@ class StreamServer:
         except OSError as exc:
             raise InternalError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror}") from exc
         log.info("listening", extra={"host": cfg.host, "port": self.port})
+        if cfg.agent_port:
+            try:
+                self._agent = await asyncio.start_server(self._agent_connection, cfg.host,
+                                                         cfg.agent_port)
+            except OSError as exc:
+                raise InternalError(f"cannot listen on {cfg.host}:{cfg.agent_port} "
+                                    f"(server.agent_port): {exc.strerror}") from exc
+            log.info("agent-check listening", extra={"port": cfg.agent_port})
         self.metrics.track_queue(
             "sessions", lambda: sum(c.runner.pending for c in self._active.values() if c.runner)
         )
@@ -262,6 +295,10 @@ class StreamServer:
         return not pending
 
     async def close(self) -> None:
+        if self._agent is not None:
+            self._agent.close()
+            await self._agent.wait_closed()
+            self._agent = None
         if self._ws is not None:
             self._ws.close()
             await self._ws.wait_closed()

@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
+import socket
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -21,7 +23,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from helpers.daemon import RATE, serve
+from helpers import free_port
+from helpers.daemon import RATE, serve, test_pipeline_env
+from helpers.haproxy import HAProxy
 from helpers.plugins import install_plugin
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
@@ -102,6 +106,12 @@ def http_json(url: str) -> dict:
         return json.load(r)
 
 
+def agent_reply(port: int) -> str:
+    """What HAProxy's agent-check reads from `server.agent_port`."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        return sock.makefile().read()
+
+
 def engine_busy_s(http: str) -> float:
     with urllib.request.urlopen(f"{http}/metrics", timeout=5) as r:
         for line in r.read().decode().splitlines():
@@ -113,13 +123,14 @@ def engine_busy_s(http: str) -> float:
 def test_overload_thins_partials_keeps_finals_and_refuses_beyond_max_sessions(
         tmp_path: Path, shared_audio_dir: Path) -> None:
     audio = two_utterances(shared_audio_dir)
+    agent = free_port()
     env = {"PYTHONPATH": str(install_plugin(tmp_path, "streamd-slow-echo")),
            "PACED_ECHO_PARTIAL_S": str(PARTIAL_S), "PACED_ECHO_FINAL_S": str(FINAL_S),
            # One worker, one request per batch: the device is a queue of known speed.
            "STREAMD_RECOGNITION_BATCH_SIZES": "1", "STREAMD_SERVER_CONNECTION_RATE": "0",
            "STREAMD_RECOGNITION_PARTIAL_INTERVAL_MS": str(PARTIAL_INTERVAL_MS)}
     with serve(tmp_path, "--pipeline", "paced-echo", "--workers", "1",
-               "--max-sessions", str(SESSIONS), env=env) as daemon:
+               "--max-sessions", str(SESSIONS), "--agent-port", str(agent), env=env) as daemon:
 
         async def unloaded() -> Run:
             return await stream(daemon.url, audio, "alone")
@@ -150,10 +161,11 @@ def test_overload_thins_partials_keeps_finals_and_refuses_beyond_max_sessions(
             go.set()
             await asyncio.sleep(audio_s / 2 + STAGGER_S * (SESSIONS - 1) / 2)  # all speaking
             health = await asyncio.to_thread(http_json, f"{daemon.http}/healthz")
+            reply = await asyncio.to_thread(agent_reply, agent)
             runs = await asyncio.gather(*tasks)
-            return runs, health, refused.value.response.status_code
+            return runs, health, refused.value.response.status_code, reply
 
-        runs, health, status = asyncio.run(loaded())
+        runs, health, status, reply = asyncio.run(loaded())
         after = http_json(f"{daemon.http}/healthz")
 
     latencies = sorted(x for r in runs for x in r.latencies)
@@ -166,7 +178,7 @@ def test_overload_thins_partials_keeps_finals_and_refuses_beyond_max_sessions(
     print(f"loaded: finals latency median {latencies[len(latencies) // 2]:.3f} p90 {p90:.3f} "
           f"max {latencies[-1]:.3f} s; partials per session {partials}; "
           f"shed {after['engine']['shed']}")
-    print(f"/healthz while loaded: {json.dumps(health)}")
+    print(f"/healthz while loaded: {json.dumps(health)}; agent-check reply {reply!r}")
 
     assert 1.3 <= SESSIONS / capacity <= 1.7  # the load is 1.5x the measured capacity
     assert len(alone.finals) == 2 and alone.partials >= 8
@@ -188,3 +200,24 @@ def test_overload_thins_partials_keeps_finals_and_refuses_beyond_max_sessions(
     assert health["sessions"] == SESSIONS and health["max_sessions"] == SESSIONS
     # (The busy share's 5 s window still held the quiet lead-in of the later sessions.)
     assert health["load"] == 1.0 and health["engine"]["busy"] > 0.4
+    # HAProxy's agent-check: the weight fell with the engine's busy share; maxconn is the
+    # session limit.
+    weight = re.fullmatch(r"(\d+)% maxconn:6\n", reply)
+    assert weight is not None and int(weight[1]) < 80  # read just after /healthz
+    assert abs(int(weight[1]) - 100 * (1 - health["engine"]["busy"])) < 10
+
+
+def test_haproxy_takes_maxconn_and_weight_from_the_agent(tmp_path: Path) -> None:
+    """deploy/haproxy/haproxy.cfg's agent-check against a node's `--agent-port`: the
+    server's session limit becomes the node's max_sessions (16 in the file), its weight
+    the agent's (an idle engine: 100 %)."""
+    agent = free_port()
+    with serve(tmp_path, "--max-sessions", "3", "--agent-port", str(agent),
+               env=test_pipeline_env()) as daemon, \
+            HAProxy(tmp_path, [("a", daemon.port)], agent_ports={"a": agent}) as lb:
+        assert agent_reply(agent) == "100% maxconn:3\n"
+        deadline = time.monotonic() + 10
+        while (row := lb.stats()["a"])["slim"] != "3":
+            assert time.monotonic() < deadline, f"agent not applied: {row}"
+            time.sleep(0.1)
+        assert row["weight"] == "100" and lb.status("a") == "UP"
