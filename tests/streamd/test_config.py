@@ -98,6 +98,7 @@ def test_precedence_file_env_cli(tmp_path: Path) -> None:
     ("", {"STREAMD_MQTT_HOSTS": "b1:1883,b2:x"}, "mqtt.hosts"),
     ("node = \"has space\"\n", {}, "node"),
     ("", {"STREAMD_SERVER_MAX_SESSIONS": "lots"}, "server.max_sessions"),
+    ("[server]\nport = 9000\nagent_port = 9000\n", {}, "server.agent_port"),
     ("", {"STREAMD_MIC_ENABLED": "maybe"}, "mic.enabled"),
     ("[server\n", {}, "--config"),
 ])
