@@ -7,7 +7,8 @@ text); the driver hands recognizer results back with `resolve()`. `SessionRunner
 is that driver for asyncio: one ordered queue per session where partials are coalesced
 (only the newest partial of a segment is worth computing) and finals are never dropped;
 a final also supersedes its segment's partial in flight once the client has had a partial
-of that segment (under load, the final then waits for no partial of its own session).
+of that segment, for recognizers that allow it (`supersede_partials`; under load, the
+final then waits for no partial of its own session).
 
 A segment is announced (`speech_start`) with its first partial or final that has words:
 noise that the VAD took for speech, in which recognition finds no words, emits nothing
@@ -292,6 +293,7 @@ class SessionRunner:
         # The request being recognized and its task; the segment given a partial event last.
         self._current: tuple[Request, asyncio.Task] | None = None
         self._spoken: int | None = None
+        self._supersede_partials = bool(getattr(recognizer, "supersede_partials", False))
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"session-{self.session.id}")
@@ -325,8 +327,9 @@ class SessionRunner:
         final would otherwise wait for that partial, and under load for all that runs
         before it (the engine withdraws a cancelled request that has not started). Not a
         `closing` partial: a pipeline may make it the final early (whisper), and not the
-        segment's first partial: every segment keeps at least one."""
-        if self._current is None:
+        segment's first partial: every segment keeps at least one. Only where the
+        recognizer says its partials may be cancelled (`SegmentRecognizer`)."""
+        if self._current is None or not self._supersede_partials:
             return
         req, task = self._current
         if (req.kind == "partial" and not req.segment.closing and req.segment.index == segment

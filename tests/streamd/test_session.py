@@ -315,6 +315,8 @@ def test_final_supersedes_its_segments_partial_in_flight() -> None:
     from streamd.metrics import Metrics
 
     class Held:
+        supersede_partials = True
+
         def __init__(self) -> None:
             self.release = asyncio.Event()
             self.cancelled: list[int] = []

@@ -44,6 +44,8 @@ class SlowEchoPipeline(EchoPipeline):
 
 
 class PacedRecognizer:
+    supersede_partials = True  # its partials are independent of its finals
+
     def __init__(self, pipeline: PacedEchoPipeline) -> None:
         self.engine = pipeline.engine
 
