@@ -199,6 +199,7 @@ class Daemon:
         self.metrics.ready.set(1)
         log.info("ready", extra={"pipeline": self.pipeline.name, "port": self.server.port,
                                  "http_port": self.http.port,
+                                 "max_sessions": cfg.server.max_sessions,
                                  "warmup_s": round(warm, 3),
                                  "startup_s": round(time.monotonic() - t0, 3)})
         self.notifier.ready(f"serving on port {self.server.port}")
