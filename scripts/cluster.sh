@@ -10,7 +10,7 @@
 # Environment: CLUSTER_DIR (default .cluster: pid files, logs, NATS stores, journals),
 # CLUSTER_PORT (default 18700: HAProxy; streamd nodes +1, +2; NATS MQTT +31..+33, client
 # +11..+13, routes +21..+23, monitoring +41..+43; HAProxy stats +50; streamd agent-check
-# +61, +62), CLUSTER_PIPELINE
+# +61, +62, HTTP port (POST /v1/audio/...) +71, +72), CLUSTER_PIPELINE
 # (the nodes' `--pipeline`; default: the daemon's, whisper with tiny.en; "echo": no
 # model, text = segment duration), PYTHON (default
 # .venv/bin/python), STREAMD_ARGS (more `streamd serve` flags).
@@ -103,7 +103,7 @@ up() {
       JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$repo/.cache/jax}" \
       "${pipeline_env[@]}" \
       -- "$python" -m streamd.cli serve --node "node$i" --port $((base + i)) \
-         --http-port $((base + 10 + i)) --agent-port $((base + 60 + i)) \
+         --http-port $((base + 70 + i)) --agent-port $((base + 60 + i)) \
          --mqtt-host 127.0.0.1 --mqtt-port "$(nats_mqtt $first)" \
          --mqtt-hosts "$(IFS=,; echo "${others[*]}")" --log-format text ${STREAMD_ARGS:-}
   done
@@ -121,8 +121,8 @@ up() {
       -e "s|127.0.0.1:8766|127.0.0.1:$((base + 2)) maxconn $max2|" \
       -e "s|agent-port 8785|agent-port $((base + 61))|" \
       -e "s|agent-port 8786|agent-port $((base + 62))|" \
-      -e "s|127.0.0.1:8775 check port 8765|127.0.0.1:$((base + 11)) check port $((base + 1))|" \
-      -e "s|127.0.0.1:8776 check port 8766|127.0.0.1:$((base + 12)) check port $((base + 2))|" \
+      -e "s|127.0.0.1:8775 check port 8765|127.0.0.1:$((base + 71)) check port $((base + 1))|" \
+      -e "s|127.0.0.1:8776 check port 8766|127.0.0.1:$((base + 72)) check port $((base + 2))|" \
       "$repo/deploy/haproxy/haproxy.cfg" >"$dir/haproxy.cfg"
   start haproxy "$dir/haproxy.log" -- "$haproxy" -db -f "$dir/haproxy.cfg"
   wait_for "haproxy" 30 http_status "http://127.0.0.1:$base/healthz" 200
