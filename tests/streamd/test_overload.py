@@ -165,7 +165,9 @@ def test_overload_thins_partials_keeps_finals_and_refuses_beyond_max_sessions(
             runs = await asyncio.gather(*tasks)
             return runs, health, refused.value.response.status_code, reply
 
+        busy1, t1 = engine_busy_s(daemon.http), time.monotonic()
         runs, health, status, reply = asyncio.run(loaded())
+        utilization = (engine_busy_s(daemon.http) - busy1) / (time.monotonic() - t1)
         after = http_json(f"{daemon.http}/healthz")
 
     latencies = sorted(x for r in runs for x in r.latencies)
@@ -177,7 +179,7 @@ def test_overload_thins_partials_keeps_finals_and_refuses_beyond_max_sessions(
           f"{alone.partials} partials")
     print(f"loaded: finals latency median {latencies[len(latencies) // 2]:.3f} p90 {p90:.3f} "
           f"max {latencies[-1]:.3f} s; partials per session {partials}; "
-          f"shed {after['engine']['shed']}")
+          f"shed {after['engine']['shed']}; device busy {utilization:.0%} of the loaded run")
     print(f"/healthz while loaded: {json.dumps(health)}; agent-check reply {reply!r}")
 
     assert 1.3 <= SESSIONS / capacity <= 1.7  # the load is 1.5x the measured capacity
