@@ -4,8 +4,9 @@ PARTIAL_S, each final for FINAL_S), clients streaming at real time through the W
 
 The node's capacity is measured first, from one session alone: device seconds per
 audio second. Then 1.5x that many sessions stream at once: no final is lost, finals keep
-their latency (within 2x of the unloaded figure) because the partials thin out, and a
-session beyond `max_sessions` gets 503 at the upgrade. `-s` prints the numbers.
+their latency (p90 within 2x of the unloaded figure) because the partials thin out, and
+a session beyond `max_sessions` gets 503 at the upgrade; /healthz and the HAProxy
+agent-check port show the load. `-s` prints the numbers.
 """
 
 from __future__ import annotations
@@ -142,7 +143,7 @@ def test_overload_thins_partials_keeps_finals_and_refuses_beyond_max_sessions(
         capacity = audio_s / device_s  # sessions the one worker carries at real time
         base = max(alone.latencies)
 
-        async def loaded() -> tuple[list[Run], dict, int]:
+        async def loaded() -> tuple[list[Run], dict, int, str]:
             go = asyncio.Event()
             opened = [asyncio.Event() for _ in range(SESSIONS)]
             longest = len(audio) + round(RATE * STAGGER_S * (SESSIONS - 1))
