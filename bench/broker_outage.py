@@ -219,7 +219,8 @@ def main() -> int:
         stack.callback(broker.stop, kill=True)
         daemon = stack.enter_context(serve(
             work, "--node", "outage", "--mqtt-host", broker.host, "--mqtt-port",
-            str(broker.port), "--mqtt-journal", str(work / "journal.sqlite"), env=env))
+            str(broker.port), "--mqtt-journal", str(work / "journal.sqlite"),
+            "--max-sessions", str(max(16, args.sessions)), env=env))
         result = asyncio.run(run(args, daemon.http, daemon.url, broker, pcm))
         log = daemon.log_text()
     mqtt_lines = [line for line in log.splitlines() if "streamd.mqtt" in line]

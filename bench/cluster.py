@@ -206,7 +206,8 @@ async def main_async(args: argparse.Namespace, workdir: Path) -> dict:
     entry = stream_entry()
     audio, rate = sf.read(entry["path"], dtype="float32")
     assert rate == 16000
-    extra = ["--pipeline", args.pipeline]
+    # All streams may go to one node: the default max_sessions (per core) could refuse them.
+    extra = ["--pipeline", args.pipeline, "--max-sessions", str(max(16, args.streams))]
     rng = random.Random(args.seed)
     with NatsCluster(workdir) as nats, contextlib.ExitStack() as stack:
         first, second, third = nats.nodes

@@ -360,6 +360,7 @@ def main() -> int:
     pipeline = "test" if args.test_pipeline else (args.pipeline or "whisper")
     daemon_args = [a for flag, value in (("--pipeline", args.pipeline), ("--model", args.model))
                    if value for a in (flag, value)]
+    daemon_args += ["--max-sessions", str(max(16, args.sessions))]
     env = {"STREAMD_SERVER_CONNECTION_RATE": "0",
            **(test_pipeline_env() if args.test_pipeline else {})}
     with contextlib.ExitStack() as stack:

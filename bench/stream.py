@@ -341,7 +341,8 @@ def main() -> int:
     contexts = [{"on": True, "off": False, "default": None}[c] for c in args.context]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     toml, vad = config_toml(args.set)
-    daemon_args = list(args.daemon_args)
+    # Measures latency past the capacity too: the default max_sessions would refuse them.
+    daemon_args = ["--max-sessions", str(max(16, *args.streams)), *args.daemon_args]
     if toml:
         config = args.out.with_suffix(".toml")
         config.write_text(toml)

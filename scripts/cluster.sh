@@ -9,7 +9,8 @@
 #
 # Environment: CLUSTER_DIR (default .cluster: pid files, logs, NATS stores, journals),
 # CLUSTER_PORT (default 18700: HAProxy; streamd nodes +1, +2; NATS MQTT +31..+33, client
-# +11..+13, routes +21..+23, monitoring +41..+43; HAProxy stats +50), CLUSTER_PIPELINE
+# +11..+13, routes +21..+23, monitoring +41..+43; HAProxy stats +50; streamd agent-check
+# +61, +62, HTTP port (POST /v1/audio/...) +71, +72), CLUSTER_PIPELINE
 # (the nodes' `--pipeline`; default: the daemon's, whisper with tiny.en; "echo": no
 # model, text = segment duration), PYTHON (default
 # .venv/bin/python), STREAMD_ARGS (more `streamd serve` flags).
@@ -56,6 +57,11 @@ except Exception as exc:
 sys.exit(code != int(sys.argv[2]))' "$1" "$2"
 }
 
+max_sessions() {  # HEALTHZ_URL: the node's server.max_sessions, as its /healthz shows it
+  "$python" -c 'import json, sys, urllib.request
+print(int(json.load(urllib.request.urlopen(sys.argv[1], timeout=5))["max_sessions"]))' "$1"
+}
+
 mqtt_ready() {  # PORT: the node answers an MQTT CONNECT (JetStream is up)
   "$python" -c 'import socket, sys
 s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=2)
@@ -97,7 +103,7 @@ up() {
       JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$repo/.cache/jax}" \
       "${pipeline_env[@]}" \
       -- "$python" -m streamd.cli serve --node "node$i" --port $((base + i)) \
-         --http-port $((base + 10 + i)) \
+         --http-port $((base + 70 + i)) --agent-port $((base + 60 + i)) \
          --mqtt-host 127.0.0.1 --mqtt-port "$(nats_mqtt $first)" \
          --mqtt-hosts "$(IFS=,; echo "${others[*]}")" --log-format text ${STREAMD_ARGS:-}
   done
@@ -105,12 +111,18 @@ up() {
     wait_for "streamd node$i" 900 http_status "http://127.0.0.1:$((base + i))/healthz" 200
   done
 
+  # Each node's maxconn in HAProxy is its max_sessions (docs/scale-out.md, *Overload*).
+  local max1 max2
+  max1="$(max_sessions "http://127.0.0.1:$((base + 1))/healthz")"
+  max2="$(max_sessions "http://127.0.0.1:$((base + 2))/healthz")"
   sed -e "s|bind 127.0.0.1:8080|bind 127.0.0.1:$base|" \
       -e "s|bind 127.0.0.1:8404|bind 127.0.0.1:$((base + 50))|" \
-      -e "s|127.0.0.1:8765|127.0.0.1:$((base + 1))|" \
-      -e "s|127.0.0.1:8766|127.0.0.1:$((base + 2))|" \
-      -e "s|127.0.0.1:8775 check port 8765|127.0.0.1:$((base + 11)) check port $((base + 1))|" \
-      -e "s|127.0.0.1:8776 check port 8766|127.0.0.1:$((base + 12)) check port $((base + 2))|" \
+      -e "s|127.0.0.1:8765|127.0.0.1:$((base + 1)) maxconn $max1|" \
+      -e "s|127.0.0.1:8766|127.0.0.1:$((base + 2)) maxconn $max2|" \
+      -e "s|agent-port 8785|agent-port $((base + 61))|" \
+      -e "s|agent-port 8786|agent-port $((base + 62))|" \
+      -e "s|127.0.0.1:8775 check port 8765|127.0.0.1:$((base + 71)) check port $((base + 1))|" \
+      -e "s|127.0.0.1:8776 check port 8766|127.0.0.1:$((base + 72)) check port $((base + 2))|" \
       "$repo/deploy/haproxy/haproxy.cfg" >"$dir/haproxy.cfg"
   start haproxy "$dir/haproxy.log" -- "$haproxy" -db -f "$dir/haproxy.cfg"
   wait_for "haproxy" 30 http_status "http://127.0.0.1:$base/healthz" 200

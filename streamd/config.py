@@ -27,6 +27,30 @@ def _check(ok: bool, key: str, message: str) -> None:
         raise ConfigError(key, message)
 
 
+# Real-time sessions one CPU core carries with the default pipeline (whisper, tiny.en), so
+# that `server.max_sessions` refuses sessions (503) before the admitted ones' finals slow
+# down. Measured (README, *Measured here*; bench/results/stream-context-latency.json, an
+# idle 2-core machine): 8 concurrent real-time streams kept finals at median 0.81 s / p90
+# 1.31 s (1 stream: 0.51 / 0.76 s) with both cores saturated (0.24 CPU s per audio s
+# each); with other load on the machine, 8 streams were too many (finals 10 s late). So
+# 8 streams on 2 cores, 4 a core. An accelerator, a larger model or another pipeline has
+# another capacity: set `max_sessions` for it.
+SESSIONS_PER_CORE = 4
+MIN_SESSIONS, MAX_DEFAULT_SESSIONS = 4, 256
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. a container's cpuset)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
+
+
+def default_max_sessions() -> int:
+    """`server.max_sessions` when not set: SESSIONS_PER_CORE per available core, 4..256."""
+    return min(MAX_DEFAULT_SESSIONS, max(MIN_SESSIONS, SESSIONS_PER_CORE * available_cores()))
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
@@ -34,7 +58,8 @@ class ServerConfig:
     tokens: tuple[str, ...] = ()
     # Listening beyond loopback without tokens must be asked for explicitly.
     allow_insecure: bool = False
-    max_sessions: int = 16
+    # Concurrent sessions; more get 503. Default: the measured capacity (above).
+    max_sessions: int = field(default_factory=default_max_sessions)
     max_frame_bytes: int = 256 * 1024
     send_queue: int = 64
     shutdown_timeout_s: float = 10.0
@@ -64,6 +89,10 @@ class ServerConfig:
     # port, since the WebSocket server answers GET only. -1: `port` + 1 (a free port when
     # `port` is 0; when port + 1 is taken the endpoint stays off, with a warning); 0: off.
     http_port: int = -1
+    # HAProxy agent-check port (docs/scale-out.md, *Overload*): each connection gets one
+    # line, the node's weight from its engine's busy share and `maxconn:` its session
+    # limit, and is closed. 0: off.
+    agent_port: int = 0
     # Request bodies above this get 413 (OpenAI's own limit is 25 MB).
     http_max_bytes: int = 25 * 1024 * 1024
     # Longer audio gets 400: a file is decoded whole into memory (4 bytes per sample at
@@ -83,6 +112,9 @@ class ServerConfig:
                "must be -1 (port + 1), 0 (off) or 1..65535")
         _check(self.http_port <= 0 or self.http_port != self.port, "server.http_port",
                "must differ from server.port")
+        _check(0 <= self.agent_port <= 65535 and (self.agent_port == 0 or self.agent_port
+               not in (self.port, self.http_port)), "server.agent_port",
+               "must be 0 (off) or 1..65535, not server.port or server.http_port")
         _check(1024 <= self.http_max_bytes <= 2**31, "server.http_max_bytes",
                "must be 1024..2147483648")
         _check(1 <= self.http_max_audio_s <= 86400, "server.http_max_audio_s",

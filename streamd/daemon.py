@@ -132,6 +132,15 @@ class Daemon:
         warm = await asyncio.to_thread(self.engine.warmup)  # every bucket, before READY
         self.engine.start()
         self.metrics.track_queue("engine", lambda: self.engine.queue_depth)
+        self.metrics.track_gauge("streamd_engine_busy",
+                                 "Share of the engine workers' time spent running batches "
+                                 "over the last 5 s", self.engine.busy_fraction)
+        self.metrics.track_counter("streamd_engine_busy_seconds",
+                                   "Seconds the engine workers spent running batches, summed",
+                                   lambda: self.engine.busy_s)
+        self.metrics.track_counter("streamd_engine_shed",
+                                   "Best-effort requests (partials) the busy engine did not run",
+                                   lambda: self.engine.shed)
         for name, (doc, value) in self.pipeline.counters().items():
             self.metrics.track_counter(name, doc, value)
         if cfg.mqtt.enabled:
@@ -172,7 +181,8 @@ class Daemon:
                 "streamd_mqtt_backpressure_seconds",
                 "Seconds sessions waited for room in the full MQTT outbox, summed",
                 lambda: self.mqtt.backpressure_s)
-        self.server = StreamServer(cfg, self.pipeline, self.metrics, self.publishers)
+        self.server = StreamServer(cfg, self.pipeline, self.metrics, self.publishers,
+                                   engine=self.engine)
         if self.mqtt is not None:
             self.server.health_details["mqtt"] = self.mqtt.health
         await self.server.start()
@@ -188,6 +198,7 @@ class Daemon:
         self.metrics.ready.set(1)
         log.info("ready", extra={"pipeline": self.pipeline.name, "port": self.server.port,
                                  "http_port": self.http.port,
+                                 "max_sessions": cfg.server.max_sessions,
                                  "warmup_s": round(warm, 3),
                                  "startup_s": round(time.monotonic() - t0, 3)})
         self.notifier.ready(f"serving on port {self.server.port}")

@@ -6,6 +6,13 @@ then age) picks the kind; that kind's requests are drained up to the largest buc
 with the kind's empty item to the next bucket size (so jitted calls only ever see the
 bucket shapes compiled by `warmup()`), and run off the event loop.
 Futures are resolved on their own loop via `call_soon_threadsafe`.
+
+Overload (docs/scale-out.md, *Overload*): a `best_effort` request (a partial) is not run
+when the engine is busy: it is refused while another request already waits, and one that
+waits is dropped when a more urgent request (a final) is queued; both come back as None
+and are counted (`shed`). So partials thin out first, and a final waits behind no partial
+but the ones already running. `busy_fraction()` is the share of the workers' time spent
+running batches over the last `BUSY_WINDOW_S`, which `/healthz` reports as the load.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -23,6 +31,9 @@ from streamd.errors import InternalError, Overloaded, StreamdError
 log = logging.getLogger("streamd.engine")
 T = TypeVar("T")
 R = TypeVar("R")
+# busy_fraction()'s window: long enough to smooth single batches, short enough that a load
+# balancer polling /healthz every second sees a change of load within a few polls.
+BUSY_WINDOW_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -39,6 +50,7 @@ class _Request:
     loop: asyncio.AbstractEventLoop
     enqueued: float
     priority: int = 0
+    best_effort: bool = False
 
 
 class Engine:
@@ -76,6 +88,12 @@ class Engine:
         # observe(kind, real, bucket, seconds): metrics hook, called on a worker thread.
         self._observe = observe
         self.batches_run = 0
+        self.shed = 0  # best-effort requests not run (refused or dropped while waiting)
+        self.busy_s = 0.0  # seconds the workers spent running batches, summed
+        # (start, end) of batches that ended within BUSY_WINDOW_S, and the start of each
+        # batch running now (by worker thread): busy_fraction() sums their overlap.
+        self._recent: deque[tuple[float, float]] = deque()
+        self._running_since: dict[int, float] = {}
 
     def add_kind(self, name: str, fn: Callable[[list[T]], Sequence[R]], pad: T) -> None:
         if self._threads:
@@ -122,10 +140,24 @@ class Engine:
     def alive(self) -> bool:
         return bool(self._threads) and all(t.is_alive() for t in self._threads)
 
-    async def submit(self, kind: str, item: Any, priority: int = 0) -> Any:
+    def busy_fraction(self, window: float = BUSY_WINDOW_S) -> float:
+        """Share (0..1) of the workers' time spent running batches over the last `window`
+        seconds (at most BUSY_WINDOW_S), batches still running included."""
+        now = time.perf_counter()
+        lo = now - window
+        with self._cond:
+            busy = sum(end - max(start, lo) for start, end in self._recent if end > lo)
+            busy += sum(now - max(start, lo) for start in self._running_since.values())
+        return min(1.0, busy / (window * self.workers))
+
+    async def submit(self, kind: str, item: Any, priority: int = 0,
+                     best_effort: bool = False) -> Any:
         """Queue one request and await its result. Raises Overloaded when the queue is full.
 
         Higher `priority` runs first (finals over partials); equal priorities in order.
+        `best_effort` (partials): returns None without running when another request already
+        waits, or when a request of higher priority is queued while this one waits (it
+        would delay that one's caller behind this one, see the module docstring).
         """
         if kind not in self._kinds:
             raise InternalError(f"unknown engine kind {kind!r}")
@@ -133,12 +165,33 @@ class Engine:
             raise InternalError("engine is not running")
         loop = asyncio.get_running_loop()
         request = _Request(kind, item, loop.create_future(), loop, time.perf_counter(), priority)
+        request.best_effort = best_effort
         with self._cond:
+            if best_effort and self._pending:
+                self.shed += 1
+                return None
             if len(self._pending) >= self.max_queue:
                 raise Overloaded("engine queue is full")
+            shed = [r for r in self._pending if r.best_effort and r.priority < priority]
+            if shed:
+                # A session awaits one request at a time: a final queued behind its own
+                # waiting partial would also wait for everything more urgent than that
+                # partial. Dropping the waiting partials frees those sessions at once.
+                dropped = {id(r) for r in shed}
+                self._pending = [r for r in self._pending if id(r) not in dropped]
+                self.shed += len(shed)
             self._pending.append(request)
             self._cond.notify()
-        return await request.future
+        for r in shed:
+            r.loop.call_soon_threadsafe(_resolve, r.future, None, None)
+        try:
+            return await request.future
+        except asyncio.CancelledError:
+            # The caller gave up (its session ended, or a final superseded this partial):
+            # a request not yet taken by a worker leaves the queue instead of running.
+            with self._cond:
+                self._pending = [r for r in self._pending if r is not request]
+            raise
 
     async def stop(self) -> None:
         """Finish queued requests, then end the worker threads (awaitable with a timeout)."""
@@ -184,6 +237,9 @@ class Engine:
         size = self.bucket(len(batch))
         items = [r.item for r in batch] + [spec.pad] * (size - len(batch))
         t0 = time.perf_counter()
+        worker = threading.get_ident()
+        with self._cond:
+            self._running_since[worker] = t0
         try:
             results = spec.fn(items)
             error: BaseException | None = None
@@ -192,10 +248,16 @@ class Engine:
         except Exception as exc:  # model code: convert where it enters streamd
             log.exception("engine batch %s failed", kind)
             error = InternalError(f"{kind} batch failed: {type(exc).__name__}")
+        t1 = time.perf_counter()
         with self._cond:
             self.batches_run += 1
+            self.busy_s += t1 - t0
+            self._running_since.pop(worker, None)
+            self._recent.append((t0, t1))
+            while self._recent and self._recent[0][1] <= t1 - BUSY_WINDOW_S:
+                self._recent.popleft()
         if self._observe is not None:
-            self._observe(kind, len(batch), size, time.perf_counter() - t0)
+            self._observe(kind, len(batch), size, t1 - t0)
         for i, r in enumerate(batch):
             if error is None:
                 r.loop.call_soon_threadsafe(_resolve, r.future, results[i], None)

@@ -64,7 +64,14 @@ class RecognizerOptions:
 
 
 class SegmentRecognizer(Protocol):
-    """Per-session recognizer. Calls for one session never overlap."""
+    """Per-session recognizer. Calls for one session never overlap.
+
+    Optional attribute `supersede_partials = True`: the session may cancel a partial in
+    flight when the segment's final is due (streamd/session.py, `SessionRunner`). Only
+    for recognizers whose partials are independent of their final: not when the final
+    continues the partials' work (the streaming CTC pipeline's encoder state, which a
+    cancelled partial throws away).
+    """
 
     async def partial(self, audio_16k: np.ndarray, segment: SegmentInfo) -> Hypothesis | None:
         """Audio of the segment so far ([N] float32). None: nothing new to say."""

@@ -27,6 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--http-port", type=int, metavar="PORT",
                         help="port of the OpenAI-compatible POST /v1/audio/transcriptions "
                              "(default: --port + 1; 0: off)")
+    parser.add_argument("--agent-port", type=int, metavar="PORT",
+                        help="HAProxy agent-check port: weight and maxconn (default 0: off)")
     parser.add_argument("--node", help="daemon name in MQTT payloads and status topic")
     parser.add_argument("--model", help="model folder or name for the pipeline")
     parser.add_argument("--pipeline",
@@ -79,6 +81,7 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = 
     put("server", "connection_rate", args.connection_rate)
     put("server", "idle_timeout_s", args.idle_timeout)
     put("server", "http_port", args.http_port)
+    put("server", "agent_port", args.agent_port)
     put(None, "node", args.node)
     put("recognition", "model", args.model)
     put("recognition", "pipeline", args.pipeline)

@@ -17,8 +17,14 @@ Deepgram dialect (`/v1/listen`, streamd/deepgram.py): the query string is the `s
 (checked before the upgrade: 400), the session starts at the upgrade, and the events this
 connection sends are translated by `deepgram.Translator`; publishers see native events.
 
-`/healthz` also shows each `health_details` entry (the MQTT link: state, broker, outbox)
-without letting it change the status code (docs/protocol.md says why).
+`/healthz` reports the load for a load balancer: `sessions` of `max_sessions`, the
+engine's waiting requests and busy share, and `load`, the larger of the two shares
+(docs/scale-out.md, *Overload*). It also shows each `health_details` entry (the MQTT
+link: state, broker, outbox) without letting it change the status code (docs/protocol.md
+says why).
+
+HAProxy agent-check (`server.agent_port`): each connection gets `agent_reply()`, one line
+with the node's weight and session limit, and is closed.
 
 Draining (`begin_drain()`, SIGTERM): `/healthz` answers 404 `{"status": "draining"}`,
 which a load balancer's health check (HAProxy `http-check disable-on-404`) takes as
@@ -51,6 +57,7 @@ from websockets.http11 import Response
 
 from streamd import deepgram, protocol
 from streamd.config import Config
+from streamd.engine import Engine
 from streamd.errors import BadRequest, InternalError, StreamdError, Unsupported
 from streamd.metrics import Metrics
 from streamd.recognizer import Pipeline, RecognizerOptions
@@ -139,9 +146,11 @@ class StreamServer:
         metrics: Metrics,
         publishers: list[Publisher] | None = None,
         static_dir: Path = STATIC_DIR,
+        engine: Engine | None = None,
     ) -> None:
         self.config = config
         self.pipeline = pipeline
+        self.engine = engine  # its queue and busy share go to /healthz
         self.metrics = metrics
         self.publishers = list(publishers or [])
         self.static_dir = static_dir
@@ -152,6 +161,7 @@ class StreamServer:
         self._idle.set()
         self._active: dict[str, _Connection] = {}
         self._ws: WsServer | None = None
+        self._agent: asyncio.Server | None = None
         self.extra_sessions: Callable[[], int] = lambda: 0  # e.g. the mic session
         self.reserved_ids: set[str] = set()  # session ids clients may not take ("mic")
         # More /healthz fields, sampled per request (e.g. "mqtt": the publisher's link).
@@ -176,6 +186,41 @@ class StreamServer:
     def session_count(self) -> int:
         return len(self._active) + self.extra_sessions()
 
+    def load(self) -> dict[str, Any]:
+        """/healthz's load fields: `load` (0..1) is the larger of sessions / max_sessions
+        and the engine's busy share over the last few seconds."""
+        sessions, limit = self.session_count, self.config.server.max_sessions
+        out: dict[str, Any] = {"sessions": sessions, "max_sessions": limit}
+        share = sessions / limit
+        if self.engine is not None:
+            busy = self.engine.busy_fraction()
+            share = max(share, busy)
+            out["engine"] = {"queue": self.engine.queue_depth, "busy": round(busy, 3),
+                             "workers": self.engine.workers, "shed": self.engine.shed}
+        out["load"] = round(min(share, 1.0), 3)
+        return out
+
+    def agent_reply(self) -> str:
+        """HAProxy's agent-check reply: a weight (percent of the configured one) that falls
+        as the engine gets busy, 100 % idle to 1 % saturated (never 0, which would drain
+        the node), so `leastconn` sends fewer new sessions to a node whose device is
+        busier; and `maxconn:` the sessions it accepts from clients (the microphone's
+        session counts against `max_sessions` too)."""
+        busy = self.engine.busy_fraction() if self.engine is not None else 0.0
+        weight = max(1, round(100 * (1 - busy)))
+        maxconn = max(1, self.config.server.max_sessions - self.extra_sessions())
+        return f"{weight}% maxconn:{maxconn}\n"
+
+    async def _agent_connection(self, reader: asyncio.StreamReader,
+                                writer: asyncio.StreamWriter) -> None:
+        try:
+            writer.write(self.agent_reply().encode())
+            await writer.drain()
+        except OSError:
+            pass  # HAProxy gave up on this check: the next one comes
+        finally:
+            writer.close()
+
     async def start(self) -> None:
         cfg = self.config.server
         try:
@@ -196,6 +241,14 @@ class StreamServer:
         except OSError as exc:
             raise InternalError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror}") from exc
         log.info("listening", extra={"host": cfg.host, "port": self.port})
+        if cfg.agent_port:
+            try:
+                self._agent = await asyncio.start_server(self._agent_connection, cfg.host,
+                                                         cfg.agent_port)
+            except OSError as exc:
+                raise InternalError(f"cannot listen on {cfg.host}:{cfg.agent_port} "
+                                    f"(server.agent_port): {exc.strerror}") from exc
+            log.info("agent-check listening", extra={"port": cfg.agent_port})
         self.metrics.track_queue(
             "sessions", lambda: sum(c.runner.pending for c in self._active.values() if c.runner)
         )
@@ -242,6 +295,10 @@ class StreamServer:
         return not pending
 
     async def close(self) -> None:
+        if self._agent is not None:
+            self._agent.close()
+            await self._agent.wait_closed()
+            self._agent = None
         if self._ws is not None:
             self._ws.close()
             await self._ws.wait_closed()
@@ -297,7 +354,7 @@ class StreamServer:
             return None
         if path == "/healthz":
             state = "draining" if self.draining else "ok" if self.ready else "starting"
-            body = {"status": state, "node": self.config.node, "sessions": self.session_count,
+            body = {"status": state, "node": self.config.node, **self.load(),
                     "pipeline": self.pipeline.name}
             body.update({name: detail() for name, detail in self.health_details.items()})
             # Not the MQTT link: finals wait in the journal through a broker outage, so a

@@ -5,7 +5,10 @@ emit, `Request`s for the recognizer, `Deferred` events that depend on the result
 before them, and `ClearContext` where the recognizer forgets the session's previous
 text); the driver hands recognizer results back with `resolve()`. `SessionRunner`
 is that driver for asyncio: one ordered queue per session where partials are coalesced
-(only the newest partial of a segment is worth computing) and finals are never dropped.
+(only the newest partial of a segment is worth computing) and finals are never dropped;
+a final also supersedes its segment's partial in flight once the client has had a partial
+of that segment, for recognizers that allow it (`supersede_partials`; under load, the
+final then waits for no partial of its own session).
 
 A segment is announced (`speech_start`) with its first partial or final that has words:
 noise that the VAD took for speech, in which recognition finds no words, emits nothing
@@ -16,6 +19,7 @@ so the VAD's own indices (in `SegmentInfo`) may skip ahead of them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -286,6 +290,10 @@ class SessionRunner:
         self._wake = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task | None = None
+        # The request being recognized and its task; the segment given a partial event last.
+        self._current: tuple[Request, asyncio.Task] | None = None
+        self._spoken: int | None = None
+        self._supersede_partials = bool(getattr(recognizer, "supersede_partials", False))
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"session-{self.session.id}")
@@ -305,11 +313,29 @@ class SessionRunner:
                 for o in stale:  # coalesce: a newer partial or the final supersedes them
                     self._items.remove(o)
                     self._count_drop("partial_coalesced")
+                if out.kind == "final":
+                    self._supersede(seg)
             self._items.append(out)
         if outputs:
             self._wake.set()
         if len(self._items) >= self.max_pending:
             self._room.clear()
+
+    def _supersede(self, segment: int) -> None:
+        """The final of `segment` is due: cancel that segment's partial in flight, if the
+        client already had a partial of it. A session runs one request at a time, so its
+        final would otherwise wait for that partial, and under load for all that runs
+        before it (the engine withdraws a cancelled request that has not started). Not a
+        `closing` partial: a pipeline may make it the final early (whisper), and not the
+        segment's first partial: every segment keeps at least one. Only where the
+        recognizer says its partials may be cancelled (`SegmentRecognizer`)."""
+        if self._current is None or not self._supersede_partials:
+            return
+        req, task = self._current
+        if (req.kind == "partial" and not req.segment.closing and req.segment.index == segment
+                and self._spoken == segment and not task.done()):
+            task.cancel()
+            self._count_drop("partial_superseded")
 
     async def wait_room(self) -> None:
         """Back-pressure for sources that can wait (a socket): returns once the backlog
@@ -339,7 +365,7 @@ class SessionRunner:
                 if len(self._items) < self.max_pending:
                     self._room.set()
                 if isinstance(out, Request):
-                    for event in await self._recognize(out):
+                    for event in await self._recognize_current(out):
                         await self._emit(event)
                 elif isinstance(out, Deferred):
                     for event in out.make():
@@ -350,6 +376,26 @@ class SessionRunner:
                     await self._emit(out)
         finally:
             self.recognizer.close()
+
+    async def _recognize_current(self, req: Request) -> list[dict[str, Any]]:
+        """`_recognize` as a task that `_supersede` may cancel (then no events)."""
+        task = asyncio.create_task(self._recognize(req))
+        self._current = (req, task)
+        try:
+            await asyncio.wait({task})
+        except asyncio.CancelledError:  # the runner itself is cancelled
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task  # the recognizer's call ends before close() in _run
+            raise
+        finally:
+            self._current = None
+        if task.cancelled():
+            return []
+        events = task.result()
+        if req.kind == "partial" and any(e["type"] == "partial" for e in events):
+            self._spoken = req.segment.index
+        return events
 
     async def _recognize(self, req: Request) -> list[dict[str, Any]]:
         t0 = time.monotonic()

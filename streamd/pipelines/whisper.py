@@ -569,6 +569,11 @@ class WhisperRecognizer:
     early on a closing partial (`SegmentInfo.closing`), and the previous text (recent
     finals' tokens, newest last) that prompts its decodes."""
 
+    # A periodic partial is one decode of the audio so far, which the final does not use
+    # (it decodes afresh; a cancelled partial leaves the LocalAgreement state as a skipped
+    # one does): the session may cancel it when the final is due (streamd/session.py).
+    supersede_partials = True
+
     def __init__(self, pipeline: WhisperPipeline,
                  options: RecognizerOptions | None = None) -> None:
         options = options or RecognizerOptions()

@@ -6,7 +6,8 @@
 The config is the deploy file with its frontend `bind`, its stats `bind` and its
 `server` lines rewritten to free loopback ports (`render`); nothing else changes.
 `http_ports` (server name -> its `--http-port`) fills the `streamd_files` backend
-(POST /v1/audio/...); without it that backend has no servers.
+(POST /v1/audio/...); without it that backend has no servers. `agent_ports` (server name
+-> its `--agent-port`) keeps the agent-check of those servers (dropped otherwise).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 
 
 def render(text: str, port: int, stats_port: int, servers: list[tuple[str, int]],
-           http_ports: dict[str, int] | None = None) -> str:
+           http_ports: dict[str, int] | None = None,
+           agent_ports: dict[str, int] | None = None) -> str:
     """The deploy config with its ports and servers replaced (see the module docstring)."""
     out, seen_server, binds, backend, seen_files = [], False, 0, "", False
     for line in text.splitlines():
@@ -47,7 +49,10 @@ def render(text: str, port: int, stats_port: int, servers: list[tuple[str, int]]
                 seen_files = True
         elif stripped.startswith("server "):
             if not seen_server:
-                out += [f"    server {name} 127.0.0.1:{p}" for name, p in servers]
+                agents = agent_ports or {}
+                out += [f"    server {name} 127.0.0.1:{p}" + (
+                    f" agent-check agent-port {agents[name]}" if name in agents else "")
+                    for name, p in servers]
                 seen_server = True
         else:
             out.append(line)
@@ -57,12 +62,14 @@ def render(text: str, port: int, stats_port: int, servers: list[tuple[str, int]]
 
 class HAProxy:
     def __init__(self, workdir: Path, servers: list[tuple[str, int]],
-                 http_ports: dict[str, int] | None = None) -> None:
+                 http_ports: dict[str, int] | None = None,
+                 agent_ports: dict[str, int] | None = None) -> None:
         self.port, self.stats_port = free_port(), free_port()
         self.servers = servers
         self.config_path = Path(workdir) / f"haproxy-{self.port}.cfg"
         self.config_path.write_text(render(HAPROXY_CFG.read_text(), self.port,
-                                           self.stats_port, servers, http_ports))
+                                           self.stats_port, servers, http_ports,
+                                           agent_ports))
         self.log_path = Path(workdir) / f"haproxy-{self.port}.log"
         self._proc: subprocess.Popen[bytes] | None = None
 

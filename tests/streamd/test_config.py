@@ -30,6 +30,18 @@ def test_defaults_and_example_file_agree() -> None:
         default.server.port = 1  # type: ignore[misc]  # frozen
 
 
+def test_max_sessions_defaults_to_the_measured_capacity(monkeypatch) -> None:
+    """4 sessions per available core (streamd/config.py names the measurement), 4..256;
+    an explicit value wins."""
+    from streamd import config as config_module
+
+    for cores, expected in ((1, 4), (2, 8), (6, 24), (200, 256)):
+        monkeypatch.setattr(config_module.os, "sched_getaffinity", lambda _pid, n=cores:
+                            set(range(n)))
+        assert load_config(environ={}).server.max_sessions == expected
+    assert load_config(environ={"STREAMD_SERVER_MAX_SESSIONS": "3"}).server.max_sessions == 3
+
+
 def test_precedence_file_env_cli(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
     path.write_text('node = "filenode"\n[server]\nport = 9001\nmax_sessions = 3\n'
@@ -86,6 +98,7 @@ def test_precedence_file_env_cli(tmp_path: Path) -> None:
     ("", {"STREAMD_MQTT_HOSTS": "b1:1883,b2:x"}, "mqtt.hosts"),
     ("node = \"has space\"\n", {}, "node"),
     ("", {"STREAMD_SERVER_MAX_SESSIONS": "lots"}, "server.max_sessions"),
+    ("[server]\nport = 9000\nagent_port = 9000\n", {}, "server.agent_port"),
     ("", {"STREAMD_MIC_ENABLED": "maybe"}, "mic.enabled"),
     ("[server\n", {}, "--config"),
 ])

@@ -174,6 +174,95 @@ def test_urgent_requests_run_first() -> None:
     assert order == [("partial", [1]), ("final", [4]), ("partial", [2, 3])]
 
 
+def test_best_effort_requests_give_way() -> None:
+    """Partials (best effort) are refused while a request waits, and one that waits is
+    dropped when a final is queued: the final then runs next, and both return None."""
+    gate = threading.Event()
+    order: list[int] = []
+
+    def fn(items: list[int]) -> list[int]:
+        gate.wait(5)
+        order.extend(x for x in items if x)
+        return items
+
+    async def main() -> Engine:
+        engine = Engine(batch_sizes=(1,), workers=1)
+        engine.add_kind("k", fn, 0)
+        engine.start()
+        busy = asyncio.create_task(engine.submit("k", 1, best_effort=True))
+        await asyncio.sleep(0.05)  # the worker runs request 1; nothing waits
+        waiting = asyncio.create_task(engine.submit("k", 2, best_effort=True))
+        await asyncio.sleep(0.01)
+        assert engine.queue_depth == 1
+        assert await engine.submit("k", 3, best_effort=True) is None  # 2 waits already
+        final = asyncio.create_task(engine.submit("k", 4, priority=1))
+        await asyncio.sleep(0.01)
+        assert waiting.done() and waiting.result() is None  # dropped for the final
+        gate.set()
+        assert await asyncio.gather(busy, final) == [1, 4]
+        await engine.stop()
+        return engine
+
+    engine = run(main())
+    assert order == [1, 4] and engine.shed == 2
+
+
+def test_cancelled_request_leaves_the_queue() -> None:
+    """A caller that gives up on a request not yet started (its session ended, a final
+    superseded the partial) takes it out of the queue: it never runs."""
+    gate = threading.Event()
+    ran: list[int] = []
+
+    def fn(items: list[int]) -> list[int]:
+        gate.wait(5)
+        ran.extend(items)
+        return items
+
+    async def main() -> None:
+        engine = Engine(batch_sizes=(1,), workers=1)
+        engine.add_kind("k", fn, 0)
+        engine.start()
+        busy = asyncio.create_task(engine.submit("k", 1))
+        await asyncio.sleep(0.05)
+        waiting = asyncio.create_task(engine.submit("k", 2))
+        await asyncio.sleep(0.01)
+        assert engine.queue_depth == 1
+        waiting.cancel()
+        await asyncio.sleep(0.01)
+        assert engine.queue_depth == 0
+        gate.set()
+        assert await busy == 1
+        await engine.stop()
+
+    run(main())
+    assert ran == [1]
+
+
+def test_busy_fraction_counts_running_and_recent_batches() -> None:
+    gate = threading.Event()
+
+    def fn(items: list[int]) -> list[int]:
+        gate.wait(5)
+        return items
+
+    async def main() -> None:
+        engine = Engine(batch_sizes=(1,), workers=2)
+        engine.add_kind("k", fn, 0)
+        engine.start()
+        assert engine.busy_fraction() == 0.0
+        held = asyncio.create_task(engine.submit("k", 1))
+        await asyncio.sleep(0.2)  # one of two workers busy for 0.2 s of a 0.4 s window
+        assert 0.2 <= engine.busy_fraction(window=0.4) <= 0.3
+        gate.set()
+        await held
+        assert engine.busy_s >= 0.2
+        await asyncio.sleep(0.1)
+        assert 0.2 <= engine.busy_fraction(window=0.4) <= 0.3  # the batch that ended
+        await engine.stop()
+
+    run(main())
+
+
 def test_two_workers_run_batches_concurrently() -> None:
     # Each call waits for the other at a barrier: only concurrent workers get through.
     barrier = threading.Barrier(2, timeout=5)

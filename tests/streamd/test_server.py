@@ -410,6 +410,11 @@ def test_healthz_and_metrics(url, daemon, shared_audio_dir) -> None:
     assert status == 200 and headers["Content-Type"] == "application/json"
     health = json.loads(body)
     assert health["status"] == "ok" and health["node"] == "testnode"
+    # The load a load balancer reads (docs/scale-out.md, *Overload*): nothing open yet.
+    assert health["sessions"] == 0 and health["max_sessions"] == 4
+    assert health["engine"] == {"queue": 0, "busy": health["engine"]["busy"], "workers": 2,
+                                "shed": 0}
+    assert 0 <= health["engine"]["busy"] < 0.5 and health["load"] == health["engine"]["busy"]
     stream_session(url, s16(speech(shared_audio_dir)))
     status, headers, body = http_get(daemon, "/metrics")
     assert status == 200 and headers["Content-Type"].startswith("text/plain")
@@ -427,6 +432,8 @@ def test_healthz_and_metrics(url, daemon, shared_audio_dir) -> None:
     assert values["streamd_partial_latency_seconds_count"] >= 1
     assert values['streamd_real_time_factor_count{kind="final"}'] >= 1
     assert 'streamd_queue_depth{queue="engine"}' in values
+    assert 0 <= values["streamd_engine_busy"] <= 1 and values["streamd_engine_shed_total"] == 0
+    assert values["streamd_engine_busy_seconds_total"] > 0
     assert values['streamd_engine_batch_fill_count{kind="duration"}'] >= 2
     assert "streamd_drops_total" in text and "streamd_mqtt_reconnects_total" in text
     # The pipeline's own counters (whisper: partials skipped, finals decoded early).

@@ -308,6 +308,70 @@ def test_runner_back_pressure_on_backlog() -> None:
     assert [e["segment"] for e in emitted if e["type"] == "final"] == [0, 1, 2, 3, 4]
 
 
+def test_final_supersedes_its_segments_partial_in_flight() -> None:
+    """Once the client had a partial of a segment, its final does not wait for the
+    segment's next partial in flight (cancelled, counted); a segment's first partial is
+    waited for."""
+    from streamd.metrics import Metrics
+
+    class Held:
+        supersede_partials = True
+
+        def __init__(self) -> None:
+            self.release = asyncio.Event()
+            self.cancelled: list[int] = []
+
+        async def partial(self, audio, segment):
+            if len(audio) > 1:  # the first partial of each segment is quick
+                try:
+                    await self.release.wait()
+                except asyncio.CancelledError:
+                    self.cancelled.append(segment.index)
+                    raise
+            return Hypothesis(f"p{len(audio)}")
+
+        async def final(self, audio, segment):
+            return Hypothesis("f")
+
+        def close(self) -> None:
+            pass
+
+    def req(kind: str, index: int, samples: int, closing: bool = False) -> Request:
+        info = SegmentInfo("s1", index, 0.0, 1.0, closing=closing)
+        return Request(kind, info, np.zeros(samples, np.float32))
+
+    async def main() -> tuple[list[dict], Held, Metrics]:
+        emitted: list[dict] = []
+
+        async def emit(event: dict) -> None:
+            emitted.append(event)
+
+        rec, metrics = Held(), Metrics()
+        runner = SessionRunner(new_session(), rec, emit, metrics)
+        runner.start()
+        runner.push([req("partial", 0, 1)])  # said
+        await asyncio.sleep(0.05)
+        runner.push([req("partial", 0, 2)])  # held
+        await asyncio.sleep(0.05)
+        runner.push([req("final", 0, 3)])  # supersedes the held partial
+        await asyncio.sleep(0.05)
+        assert [e["type"] for e in emitted] == ["partial", "final"]
+        runner.push([req("partial", 1, 2)])  # segment 1's first partial: waited for
+        await asyncio.sleep(0.05)
+        runner.push([req("final", 1, 3)])
+        await asyncio.sleep(0.05)
+        assert [e["type"] for e in emitted] == ["partial", "final"]
+        rec.release.set()
+        await runner.finish()
+        return emitted, rec, metrics
+
+    emitted, rec, metrics = asyncio.run(main())
+    assert [(e["type"], e["segment"]) for e in emitted] == [
+        ("partial", 0), ("final", 0), ("partial", 1), ("final", 1)]
+    assert emitted[0]["text"] == "p1" and rec.cancelled == [0]
+    assert metrics.drops.labels(reason="partial_superseded")._value.get() == 1
+
+
 # --- finalize, utterance_end, per-session endpoint ----------------------------------
 
 
