@@ -63,13 +63,20 @@ import numpy as np
 
 from models.decoding import (
     SearchResult,
-    SuppressAtBegin,
-    SuppressTokens,
     beam_search,
     greedy_search,
 )
 from models.whisper import model as whisper
-from models.whisper.decoding import NoSpeechProbe, WhisperDecoder, compression_ratio
+from models.whisper.decoding import (
+    DecodeOptions,
+    NoSpeechProbe,
+    WhisperDecoder,
+    logit_filters,
+    low_logprob,
+    no_speech_likely,
+    repetitive,
+    silent,
+)
 from models.whisper.mel import SAMPLE_RATE, log_mel
 from models.whisper.transcriber import (
     PROMPT_LIMIT,
@@ -145,9 +152,6 @@ CONTEXT_RESET_S = 2.0
 # 2 s, finals WER shared / dev: no context 4.05 / 5.68 %; partials and finals prompted
 # 4.73 / 5.99; finals only 4.05 / 5.05.
 CONTEXT_PARTIALS = False
-NO_SPEECH_THRESHOLD = 0.6
-COMPRESSION_RATIO_THRESHOLD = 2.4
-LOGPROB_THRESHOLD = -1.0
 
 
 # --------------------------------------------------------------------------- device side
@@ -224,15 +228,14 @@ class Decoded:
 
     @property
     def silent(self) -> bool:
-        return self.no_speech_prob > NO_SPEECH_THRESHOLD and self.avg_logprob < LOGPROB_THRESHOLD
+        return silent(self.no_speech_prob, self.avg_logprob)
 
     def fails(self, text: str) -> bool:
         """openai/whisper's fallback tests (any one): a repetitive text, a low average
         log-probability, or likely no speech. A final decoded after previous text that
         fails is decoded again without it."""
-        return (compression_ratio(text) > COMPRESSION_RATIO_THRESHOLD
-                or self.avg_logprob < LOGPROB_THRESHOLD
-                or self.no_speech_prob > NO_SPEECH_THRESHOLD)
+        return (repetitive(text) or low_logprob(self.avg_logprob)
+                or no_speech_likely(self.no_speech_prob))
 
 
 # --------------------------------------------------------------------------- pipeline
@@ -284,13 +287,10 @@ class WhisperPipeline:
         tok = self.tokenizer
         self.sot_sequence = tuple(tok.sot_sequence(timestamps=False))
         self.eot = tok.eot
-        specials = {tok.sot, tok.sot_prev, tok.sot_lm, tok.no_speech, tok.translate,
-                    tok.transcribe, tok.no_timestamps, *tok.languages.values()}
-        timestamps = range(tok.timestamp_begin, self.config.vocab_size)
-        suppress = tuple(sorted(set(self.config.suppress_tokens) | specials | set(timestamps)))
-        # Not the end token at the start: with a committed prefix, ending is legitimate.
-        begin = tuple(t for t in self.config.begin_suppress_tokens if t != self.eot)
-        filters = (SuppressTokens(suppress), SuppressAtBegin(begin))
+        # Decodes go on after a forced (committed) prefix: never a special token or a
+        # timestamp, and ending at once is legitimate.
+        filters = logit_filters(self.config, tok,
+                                DecodeOptions(suppress_special=True, end_at_begin=True))
         probe = NoSpeechProbe(tok.sot, tok.no_speech)
         self.specs: list[BucketSpec] = []
         self.final_specs: list[BucketSpec] = []  # buckets of finals (beam search if asked)
@@ -631,7 +631,7 @@ class WhisperRecognizer:
         # Generated words are grouped on their own, so committed units never regroup.
         hyp = p.cut_loop(list(committed) + p.words(result.tokens), len(committed))
         text = p.words_text(hyp)
-        if compression_ratio(text) > COMPRESSION_RATIO_THRESHOLD:
+        if repetitive(text):
             return None  # still repetitive: say nothing rather than commit to it
         room, units, used = p.prefix_room(len(audio_16k)), 0, 0
         # Never the last word: on audio cut mid-sentence it is often cut short or ends in
