@@ -1,10 +1,11 @@
 """One owner of the device: batches requests from all sessions on its worker threads.
 
-Pipelines register batch *kinds* (e.g. "encode", "decode"); each kind is a function from a
-fixed-size list of items to a list of results. The most urgent waiting request (priority,
-then age) picks the kind; that kind's requests are drained up to the largest bucket, padded
-with the kind's empty item to the next bucket size (so jitted calls only ever see the
-bucket shapes compiled by `warmup()`), and run off the event loop.
+Pipelines register batch *kinds* (e.g. "encode", "decode"), each with its batch sizes
+(default: the engine's); a kind is a function from a list of items of one of its sizes to
+a list of results. The most urgent waiting request (priority, then age) picks the kind;
+that kind's requests are drained up to its largest size, padded with the kind's empty item
+to the next of its sizes (so jitted calls only ever see the shapes compiled by
+`warmup()`), and run off the event loop. The engine is the only place that pads batches.
 Futures are resolved on their own loop via `call_soon_threadsafe`.
 
 Overload (docs/scale-out.md, *Overload*): a `best_effort` request (a partial) is not run
@@ -38,8 +39,13 @@ BUSY_WINDOW_S = 5.0
 
 @dataclass(frozen=True)
 class BatchKind(Generic[T, R]):
-    fn: Callable[[list[T]], Sequence[R]]  # len(result) == len(items) == a bucket size
+    fn: Callable[[list[T]], Sequence[R]]  # len(result) == len(items) == one of `sizes`
     pad: T  # the empty slot used to fill a bucket
+    sizes: tuple[int, ...]  # batch sizes, ascending: each is compiled at warm-up
+
+    def bucket(self, n: int) -> int:
+        """Smallest of this kind's batch sizes that holds n requests (n <= the largest)."""
+        return next(b for b in self.sizes if b >= n)
 
 
 @dataclass
@@ -75,7 +81,6 @@ class Engine:
         if workers < 1:
             raise ValueError("workers must be >= 1")
         self.batch_sizes = tuple(sorted(batch_sizes))
-        self.max_batch = self.batch_sizes[-1]
         self.workers = workers
         self._kinds: dict[str, BatchKind] = {}
         self._pending: list[_Request] = []  # guarded by _cond; submit() bounds it
@@ -95,10 +100,16 @@ class Engine:
         self._recent: deque[tuple[float, float]] = deque()
         self._running_since: dict[int, float] = {}
 
-    def add_kind(self, name: str, fn: Callable[[list[T]], Sequence[R]], pad: T) -> None:
+    def add_kind(self, name: str, fn: Callable[[list[T]], Sequence[R]], pad: T,
+                 batch_sizes: Sequence[int] | None = None) -> None:
+        """Registers a kind; `batch_sizes` (default: the engine's) are the only batch
+        shapes its `fn` gets, each run once by `warmup()`."""
         if self._threads:
             raise RuntimeError("add kinds before start()")
-        self._kinds[name] = BatchKind(fn, pad)
+        sizes = tuple(sorted(set(batch_sizes or self.batch_sizes)))
+        if not sizes or sizes[0] < 1:
+            raise ValueError(f"engine kind {name!r}: batch sizes must be >= 1, got {sizes}")
+        self._kinds[name] = BatchKind(fn, pad, sizes)
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -109,18 +120,15 @@ class Engine:
         """Requests waiting for a worker (not those being run)."""
         return len(self._pending)
 
-    def bucket(self, n: int) -> int:
-        """Smallest batch size that holds n requests."""
-        return next(b for b in self.batch_sizes if b >= n)
-
     def warmup(self) -> float:
-        """Run every kind at every bucket size (compiles them); call before reporting ready.
+        """Run every kind at each of its batch sizes (compiles them); call before reporting
+        ready.
 
         Runs on the calling thread, before start(): no request can interleave. Returns seconds.
         """
         t0 = time.perf_counter()
         for name, kind in self._kinds.items():
-            for size in self.batch_sizes:
+            for size in kind.sizes:
                 results = kind.fn([kind.pad] * size)
                 if len(results) != size:
                     raise InternalError(f"engine kind {name!r} returned {len(results)} of {size}")
@@ -227,14 +235,15 @@ class Engine:
                 self._cond.wait()
             # max() keeps the first of equal priorities: the oldest most urgent request.
             lead = max(self._pending, key=lambda r: r.priority)
-            batch = [r for r in self._pending if r.kind == lead.kind][: self.max_batch]
+            most = self._kinds[lead.kind].sizes[-1]
+            batch = [r for r in self._pending if r.kind == lead.kind][:most]
             taken = {id(r) for r in batch}
             self._pending = [r for r in self._pending if id(r) not in taken]
             return batch
 
     def _run(self, kind: str, batch: list[_Request]) -> None:
         spec = self._kinds[kind]
-        size = self.bucket(len(batch))
+        size = spec.bucket(len(batch))
         items = [r.item for r in batch] + [spec.pad] * (size - len(batch))
         t0 = time.perf_counter()
         worker = threading.get_ident()

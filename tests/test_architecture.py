@@ -8,6 +8,7 @@ import statement, including those inside functions), so nothing is imported here
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -209,3 +210,22 @@ def test_over_limit_list_only_shrinks(path):
     assert path in counts, f"{path} is gone: remove it from OVER_LIMIT_TODAY"
     assert counts[path] > LINE_LIMIT, (
         f"{path} has {counts[path]} lines, under the limit: remove it from OVER_LIMIT_TODAY")
+
+
+def test_whisper_decoding_rules_exist_once() -> None:
+    """openai/whisper's checks (compression ratio, average log-probability, no-speech
+    probability) and Whisper's suppress lists are written in models/whisper/decoding.py
+    only: `streamd transcribe` and the daemon's whisper pipeline both import them."""
+    home = REPO / "models" / "whisper" / "decoding.py"
+    search = REPO / "models" / "decoding.py"  # the generic filters are defined there
+    thresholds = re.compile(r"^\s*\w*(COMPRESSION|LOGPROB|NO_SPEECH)\w*THRESHOLD\w*\s*=", re.M)
+    checks = re.compile(r"(compression_ratio|avg_logprob|no_speech_prob)\s*[<>]")
+    for path in sorted(_module_files().values()):
+        if path in (home, search):
+            continue
+        text = path.read_text(encoding="utf-8")
+        where = path.relative_to(REPO)
+        assert not thresholds.search(text), f"{where} defines a decoding threshold"
+        assert not checks.search(text), f"{where} compares a decode with a threshold"
+        assert "SuppressTokens(" not in text and "SuppressAtBegin(" not in text, (
+            f"{where} builds a suppress list")

@@ -104,6 +104,13 @@ class NoSpeechProbe:
         return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[:, self.no_speech]
 
 
+# openai/whisper `transcribe`'s checks of a decode, the only definition of them: both
+# `streamd transcribe` (decode_segment) and the daemon's whisper pipeline judge by these.
+COMPRESSION_RATIO_THRESHOLD = 2.4
+LOGPROB_THRESHOLD = -1.0
+NO_SPEECH_THRESHOLD = 0.6
+
+
 @dataclasses.dataclass(frozen=True)
 class DecodeOptions:
     """How to decode one segment. Defaults follow openai/whisper's `transcribe`."""
@@ -115,12 +122,18 @@ class DecodeOptions:
     beam_size: int | None = None  # None: greedy at temperature 0
     length_penalty: float = 1.0
     temperatures: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
-    compression_ratio_threshold: float | None = 2.4
-    logprob_threshold: float | None = -1.0
-    no_speech_threshold: float | None = 0.6
+    compression_ratio_threshold: float | None = COMPRESSION_RATIO_THRESHOLD
+    logprob_threshold: float | None = LOGPROB_THRESHOLD
+    no_speech_threshold: float | None = NO_SPEECH_THRESHOLD
     max_new_tokens: int = 224  # openai's sample_len: half the text context
     suppress_tokens: tuple[int, ...] | None = None  # None: the model config's list
     suppress_blank: bool = True  # begin-suppress the config's list (" " and the end token)
+    # Also never the special tokens (SOT, <|startofprev|>, task, language, no-speech) nor,
+    # without `timestamps`, a timestamp: for decodes that go on after a forced prefix.
+    suppress_special: bool = False
+    # The end token allowed as the first generated token (after a forced prefix, ending
+    # at once is legitimate).
+    end_at_begin: bool = False
     renormalize: bool = True  # log-softmax after filters (openai); False as transformers
     seed: int = 0
     # Pad prompts to at least this width: previous text of any length then shares one
@@ -149,15 +162,47 @@ def compression_ratio(text: str) -> float:
     return len(raw) / len(zlib.compress(raw)) if raw else 0.0
 
 
-def _filters(
+def repetitive(text: str, options: DecodeOptions = DecodeOptions()) -> bool:
+    """The text compresses too well: a repetition loop (openai's compression check)."""
+    limit = options.compression_ratio_threshold
+    return limit is not None and compression_ratio(text) > limit
+
+
+def low_logprob(avg_logprob: float, options: DecodeOptions = DecodeOptions()) -> bool:
+    limit = options.logprob_threshold
+    return limit is not None and avg_logprob < limit
+
+
+def no_speech_likely(no_speech_prob: float, options: DecodeOptions = DecodeOptions()) -> bool:
+    limit = options.no_speech_threshold
+    return limit is not None and no_speech_prob > limit
+
+
+def silent(no_speech_prob: float, avg_logprob: float,
+           options: DecodeOptions = DecodeOptions()) -> bool:
+    """openai's no-speech test: `<|nospeech|>` likely and the text unlikely."""
+    return no_speech_likely(no_speech_prob, options) and low_logprob(avg_logprob, options)
+
+
+def logit_filters(
     config: whisper.WhisperConfig, tokenizer: WhisperTokenizer, options: DecodeOptions
 ) -> tuple[decoding.LogitFilter, ...]:
-    suppress = (
+    """The suppress lists (the model config's, or the options'), the begin-suppress list
+    and, with timestamps, Whisper's timestamp rules."""
+    suppress = set(
         config.suppress_tokens if options.suppress_tokens is None else options.suppress_tokens
     )
-    filters: list[decoding.LogitFilter] = [decoding.SuppressTokens(tuple(suppress))]
-    if options.suppress_blank and config.begin_suppress_tokens:
-        filters.append(decoding.SuppressAtBegin(tuple(config.begin_suppress_tokens)))
+    if options.suppress_special:
+        tok = tokenizer
+        suppress |= {tok.sot, tok.sot_prev, tok.sot_lm, tok.no_speech, tok.translate,
+                     tok.transcribe, tok.no_timestamps, *tok.languages.values()}
+        if not options.timestamps:
+            suppress |= set(range(tok.timestamp_begin, config.vocab_size))
+    filters: list[decoding.LogitFilter] = [decoding.SuppressTokens(tuple(sorted(suppress)))]
+    begin = tuple(t for t in config.begin_suppress_tokens
+                  if not (options.end_at_begin and t == tokenizer.eot))
+    if options.suppress_blank and begin:
+        filters.append(decoding.SuppressAtBegin(begin))
     if options.timestamps:
         initial = options.max_initial_timestamp
         filters.append(
@@ -224,7 +269,7 @@ def decode_segment(
     max_new = min(options.max_new_tokens, decoder.max_len - prompt.shape[1])
     common = dict(
         eot=tokenizer.eot, max_new_tokens=max_new, prompt_len=prompt_len,
-        filters=_filters(config, tokenizer, options), renormalize=options.renormalize,
+        filters=logit_filters(config, tokenizer, options), renormalize=options.renormalize,
         probe=NoSpeechProbe(tokenizer.sot, tokenizer.no_speech),
     )  # fmt: skip
 
@@ -249,22 +294,13 @@ def decode_segment(
             ids = tokens[b, : lengths[b]].tolist()
             text = tokenizer.decode(ids)
             avg_lp = float(sum_lp[b]) / (len(ids) + 1)
-            ratio = compression_ratio(text)
-            low_lp = options.logprob_threshold is not None and avg_lp < options.logprob_threshold
-            silent = (
-                options.no_speech_threshold is not None
-                and float(no_speech[b]) > options.no_speech_threshold
-                and low_lp
-            )
-            repetitive = (
-                options.compression_ratio_threshold is not None
-                and ratio > options.compression_ratio_threshold
-            )
+            quiet = silent(float(no_speech[b]), avg_lp, options)
             results[b] = DecodeResult(
                 tokens=ids, text=text, avg_logprob=avg_lp, no_speech_prob=float(no_speech[b]),
-                compression_ratio=ratio, temperature=float(temperature), no_speech=silent,
+                compression_ratio=compression_ratio(text), temperature=float(temperature),
+                no_speech=quiet,
             )  # fmt: skip
-            if silent or not (repetitive or low_lp) or last:
+            if quiet or not (repetitive(text, options) or low_logprob(avg_lp, options)) or last:
                 pending.remove(b)
         if not pending:
             break

@@ -23,9 +23,9 @@ submitted with a higher engine priority than partials.
 
 Device work: one engine kind per length bucket (`whisper/<seconds>s`); each batch runs
 one jitted call (`recognize_batch`: mel, encoder, cross K/V, prefill, token loop).
-Every (bucket, batch size) shape this pipeline can issue is compiled by the engine's
-warm-up; rows the engine padded in are dropped again before the call, and long buckets
-use only small batch sizes (cost on CPU grows with rows anyway, and warm-up stays short).
+Each kind registers its batch sizes with the engine, which pads every batch to one of
+them and compiles exactly those at warm-up; long buckets have only small batch sizes
+(cost on CPU grows with rows anyway, and warm-up stays short).
 A partial is skipped (None) while another request waits in the engine queue: finals of
 other sessions then never wait behind a pile of partials.
 
@@ -63,13 +63,20 @@ import numpy as np
 
 from models.decoding import (
     SearchResult,
-    SuppressAtBegin,
-    SuppressTokens,
     beam_search,
     greedy_search,
 )
 from models.whisper import model as whisper
-from models.whisper.decoding import NoSpeechProbe, WhisperDecoder, compression_ratio
+from models.whisper.decoding import (
+    DecodeOptions,
+    NoSpeechProbe,
+    WhisperDecoder,
+    logit_filters,
+    low_logprob,
+    no_speech_likely,
+    repetitive,
+    silent,
+)
 from models.whisper.mel import SAMPLE_RATE, log_mel
 from models.whisper.transcriber import (
     PROMPT_LIMIT,
@@ -145,9 +152,6 @@ CONTEXT_RESET_S = 2.0
 # 2 s, finals WER shared / dev: no context 4.05 / 5.68 %; partials and finals prompted
 # 4.73 / 5.99; finals only 4.05 / 5.05.
 CONTEXT_PARTIALS = False
-NO_SPEECH_THRESHOLD = 0.6
-COMPRESSION_RATIO_THRESHOLD = 2.4
-LOGPROB_THRESHOLD = -1.0
 
 
 # --------------------------------------------------------------------------- device side
@@ -224,15 +228,14 @@ class Decoded:
 
     @property
     def silent(self) -> bool:
-        return self.no_speech_prob > NO_SPEECH_THRESHOLD and self.avg_logprob < LOGPROB_THRESHOLD
+        return silent(self.no_speech_prob, self.avg_logprob)
 
     def fails(self, text: str) -> bool:
         """openai/whisper's fallback tests (any one): a repetitive text, a low average
         log-probability, or likely no speech. A final decoded after previous text that
         fails is decoded again without it."""
-        return (compression_ratio(text) > COMPRESSION_RATIO_THRESHOLD
-                or self.avg_logprob < LOGPROB_THRESHOLD
-                or self.no_speech_prob > NO_SPEECH_THRESHOLD)
+        return (repetitive(text) or low_logprob(self.avg_logprob)
+                or no_speech_likely(self.no_speech_prob))
 
 
 # --------------------------------------------------------------------------- pipeline
@@ -284,13 +287,10 @@ class WhisperPipeline:
         tok = self.tokenizer
         self.sot_sequence = tuple(tok.sot_sequence(timestamps=False))
         self.eot = tok.eot
-        specials = {tok.sot, tok.sot_prev, tok.sot_lm, tok.no_speech, tok.translate,
-                    tok.transcribe, tok.no_timestamps, *tok.languages.values()}
-        timestamps = range(tok.timestamp_begin, self.config.vocab_size)
-        suppress = tuple(sorted(set(self.config.suppress_tokens) | specials | set(timestamps)))
-        # Not the end token at the start: with a committed prefix, ending is legitimate.
-        begin = tuple(t for t in self.config.begin_suppress_tokens if t != self.eot)
-        filters = (SuppressTokens(suppress), SuppressAtBegin(begin))
+        # Decodes go on after a forced (committed) prefix: never a special token or a
+        # timestamp, and ending at once is legitimate.
+        filters = logit_filters(self.config, tok,
+                                DecodeOptions(suppress_special=True, end_at_begin=True))
         probe = NoSpeechProbe(tok.sot, tok.no_speech)
         self.specs: list[BucketSpec] = []
         self.final_specs: list[BucketSpec] = []  # buckets of finals (beam search if asked)
@@ -333,7 +333,8 @@ class WhisperPipeline:
         """Finals' word timings: one forced pass of the final's tokens over its audio
         (models/whisper/timing.py), on the engine's threads as every device call."""
         self.aligner = WhisperTranscriber(model)
-        self.engine.add_kind(WORDS_KIND, self._align_run, WORDS_PAD)
+        # One final at a time: alignment runs row by row (its shapes follow the text).
+        self.engine.add_kind(WORDS_KIND, self._align_run, WORDS_PAD, batch_sizes=(1,))
 
     def _align_run(self, items: list[tuple[np.ndarray, tuple[int, ...]]]) -> list[tuple]:
         if all(item is WORDS_PAD for item in items):  # warm-up: a final's usual shapes
@@ -364,7 +365,8 @@ class WhisperPipeline:
         if self.context_tokens:
             extra = max(need - spec.prompt_width, 0)
             self.wide[spec] = dataclasses.replace(spec, context_width=extra) if extra else spec
-        self.engine.add_kind(self.kind(spec), functools.partial(self._run, spec), PAD)
+        self.engine.add_kind(self.kind(spec), functools.partial(self._run, spec), PAD,
+                             batch_sizes=self.batch_sizes(spec))
 
     @staticmethod
     def kind(spec: BucketSpec) -> str:
@@ -385,6 +387,8 @@ class WhisperPipeline:
         return self.spec_for(n_samples).prompt_width - len(self.sot_sequence)
 
     def batch_sizes(self, spec: BucketSpec) -> tuple[int, ...]:
+        """The engine's batch sizes that keep a call of this bucket within
+        ROW_SECONDS_PER_CALL (the engine pads and warms exactly these)."""
         cap = max(1, int(ROW_SECONDS_PER_CALL // (spec.seconds * spec.beams)))
         sizes = tuple(b for b in self.engine.batch_sizes if b <= cap)
         return sizes or self.engine.batch_sizes[:1]
@@ -434,25 +438,13 @@ class WhisperPipeline:
 
     # -- worker thread
 
-    def _run(self, spec: BucketSpec, items: list[Job]) -> list[Decoded | None]:
-        """Engine batch function: drops the engine's empty slots and runs the real rows in
-        calls of this bucket's batch sizes. All-empty (warm-up) compiles the shape."""
-        sizes = self.batch_sizes(spec)
-        out: list[Decoded | None] = [None] * len(items)
-        real = [i for i, job in enumerate(items) if job is not PAD]
-        if not real:
-            if len(items) in sizes:
-                self._call(spec, [PAD] * len(items))
-                if self.wide.get(spec, spec) != spec:  # the wide shape too: at warm-up
-                    self._call(spec, [PAD] * len(items), wide=True)
-            return out
-        for start in range(0, len(real), sizes[-1]):
-            rows = real[start : start + sizes[-1]]
-            size = next(b for b in sizes if b >= len(rows))
-            jobs = [items[i] for i in rows] + [PAD] * (size - len(rows))
-            for i, result in zip(rows, self._call(spec, jobs), strict=False):
-                out[i] = result
-        return out
+    def _run(self, spec: BucketSpec, items: list[Job]) -> list[Decoded]:
+        """Engine batch function: one device call of the batch the engine padded to one of
+        this bucket's sizes (its empty rows stop at once). All empty (warm-up): the wide
+        shape (previous text) is compiled too."""
+        if all(job is PAD for job in items) and self.wide.get(spec, spec) != spec:
+            self._call(spec, items, wide=True)
+        return self._call(spec, items)
 
     def _call(self, spec: BucketSpec, jobs: list[Job], wide: bool = False) -> list[Decoded]:
         """One device call. The bucket's wide shape when a row has previous text (or
@@ -636,7 +628,7 @@ class WhisperRecognizer:
         # Generated words are grouped on their own, so committed units never regroup.
         hyp = p.cut_loop(list(committed) + p.words(result.tokens), len(committed))
         text = p.words_text(hyp)
-        if compression_ratio(text) > COMPRESSION_RATIO_THRESHOLD:
+        if repetitive(text):
             return None  # still repetitive: say nothing rather than commit to it
         room, units, used = p.prefix_room(len(audio_16k)), 0, 0
         # Never the last word: on audio cut mid-sentence it is often cut short or ends in

@@ -46,6 +46,39 @@ def test_results_match_requests_and_buckets_are_fixed() -> None:
     assert all(x == -1 for b in seen for x in b[sum(v != -1 for v in b):])
 
 
+def test_a_kind_gets_only_its_own_batch_sizes() -> None:
+    """A kind registered with its own batch sizes is warmed at exactly those and gets no
+    other shape: more waiting requests than its largest size are split by the engine."""
+    seen: list[int] = []
+    gate = threading.Event()
+
+    def double(items: list[int]) -> list[int]:
+        gate.wait(5)
+        seen.append(len(items))
+        return [2 * x for x in items]
+
+    async def main() -> list[int]:
+        engine = Engine(batch_sizes=(1, 2, 4, 8))
+        engine.add_kind("double", double, pad=0, batch_sizes=(1, 2))
+        gate.set()
+        engine.warmup()
+        assert seen == [1, 2]
+        seen.clear()
+        gate.clear()
+        engine.start()
+        tasks = [asyncio.create_task(engine.submit("double", i)) for i in range(7)]
+        await asyncio.sleep(0.05)
+        gate.set()
+        out = await asyncio.gather(*tasks)
+        await engine.stop()
+        return out
+
+    assert run(main()) == [2 * i for i in range(7)]
+    assert seen and set(seen) <= {1, 2}
+    with pytest.raises(ValueError):
+        Engine().add_kind("bad", lambda items: items, pad=0, batch_sizes=(0, 1))
+
+
 def test_kinds_are_batched_separately_and_in_order() -> None:
     calls: list[tuple[str, list[int]]] = []
     gate = threading.Event()
