@@ -15,7 +15,9 @@ The config is `config.json` with the generation settings of `generation_config.j
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -118,7 +120,7 @@ def read_hf_folder(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
     )
 
 
-def _as_numpy(value) -> np.ndarray:
+def _as_numpy(value: Any) -> np.ndarray:
     array = np.asarray(value)
     if array.dtype.kind == "f" or array.dtype.name == "bfloat16":
         return array.astype(np.float32)
@@ -132,7 +134,8 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
     return {name: _as_numpy(value) for name, value in load_file(str(path)).items()}
 
 
-def _read_index(path: Path, reader) -> dict[str, np.ndarray]:
+def _read_index(path: Path,
+                reader: Callable[[Path], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     index = json.loads(path.read_text())
     tensors: dict[str, np.ndarray] = {}
     for shard in sorted(set(index["weight_map"].values())):

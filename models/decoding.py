@@ -38,7 +38,11 @@ class IncrementalDecoder(Protocol):
     """What a model provides to the search. Must be hashable (it is a static jit argument):
     a frozen dataclass holding the model config is the intended shape."""
 
-    max_len: int  # cache length: prompt width + generated tokens must fit
+    @property
+    def max_len(self) -> int:
+        """Cache length: prompt width + generated tokens must fit (read-only: a frozen
+        dataclass field satisfies it)."""
+        ...
 
     def init_cache(self, batch: int) -> Any:
         """A zeroed cache pytree, every leaf batch-first (the search reorders beams by
@@ -234,7 +238,7 @@ def _check(decoder: IncrementalDecoder, prompt: jax.Array, max_new_tokens: int) 
         )
 
 
-def _prompt_len(prompt: jax.Array, prompt_len: jax.Array | None) -> jax.Array:
+def _prompt_len(prompt: jax.Array, prompt_len: jax.Array | np.ndarray | None) -> jax.Array:
     if prompt_len is None:
         return jnp.full(prompt.shape[:1], prompt.shape[1], jnp.int32)
     return jnp.asarray(prompt_len, jnp.int32)
@@ -244,11 +248,11 @@ def greedy_search(
     decoder: IncrementalDecoder,
     params: Any,
     cross: Any,
-    prompt: jax.Array,
+    prompt: jax.Array | np.ndarray,
     *,
     eot: int,
     max_new_tokens: int,
-    prompt_len: jax.Array | None = None,
+    prompt_len: jax.Array | np.ndarray | None = None,
     filters: Sequence[LogitFilter] = (),
     temperature: float = 0.0,
     key: jax.Array | None = None,
@@ -371,12 +375,12 @@ def beam_search(
     decoder: IncrementalDecoder,
     params: Any,
     cross: Any,
-    prompt: jax.Array,
+    prompt: jax.Array | np.ndarray,
     *,
     eot: int,
     max_new_tokens: int,
     beams: int,
-    prompt_len: jax.Array | None = None,
+    prompt_len: jax.Array | np.ndarray | None = None,
     filters: Sequence[LogitFilter] = (),
     length_penalty: float = 1.0,
     renormalize: bool = True,

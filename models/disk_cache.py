@@ -54,9 +54,9 @@ def enable_compilation_cache(directory: str | Path | None = None) -> Path | None
             log.warning("compilation cache off: cannot create %s: %s", folder, exc.strerror)
             return None
         settings[CACHE_DIR_ENV] = folder
-    for name, value in THRESHOLDS.items():
+    for name, threshold in THRESHOLDS.items():
         if name not in os.environ:
-            settings[name] = value
+            settings[name] = threshold
     for name, value in settings.items():
         os.environ[name] = str(value)
     if "jax" in sys.modules:

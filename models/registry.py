@@ -116,7 +116,7 @@ def cached_params(
         arrays = {k: np.asarray(v) for k, v in flat.items()}
         arrays[_CONFIG_KEY] = np.asarray(json.dumps(hf_config))
         tmp = path.with_name(path.stem + ".tmp.npz")
-        np.savez(tmp, **arrays)
+        np.savez(tmp, **arrays)  # type: ignore[arg-type]  # mypy: **arrays may be allow_pickle
         tmp.replace(path)
     except OSError as exc:
         log.warning("cannot write param cache %s: %s", path, exc)
@@ -182,6 +182,7 @@ def load_whisper(name_or_path: str | Path | None = None) -> WhisperModel:
     from models.whisper.tokenizer import WhisperTokenizer
 
     folder = resolve_model(name_or_path)
+    read: Callable[[str | Path], tuple[dict, dict[str, np.ndarray]]]
     if (folder / "model.bin").is_file():
         kind, read = "whisper-ct2", ct2.read_ct2_whisper
     else:

@@ -70,13 +70,13 @@ def extend_spans(
             continue
         if s == 0 and token == prev_id and tokens:  # run carried over from the last chunk
             ends[-1] = first_frame + int(e)
-            if prob_sums is not None:
+            if prob_sums is not None and sums is not None:  # prob_sums implies sums
                 prob_sums[-1] += float(sums[r])
             continue
         tokens.append(token)
         starts.append(first_frame + int(s))
         ends.append(first_frame + int(e))
-        if prob_sums is not None:
+        if prob_sums is not None and sums is not None:
             prob_sums.append(float(sums[r]))
     return TokenSpans(
         tuple(tokens), tuple(starts), tuple(ends), None if prob_sums is None else tuple(prob_sums)

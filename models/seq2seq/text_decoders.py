@@ -165,7 +165,7 @@ def _write(buf: jax.Array, rows: jax.Array, at: jax.Array, axis: int) -> jax.Arr
     """Each batch row writes `rows` at its own offset `at[b]` along `axis` (of the row)."""
 
     def one(b: jax.Array, r: jax.Array, i: jax.Array) -> jax.Array:
-        index = [0] * b.ndim
+        index: list[int | jax.Array] = [0] * b.ndim
         index[axis] = i
         return jax.lax.dynamic_update_slice(b, r.astype(b.dtype), index)
 
@@ -254,7 +254,8 @@ def _decode(params: Params, config: TextDecoderConfig, cache: DecoderCache, cros
         x = layer_norm(params["final_norm"], x, c.layer_norm_eps)
     if logits_at is not None:
         x = jnp.take_along_axis(x, logits_at[:, :, None], axis=1)
-    head = params.get("lm_head", params["embed"])  # [V, D]; tied unless stored apart
+    # [V, D]; tied unless stored apart
+    head = params["lm_head"] if "lm_head" in params else params["embed"]
     # Contract [B*S, D] rows with the [V, D] table's last axis directly, so XLA does not
     # materialise a transposed copy of the table every step (as in models/whisper/model.py).
     flat = jax.lax.dot_general(x.reshape(-1, x.shape[-1]), head, (((1,), (1,)), ((), ())))
@@ -421,7 +422,8 @@ def generate_ids(decoder: TextDecoder, params: Any, cross: CrossCache, *, start_
     beam search on the shared engine (`models/decoding.py`)."""
     prompt = jnp.asarray([[start_token]], jnp.int32)
     filters = () if forced_bos_token is None else (decoding.ForceTokens((forced_bos_token,)),)
-    kw = dict(eot=eos_token, max_new_tokens=max_new_tokens, renormalize=False, filters=filters)
+    kw: dict[str, Any] = dict(eot=eos_token, max_new_tokens=max_new_tokens, renormalize=False,
+                              filters=filters)
     if beam_size > 1:
         res = decoding.beam_search(decoder, params, cross, prompt, beams=beam_size, **kw)
     else:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
@@ -49,9 +49,9 @@ class Wav2Vec2Config:
     model_type: str = "wav2vec2"
 
     @classmethod
-    def from_hf_config(cls, hf: dict) -> Wav2Vec2Config:
+    def from_hf_config(cls, hf: dict) -> Self:
         """From a Hugging Face `config.json` dict (unknown keys are ignored)."""
-        kwargs = {}
+        kwargs: dict[str, Any] = {}
         for field in dataclasses.fields(cls):
             if field.name in hf and hf[field.name] is not None:
                 value = hf[field.name]
@@ -61,9 +61,9 @@ class Wav2Vec2Config:
         return cls(**kwargs)
 
     @classmethod
-    def tiny(cls, **overrides: Any) -> Wav2Vec2Config:
+    def tiny(cls, **overrides: Any) -> Self:
         """A few-thousand-parameter config with the real conv strides, for tests."""
-        base = dict(
+        base: dict[str, Any] = dict(
             vocab_size=12, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
             intermediate_size=48, conv_dim=(16,) * 7, num_conv_pos_embeddings=16,
             num_conv_pos_embedding_groups=4, output_hidden_size=32,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -80,7 +80,15 @@ class Wav2Vec2ConformerConfig(Wav2Vec2Config):
         return False
 
 
-def _layer_params(config: Wav2Vec2Config, t: Mapping[str, np.ndarray], name: str) -> Params:
+def _conformer(config: Wav2Vec2Config) -> Wav2Vec2ConformerConfig:
+    """`config` typed as what it is: `encoders.ENCODERS` routes only "wav2vec2-conformer"
+    configs (its `config_class`, this module's config) to this module's functions, whose
+    signatures are the `Encoder` contract's."""
+    return cast(Wav2Vec2ConformerConfig, config)
+
+
+def _layer_params(config: Wav2Vec2ConformerConfig, t: Mapping[str, np.ndarray],
+                  name: str) -> Params:
     """One conformer block's PyTorch weights (prefix `name`) -> params."""
     cm = f"{name}.conv_module"
     p = {
@@ -115,14 +123,14 @@ def _layer_params(config: Wav2Vec2Config, t: Mapping[str, np.ndarray], name: str
 
 def params_from_torch(config: Wav2Vec2Config, t: Mapping[str, np.ndarray]) -> Params:
     """The encoder's weights (names without the model prefix) -> `{"layers"}`."""
-    return {"layers": [_layer_params(config, t, f"encoder.layers.{i}")
+    return {"layers": [_layer_params(_conformer(config), t, f"encoder.layers.{i}")
                        for i in range(config.num_hidden_layers)]}
 
 
 # ----------------------------------------------------------------------------- positions
 
 
-def _rotate(config: Wav2Vec2Config, x: jax.Array, positions: jax.Array) -> jax.Array:
+def _rotate(config: Wav2Vec2ConformerConfig, x: jax.Array, positions: jax.Array) -> jax.Array:
     """Rotary embedding of x [B, T, D] at absolute frame `positions` [B, T], applied per
     head to the block input (before the q/k projections, as transformers does)."""
     dh = config.head_dim
@@ -175,6 +183,7 @@ def prepare_stream(params: Params, config: Wav2Vec2Config, stream: StreamConfig)
     """Params with each relative-position block's projected distance table for the
     streaming window precomputed (it depends only on the weights and the window, and
     costs about as much as the rest of a block per chunk). Other models: unchanged."""
+    config = _conformer(config)
     if config.position_embeddings_type != "relative":
         return params
     left, width = stream.left_frames, stream.chunk_frames + stream.right_frames
@@ -187,7 +196,7 @@ def prepare_stream(params: Params, config: Wav2Vec2Config, stream: StreamConfig)
 # ----------------------------------------------------------------------------- block
 
 
-def _conv_module(p: Params, config: Wav2Vec2Config, x: jax.Array, tail: jax.Array,
+def _conv_module(p: Params, config: Wav2Vec2ConformerConfig, x: jax.Array, tail: jax.Array,
                  mask: jax.Array | None) -> tuple[jax.Array, jax.Array]:
     """Convolution module on x [B, T, D] with left context `tail` [B, P, D] (zeros offline)
     and zeros on the right. Returns (output [B, T, D], GLU output [B, T, D] for the tail)."""
@@ -204,7 +213,14 @@ def _conv_module(p: Params, config: Wav2Vec2Config, x: jax.Array, tail: jax.Arra
     return dense(p["pw2"], activation(config.hidden_act)(y)), glu
 
 
-def _block(p: Params, config: Wav2Vec2Config, x: jax.Array, ls: LayerState,
+def _conv_tail(ls: LayerState) -> jax.Array:
+    """The layer's depthwise-conv tail, which conformer layers always carry (`init_layers`;
+    only the transformer's are None)."""
+    assert ls.conv_tail is not None
+    return ls.conv_tail
+
+
+def _block(p: Params, config: Wav2Vec2ConformerConfig, x: jax.Array, ls: LayerState,
            key_mask: jax.Array, positions: jax.Array, q_pos: np.ndarray, k_pos: np.ndarray,
            conv_mask: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """One conformer block on x [B, T, D] attending to [cached keys ; x].
@@ -226,7 +242,7 @@ def _block(p: Params, config: Wav2Vec2Config, x: jax.Array, ls: LayerState,
     attn = attend(q, jnp.concatenate([ls.k, k], 1), jnp.concatenate([ls.v, v], 1),
                   key_mask, bias)
     x = x + dense(p["o"], attn)
-    conv, glu = _conv_module(p["conv"], config, x, ls.conv_tail, conv_mask)
+    conv, glu = _conv_module(p["conv"], config, x, _conv_tail(ls), conv_mask)
     x = x + conv
     x = x + 0.5 * feed_forward(p["ffn2_in"], p["ffn2_out"], layer_norm(p["ffn2_norm"], x), act)
     return layer_norm(p["final_norm"], x), k, v, glu
@@ -235,6 +251,7 @@ def _block(p: Params, config: Wav2Vec2Config, x: jax.Array, ls: LayerState,
 def encode_offline(params: Params, config: Wav2Vec2Config, x: jax.Array,
                    frame_mask: jax.Array) -> jax.Array:
     """Conformer encoder on projected features x [B, T, D] with frame_mask [B, T]."""
+    config = _conformer(config)
     b, t, d = x.shape
     x = jnp.where(frame_mask[..., None], x, 0.0)
     hh, dh = config.num_attention_heads, config.head_dim
@@ -252,6 +269,7 @@ def encode_offline(params: Params, config: Wav2Vec2Config, x: jax.Array,
 def init_layers(config: Wav2Vec2Config, batch: int,
                 stream: StreamConfig) -> tuple[LayerState, ...]:
     """Empty key/value caches of `left_frames` frames and depthwise-conv tails per block."""
+    config = _conformer(config)
     f32 = jnp.float32
     h, dh, d = config.num_attention_heads, config.head_dim, config.hidden_size
     conv_tail = (config.conv_depthwise_kernel_size - 1) // 2
@@ -268,6 +286,7 @@ def encoder_window(params: Params, config: Wav2Vec2Config, stream: StreamConfig,
     """Streaming conformer encoder over the window x = frames[:, -(C + R):] of projected
     frames; `key_index` [B, L + C + R] is the offline frame of every key slot (cache, then
     window)."""
+    config = _conformer(config)
     c, r, left = stream.chunk_frames, stream.right_frames, stream.left_frames
     x = frames[:, -(c + r):]
     key_mask = frame_valid(config, key_index, num_samples)
@@ -279,5 +298,5 @@ def encoder_window(params: Params, config: Wav2Vec2Config, stream: StreamConfig,
     for p, ls in zip(params["layers"], layers, strict=True):
         x, k, v, glu = _block(p, config, x, ls, key_mask, positions, q_pos, k_pos, win_mask)
         new_layers.append(LayerState(k=push(ls.k, k[:, :c]), v=push(ls.v, v[:, :c]),
-                                     conv_tail=push(ls.conv_tail, glu[:, :c])))
+                                     conv_tail=push(_conv_tail(ls), glu[:, :c])))
     return layer_norm(params["enc_norm"], x, config.layer_norm_eps), tuple(new_layers)

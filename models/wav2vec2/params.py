@@ -32,7 +32,7 @@ def params_from_state_dict(config: Wav2Vec2Config, tensors: Mapping[str, np.ndar
     fe = []
     for i in range(len(config.conv_dim)):
         name = f"feature_extractor.conv_layers.{i}"
-        layer = {"w": conv_from_torch(t[f"{name}.conv.weight"])}
+        layer: Params = {"w": conv_from_torch(t[f"{name}.conv.weight"])}
         if config.conv_bias:
             layer["b"] = t[f"{name}.conv.bias"]
         if config.feat_extract_norm == "layer" or i == 0:

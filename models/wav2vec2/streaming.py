@@ -22,6 +22,8 @@ running group-norm statistics over, which helps base models (see the tests).
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -79,7 +81,7 @@ def _encode_chunk(params: Params, state: StreamState, chunk: jax.Array,
     if stream.normalize:  # running zero-mean, unit-variance (HF does it per utterance)
         audio = fs.audio.update(chunk[..., None], sample_valid)
         chunk = jnp.where(sample_valid, audio.normalize(chunk[..., None], 1e-7)[..., 0], 0.0)
-        fs = fs.replace(audio=audio)
+        fs = dataclasses.replace(fs, audio=audio)
 
     feats, fstate = stream_features(params, config, fs, chunk, state.step, num_samples)
     # offline index of the new frames, then of the window [E, E + C + R) and its keys
@@ -148,8 +150,8 @@ def reset_slots(state: StreamState, slots: jax.Array,
     instead of from its own first chunk. Jittable (`keep_statistics` static)."""
     fresh = init_state(state.config, state.step.shape[0], state.stream)
     if keep_statistics:
-        fresh = fresh.replace(features=fresh.features.replace(
-            norm=state.features.norm, audio=state.features.audio))
+        fresh = dataclasses.replace(fresh, features=dataclasses.replace(
+            fresh.features, norm=state.features.norm, audio=state.features.audio))
 
     def pick(new: jax.Array, old: jax.Array) -> jax.Array:
         return jnp.where(slots.reshape((-1,) + (1,) * (old.ndim - 1)), new, old)

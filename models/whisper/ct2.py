@@ -25,7 +25,7 @@ from models.checkpoint import ModelLoadError
 
 MODEL_FILE = "model.bin"
 # CTranslate2's DataType enum order.
-_DTYPES = {
+_DTYPES: dict[int, np.dtype] = {
     0: np.dtype("<f4"),
     1: np.dtype("i1"),
     2: np.dtype("<i2"),

@@ -10,6 +10,7 @@ dropped, as Whisper does).
 from __future__ import annotations
 
 import functools
+from typing import overload
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +22,7 @@ HOP_LENGTH = 160
 CHUNK_SAMPLES = 30 * SAMPLE_RATE  # Whisper's 30 s window: 480000 samples -> 3000 frames
 
 
-def _hz_to_mel(hz: np.ndarray) -> np.ndarray:
+def _hz_to_mel(hz: float | np.ndarray) -> np.ndarray:
     """Slaney mel scale: linear below 1 kHz, logarithmic above."""
     hz = np.asarray(hz, np.float64)
     linear = 3.0 * hz / 200.0
@@ -88,7 +89,12 @@ def log_mel(audio: jax.Array, n_mels: int = 80) -> jax.Array:
     return jnp.swapaxes((logs + 4.0) / 4.0, 1, 2)
 
 
-def pad_or_trim(audio: jax.Array | np.ndarray, n_samples: int = CHUNK_SAMPLES) -> jax.Array:
+@overload
+def pad_or_trim(audio: np.ndarray, n_samples: int = CHUNK_SAMPLES) -> np.ndarray: ...
+@overload
+def pad_or_trim(audio: jax.Array, n_samples: int = CHUNK_SAMPLES) -> jax.Array: ...
+def pad_or_trim(audio: jax.Array | np.ndarray,
+                n_samples: int = CHUNK_SAMPLES) -> jax.Array | np.ndarray:
     """Zero-pad or cut the last axis to exactly `n_samples` (Whisper pads with silence).
 
     Works on numpy (returns numpy, no device work) and jax arrays (returns jax).

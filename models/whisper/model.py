@@ -34,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import flax.linen as nn
 import jax
@@ -115,7 +115,7 @@ class WhisperConfig:
     @classmethod
     def tiny_test(cls, **overrides: Any) -> WhisperConfig:
         """A tiny random-size preset for tests."""
-        base = dict(
+        base: dict[str, Any] = dict(
             vocab_size=128, d_model=64, encoder_layers=2, encoder_heads=4, decoder_layers=2,
             decoder_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
             max_target_positions=64, decoder_start_token_id=125, eos_token_id=126,
@@ -240,7 +240,8 @@ class Encoder(nn.Module):
 
     def setup(self) -> None:
         c = self.config
-        conv = dict(features=c.d_model, kernel_size=(3,), padding=((1, 1),), dtype=c.dtype)
+        conv: dict[str, Any] = dict(features=c.d_model, kernel_size=(3,), padding=((1, 1),),
+                                    dtype=c.dtype)
         self.conv1 = nn.Conv(**conv)
         self.conv2 = nn.Conv(**conv, strides=(2,))
         self.embed_positions = self.param(  # fixed sinusoids, but loaded from the checkpoint
@@ -291,7 +292,7 @@ class DecoderLayer(nn.Module):
         new = self.self_attn.key_value(h)  # S new positions
 
         def write(buf: jax.Array, rows: jax.Array, at: jax.Array, axis: int) -> jax.Array:
-            index = [0] * buf.ndim
+            index: list[int | jax.Array] = [0] * buf.ndim
             index[axis] = at
             return jax.lax.dynamic_update_slice(buf, rows.astype(buf.dtype), index)
 
@@ -416,7 +417,8 @@ def _encode(params: Params, config: WhisperConfig, mel: jax.Array) -> jax.Array:
 
     T may be any length up to 2 * max_source_positions (3000); each T compiles once.
     """
-    return Encoder(config).apply({"params": params["encoder"]}, mel)
+    # Module.apply's annotation also covers `mutable=` calls' (out, variables) tuple
+    return cast(jax.Array, Encoder(config).apply({"params": params["encoder"]}, mel))
 
 
 def _cross_kv(
@@ -428,9 +430,9 @@ def _cross_kv(
     are separate compiles."""
     if encoder_mask is None:
         encoder_mask = jnp.ones(encoder_out.shape[:2], bool)
-    return Decoder(config).apply(
+    return cast(CrossCache, Decoder(config).apply(
         {"params": params["decoder"]}, encoder_out, encoder_mask, method="cross_kv"
-    )
+    ))
 
 
 def _decode(
@@ -454,10 +456,10 @@ def _decode(
     """
     if num_valid is None:
         num_valid = jnp.full(tokens.shape[:1], tokens.shape[1], jnp.int32)
-    return Decoder(config).apply(
+    return cast(tuple[jax.Array, DecoderCache], Decoder(config).apply(
         {"params": params["decoder"]}, cache, cross, tokens.astype(jnp.int32), num_valid,
         logits_at,
-    )
+    ))
 
 
 def _decode_step(
@@ -481,10 +483,10 @@ def _alignment_attention(
     head) pairs, softmax over the first n_frames frames only, float32 [A, S, T]; the
     probability of each next token among the text tokens, float32 [S - 1]: position i
     predicting tokens[i + 1], softmax over the ids below the end token, as openai)."""
-    logits, scores = Decoder(config).apply(
+    logits, scores = cast(tuple[jax.Array, tuple[jax.Array, ...]], Decoder(config).apply(
         {"params": params["decoder"]}, tokens[None].astype(jnp.int32), encoder_out,
         method="forced",
-    )
+    ))
     picked = jnp.stack([scores[layer][0, head] for layer, head in heads])  # [A, S, T]
     audio = jnp.arange(picked.shape[-1]) < n_frames
     weights = jax.nn.softmax(jnp.where(audio, picked, -jnp.inf), axis=-1)

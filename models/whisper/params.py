@@ -73,7 +73,7 @@ def params_from_hf(
         def split(proj: str, bias: bool) -> dict:
             # torch [H*Dh, D] (out, in) -> DenseGeneral kernel [D, H, Dh]
             w = get(f"{name}.{proj}.weight", (d, d)).T.reshape(d, heads, head_dim)
-            out = {"kernel": w}
+            out: dict[str, np.ndarray] = {"kernel": w}
             if bias:
                 out["bias"] = get(f"{name}.{proj}.bias", (d,)).reshape(heads, head_dim)
             return out

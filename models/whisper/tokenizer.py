@@ -129,7 +129,8 @@ class WhisperTokenizer:
         if skip_special_tokens:
             return self._tok.decode([i for i in ids if i < self.eot], skip_special_tokens=False)
         # Timestamp tokens may be unknown to the file: decode runs of text between them.
-        parts, run = [], []
+        parts: list[str] = []
+        run: list[int] = []
         for i in ids:
             if i >= self.timestamp_begin:
                 parts.append(self._tok.decode(run, skip_special_tokens=False))

@@ -297,7 +297,7 @@ class WhisperTranscriber:
             self.model.params, self.model.config, tokenizer, heads, encoded,
             n_samples // (2 * HOP_LENGTH), spans, prefix, last_speech - offset,
         )  # fmt: skip
-        segments = []
+        segments: list[Segment] = []
         for (start, stop, ids), words in zip(spans, timed, strict=True):
             kept: list[Word] = []
             for w in words:
