@@ -24,7 +24,7 @@ run: system install
 # Two workers, a test file each at a time (module fixtures such as a daemon stay in one
 # process); TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
-test: system install
+test: system install lint
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # The benchmarks' extras and the peer (bench/peer_localagreement.py); see pyproject.toml.
@@ -40,8 +40,11 @@ cluster: system install
 cluster-down:
 	bash scripts/cluster.sh down
 
+# ruff, and mypy on models/ and streamd/ (pyproject.toml [tool.mypy]); `make test` runs it
+# first, so CI does too.
 lint: install
 	$(VENV)/bin/ruff check streamd models clients tests bench
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf $(VENV) .cache

@@ -73,7 +73,7 @@ def pipeline_counters(port: int) -> dict[str, float]:
     values = {}
     for key, name in PIPELINE_COUNTERS.items():
         values[key] = sum(float(line.split()[-1]) for line in text.splitlines()
-                          if line.startswith(name + "_total ") or line.startswith(name + " "))
+                          if line.startswith((name + "_total ", name + " ")))
     return values
 
 

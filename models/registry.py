@@ -8,6 +8,7 @@ CTranslate2 Whisper folder (`model.bin`) or a Hugging Face folder (`config.json`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -155,10 +156,8 @@ def release_host_memory() -> None:
     import gc
 
     gc.collect()
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        pass
 
 
 @dataclasses.dataclass(frozen=True)

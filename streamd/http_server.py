@@ -19,6 +19,7 @@ I/O.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import threading
@@ -70,10 +71,9 @@ async def in_thread(work: Callable[[], T]) -> T:
             result = work()
         except BaseException as exc:  # handed to the awaiting request
             error = exc
-        try:
+        # RuntimeError: the loop closed meanwhile (daemon exiting): nobody waits.
+        with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(settle, result, error)
-        except RuntimeError:  # the loop closed meanwhile (daemon exiting): nobody waits
-            pass
 
     threading.Thread(target=run, name="streamd-file", daemon=True).start()
     return await future

@@ -465,7 +465,7 @@ class MqttPublisher:
                 pass
 
         watcher = asyncio.create_task(watch())
-        sending: dict[asyncio.Task[None], Message] = {}
+        sending: dict[asyncio.Task[Any], Message] = {}
         wake: asyncio.Task[bool] | None = None
         try:
             while True:

@@ -17,7 +17,7 @@ from streamd.errors import BadRequest, Unsupported
 
 PROTOCOL_VERSION = 1
 TARGET_RATE = 16000
-ENCODINGS = {"pcm_s16le": np.dtype("<i2"), "pcm_f32le": np.dtype("<f4")}
+ENCODINGS: dict[str, np.dtype] = {"pcm_s16le": np.dtype("<i2"), "pcm_f32le": np.dtype("<f4")}
 MIN_RATE, MAX_RATE = 8000, 48000
 MAX_CHANNELS = 8
 _SESSION_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -110,8 +110,10 @@ def parse_control(text: str) -> Start | Stop | Keepalive | Finalize:
     """
     try:
         msg = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except json.JSONDecodeError as exc:
         raise BadRequest(f"control message is not JSON: {exc.msg}") from None
+    except UnicodeDecodeError as exc:
+        raise BadRequest(f"control message is not JSON: {exc.reason}") from None
     except (ValueError, RecursionError):  # an integer over 4300 digits; nesting too deep
         raise BadRequest("control message is not JSON: a number too long or nesting too deep"
                          ) from None

@@ -9,7 +9,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 
@@ -37,9 +37,9 @@ def load_transcriber(args: argparse.Namespace) -> FileTranscriber:
     folder = registry.resolve_model(args.model)
     family = registry.model_family(folder)
     if family == "whisper":
-        from models.whisper.transcriber import WhisperTranscriber
+        from models.whisper.transcriber import EncoderWindow, WhisperTranscriber
 
-        window = args.encoder_window or "bucketed"
+        window: EncoderWindow = args.encoder_window or "bucketed"
         prompt = getattr(args, "prompt", "") or ""
         if len(prompt) > MAX_PROMPT_CHARS:
             raise ValueError(f"--prompt is over {MAX_PROMPT_CHARS} characters")
@@ -155,10 +155,11 @@ def main(args: argparse.Namespace) -> int:
             continue
         started = time.perf_counter()
         segments = None
+        # (both checked after loading: only the families that have them get here)
         if args.stream:
-            text = transcriber.stream(audio, _partial_printer(str(path), args.json))
+            text = cast(Any, transcriber).stream(audio, _partial_printer(str(path), args.json))
         elif word_timestamps:
-            segments = transcriber.transcribe_segments(audio, word_timestamps=True)
+            segments = cast(Any, transcriber).transcribe_segments(audio, word_timestamps=True)
             text = " ".join(segment.text for segment in segments)
         else:
             text = transcriber.transcribe(audio)

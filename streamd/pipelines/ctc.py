@@ -126,7 +126,7 @@ class CTCPipeline:
 
     def compiled_shapes(self) -> int:
         """Compiles of `encode_chunk` so far (all pipelines in the process)."""
-        return wav2vec2.encode_chunk._cache_size()
+        return wav2vec2.encode_chunk._cache_size()  # type: ignore[attr-defined]  # jax private
 
     def counters(self) -> PipelineCounters:
         return {}

@@ -194,8 +194,8 @@ def recognize_batch(
     enc = whisper.encode(params, cfg, log_mel(audio, cfg.n_mels))
     cross = whisper.cross_kv(params, cfg, enc, None)
     decoder = WhisperDecoder(cfg, spec.context_width + spec.prompt_width + spec.max_new_tokens)
-    common = dict(eot=spec.eot, max_new_tokens=spec.max_new_tokens, prompt_len=prompt_len,
-                  filters=spec.filters, probe=spec.probe)
+    common: dict[str, Any] = dict(eot=spec.eot, max_new_tokens=spec.max_new_tokens,
+                                  prompt_len=prompt_len, filters=spec.filters, probe=spec.probe)
     if spec.beams > 1:
         return beam_search(decoder, params, cross, prompt, beams=spec.beams, **common)
     return greedy_search(decoder, params, cross, prompt, token_budget=budget, **common)
@@ -395,7 +395,7 @@ class WhisperPipeline:
 
     def compiled_shapes(self) -> int:
         """Compiles of `recognize_batch` so far (all pipelines in the process)."""
-        return recognize_batch._cache_size()
+        return recognize_batch._cache_size()  # type: ignore[attr-defined]  # jax private
 
     def counters(self) -> PipelineCounters:
         return {
@@ -403,14 +403,14 @@ class WhisperPipeline:
                                          lambda: self.partials_skipped),
             "streamd_finals_early": ("Finals decoded at the speech pause, before the endpoint",
                                      lambda: self.finals_early),
-            "streamd_finals_restabilized": ("Finals decoded again with the stable prefix "
-                                            "forced (the fresh decode had other words)",
+            "streamd_finals_restabilized": (("Finals decoded again with the stable prefix "
+                                            "forced (the fresh decode had other words)"),
                                             lambda: self.finals_restabilized),
-            "streamd_finals_spliced": ("Finals whose fresh decode had other words for the "
-                                       "stable prefix, joined after its match of the last",
+            "streamd_finals_spliced": (("Finals whose fresh decode had other words for the "
+                                       "stable prefix, joined after its match of the last"),
                                        lambda: self.finals_spliced),
-            "streamd_context_fallbacks": ("Finals decoded again without the previous text "
-                                          "(the prompted decode failed a check)",
+            "streamd_context_fallbacks": (("Finals decoded again without the previous text "
+                                          "(the prompted decode failed a check)"),
                                           lambda: self.context_fallbacks),
         }
 

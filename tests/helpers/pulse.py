@@ -111,8 +111,8 @@ class PulseAudio:
         cmd = [PULSEAUDIO, "--daemonize=no", "--exit-idle-time=-1", "--disallow-exit",
                "-n", "--log-target=file:" + str(self.log_path),
                "-L", "module-native-protocol-unix auth-anonymous=1",
-               "-L", f"module-pipe-source source_name={self.source} file={self.fifo} "
-                     f"format=s16le rate={self.rate} channels=1",
+               "-L", (f"module-pipe-source source_name={self.source} file={self.fifo} "
+                     f"format=s16le rate={self.rate} channels=1"),
                "-L", "module-null-sink"]
         self._proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -107,7 +107,7 @@ def test_greedy_matches_transformers(tiny) -> None:
     np.testing.assert_array_equal(np.asarray(out.tokens), expected)
     lengths = [list(r).index(EOS) if EOS in r else MAX_NEW for r in expected]
     np.testing.assert_array_equal(np.asarray(out.lengths), lengths)
-    assert 0 < min(lengths) and max(lengths) == MAX_NEW  # rows end early and run to the cap
+    assert min(lengths) > 0 and max(lengths) == MAX_NEW  # rows end early and run to the cap
     # sum of log-probs of the chosen tokens under the unfiltered model (renormalize=False).
     steps = torch.log_softmax(torch.stack(ref.logits, 1), -1).numpy()  # [B, steps, V]
     for b, n in enumerate(lengths):

@@ -259,7 +259,7 @@ class _FailingImport(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
         if name == "sounddevice":
             raise self.exc
-        return None
+        return
 
 
 class PortAudioError(Exception):

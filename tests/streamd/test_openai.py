@@ -136,8 +136,8 @@ def test_render_every_format() -> None:
     assert body("text") == ("Hello there. Bye.\n", "text/plain; charset=utf-8")
     assert body("srt")[0] == ("1\n00:00:00,000 --> 00:00:02,500\nHello there.\n\n"
                               "2\n01:02:05,250 --> 01:02:07,000\nBye.\n\n")
-    assert body("vtt") == ("WEBVTT\n\n00:00:00.000 --> 00:00:02.500\nHello there.\n\n"
-                           "01:02:05.250 --> 01:02:07.000\nBye.\n\n", "text/vtt; charset=utf-8")
+    assert body("vtt") == (("WEBVTT\n\n00:00:00.000 --> 00:00:02.500\nHello there.\n\n"
+                           "01:02:05.250 --> 01:02:07.000\nBye.\n\n"), "text/vtt; charset=utf-8")
     verbose, _ = body("verbose_json")
     assert (verbose["task"], verbose["language"], verbose["duration"]) == (
         "transcribe", "english", 3727.4)

@@ -182,8 +182,8 @@ def test_chunk_ms_is_rounded_with_a_warning_or_refused(wav, tmp_path, capsys, ca
                                    str(folder), path)
     assert rc == 0, err
     # logged as a warning (stderr outside pytest, which captures logging itself)
-    assert "a 100 ms chunk is not a whole number of this model's 45 ms frames; " \
-           "streaming uses 90 ms" in caplog.text
+    assert ("a 100 ms chunk is not a whole number of this model's 45 ms frames; "
+            "streaming uses 90 ms") in caplog.text
     assert records[-1]["text"]
     rc, _, err = _transcribe(capsys, "--stream", "--chunk-ms", "0", "--model", str(folder),
                              path)
