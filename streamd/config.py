@@ -30,9 +30,10 @@ def _check(ok: bool, key: str, message: str) -> None:
 # Real-time sessions one CPU core carries with the default pipeline (whisper, tiny.en), so
 # that `server.max_sessions` refuses sessions (503) before the admitted ones' finals slow
 # down. Measured (README, *Measured here*; bench/results/stream-context-latency.json, an
-# idle 2-core machine): 8 concurrent real-time streams kept finals at median 0.81 s / p90
-# 1.31 s (1 stream: 0.51 / 0.76 s) with both cores saturated (0.24 CPU s per audio s
-# each); with other load on the machine, 8 streams were too many (finals 10 s late). So
+# idle 2-core machine): 8 concurrent real-time streams kept finals at median 0.68-0.72 s /
+# p90 1.01-1.11 s (1 stream: 0.48 / 0.50 s) with both cores saturated (0.24 CPU s per
+# audio s each); with other load on the machine, 8 streams were too many (finals 10 s
+# late, bench/results/stream-context-latency-loaded.json). So
 # 8 streams on 2 cores, 4 a core. An accelerator, a larger model or another pipeline has
 # another capacity: set `max_sessions` for it.
 SESSIONS_PER_CORE = 4
