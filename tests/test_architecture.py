@@ -43,7 +43,6 @@ LINE_LIMIT = 550  # lines per file in models/ and streamd/
 # Files over the limit today. The set may only shrink: a listed file that gets under the
 # limit must leave the list, and no other file may go over.
 OVER_LIMIT_TODAY = {
-    "streamd/pipelines/whisper.py",
     "streamd/server.py",
 }
 

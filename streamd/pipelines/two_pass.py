@@ -38,12 +38,8 @@ from streamd.config import Config
 from streamd.engine import Engine
 from streamd.pipelines import ctc, whisper
 from streamd.pipelines.ctc import CTCPipeline, CTCRecognizer
-from streamd.pipelines.whisper import (
-    DEFAULT_BUCKETS_S,
-    FINAL_MIN_S,
-    WhisperPipeline,
-    WhisperRecognizer,
-)
+from streamd.pipelines.whisper import DEFAULT_BUCKETS_S, FINAL_MIN_S, WhisperPipeline
+from streamd.pipelines.whisper_recognizer import WhisperRecognizer
 from streamd.recognizer import Hypothesis, PipelineCounters, RecognizerOptions, SegmentInfo
 
 # Whisper decodes finals only, so the short partial buckets would just be compiled for nothing.

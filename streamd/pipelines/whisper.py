@@ -1,5 +1,9 @@
 """The `whisper` pipeline: partials while a segment grows, one final at its endpoint.
 
+This module owns the buckets, budgets and engine kinds; the device call is
+models/whisper/batch.py's, the per-session policy (agreement, early final, splicing,
+context) streamd/pipelines/whisper_recognizer.py's.
+
 Per request the segment audio so far is zero-padded to the smallest of a few static
 length buckets (default 2, 4, 6, 10, 14, 21 s), turned into log-mel, encoded, and
 decoded greedily after a prompt `SOT <|notimestamps|> + committed tokens` that the
@@ -22,7 +26,8 @@ models/whisper/transcriber.py), while partials keep the short buckets for speed.
 submitted with a higher engine priority than partials.
 
 Device work: one engine kind per length bucket (`whisper/<seconds>s`); each batch runs
-one jitted call (`recognize_batch`: mel, encoder, cross K/V, prefill, token loop).
+one jitted call (models/whisper/batch.py `recognize_batch`: mel, encoder, cross K/V,
+prefill, token loop).
 Each kind registers its batch sizes with the engine, which pads every batch to one of
 them and compiles exactly those at warm-up; long buckets have only small batch sizes
 (cost on CPU grows with rows anyway, and warm-up stays short).
@@ -52,48 +57,35 @@ between finals and when the session ends.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 import logging
 from collections.abc import Sequence
 from typing import Any
 
-import jax
 import numpy as np
 
-from models.decoding import (
-    SearchResult,
-    beam_search,
-    greedy_search,
-)
 from models.whisper import model as whisper
+from models.whisper.batch import BucketSpec, Decoded, Row, decode_rows, recognize_batch
 from models.whisper.decoding import (
     DecodeOptions,
     NoSpeechProbe,
-    WhisperDecoder,
     logit_filters,
-    low_logprob,
-    no_speech_likely,
-    repetitive,
-    silent,
 )
-from models.whisper.mel import SAMPLE_RATE, log_mel
+from models.whisper.mel import SAMPLE_RATE
 from models.whisper.transcriber import (
     PROMPT_LIMIT,
     TAIL_MARGIN,
     WhisperTranscriber,
     initial_prompt,
-    previous_text,
 )
 from streamd.config import Config
 from streamd.engine import Engine
 from streamd.errors import ConfigError
-from streamd.pipelines.stabilize import LocalAgreement, loop_start
+from streamd.pipelines.stabilize import loop_start
+from streamd.pipelines.whisper_recognizer import WhisperRecognizer
 from streamd.recognizer import (
-    Hypothesis,
     PipelineCounters,
     RecognizerOptions,
-    SegmentInfo,
     Word,
 )
 
@@ -114,9 +106,6 @@ ROW_SECONDS_PER_CALL = 32.0
 # partials keep 0.3 s, for speed: a partial's loop is cut (`cut_loop`) and only words
 # that three partials agree on become stable.
 PARTIAL_TAIL_MARGIN_S = 0.3
-# Partials are best effort: one is only submitted while fewer requests than this wait in
-# the engine queue, so under load finals do not queue behind partials of other sessions.
-PARTIAL_QUEUE_LIMIT = 1
 # Token budget of a request: TOKEN_BUDGET_BASE + rate x audio seconds, committed prefix
 # included. What tiny.en writes for the dev and shared sets runs at most 5.2 tokens per
 # second of audio (median 3.3; `streamd transcribe` on tests/data/audio/dev), so finals
@@ -127,13 +116,6 @@ PARTIAL_QUEUE_LIMIT = 1
 TOKEN_BUDGET_BASE = 4
 PARTIAL_TOKENS_PER_S = 6.0
 FINAL_TOKENS_PER_S = 8.0
-# Partials that must agree on a word before it is stable (LocalAgreement-n). Measured with
-# bench/stability.py. Shared recordings: with 2, 7 of 29 finals had other words than their
-# stable prefix (an early "S" forced "S-not!" for "Ask not!"), finals WER 5.07 %; with 3,
-# 1 of 29 and 4.39 % (fresh finals: 5.07 %); 61 % (vs 86 %) of a final's words were stable
-# before it came. Dev stream file (38 finals): with 2, 5 redone, 6.31 %; with 3, 3 redone,
-# 5.99 % (fresh: 5.68 %); 62 % (vs 79 %) stable before the final.
-STABLE_AGREEMENT = 3
 # Previous-text tokens a decode may see (recognition.context_tokens). Whisper's own limit
 # is half the text context (223 after <|startofprev|>); the prefill of every request pays
 # for each one (tiny.en, 10 s bucket, 2 CPU cores: 0.03 s for today's 47-token prompt,
@@ -154,51 +136,7 @@ CONTEXT_RESET_S = 2.0
 CONTEXT_PARTIALS = False
 
 
-# --------------------------------------------------------------------------- device side
-
-
-@dataclasses.dataclass(frozen=True)
-class BucketSpec:
-    """Everything static about one compiled call (hashable: a jit static argument)."""
-
-    config: whisper.WhisperConfig
-    samples: int  # audio samples of this bucket
-    prompt_width: int  # SOT sequence + room for committed tokens
-    max_new_tokens: int
-    eot: int
-    filters: tuple[Any, ...]
-    probe: NoSpeechProbe
-    beams: int = 1
-    # Positions before the SOT sequence for `<|startofprev|>` + previous text (0: none).
-    context_width: int = 0
-
-    @property
-    def seconds(self) -> float:
-        return self.samples / SAMPLE_RATE
-
-
-@functools.partial(jax.jit, static_argnames="spec")
-def recognize_batch(
-    params: Any, audio: jax.Array, prompt: jax.Array, prompt_len: jax.Array,
-    budget: jax.Array, spec: BucketSpec,
-) -> SearchResult:
-    """audio float32 [B, spec.samples] (zero-padded), prompt int32 [B, P] with
-    P = spec.context_width + spec.prompt_width, prompt_len [B], budget int32 [B] (most new
-    tokens per row; greedy only, beams run to their end)
-    -> SearchResult (tokens [B, T] after the prompt; probe = no-speech probability [B]).
-
-    One compile per (spec, B). The encoder sees the whole padded bucket (as Whisper sees
-    its zero-padded 30 s window), so no encoder mask is needed.
-    """
-    cfg = spec.config
-    enc = whisper.encode(params, cfg, log_mel(audio, cfg.n_mels))
-    cross = whisper.cross_kv(params, cfg, enc, None)
-    decoder = WhisperDecoder(cfg, spec.context_width + spec.prompt_width + spec.max_new_tokens)
-    common: dict[str, Any] = dict(eot=spec.eot, max_new_tokens=spec.max_new_tokens,
-                                  prompt_len=prompt_len, filters=spec.filters, probe=spec.probe)
-    if spec.beams > 1:
-        return beam_search(decoder, params, cross, prompt, beams=spec.beams, **common)
-    return greedy_search(decoder, params, cross, prompt, token_budget=budget, **common)
+# --------------------------------------------------------------------------- requests
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,24 +156,6 @@ class Job:
 
 
 PAD = Job(np.zeros(0, np.float32))  # the engine's empty slot
-
-
-@dataclasses.dataclass(frozen=True)
-class Decoded:
-    tokens: tuple[int, ...]  # generated tokens after the prompt, end token excluded
-    avg_logprob: float  # over the generated tokens, end token included (openai's measure)
-    no_speech_prob: float
-
-    @property
-    def silent(self) -> bool:
-        return silent(self.no_speech_prob, self.avg_logprob)
-
-    def fails(self, text: str) -> bool:
-        """openai/whisper's fallback tests (any one): a repetitive text, a low average
-        log-probability, or likely no speech. A final decoded after previous text that
-        fails is decoded again without it."""
-        return (repetitive(text) or low_logprob(self.avg_logprob)
-                or no_speech_likely(self.no_speech_prob))
 
 
 # --------------------------------------------------------------------------- pipeline
@@ -448,38 +368,14 @@ class WhisperPipeline:
 
     def _call(self, spec: BucketSpec, jobs: list[Job], wide: bool = False) -> list[Decoded]:
         """One device call. The bucket's wide shape when a row has previous text (or
-        `wide`); rows without it are then padded: their prompt is today's, unmoved."""
+        `wide`); rows without it are then padded: their prompt is today's, unmoved. The
+        engine's empty rows stop at once (budget 1)."""
         if wide or any(job.previous for job in jobs):
             spec = self.wide[spec]
-        batch = len(jobs)
-        audio = np.zeros((batch, spec.samples), np.float32)
-        prompt = np.full((batch, spec.context_width + spec.prompt_width), self.eot, np.int32)
-        prompt_len = np.zeros(batch, np.int32)
-        budget = np.ones(batch, np.int32)  # the engine's empty rows stop at once
-        for row, job in enumerate(jobs):
-            clip = job.audio[: spec.samples]
-            audio[row, : len(clip)] = clip
-            body = (self.sot_sequence + job.prefix)[: spec.prompt_width]
-            fit = min(spec.context_width + spec.prompt_width - len(body) - 1, len(job.previous))
-            head: tuple[int, ...] = ()
-            if fit > 0:  # the newest previous tokens that fit, last (as openai)
-                head = (self.sot_prev, *job.previous[-fit:])
-            tokens = head + body
-            prompt[row, : len(tokens)] = tokens
-            prompt_len[row] = len(tokens)
-            if job is not PAD:
-                budget[row] = job.budget()
-        res = jax.device_get(
-            recognize_batch(self.params, audio, prompt, prompt_len, budget, spec))
-        decoded = []
-        for row in range(batch):
-            n = int(res.lengths[row])
-            decoded.append(Decoded(
-                tokens=tuple(int(t) for t in res.tokens[row, :n]),
-                avg_logprob=float(res.sum_logprobs[row]) / (n + 1),
-                no_speech_prob=float(res.probe[row]),
-            ))
-        return decoded
+        rows = [Row(job.audio, job.prefix, job.previous, 1 if job is PAD else job.budget())
+                for job in jobs]
+        return decode_rows(self.params, spec, rows, sot_sequence=self.sot_sequence,
+                           sot_prev=self.sot_prev)
 
     # -- text
 
@@ -524,204 +420,6 @@ class WhisperPipeline:
         return words[:cut]
 
 
-# How far the fresh final's match of the last stable word may sit from the stable word
-# count: a contraction or a number written out moves it by a word or two ("I'll" / "I
-# will"); further off, the match is likelier another occurrence of a common word.
-SPLICE_SHIFT = 2
-
-
-def splice_point(stable: Sequence[str], fresh: Sequence[str]) -> int | None:
-    """Where a fresh final goes on after the stable words (plain: lower case, no
-    punctuation): the index in `fresh` after its match of the last stable word, when
-    the two align there (difflib's longest matching blocks, in order) and the match is
-    within SPLICE_SHIFT words of where it would be; None when they do not align (the
-    final is then decoded again with the stable words forced)."""
-    if not stable or not fresh:
-        return None
-    last = len(stable) - 1
-    matcher = difflib.SequenceMatcher(None, list(stable), list(fresh), autojunk=False)
-    for a, b, size in matcher.get_matching_blocks():
-        if a <= last < a + size:
-            after = b + (last - a) + 1
-            return after if abs(after - len(stable)) <= SPLICE_SHIFT else None
-    return None
-
-
-@dataclasses.dataclass(frozen=True)
-class _Final:
-    """A final's hypothesis and what it adds to the session's context."""
-
-    hyp: Hypothesis
-    tokens: tuple[int, ...]  # the final's text tokens
-    fell_back: bool  # decoded again without the previous text (the context is cleared)
-
-
-class WhisperRecognizer:
-    """Per session: LocalAgreement state of the segment in flight, the final computed
-    early on a closing partial (`SegmentInfo.closing`), and the previous text (recent
-    finals' tokens, newest last) that prompts its decodes."""
-
-    # A periodic partial is one decode of the audio so far, which the final does not use
-    # (it decodes afresh; a cancelled partial leaves the LocalAgreement state as a skipped
-    # one does): the session may cancel it when the final is due (streamd/session.py).
-    supersede_partials = True
-
-    def __init__(self, pipeline: WhisperPipeline,
-                 options: RecognizerOptions | None = None) -> None:
-        options = options or RecognizerOptions()
-        self.pipeline = pipeline
-        self.policy: LocalAgreement[tuple[int, ...]] = LocalAgreement(STABLE_AGREEMENT)
-        self._segment: int | None = None
-        self._last_text: str | None = None
-        # (segment index, start, samples) -> the final's hypothesis for exactly that audio
-        self._early: tuple[tuple[int, float, int], _Final] | None = None
-        self.context = pipeline.context if options.context is None else options.context
-        self.initial = pipeline.prompt_tokens(options.prompt)
-        self._previous: tuple[int, ...] = ()  # recent finals' tokens (context on)
-        self._previous_end: float | None = None  # stream time the last of them ended
-
-    def previous(self) -> tuple[int, ...]:
-        """The prompt of the next decode: the session's `prompt`, then as many of the
-        recent finals' tokens as fit (newest last)."""
-        return previous_text(self.initial, self._previous, self.pipeline.context_tokens)
-
-    def clear_context(self) -> None:
-        """Forget the previous finals (the `prompt` stays). Called after a fallback, after
-        a long silence, at a client's `finalize` (streamd.session.ClearContext) and at the
-        end of the session."""
-        self._previous, self._previous_end = (), None
-
-    def _reset_after_silence(self, segment: SegmentInfo) -> None:
-        end = self._previous_end
-        if end is not None and segment.start - end > self.pipeline.context_reset_s:
-            self.clear_context()
-
-    def _remember(self, final: _Final, segment: SegmentInfo) -> None:
-        if final.fell_back or not self.context or not final.tokens:
-            return
-        keep = self.pipeline.context_tokens
-        self._previous = (self._previous + final.tokens)[-keep:]
-        self._previous_end = segment.end
-
-    def _enter(self, segment: int) -> None:
-        if segment != self._segment:
-            self.policy.reset()
-            self._segment = segment
-            self._last_text = None
-            self._early = None
-
-    async def partial(self, audio_16k: np.ndarray, segment: SegmentInfo) -> Hypothesis | None:
-        self._enter(segment.index)
-        self._reset_after_silence(segment)
-        p = self.pipeline
-        if segment.closing:
-            return await self._final_early(audio_16k, segment)
-        if p.engine.queue_depth >= PARTIAL_QUEUE_LIMIT:
-            p.partials_skipped += 1
-            return None
-        committed = self.policy.committed
-        prefix = p.tokens(committed)
-        previous = self.previous() if p.context_partials else ()
-        result = await p.recognize(audio_16k, prefix, previous=previous)
-        if result.silent and not prefix:
-            return None
-        # Generated words are grouped on their own, so committed units never regroup.
-        hyp = p.cut_loop(list(committed) + p.words(result.tokens), len(committed))
-        text = p.words_text(hyp)
-        if repetitive(text):
-            return None  # still repetitive: say nothing rather than commit to it
-        room, units, used = p.prefix_room(len(audio_16k)), 0, 0
-        # Never the last word: on audio cut mid-sentence it is often cut short or ends in
-        # guessed punctuation ("ask what you can do."), and a committed period made the
-        # final stop there (JFK lost "for your country").
-        for word in hyp[:-1]:  # the most words whose tokens fit the decoder's prompt room
-            if used + len(word) > room:
-                break
-            used, units = used + len(word), units + 1
-        stable = self.policy.update(hyp, max_units=units)
-        return self._say(Hypothesis(text, stable=p.words_text(stable)))
-
-    def _say(self, hyp: Hypothesis) -> Hypothesis | None:
-        if hyp.text == self._last_text:
-            return None  # nothing new to say
-        self._last_text = hyp.text
-        return hyp
-
-    async def _final_early(self, audio_16k: np.ndarray, segment: SegmentInfo) -> Hypothesis | None:
-        """The speech paused: decode the final now, during the rest of the endpoint wait.
-        Skipped when the engine is busy (the endpoint's final then decodes as usual)."""
-        if self.pipeline.engine.queue_depth >= PARTIAL_QUEUE_LIMIT:
-            self.pipeline.partials_skipped += 1
-            return None
-        committed = self.policy.committed
-        final = await self._decode_final(audio_16k, committed)
-        self._early = ((segment.index, segment.start, len(audio_16k)), final)
-        if not final.hyp.text:
-            return None
-        return self._say(Hypothesis(final.hyp.text, stable=self.pipeline.words_text(committed)))
-
-    async def _decode_final(self, audio_16k: np.ndarray,
-                            committed: tuple[tuple[int, ...], ...]) -> _Final:
-        """The whole segment decoded afresh (no committed prefix forced): measured on the
-        stream recording, forcing the partials' LocalAgreement prefix kept their early
-        mistakes ("will be ever", "what you are country"): WER 6.1 % vs 4.1 % free.
-        The final keeps what partials promised (the `committed`, stable, words): a fresh
-        result that starts with the same words in another case or punctuation takes the
-        stable spelling; one that starts with other words is decoded again with the
-        stable words forced. With previous text, a decode that fails openai's checks is
-        done again without it (and the context cleared)."""
-        p = self.pipeline
-        previous = self.previous()
-        result = await p.recognize(audio_16k, (), final=True, previous=previous)
-        fell_back = False
-        if previous and result.fails(p.text(result.tokens)):
-            p.context_fallbacks += 1
-            fell_back, previous = True, ()
-            self.clear_context()
-            result = await p.recognize(audio_16k, (), final=True)
-        words = [] if result.silent else p.cut_loop(p.words(result.tokens), 0)
-        k = len(committed)
-        after = splice_point(p.plain_words(committed), p.plain_words(words)) if k else None
-        if k and after == k and p.plain_words(words[:k]) == p.plain_words(committed):
-            # The same words, but for case or punctuation ("the" / "The", "him," / "him."):
-            # the stable spelling stands, the fresh decode goes on after it.
-            words = list(committed) + words[k:]
-        elif after is not None:
-            # Other words for the same speech ("I'll" / "I will", "zero" / "0"): the
-            # stable words stand and the fresh decode goes on after its match of their
-            # last word, with no second decode.
-            p.finals_spliced += 1
-            words = list(committed) + words[after:]
-        elif k:
-            p.finals_restabilized += 1
-            result = await p.recognize(audio_16k, p.tokens(committed), final=True,
-                                       previous=previous)
-            words = p.cut_loop(list(committed) + p.words(result.tokens), k)
-        if not words:  # not speech: nothing is published for the segment
-            return _Final(Hypothesis(""), (), fell_back)
-        return _Final(Hypothesis(p.words_text(words)), p.tokens(words), fell_back)
-
-    async def final(self, audio_16k: np.ndarray, segment: SegmentInfo) -> Hypothesis:
-        early = self._early  # keyed by the audio it decoded: index, start and length
-        committed = self.policy.committed
-        self._segment, self._last_text, self._early = None, None, None
-        self.policy.reset()
-        if early is not None and early[0] == (segment.index, segment.start, len(audio_16k)):
-            self.pipeline.finals_early += 1
-            final = early[1]
-        else:
-            self._reset_after_silence(segment)
-            final = await self._decode_final(audio_16k, committed)
-        self._remember(final, segment)
-        if self.pipeline.word_timestamps and final.tokens:
-            words = await self.pipeline.timed_words(audio_16k, final.tokens, segment.start)
-            return dataclasses.replace(final.hyp, words=words)
-        return final.hyp
-
-    def close(self) -> None:
-        self.policy.reset()
-        self._early = None
-        self.clear_context()
 
 
 def load_configured(name: str, key: str) -> Any:

@@ -21,13 +21,13 @@ transformers = pytest.importorskip("transformers")
 
 from models.checkpoint import read_hf_folder  # noqa: E402
 from models.registry import WhisperModel, resolve_model  # noqa: E402
+from models.whisper.batch import Decoded  # noqa: E402
 from models.whisper.model import WhisperConfig  # noqa: E402
 from models.whisper.params import params_from_hf  # noqa: E402
 from models.whisper.tokenizer import WhisperTokenizer  # noqa: E402
 from streamd.engine import Engine  # noqa: E402
 from streamd.pipelines.whisper import (  # noqa: E402
     PAD,
-    Decoded,
     Job,
     WhisperPipeline,
     bucket_ladder,
@@ -288,7 +288,6 @@ def test_final_takes_the_stable_spelling_of_the_same_words(pipeline, monkeypatch
     punctuation is not decoded again: it starts with the stable spelling and goes on
     with the fresh decode's own words. (The decode is faked: a random model does not
     say such sentences.)"""
-    from streamd.pipelines.whisper import Decoded
 
     tok = pipeline.tokenizer
     calls = []
@@ -311,7 +310,6 @@ def test_final_splices_other_words_for_the_stable_prefix(pipeline, monkeypatch) 
     """A fresh final with other words for the stable prefix ("I'll" for "I will") is not
     decoded again: the final is the stable words, then the fresh decode after its match
     of the last stable word. (The decode is faked, as above.)"""
-    from streamd.pipelines.whisper import Decoded
 
     tok = pipeline.tokenizer
     calls = []
@@ -334,7 +332,7 @@ def test_final_splices_other_words_for_the_stable_prefix(pipeline, monkeypatch) 
 def test_splice_point() -> None:
     """Where a fresh final goes on after the stable words, or None when they do not
     align near their own length."""
-    from streamd.pipelines.whisper import splice_point
+    from streamd.pipelines.whisper_recognizer import splice_point
 
     assert splice_point(["i", "will", "go"], ["ill", "go", "home"]) == 2
     assert splice_point(["the", "year", "1813"], ["the", "year", "eighteen", "thirteen",
