@@ -423,10 +423,12 @@ async def _reconnect(url: str, state: Resume, console: Console, token: str | Non
             if cause is not None and not _retryable(cause) and not isinstance(
                     exc, _RefusedResume):
                 raise
-            if loop.time() + delay > deadline:
+            left = deadline - loop.time()
+            if left <= 0:
                 raise ClientError(f"could not resume within {resume_s:g} s: {exc}",
                                   EXIT_UNREACHABLE) from exc
-        await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+        # The last wait ends at the deadline, so the window is tried to its end.
+        await asyncio.sleep(min(delay * random.uniform(0.5, 1.0), left))
         delay = min(2.0, delay * 2)
 
 

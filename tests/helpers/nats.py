@@ -108,21 +108,39 @@ class NatsNode:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
+class _PortTaken(RuntimeError):
+    """A node could not listen: another process (a parallel test worker) took one of the
+    free ports between our choosing it and the node binding it."""
+
+
 class NatsCluster:
     def __init__(self, workdir: Path, size: int = 3) -> None:
         if size != 3:
             raise ValueError("deploy/nats/node.conf routes three nodes")
         self.workdir = Path(workdir) / "nats"
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.nodes = [NatsNode(self.workdir, i) for i in range(size)]
+        self._place(self.workdir)
+
+    def _place(self, workdir: Path) -> None:
+        """Nodes on newly chosen free ports, their stores and logs under `workdir`."""
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.nodes = [NatsNode(workdir, i) for i in range(3)]
         self.routes = [f"nats-route://127.0.0.1:{n.cluster_port}" for n in self.nodes]
 
-    def start(self, timeout: float = 60.0) -> None:
+    def start(self, timeout: float = 60.0, attempts: int = 3) -> None:
+        """Starts the three nodes; on a port taken meanwhile, again on other ports."""
         if not os.path.exists(NATS_SERVER):
             pytest.skip("nats-server is not installed (scripts/install-system-deps.sh)")
-        for node in self.nodes:
-            node.start(self.routes)
-        self.wait_ready(self.nodes, timeout)
+        for attempt in range(attempts):
+            for node in self.nodes:
+                node.start(self.routes)
+            try:
+                self.wait_ready(self.nodes, timeout)
+                return
+            except _PortTaken:
+                self.stop()
+                if attempt == attempts - 1:
+                    raise
+                self._place(self.workdir / f"retry-{attempt + 1}")
 
     def wait_ready(self, nodes: list[NatsNode], timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
@@ -130,7 +148,9 @@ class NatsCluster:
         while waiting:
             for node in list(waiting):
                 if not node.running:
-                    raise RuntimeError(f"{node.name} exited:\n{node.log_text()[-2000:]}")
+                    log = node.log_text()
+                    kind = _PortTaken if "address already in use" in log else RuntimeError
+                    raise kind(f"{node.name} exited:\n{log[-2000:]}")
                 if node.mqtt_ready():
                     waiting.remove(node)
             if time.monotonic() > deadline:
