@@ -190,8 +190,9 @@ class WhisperRecognizer:
             result = await p.recognize(audio_16k, (), final=True)
         words = [] if result.silent else p.cut_loop(p.words(result.tokens), 0)
         k = len(committed)
-        after = splice_point(p.plain_words(committed), p.plain_words(words)) if k else None
-        if k and after == k and p.plain_words(words[:k]) == p.plain_words(committed):
+        stable, fresh = p.plain_words(committed), p.plain_words(words)
+        after = splice_point(stable, fresh) if k else None
+        if k and after == k and fresh[:k] == stable:
             # The same words, but for case or punctuation ("the" / "The", "him," / "him."):
             # the stable spelling stands, the fresh decode goes on after it.
             words = list(committed) + words[k:]

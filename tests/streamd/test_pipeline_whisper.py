@@ -32,7 +32,12 @@ from streamd.pipelines.whisper import (  # noqa: E402
     WhisperPipeline,
     bucket_ladder,
 )
-from streamd.recognizer import RecognizerOptions, SegmentInfo, clear_context  # noqa: E402
+from streamd.recognizer import (  # noqa: E402
+    Hypothesis,
+    RecognizerOptions,
+    SegmentInfo,
+    clear_context,
+)
 
 RATE = 16000
 HF_KW = dict(
@@ -283,25 +288,34 @@ def test_final_keeps_a_stable_prefix_the_fresh_decode_contradicts(pipeline) -> N
     assert final.text == pipeline.words_text(words)
 
 
-def test_final_takes_the_stable_spelling_of_the_same_words(pipeline, monkeypatch) -> None:
-    """A fresh final whose first words are the stable words in another case or
-    punctuation is not decoded again: it starts with the stable spelling and goes on
-    with the fresh decode's own words. (The decode is faked: a random model does not
-    say such sentences.)"""
-
+def _final_after_fake_decode(pipeline, monkeypatch, session: str, stable: str,
+                             decoded: str) -> tuple[Hypothesis, list]:
+    """The final of a segment whose partials made `stable` stable and whose every decode
+    says `decoded` (faked: a random model does not say such sentences); the prefixes the
+    decodes were asked to force."""
     tok = pipeline.tokenizer
-    calls = []
+    calls: list = []
 
     async def fake_recognize(audio, prefix=(), final=False, previous=()):
         calls.append(prefix)
-        return Decoded(tuple(tok.encode(" The narrative, would be tedious.")), -0.1, 0.0)
+        return Decoded(tuple(tok.encode(decoded)), -0.1, 0.0)
 
     monkeypatch.setattr(pipeline, "recognize", fake_recognize)
-    rec = pipeline.new_recognizer("spelled")
+    rec = pipeline.new_recognizer(session)
     rec._enter(0)
-    rec.policy.committed = tuple(pipeline.words(tok.encode(" the narrative would")))
+    rec.policy.committed = tuple(pipeline.words(tok.encode(stable)))
+    final = asyncio.run(rec.final(np.zeros(RATE, np.float32), SegmentInfo(session, 0, 0, 1)))
+    return final, calls
+
+
+def test_final_takes_the_stable_spelling_of_the_same_words(pipeline, monkeypatch) -> None:
+    """A fresh final whose first words are the stable words in another case or
+    punctuation is not decoded again: it starts with the stable spelling and goes on
+    with the fresh decode's own words."""
     before = pipeline.finals_restabilized
-    final = asyncio.run(rec.final(np.zeros(RATE, np.float32), SegmentInfo("spelled", 0, 0, 1)))
+    final, calls = _final_after_fake_decode(pipeline, monkeypatch, "spelled",
+                                            " the narrative would",
+                                            " The narrative, would be tedious.")
     assert calls == [()] and pipeline.finals_restabilized == before  # one fresh decode
     assert final.text.strip() == "the narrative would be tedious."
 
@@ -309,21 +323,10 @@ def test_final_takes_the_stable_spelling_of_the_same_words(pipeline, monkeypatch
 def test_final_splices_other_words_for_the_stable_prefix(pipeline, monkeypatch) -> None:
     """A fresh final with other words for the stable prefix ("I'll" for "I will") is not
     decoded again: the final is the stable words, then the fresh decode after its match
-    of the last stable word. (The decode is faked, as above.)"""
-
-    tok = pipeline.tokenizer
-    calls = []
-
-    async def fake_recognize(audio, prefix=(), final=False, previous=()):
-        calls.append(prefix)
-        return Decoded(tuple(tok.encode(" I'll go home now.")), -0.1, 0.0)
-
-    monkeypatch.setattr(pipeline, "recognize", fake_recognize)
-    rec = pipeline.new_recognizer("spliced")
-    rec._enter(0)
-    rec.policy.committed = tuple(pipeline.words(tok.encode(" I will go")))
+    of the last stable word."""
     redone, spliced = pipeline.finals_restabilized, pipeline.finals_spliced
-    final = asyncio.run(rec.final(np.zeros(RATE, np.float32), SegmentInfo("spliced", 0, 0, 1)))
+    final, calls = _final_after_fake_decode(pipeline, monkeypatch, "spliced", " I will go",
+                                            " I'll go home now.")
     assert calls == [()]  # one fresh decode, no forced one
     assert (pipeline.finals_restabilized, pipeline.finals_spliced) == (redone, spliced + 1)
     assert final.text.strip() == "I will go home now."
